@@ -1,0 +1,1 @@
+"""Checkpoint I/O: resolving a model source, validated reading, streaming sharded writing."""
