@@ -1,0 +1,151 @@
+"""The declarative description of a model family (the vocabulary of the registry).
+
+A family is described by *tensor templates*: the on-disk names of its tensors relative to the model
+(``model.embed_tokens.weight``) or to a decoder layer (``block_sparse_moe.experts.{E}.w1.weight``), each
+with a symbolic shape (``("I", "H")``) and the parameter category it belongs to. The same templates
+serve every command:
+
+* ``inspect`` classifies the tensors of a checkpoint by matching them (header path) and predicts the
+  tensors a config implies by instantiating them (config path);
+* upcycle, merge and quantize know where routers, experts and shared experts live, and which layout
+  (per expert or fused 3-D) the family writes.
+
+Symbols in shapes are resolved by :func:`moetool.arch.dims.resolve_dims` from config.json: ``H`` hidden
+size, ``V`` vocabulary, ``NH``/``NKV`` attention/key-value heads, ``HD`` head dim, ``E`` routed experts,
+``K`` top-k, ``I`` routed-expert intermediate size, ``D`` dense-MLP intermediate size, ``S`` shared-expert
+intermediate size, plus family-specific ones (MLA ranks, linear-attention sizes). A shape entry is a
+symbol, an int, or a product such as ``"2*I"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+# Parameter categories, in display order. These names are part of the --json schema.
+CATEGORIES: tuple[str, ...] = (
+    "embedding",
+    "lm_head",
+    "attention",
+    "router",
+    "routed_experts",
+    "shared_experts",
+    "dense_mlp",
+    "norms",
+    "mtp",
+    "other",
+)
+
+
+class Routing(str, Enum):
+    """How a family turns router logits into expert choices (GUIDE.md section 3)."""
+
+    SOFTMAX_TOPK = "softmax_topk"  # softmax over all experts, top-k, renormalise if norm_topk_prob
+    SIGMOID_GROUPED_TOPK = "sigmoid_grouped_topk"  # DeepSeek-V3: sigmoid + correction bias + groups
+    TOPK_SOFTMAX = "topk_softmax"  # top-k of logits, softmax over the k (gpt-oss, GraniteMoE)
+    TOPK_SIGMOID = "topk_sigmoid"  # top-k of logits, sigmoid of the chosen logits (Llama-4)
+    NONE = "none"  # dense family
+
+
+class ExpertLayout(str, Enum):
+    """How routed experts are stored on disk."""
+
+    PER_EXPERT = "per_expert"  # one 2-D tensor per expert and projection
+    FUSED = "fused"  # one tensor per projection with the experts stacked (3-D, or [E*I, H] for DBRX)
+
+
+@dataclass(frozen=True)
+class T:
+    """A tensor template.
+
+    Args:
+        name: the name relative to the model (global) or to a layer; ``{E}`` stands for the expert
+            index and ``{M}`` for the MTP module index.
+        shape: symbolic shape.
+        when: the name of a boolean in the resolved dims; the tensor exists only when it is true
+            (for example ``"attention_bias"``), or when it is false if prefixed with ``!``.
+    """
+
+    name: str
+    shape: tuple[str | int, ...]
+    when: str | None = None
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """The routing rule and the config fields that parametrise it."""
+
+    rule: Routing
+    renormalize_key: str | None = None  # config key of the "renormalise top-k weights" flag
+    renormalize_default: bool = True
+    scaling_key: str | None = None  # routed_scaling_factor and friends
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything moetool knows about one model family.
+
+    Attributes:
+        name: registry key, e.g. ``"mixtral"``.
+        model_types: ``config.json`` ``model_type`` values that select this family.
+        architectures: ``config.json`` ``architectures`` class names that select it.
+        is_moe: whether the family routes tokens to experts.
+        fields: config keys per dim symbol, first present wins; dotted keys reach into nested
+            objects (``"ffn_config.moe_num_experts"``).
+        defaults: values for symbols that a config may omit.
+        flags: boolean dims used by ``T.when``: config key and default, or a function of the config.
+        layer_prefix: how a decoder layer's tensors start; ``{L}`` is the layer index.
+        globals_: tensors outside the decoder layers, by category.
+        attention / norms / dense_mlp / router / routed_experts / shared_experts: per-layer
+            templates (relative to the layer prefix).
+        mtp: per-MTP-module templates besides a full decoder layer (DeepSeek-V3).
+        expert_layout: how routed experts are stored on disk.
+        schedule: which layers are MoE: ``"all"``, ``"none"``, ``"qwen"`` (``mlp_only_layers`` and
+            ``decoder_sparse_step``), ``"deepseek"`` (``first_k_dense_replace`` and
+            ``moe_layer_freq``) or ``"llama4"`` (``moe_layers`` or ``interleave_moe_layer_step``).
+        routing: the routing rule.
+        text_config_key: the nested text config of multimodal wrappers (Llama-4).
+        name_prefixes: wrapper prefixes stripped from tensor names before matching.
+        dense_counterpart / moe_counterpart: the family merge --to-dense or upcycle writes.
+        layer_dims: per-layer overrides of dims (hybrid or per-layer-list configs).
+        derive: symbols computed from others (MLA head sizes, "has shared experts").
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    is_moe: bool
+    fields: Mapping[str, tuple[str, ...]]
+    globals_: Mapping[str, tuple[T, ...]]
+    attention: tuple[T, ...]
+    norms: tuple[T, ...]
+    dense_mlp: tuple[T, ...] = ()
+    router: tuple[T, ...] = ()
+    routed_experts: tuple[T, ...] = ()
+    shared_experts: tuple[T, ...] = ()
+    mtp: tuple[T, ...] = ()
+    expert_layout: ExpertLayout = ExpertLayout.PER_EXPERT
+    schedule: str = "all"
+    routing: RoutingSpec = RoutingSpec(Routing.NONE)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    flags: Mapping[str, tuple[str, bool] | Callable[[Mapping[str, Any]], bool]] = field(default_factory=dict)
+    layer_prefix: str = "model.layers.{L}."
+    text_config_key: str | None = None
+    name_prefixes: tuple[str, ...] = ()
+    dense_counterpart: str | None = None
+    moe_counterpart: str | None = None
+    layer_dims: Callable[[Mapping[str, Any], int, dict[str, Any]], dict[str, Any]] | None = None
+    derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+
+    def layer_templates(self) -> dict[str, tuple[T, ...]]:
+        """Per-layer templates by category (MoE and dense parts both listed)."""
+        return {
+            "attention": self.attention,
+            "norms": self.norms,
+            "dense_mlp": self.dense_mlp,
+            "router": self.router,
+            "routed_experts": self.routed_experts,
+            "shared_experts": self.shared_experts,
+        }

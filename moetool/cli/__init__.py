@@ -1,0 +1,46 @@
+"""The ``moetool`` command line: thin commands over the library.
+
+Each command lives in its own module, parses options, calls library functions and renders. Nothing
+on the ``--help`` path imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from moetool import __version__
+from moetool.cli import inspect_cmd
+
+app = typer.Typer(
+    name="moetool",
+    help="Inspect and transform Mixture-of-Experts checkpoints in the Hugging Face format.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"moetool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Inspect and transform Mixture-of-Experts checkpoints in the Hugging Face format."""
+
+
+app.command("inspect", epilog=inspect_cmd.EXAMPLES)(inspect_cmd.inspect)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="moetool")

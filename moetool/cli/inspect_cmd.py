@@ -1,0 +1,136 @@
+"""``moetool inspect``: total and active parameters of a checkpoint, by category and layer."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from moetool.arch.spec import CATEGORIES
+from moetool.cli import options
+from moetool.cli._errors import handle_errors
+from moetool.cli._output import human_bytes, human_count, print_json, stdout, warn
+from moetool.count.params import ParamReport, count_from_checkpoint, count_from_config
+
+EXAMPLES = """
+Examples:
+
+  moetool inspect examples/tiny-moe
+
+  moetool inspect mistralai/Mixtral-8x7B-v0.1 --json
+
+  moetool inspect ./my-model --layers
+"""
+
+
+@handle_errors
+def inspect(
+    model: options.ModelArg,
+    revision: options.RevisionOpt = None,
+    json_output: options.JsonOpt = False,
+    layers: Annotated[bool, typer.Option("--layers", "-l", help="Also break the counts down per layer.")] = False,
+    config_only: Annotated[
+        bool, typer.Option("--config-only", help="Count from config.json alone, even when weights are present.")
+    ] = False,
+    token: options.TokenOpt = None,
+    offline: options.OfflineOpt = False,
+) -> None:
+    """Count total and active (per-token) parameters, from safetensors headers or config.json.
+
+    No tensor data is read: local checkpoints need only their headers, Hub repos only config.json
+    and the headers (fetched remotely).
+    """
+    from moetool.io.source import open_model
+
+    checkpoint = open_model(model, revision=revision, token=token, offline=offline or None, need_weights=False)
+    if config_only:
+        report = count_from_config(checkpoint.config, name=checkpoint.name)
+        report.revision = checkpoint.revision
+    else:
+        report = count_from_checkpoint(checkpoint)
+    if json_output:
+        print_json(report.to_json(per_layer=layers))
+        return
+    for message in report.warnings:
+        warn(message)
+    render(report, per_layer=layers)
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def render(report: ParamReport, *, per_layer: bool = False) -> None:
+    """Print the human-readable report on stdout."""
+    console = stdout()
+    source = "safetensors headers" if report.source == "safetensors" else "config.json only"
+    title = f"[bold]{report.model}[/bold]  ({report.model_type or report.family}, counted from {source})"
+    console.print(title, highlight=False)
+
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="dim")
+    summary.add_column(justify="right", style="bold")
+    summary.add_column()
+    summary.add_row("total parameters", human_count(report.total_params), f"{report.total_params:,}")
+    if report.categories["mtp"].total:
+        summary.add_row(
+            "stored incl. MTP", human_count(report.total_params_with_mtp), f"{report.total_params_with_mtp:,}"
+        )
+    summary.add_row("active per token", human_count(report.active_params), "incl. input embedding and lm_head")
+    summary.add_row(
+        "active w/o embedding",
+        human_count(report.active_params_without_embedding),
+        "DeepSeek / gpt-oss convention",
+    )
+    if report.is_moe:
+        experts = f"{report.num_experts} routed, top-{report.top_k}"
+        if report.num_shared_experts:
+            experts += f", {report.num_shared_experts} shared"
+        summary.add_row("experts", experts, f"routing: {report.routing}")
+        summary.add_row("MoE layers", f"{len(report.moe_layers)}/{report.num_layers}", "")
+    else:
+        summary.add_row("layers", str(report.num_layers), "dense model: active = total")
+    if report.quantization:
+        summary.add_row("quantization", report.quantization, "parameters counted unpacked")
+    console.print(summary)
+
+    table = Table(title="Parameters by category", title_justify="left", show_edge=False)
+    table.add_column("category")
+    table.add_column("total", justify="right")
+    table.add_column("active", justify="right")
+    table.add_column("share of total", justify="right")
+    for name in CATEGORIES:
+        count = report.categories[name]
+        if count.total:
+            table.add_row(name, human_count(count.total), human_count(count.active), _pct(count.total, report.total_params_with_mtp))
+    console.print(table)
+
+    if report.dtype_bytes:
+        storage = Table(title="Stored bytes by dtype", title_justify="left", show_edge=False)
+        storage.add_column("dtype")
+        storage.add_column("bytes", justify="right")
+        for dtype, size in sorted(report.dtype_bytes.items(), key=lambda kv: -kv[1]):
+            storage.add_row(dtype, human_bytes(size))
+        storage.add_row("[bold]total[/bold]", f"[bold]{human_bytes(report.total_bytes)}[/bold]")
+        console.print(storage)
+
+    if per_layer:
+        by_layer = Table(title="Per layer", title_justify="left", show_edge=False)
+        for column in ("layer", "kind", "experts", "top-k", "total", "active", "attention", "routed", "shared", "dense"):
+            by_layer.add_column(column, justify="right")
+        for layer in report.layers:
+            c = layer.categories
+            by_layer.add_row(
+                str(layer.index),
+                layer.kind,
+                str(layer.num_experts or "-"),
+                str(layer.top_k or "-"),
+                human_count(layer.total),
+                human_count(layer.active),
+                human_count(c["attention"].total),
+                human_count(c["routed_experts"].total),
+                human_count(c["shared_experts"].total),
+                human_count(c["dense_mlp"].total),
+            )
+        console.print(by_layer)

@@ -1,0 +1,1 @@
+"""Parameter counting (total, active per token, by category and layer)."""
