@@ -82,8 +82,12 @@ MLA = (
 )
 
 
-def swiglu(prefix: str, size: str, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
-           bias_flag: str | None = None) -> tuple[T, ...]:
+def swiglu(
+    prefix: str,
+    size: str,
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+    bias_flag: str | None = None,
+) -> tuple[T, ...]:
     """A gated MLP (gate, up, down), optionally with biases behind a flag."""
     gate, up, down = names
     out = [
@@ -100,7 +104,9 @@ def swiglu(prefix: str, size: str, names: tuple[str, str, str] = ("gate_proj", "
     return tuple(out)
 
 
-def per_expert(prefix: str, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> tuple[T, ...]:
+def per_expert(
+    prefix: str, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+) -> tuple[T, ...]:
     """Per-expert 2-D tensors: ``{prefix}experts.{E}.{proj}.weight``."""
     return swiglu(f"{prefix}experts.{{E}}.", "I", names)
 
@@ -219,7 +225,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
         fields={},
         flags={"attention_bias": ("attention_bias", False)},
         globals_=STANDARD_GLOBALS,
-        attention=gqa(qkv_bias="attention_bias", o_bias="attention_bias", qk_norm=("q_norm", "HD", "k_norm", "HD")),
+        attention=gqa(
+            qkv_bias="attention_bias", o_bias="attention_bias", qk_norm=("q_norm", "HD", "k_norm", "HD")
+        ),
         norms=LAYER_NORMS,
         dense_mlp=swiglu("mlp.", "D"),
         schedule="none",
@@ -266,7 +274,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
         fields={"E": ("num_experts",)},
         flags={"attention_bias": ("attention_bias", False)},
         globals_=STANDARD_GLOBALS,
-        attention=gqa(qkv_bias="attention_bias", o_bias="attention_bias", qk_norm=("q_norm", "HD", "k_norm", "HD")),
+        attention=gqa(
+            qkv_bias="attention_bias", o_bias="attention_bias", qk_norm=("q_norm", "HD", "k_norm", "HD")
+        ),
         norms=LAYER_NORMS,
         dense_mlp=swiglu("mlp.", "D"),
         router=(T("mlp.gate.weight", ("E", "H")),),
@@ -446,8 +456,11 @@ FAMILIES: tuple[FamilySpec, ...] = (
         model_types=("gpt_oss",),
         architectures=("GptOssForCausalLM",),
         is_moe=True,
-        fields={"E": ("num_local_experts",), "K": ("num_experts_per_tok", "experts_per_token"),
-                "I": ("intermediate_size",)},
+        fields={
+            "E": ("num_local_experts",),
+            "K": ("num_experts_per_tok", "experts_per_token"),
+            "I": ("intermediate_size",),
+        },
         flags={"attention_bias": ("attention_bias", True)},
         globals_=STANDARD_GLOBALS,
         attention=gqa(qkv_bias="attention_bias", o_bias="attention_bias", sinks=True),

@@ -78,9 +78,7 @@ class TensorClassifier:
     def __init__(self, spec: FamilySpec, dims: Dims) -> None:
         self.spec = spec
         self.dims = dims
-        self._globals = {
-            t.name: category for category, templates in spec.globals_.items() for t in templates
-        }
+        self._globals = {t.name: category for category, templates in spec.globals_.items() for t in templates}
         layer_pattern = re.escape(spec.layer_prefix).replace(re.escape("{L}"), r"(?P<layer>\d+)")
         self._layer_re = re.compile(layer_pattern + r"(?P<rest>.+)\Z")
         self._layer_templates = _compile(spec.layer_templates())

@@ -257,7 +257,9 @@ class _Counter:
             )
             experts = len(seen)
         if total % experts:
-            warnings.append(f"layer {layer.index}: routed-expert parameters do not split evenly over {experts}")
+            warnings.append(
+                f"layer {layer.index}: routed-expert parameters do not split evenly over {experts}"
+            )
         return min(total, round(total * min(top_k, experts) / experts))
 
 
@@ -321,7 +323,9 @@ def count_from_config(config: Mapping[str, Any], *, name: str = "") -> ParamRepo
     spec = family_for_config(config)
     dims = resolve_dims(spec, config)
     entries = (_Entry(t.name, _numel(t.shape)) for t in planned_tensors(spec, dims))
-    return _report(name=name, config=config, spec=spec, dims=dims, entries=entries, source="config", warnings=[])
+    return _report(
+        name=name, config=config, spec=spec, dims=dims, entries=entries, source="config", warnings=[]
+    )
 
 
 def count_from_checkpoint(checkpoint: Any) -> ParamReport:
@@ -360,6 +364,11 @@ def count_from_checkpoint(checkpoint: Any) -> ParamReport:
         source="safetensors",
         warnings=list(checkpoint.warnings),
     )
+    if dims.num_mtp and not report.categories["mtp"].total:
+        report.warnings.append(
+            f"config.json declares {dims.num_mtp} MTP module(s) that the checkpoint does not store "
+            "(transformers drops them on save); counts describe the stored weights"
+        )
     report.revision = checkpoint.revision
     report.dtype_bytes = dict(dtype_bytes)
     report.storage_only_bytes = storage_only

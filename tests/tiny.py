@@ -1,0 +1,149 @@
+"""Tiny random checkpoints of every supported family, built with stock transformers.
+
+Used across the test suite: each call builds a model from a small config, saves it with
+``save_pretrained`` (the on-disk layout the family's Hub checkpoints use) and returns the model too,
+so tests can compare against what transformers itself instantiates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+BASE: dict[str, Any] = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+# model_type -> overrides of BASE. Chosen so every structural feature appears: dense layers mixed
+# in, shared experts, MLA with and without the low-rank query, fused layouts, hybrid attention.
+FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 24,
+        "mlp_only_layers": [1],
+    },
+    "qwen3_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "mlp_only_layers": [1],
+        "head_dim": 8,
+    },
+    "qwen3_next": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 24,
+        "head_dim": 8,
+        "linear_num_value_heads": 4,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+    },
+    "deepseek_v2": {
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "kv_lora_rank": 16,
+        "q_lora_rank": None,
+        "qk_rope_head_dim": 4,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "n_group": 1,
+        "topk_group": 1,
+    },
+    "deepseek_v3": {
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 12,
+        "qk_rope_head_dim": 4,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "n_group": 2,
+        "topk_group": 1,
+        "num_nextn_predict_layers": 0,
+    },
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8, "layer_types": None},
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "llama4_text": {
+        "num_local_experts": 4,
+        "num_experts_per_tok": 1,
+        "intermediate_size_mlp": 40,
+        "interleave_moe_layer_step": 2,
+        "head_dim": 8,
+    },
+    "hunyuan_v1_moe": {"num_experts": 4, "moe_topk": 2, "head_dim": 8},
+    "minimax_m2": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8},
+    "dbrx": {
+        "d_model": 32,
+        "n_heads": 4,
+        "n_layers": 3,
+        "max_seq_len": 64,
+        "ffn_config": {"ffn_hidden_size": 48, "moe_num_experts": 4, "moe_top_k": 2},
+        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0},
+    },
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 8},
+}
+
+MOE_TYPES = [t for t in FAMILY_OVERRIDES if t not in ("llama", "mistral", "qwen2", "qwen3")]
+DENSE_TYPES = ["llama", "mistral", "qwen2", "qwen3"]
+ALL_TYPES = list(FAMILY_OVERRIDES)
+
+
+def tiny_config(model_type: str, **overrides: Any):
+    """A transformers config object for a tiny model of this family."""
+    from transformers import AutoConfig
+
+    kwargs = dict(BASE)
+    if model_type == "dbrx":
+        kwargs = {"vocab_size": BASE["vocab_size"]}
+    kwargs.update(FAMILY_OVERRIDES[model_type])
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def build_tiny(model_type: str, path: Path, *, seed: int = 0, **overrides: Any):
+    """Build, save (safetensors) and return a tiny random model of the family."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, **overrides)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    return model
+
+
+def stored_numel(model) -> int:
+    """Parameters plus persistent buffers (what save_pretrained stores), tied tensors once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in model.state_dict().values():
+        key = tensor.data_ptr()
+        if key in seen and tensor.numel():
+            continue
+        seen.add(key)
+        total += tensor.numel()
+    return total
