@@ -201,9 +201,7 @@ def test_config_only_checkpoint(tmp_path: Path) -> None:
 
 
 def test_open_reads_no_tensor_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = make_checkpoint(
-        tmp_path / "m", {"model.safetensors": {"big": np.zeros((512, 512), dtype=np.float32)}}
-    )
+    folder = make_checkpoint(tmp_path / "m", {"model.safetensors": {"big": np.zeros((512, 512), dtype=np.float32)}})
     read = []
     real_open = open
 
@@ -349,9 +347,7 @@ def test_b13_index_lists_tensor_no_shard_has(tmp_path: Path) -> None:
 
 def test_b13_shard_holds_tensors_absent_from_index(tmp_path: Path) -> None:
     extra = {f"extra.{i}": np.zeros(1, np.float32) for i in range(8)}
-    folder = make_checkpoint(
-        tmp_path / "m", {"model-00001-of-00001.safetensors": {**shard_tensors(0), **extra}}
-    )
+    folder = make_checkpoint(tmp_path / "m", {"model-00001-of-00001.safetensors": {**shard_tensors(0), **extra}})
     write_index(folder, dict.fromkeys(shard_tensors(0), "model-00001-of-00001.safetensors"))
     err = expect(CheckpointError, "INDEX_MISMATCH", Checkpoint.open, folder)
     assert "8 place(s)" in err.message

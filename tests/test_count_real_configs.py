@@ -64,9 +64,7 @@ def test_every_shared_config_has_a_row():
 @pytest.mark.parametrize(("folder", "total", "active", "convention", "tol_total", "tol_active"), PUBLISHED)
 def test_published_figures(folder, total, active, convention, tol_total, tol_active):
     report = count_from_config(_config(folder), name=folder)
-    measured_active = (
-        report.active_params if convention == "with_embedding" else report.active_params_without_embedding
-    )
+    measured_active = report.active_params if convention == "with_embedding" else report.active_params_without_embedding
     assert report.total_params / 1e9 == pytest.approx(total, abs=tol_total)
     assert measured_active / 1e9 == pytest.approx(active, abs=tol_active)
 

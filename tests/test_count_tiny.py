@@ -97,9 +97,7 @@ def test_header_config_and_model_agree(tiny):
     for category, count in from_headers.categories.items():
         assert count.total == from_config.categories[category].total, category
         assert count.active == from_config.categories[category].active, category
-    assert [layer.to_dict() for layer in from_headers.layers] == [
-        layer.to_dict() for layer in from_config.layers
-    ]
+    assert [layer.to_dict() for layer in from_headers.layers] == [layer.to_dict() for layer in from_config.layers]
     # No tensor of a supported family should need the name heuristics.
     assert not any("heuristics" in w for w in from_headers.warnings), from_headers.warnings
     assert not any("experts, config says" in w for w in from_headers.warnings), from_headers.warnings
@@ -135,9 +133,7 @@ def test_moe_schedule_and_top_k_reported(tmp_path):
     assert [layer.kind for layer in report.layers] == ["dense", "moe", "moe", "moe"]
     assert (report.num_experts, report.top_k) == (4, 2)
     moe_layer = report.layers[1]
-    assert (
-        moe_layer.categories["routed_experts"].active * 4 == moe_layer.categories["routed_experts"].total * 2
-    )
+    assert moe_layer.categories["routed_experts"].active * 4 == moe_layer.categories["routed_experts"].total * 2
 
 
 def _add_mtp_module(path: Path) -> int:

@@ -313,9 +313,7 @@ def test_parse_size(text: str | int, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize(
-    "bad", ["", "GB", "-5GB", "0", "0GB", "5XB", "5 G B", "five", "5iB", "1e9", 0, -1, True]
-)
+@pytest.mark.parametrize("bad", ["", "GB", "-5GB", "0", "0GB", "5XB", "5 G B", "five", "5iB", "1e9", 0, -1, True])
 def test_parse_size_refuses(bad: object) -> None:
     with pytest.raises(UsageError) as info:
         parse_size(bad)  # type: ignore[arg-type]
@@ -725,15 +723,11 @@ def test_modules_import_without_torch() -> None:
         "bad = [m for m in ('torch', 'safetensors.torch', 'transformers') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=subprocess_env(), cwd=REPO, capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_staged_output_leaves_no_temp_on_publish_failure(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_staged_output_leaves_no_temp_on_publish_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
 
     def broken(staging: Path, target: Path) -> None:

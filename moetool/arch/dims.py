@@ -100,9 +100,7 @@ def _int_field(config: Mapping[str, Any], keys: tuple[str, ...], default: Any = 
     return _as_int(value, key or "?")
 
 
-def _schedule(
-    spec: FamilySpec, config: Mapping[str, Any], num_layers: int, num_experts: int
-) -> frozenset[int]:
+def _schedule(spec: FamilySpec, config: Mapping[str, Any], num_layers: int, num_experts: int) -> frozenset[int]:
     if not spec.is_moe or spec.schedule == "none" or num_experts == 0:
         return frozenset()
     layers = range(num_layers)
@@ -110,9 +108,7 @@ def _schedule(
         return frozenset(layers)
     if spec.schedule == "qwen":
         only_dense = get_path(config, "mlp_only_layers")
-        only_dense = (
-            set() if only_dense is _MISSING else {_as_int(x, "mlp_only_layers[]") for x in only_dense}
-        )
+        only_dense = set() if only_dense is _MISSING else {_as_int(x, "mlp_only_layers[]") for x in only_dense}
         step = _int_field(config, ("decoder_sparse_step",), 1) or 1
         return frozenset(ly for ly in layers if ly not in only_dense and (ly + 1) % step == 0)
     if spec.schedule == "deepseek":
@@ -155,8 +151,7 @@ def resolve_dims(spec: FamilySpec, config: Mapping[str, Any]) -> Dims:
     for symbol in REQUIRED:
         if symbol not in values:
             raise ConfigError(
-                f"config.json lacks {' or '.join(repr(k) for k in fields[symbol])}, "
-                f"needed for a {spec.name} model",
+                f"config.json lacks {' or '.join(repr(k) for k in fields[symbol])}, needed for a {spec.name} model",
                 hint="is this the config.json of a causal language model?",
             )
     if "NH" in values:

@@ -104,9 +104,7 @@ def swiglu(
     return tuple(out)
 
 
-def per_expert(
-    prefix: str, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-) -> tuple[T, ...]:
+def per_expert(prefix: str, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> tuple[T, ...]:
     """Per-expert 2-D tensors: ``{prefix}experts.{E}.{proj}.weight``."""
     return swiglu(f"{prefix}experts.{{E}}.", "I", names)
 
@@ -225,9 +223,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         fields={},
         flags={"attention_bias": ("attention_bias", False)},
         globals_=STANDARD_GLOBALS,
-        attention=gqa(
-            qkv_bias="attention_bias", o_bias="attention_bias", qk_norm=("q_norm", "HD", "k_norm", "HD")
-        ),
+        attention=gqa(qkv_bias="attention_bias", o_bias="attention_bias", qk_norm=("q_norm", "HD", "k_norm", "HD")),
         norms=LAYER_NORMS,
         dense_mlp=swiglu("mlp.", "D"),
         schedule="none",
@@ -274,9 +270,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         fields={"E": ("num_experts",)},
         flags={"attention_bias": ("attention_bias", False)},
         globals_=STANDARD_GLOBALS,
-        attention=gqa(
-            qkv_bias="attention_bias", o_bias="attention_bias", qk_norm=("q_norm", "HD", "k_norm", "HD")
-        ),
+        attention=gqa(qkv_bias="attention_bias", o_bias="attention_bias", qk_norm=("q_norm", "HD", "k_norm", "HD")),
         norms=LAYER_NORMS,
         dense_mlp=swiglu("mlp.", "D"),
         router=(T("mlp.gate.weight", ("E", "H")),),
@@ -408,9 +402,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         fields={"E": ("num_experts",), "I": ("intermediate_size",)},
         flags={"attention_bias": ("attention_bias", False)},
         globals_=STANDARD_GLOBALS,
-        attention=gqa(
-            qkv_bias="attention_bias", o_bias="attention_bias", qk_norm=("q_norm", "H", "k_norm", "NKV*HD")
-        ),
+        attention=gqa(qkv_bias="attention_bias", o_bias="attention_bias", qk_norm=("q_norm", "H", "k_norm", "NKV*HD")),
         norms=LAYER_NORMS,
         router=(T("mlp.gate.weight", ("E", "H")),),
         routed_experts=per_expert("mlp."),

@@ -43,9 +43,7 @@ def family_for_config(config: Mapping[str, Any]) -> FamilySpec:
         return _BY_MODEL_TYPE[model_type]
     architectures = config.get("architectures") or []
     if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
-        raise ConfigError(
-            f"config.json field 'architectures' must be a list of strings, got {architectures!r}"
-        )
+        raise ConfigError(f"config.json field 'architectures' must be a list of strings, got {architectures!r}")
     for arch in architectures:
         if arch in _BY_ARCH:
             return _BY_ARCH[arch]

@@ -31,7 +31,8 @@ def inspect(
     json_output: options.JsonOpt = False,
     layers: Annotated[bool, typer.Option("--layers", "-l", help="Also break the counts down per layer.")] = False,
     config_only: Annotated[
-        bool, typer.Option("--config-only", help="Count from config.json alone, even when weights are present.")
+        bool,
+        typer.Option("--config-only", help="Count from config.json alone, even when weights are present."),
     ] = False,
     token: options.TokenOpt = None,
     offline: options.OfflineOpt = False,
@@ -103,7 +104,12 @@ def render(report: ParamReport, *, per_layer: bool = False) -> None:
     for name in CATEGORIES:
         count = report.categories[name]
         if count.total:
-            table.add_row(name, human_count(count.total), human_count(count.active), _pct(count.total, report.total_params_with_mtp))
+            table.add_row(
+                name,
+                human_count(count.total),
+                human_count(count.active),
+                _pct(count.total, report.total_params_with_mtp),
+            )
     console.print(table)
 
     if report.dtype_bytes:
@@ -117,7 +123,18 @@ def render(report: ParamReport, *, per_layer: bool = False) -> None:
 
     if per_layer:
         by_layer = Table(title="Per layer", title_justify="left", show_edge=False)
-        for column in ("layer", "kind", "experts", "top-k", "total", "active", "attention", "routed", "shared", "dense"):
+        for column in (
+            "layer",
+            "kind",
+            "experts",
+            "top-k",
+            "total",
+            "active",
+            "attention",
+            "routed",
+            "shared",
+            "dense",
+        ):
             by_layer.add_column(column, justify="right")
         for layer in report.layers:
             c = layer.categories

@@ -14,13 +14,13 @@ RevisionOpt = Annotated[
     str | None,
     typer.Option("--revision", help="Hub branch, tag or commit (recorded as the full commit sha)."),
 ]
-JsonOpt = Annotated[
-    bool, typer.Option("--json", help="Print one JSON document (stable, versioned schema) on stdout.")
-]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document (stable, versioned schema) on stdout.")]
 TokenOpt = Annotated[
     str | None,
-    typer.Option("--token", help="Hub token (default: HF_TOKEN or the one saved by `hf auth login`).", show_default=False),
+    typer.Option(
+        "--token",
+        help="Hub token (default: HF_TOKEN or the one saved by `hf auth login`).",
+        show_default=False,
+    ),
 ]
-OfflineOpt = Annotated[
-    bool, typer.Option("--offline", help="Never touch the network (same as HF_HUB_OFFLINE=1).")
-]
+OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never touch the network (same as HF_HUB_OFFLINE=1).")]

@@ -257,9 +257,7 @@ class _Counter:
             )
             experts = len(seen)
         if total % experts:
-            warnings.append(
-                f"layer {layer.index}: routed-expert parameters do not split evenly over {experts}"
-            )
+            warnings.append(f"layer {layer.index}: routed-expert parameters do not split evenly over {experts}")
         return min(total, round(total * min(top_k, experts) / experts))
 
 
@@ -323,9 +321,7 @@ def count_from_config(config: Mapping[str, Any], *, name: str = "") -> ParamRepo
     spec = family_for_config(config)
     dims = resolve_dims(spec, config)
     entries = (_Entry(t.name, _numel(t.shape)) for t in planned_tensors(spec, dims))
-    return _report(
-        name=name, config=config, spec=spec, dims=dims, entries=entries, source="config", warnings=[]
-    )
+    return _report(name=name, config=config, spec=spec, dims=dims, entries=entries, source="config", warnings=[])
 
 
 def count_from_checkpoint(checkpoint: Any) -> ParamReport:

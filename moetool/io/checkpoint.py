@@ -168,9 +168,7 @@ def resolve_inside(root: Path, name: str) -> Path:
         real_root = Path(root).resolve()
         target = (real_root / name).resolve()
     except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
-        raise UnsafePathError(
-            f"cannot resolve {short_repr(name)} in {root}: {exc}", hint=HINT_UNSAFE
-        ) from None
+        raise UnsafePathError(f"cannot resolve {short_repr(name)} in {root}: {exc}", hint=HINT_UNSAFE) from None
     if target.is_relative_to(real_root):
         return target
     blobs = _hf_blobs_dir(real_root)
@@ -190,9 +188,7 @@ def _parse_index(index: Any, what: str) -> tuple[dict[str, str], dict[str, Any]]
     """Check an index document's structure; return (weight_map, metadata)."""
 
     def bad(why: str) -> CheckpointError:
-        return CheckpointError(
-            f"{what} {why}", hint="fix or re-download the index file", code="INDEX_INVALID"
-        )
+        return CheckpointError(f"{what} {why}", hint="fix or re-download the index file", code="INDEX_INVALID")
 
     if not isinstance(index, dict):
         raise bad(f"is a JSON {type(index).__name__}, not an object")
@@ -309,8 +305,7 @@ class Checkpoint:
         missing = [shard for shard, path in paths.items() if not path.is_file()]
         if missing:
             raise CheckpointError(
-                f"{len(missing)} shard file(s) missing in {folder}: "
-                f"{', '.join(short_repr(m) for m in missing)}",
+                f"{len(missing)} shard file(s) missing in {folder}: {', '.join(short_repr(m) for m in missing)}",
                 hint="re-run the download (hf download REPO), or check that the folder is complete",
                 code="SHARD_MISSING",
             )
@@ -404,13 +399,9 @@ class Checkpoint:
             for tname, shard in weight_map.items():
                 info = tensors.get(tname)
                 if info is None:
-                    problems.append(
-                        f"{short_repr(tname)} is in the index ({short_repr(shard)}) but in no shard"
-                    )
+                    problems.append(f"{short_repr(tname)} is in the index ({short_repr(shard)}) but in no shard")
                 elif info.file != shard:
-                    problems.append(
-                        f"{short_repr(tname)} is mapped to {short_repr(shard)} but stored in {info.file}"
-                    )
+                    problems.append(f"{short_repr(tname)} is mapped to {short_repr(shard)} but stored in {info.file}")
             problems += [
                 f"{short_repr(tname)} is in {info.file} but not in the index"
                 for tname, info in tensors.items()

@@ -175,8 +175,7 @@ def _expected_nbytes(file: str, name: str, dtype: str, shape: tuple[int, ...]) -
             # Like safetensors' checked_mul: overflow is reported even if a later dimension is 0.
             raise _invalid(
                 file,
-                f"tensor {short_repr(name)} has shape {short_repr(list(shape))} "
-                "whose size overflows 2**63 bits",
+                f"tensor {short_repr(name)} has shape {short_repr(list(shape))} whose size overflows 2**63 bits",
                 "VALIDATION_OVERFLOW",
             )
     if total % 8:
@@ -245,8 +244,7 @@ def parse_header(header_json: bytes, *, file: str, data_size: int | None) -> Saf
                 why = f"overlaps the previous data: it starts at {info.data_start}, before {position}"
             raise _invalid(
                 file,
-                f"tensor {short_repr(info.name)} has invalid data_offsets "
-                f"[{info.data_start}, {info.data_end}]: {why}",
+                f"tensor {short_repr(info.name)} has invalid data_offsets [{info.data_start}, {info.data_end}]: {why}",
                 "INVALID_OFFSET",
             )
         position = info.data_end
@@ -351,7 +349,5 @@ def read_header(path: Path, *, file: str | None = None) -> SafetensorsHeader:
         ) from None
     if len(header_json) != n:
         # The file shrank between fstat and read.
-        raise _invalid(
-            name, f"file ended inside the header ({len(header_json)} of {n} bytes)", "SHARD_TRUNCATED"
-        )
+        raise _invalid(name, f"file ended inside the header ({len(header_json)} of {n} bytes)", "SHARD_TRUNCATED")
     return parse_header(header_json, file=name, data_size=size - 8 - n)

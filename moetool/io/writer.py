@@ -846,9 +846,7 @@ class ShardedWriter:
         nbytes = t.numel() * t.element_size()
         storage = t.untyped_storage()
         if nbytes and (
-            storage.nbytes() != nbytes
-            or t.data_ptr() != storage.data_ptr()
-            or storage.data_ptr() in self._storages
+            storage.nbytes() != nbytes or t.data_ptr() != storage.data_ptr() or storage.data_ptr() in self._storages
         ):
             t = t.clone()
             storage = t.untyped_storage()
