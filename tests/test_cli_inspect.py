@@ -118,7 +118,8 @@ try:
     main()
 except SystemExit as exc:
     code = exc.code or 0
-heavy = sorted(m for m in ("torch", "transformers", "numpy", "huggingface_hub", "safetensors.torch") if m in sys.modules)
+heavy_modules = ("torch", "transformers", "numpy", "huggingface_hub", "safetensors.torch")
+heavy = sorted(m for m in heavy_modules if m in sys.modules)
 print("HEAVY=" + ",".join(heavy), file=sys.stderr)
 """
 

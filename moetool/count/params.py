@@ -194,10 +194,7 @@ class _Counter:
 
     def _layer(self, index: int) -> LayerCount:
         if index not in self.layers:
-            if index >= self.dims.num_layers:
-                kind = "mtp"
-            else:
-                kind = "moe" if self.dims.is_moe_layer(index) else "dense"
+            kind = "mtp" if index >= self.dims.num_layers else "moe" if self.dims.is_moe_layer(index) else "dense"
             values = self.dims.for_layer(min(index, self.dims.num_layers - 1))
             moe = kind == "moe" or (kind == "mtp" and self.spec.is_moe)
             self.layers[index] = LayerCount(
