@@ -42,14 +42,21 @@ def inspect(
     No tensor data is read: local checkpoints need only their headers, Hub repos only config.json
     and the headers (fetched remotely).
     """
-    from moetool.io.source import open_model
+    from moetool.io.checkpoint import load_config
+    from moetool.io.source import open_model, parse_model_ref
 
-    checkpoint = open_model(model, revision=revision, token=token, offline=offline or None, need_weights=False)
-    if config_only:
-        report = count_from_config(checkpoint.config, name=checkpoint.name)
-        report.revision = checkpoint.revision
+    ref = parse_model_ref(model, revision=revision)
+    if config_only and ref.local_path is not None:
+        # config.json is all this needs: skip reading (and validating) the weight headers.
+        report = count_from_config(load_config(ref.local_path), name=model)
+        report.revision = ref.revision
     else:
-        report = count_from_checkpoint(checkpoint)
+        checkpoint = open_model(model, revision=revision, token=token, offline=offline or None, need_weights=False)
+        if config_only:
+            report = count_from_config(checkpoint.config, name=checkpoint.name)
+            report.revision = checkpoint.revision
+        else:
+            report = count_from_checkpoint(checkpoint)
     if json_output:
         print_json(report.to_json(per_layer=layers))
         return

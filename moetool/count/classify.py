@@ -26,17 +26,25 @@ class Placement:
     matched: bool = True
 
 
-def _template_regex(template: T) -> str:
-    pattern = re.escape(template.name).replace(re.escape("{E}"), r"(?P<expert>\d+)")
-    return pattern
+# A purely numeric name component (the expert index in per-expert layouts).
+_INDEX_COMPONENT = re.compile(r"(?:^|\.)(\d+)\.")
 
 
-def _compile(templates_by_category: dict[str, tuple[T, ...]]) -> list[tuple[re.Pattern[str], str]]:
-    return [
-        (re.compile(_template_regex(t) + r"\Z"), category)
-        for category, templates in templates_by_category.items()
-        for t in templates
-    ]
+def _by_name(templates_by_category: dict[str, tuple[T, ...]]) -> dict[str, str]:
+    """Template name (with a literal ``{E}``) -> category: matching is one dict lookup per tensor."""
+    return {t.name: category for category, templates in templates_by_category.items() for t in templates}
+
+
+def _lookup(table: dict[str, str], rest: str) -> tuple[str, int | None] | None:
+    """Category and expert index of a layer-relative name, if a template names it."""
+    if rest in table:
+        return table[rest], None
+    match = _INDEX_COMPONENT.search(rest)
+    if match:
+        key = rest[: match.start(1)] + "{E}" + rest[match.end(1) :]
+        if key in table:
+            return table[key], int(match.group(1))
+    return None
 
 
 def _heuristic_layer_category(rest: str, moe_layer: bool) -> str:
@@ -81,8 +89,7 @@ class TensorClassifier:
         self._globals = {t.name: category for category, templates in spec.globals_.items() for t in templates}
         layer_pattern = re.escape(spec.layer_prefix).replace(re.escape("{L}"), r"(?P<layer>\d+)")
         self._layer_re = re.compile(layer_pattern + r"(?P<rest>.+)\Z")
-        self._layer_templates = _compile(spec.layer_templates())
-        self._mtp_templates = _compile({"mtp": spec.mtp})
+        self._layer_templates = _by_name(spec.layer_templates())
 
     def strip_prefix(self, name: str) -> str:
         """Remove multimodal wrapper prefixes (``language_model.``) from a tensor name."""
@@ -104,10 +111,8 @@ class TensorClassifier:
         if layer >= self.dims.num_layers:
             # Layers past num_hidden_layers are DeepSeek-style MTP modules when the family has them.
             return Placement("mtp" if self.spec.mtp else "other", layer, matched=bool(self.spec.mtp))
-        for pattern, category in self._layer_templates:
-            hit = pattern.match(rest)
-            if hit:
-                expert = hit.groupdict().get("expert")
-                return Placement(category, layer, int(expert) if expert is not None else None)
+        hit = _lookup(self._layer_templates, rest)
+        if hit is not None:
+            return Placement(hit[0], layer, hit[1])
         category = _heuristic_layer_category(rest, self.dims.is_moe_layer(layer))
         return Placement(category, layer, matched=False)
