@@ -125,7 +125,8 @@ def main() -> None:
             base, base_out = time_process([sys.executable, "-c", META_BASELINE, str(folder)], args.baseline_runs)
             rows.append((key, num_tensors, ours, config_only, base, doc, int(base_out.strip())))
 
-    print(f"{'model':<12} {'tensors':>8} {'inspect':>9} {'--config-only':>14} {'meta+num_parameters':>20} {'speed-up':>9}")
+    header = ("model", "tensors", "inspect", "--config-only", "meta+num_parameters", "speed-up")
+    print(f"{header[0]:<12} {header[1]:>8} {header[2]:>9} {header[3]:>14} {header[4]:>20} {header[5]:>9}")
     for key, num_tensors, ours, config_only, base, _, _ in rows:
         print(f"{key:<12} {num_tensors:>8} {ours:>8.2f}s {config_only:>13.2f}s {base:>19.2f}s {base / ours:>8.1f}x")
     print()
