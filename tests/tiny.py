@@ -63,6 +63,7 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
         "v_head_dim": 8,
         "n_group": 1,
         "topk_group": 1,
+        "num_key_value_heads": 4,  # MLA attends with every head; fewer kv heads breaks the forward
     },
     "deepseek_v3": {
         "n_routed_experts": 4,
@@ -77,6 +78,7 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
         "v_head_dim": 8,
         "n_group": 2,
         "topk_group": 1,
+        "num_key_value_heads": 4,
         "num_nextn_predict_layers": 0,
     },
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
@@ -97,7 +99,7 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
         "n_layers": 3,
         "max_seq_len": 64,
         "ffn_config": {"ffn_hidden_size": 48, "moe_num_experts": 4, "moe_top_k": 2},
-        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0},
+        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},  # clip_qkv=None crashes
     },
     "llama": {},
     "mistral": {},

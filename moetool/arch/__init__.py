@@ -2,13 +2,14 @@
 
 from moetool.arch.dims import Dims, resolve_dims
 from moetool.arch.registry import family_for_config, get_family, supported_model_types
-from moetool.arch.spec import CATEGORIES, ExpertLayout, FamilySpec, Routing, RoutingSpec
+from moetool.arch.spec import CATEGORIES, ExpertLayout, FamilySpec, RouterOutput, Routing, RoutingSpec
 
 __all__ = [
     "CATEGORIES",
     "Dims",
     "ExpertLayout",
     "FamilySpec",
+    "RouterOutput",
     "Routing",
     "RoutingSpec",
     "family_for_config",

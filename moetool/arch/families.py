@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from moetool.arch.spec import ExpertLayout, FamilySpec, Routing, RoutingSpec, T
+from moetool.arch.spec import ExpertLayout, FamilySpec, RouterOutput, Routing, RoutingSpec, T
 
 # ----------------------------------------------------------------------------- shared building blocks
 
@@ -442,6 +442,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         ),
         expert_layout=ExpertLayout.FUSED,
         routing=RoutingSpec(Routing.SOFTMAX_TOPK, "ffn_config.moe_normalize_expert_weights", True),
+        router_module="ffn.router",
+        router_output=RouterOutput.LOGITS,
     ),
     FamilySpec(
         name="gpt_oss",
@@ -466,6 +468,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         ),
         expert_layout=ExpertLayout.FUSED,
         routing=RoutingSpec(Routing.TOPK_SOFTMAX),
+        router_module="mlp.router",
     ),
     FamilySpec(
         name="granitemoe",
@@ -484,6 +487,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         ),
         expert_layout=ExpertLayout.FUSED,
         routing=RoutingSpec(Routing.TOPK_SOFTMAX),
+        router_module="block_sparse_moe.router",
     ),
     FamilySpec(
         name="llama4",
@@ -505,6 +509,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         expert_layout=ExpertLayout.FUSED,
         schedule="llama4",
         routing=RoutingSpec(Routing.TOPK_SIGMOID),
+        router_module="feed_forward.router",
+        router_output=RouterOutput.SCORES_LOGITS,
         text_config_key="text_config",
         name_prefixes=("language_model.",),
     ),

@@ -49,6 +49,14 @@ class Routing(str, Enum):
     NONE = "none"  # dense family
 
 
+class RouterOutput(str, Enum):
+    """What a family's in-memory router module returns (transformers v5), so hooks can read choices."""
+
+    LOGITS_WEIGHTS_INDICES = "logits_weights_indices"  # (router_logits, top_k_weights, top_k_index)
+    SCORES_LOGITS = "scores_logits"  # Llama-4: (masked sigmoid scores [T, E], router_logits)
+    LOGITS = "logits"  # DBRX: logits only; the MoE block applies the routing rule
+
+
 class ExpertLayout(str, Enum):
     """How routed experts are stored on disk."""
 
@@ -111,6 +119,9 @@ class FamilySpec:
         dense_counterpart / moe_counterpart: the family merge --to-dense or upcycle writes.
         layer_dims: per-layer overrides of dims (hybrid or per-layer-list configs).
         derive: symbols computed from others (MLA head sizes, "has shared experts").
+        router_module: the router's module name inside a decoder layer of the *instantiated*
+            transformers model (v5 renames some on-disk prefixes, e.g. Mixtral's block_sparse_moe).
+        router_output: what that module's forward returns.
     """
 
     name: str
@@ -138,6 +149,8 @@ class FamilySpec:
     moe_counterpart: str | None = None
     layer_dims: Callable[[Mapping[str, Any], int, dict[str, Any]], dict[str, Any]] | None = None
     derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    router_module: str = "mlp.gate"
+    router_output: RouterOutput = RouterOutput.LOGITS_WEIGHTS_INDICES
 
     def layer_templates(self) -> dict[str, tuple[T, ...]]:
         """Per-layer templates by category (MoE and dense parts both listed)."""

@@ -1,0 +1,1 @@
+"""Router expert-utilisation profiling: hooks at the router, streaming statistics, thresholds."""
