@@ -102,3 +102,30 @@ class ThresholdFailedError(MoetoolError):
 
     default_code = "THRESHOLD_FAILED"
     exit_code = EXIT_THRESHOLD
+
+
+class DatasetError(MoetoolError):
+    """A dataset that cannot be used: missing, empty, malformed, or without the requested fields.
+
+    Codes: ``DATASET_NOT_FOUND``, ``DATASET_FORMAT`` (unknown extension, malformed file),
+    ``DATASET_COLUMN`` (missing or mistyped text/domain field), ``DATASET_EMPTY`` (no non-empty text),
+    ``DATASET_SPLIT`` (the split does not exist).
+    """
+
+    default_code = "DATASET_INVALID"
+
+
+class MissingDependencyError(MoetoolError):
+    """An optional package that this input needs is not installed (the hint names the pip command)."""
+
+    default_code = "DEPENDENCY_MISSING"
+
+
+class ModelLoadError(MoetoolError):
+    """transformers could not build the model or tokenizer from a checkpoint.
+
+    Codes: ``TOKENIZER_MISSING``, ``TOKENIZER_INVALID``, ``TOKENIZER_MISMATCH`` (two models that must
+    share a tokenizer do not), ``REMOTE_CODE_REFUSED``, ``MODEL_LOAD_FAILED``.
+    """
+
+    default_code = "MODEL_LOAD_FAILED"

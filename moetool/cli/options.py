@@ -24,3 +24,61 @@ TokenOpt = Annotated[
     ),
 ]
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never touch the network (same as HF_HUB_OFFLINE=1).")]
+
+# ----------------------------------------------------------------------------- datasets and running models
+# Shared by the commands that run a model on text (eval, profile-routing). Defaults are set where each
+# command declares its parameters.
+
+DatasetOpt = Annotated[
+    str,
+    typer.Option(
+        "--dataset",
+        "-d",
+        help="Text to run: a .txt (one document per paragraph), .jsonl, .json, .csv, .tsv or .parquet file, "
+        "a folder of them (read recursively), or a Hub dataset id (needs `pip install datasets`).",
+        show_default=False,
+    ),
+]
+TextFieldOpt = Annotated[str, typer.Option("--text-field", help="The field (column) that holds the text.")]
+DomainFieldOpt = Annotated[
+    str | None,
+    typer.Option("--domain-field", help="A field naming each document's domain: figures are also given per domain."),
+]
+SplitOpt = Annotated[str, typer.Option("--split", help="The split of a Hub dataset.")]
+DataFilesOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--data-files",
+        help="Files to read: glob patterns inside a local dataset folder, or data_files for a Hub dataset "
+        "(repeatable).",
+        show_default=False,
+    ),
+]
+DatasetConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dataset-config", help="The configuration of a Hub dataset that has several (e.g. wikitext-2-raw-v1)."
+    ),
+]
+MaxTokensOpt = Annotated[
+    int, typer.Option("--max-tokens", min=0, help="Stop after this many tokens of the dataset (0: all of it).")
+]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", min=2, help="Tokens per window (documents are packed).")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps.")
+]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="auto (float32 on CPU, the checkpoint's dtype on GPU), float32, bfloat16 or float16.",
+    ),
+]
+DeviceMapOpt = Annotated[
+    str,
+    typer.Option(
+        "--device-map",
+        help="none (the whole model on --device) or auto (accelerate spreads it over the GPUs, then CPU memory).",
+    ),
+]
