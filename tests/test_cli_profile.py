@@ -128,6 +128,13 @@ def test_bad_threshold_is_usage_error(setup):
     assert "Traceback" not in result.stderr
 
 
+def test_out_inside_model_refused(setup):
+    model, data, _ = setup
+    result = run_cli("profile-routing", str(model), "-d", str(data), "--out", str(model / "report"))
+    assert result.returncode == 2
+    assert not (model / "report").exists()
+
+
 def test_dense_model_refused(setup, tmp_path):
     _, data, _ = setup
     dense = tmp_path / "dense"

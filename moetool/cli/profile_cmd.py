@@ -74,10 +74,14 @@ def profile_routing_cmd(
     from moetool.routing.thresholds import check_thresholds, parse_threshold
 
     thresholds = [parse_threshold(text) for text in fail_if or []]
+    inputs: list[Path] = []
     if out is not None:
+        from moetool.io.source import parse_model_ref
         from moetool.io.writer import check_output_path
 
-        check_output_path(out, [], overwrite=overwrite)
+        local = parse_model_ref(model, revision=revision).local_path
+        inputs = [local] if local is not None else []
+        check_output_path(out, inputs, overwrite=overwrite)
     documents = load_documents(
         dataset,
         text_field=text_field,
@@ -115,7 +119,7 @@ def profile_routing_cmd(
         from moetool.io.writer import staged_output
         from moetool.routing.report import write_report_folder
 
-        with staged_output(out, overwrite=overwrite) as staging:
+        with staged_output(out, inputs=inputs, overwrite=overwrite) as staging:
             written = write_report_folder(stats, staging)
         stderr().print(f"wrote {', '.join(written)} to {out}", highlight=False)
 
