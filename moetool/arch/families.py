@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from moetool.arch.spec import ExpertLayout, FamilySpec, RouterOutput, Routing, RoutingSpec, T
+from moetool.arch.spec import ExpertLayout, FamilySpec, RouterOutput, Routing, RoutingSpec, T, WindowRule
 
 # ----------------------------------------------------------------------------- shared building blocks
 
@@ -154,6 +154,80 @@ def _shared_if_any(values: dict[str, Any]) -> dict[str, Any]:
     return {"has_shared": bool(values.get("NS"))}
 
 
+# ----------------------------------------------------------------------------- sliding windows
+
+
+def _window_size(cfg: Mapping[str, Any]) -> int | None:
+    size = cfg.get("sliding_window")
+    # 0 is Qwen2-MoE's spelling of "no window"; bool is not a size.
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def _windows_uniform(cfg: Mapping[str, Any], num_layers: int) -> list[int | None]:
+    """Mistral, Mixtral (and Llama, which has no window): ``sliding_window`` applies to every layer."""
+    return [_window_size(cfg)] * num_layers
+
+
+def _windows_qwen_dense(cfg: Mapping[str, Any], num_layers: int) -> list[int | None]:
+    """Qwen2 / Qwen3: a window only with ``use_sliding_window``, on the layers ``layer_types`` marks
+    (default: from ``max_window_layers`` on)."""
+    size = _window_size(cfg)
+    if not cfg.get("use_sliding_window") or size is None:
+        return [None] * num_layers
+    types = cfg.get("layer_types")
+    if isinstance(types, list) and len(types) == num_layers:
+        return [size if kind == "sliding_attention" else None for kind in types]
+    first = cfg.get("max_window_layers", 28)
+    return [size if layer >= first else None for layer in range(num_layers)]
+
+
+def _windows_qwen2_moe(cfg: Mapping[str, Any], num_layers: int) -> list[int | None]:
+    """Qwen2-MoE: like Qwen2, but its default pattern is every other layer below ``max_window_layers``."""
+    size = _window_size(cfg)
+    if not cfg.get("use_sliding_window") or size is None:
+        return [None] * num_layers
+    types = cfg.get("layer_types")
+    if isinstance(types, list) and len(types) == num_layers:
+        return [size if kind == "sliding_attention" else None for kind in types]
+    last = cfg.get("max_window_layers", 28)
+    return [size if (layer + 1) % 2 and layer < last else None for layer in range(num_layers)]
+
+
+def _windows_qwen3_moe(cfg: Mapping[str, Any], num_layers: int) -> list[int | None]:
+    """Qwen3-MoE: ``use_sliding_window`` puts the window on every layer."""
+    size = _window_size(cfg)
+    return [size if cfg.get("use_sliding_window") else None] * num_layers
+
+
+def _write_windows_uniform(windows: list[int | None]) -> dict[str, Any] | None:
+    return {"sliding_window": windows[0]} if len(set(windows)) <= 1 and windows else None
+
+
+def _write_windows_qwen3_moe(windows: list[int | None]) -> dict[str, Any] | None:
+    if len(set(windows)) > 1 or not windows:
+        return None
+    return {"use_sliding_window": windows[0] is not None, "sliding_window": windows[0]}
+
+
+def _write_windows_layer_types(windows: list[int | None]) -> dict[str, Any] | None:
+    sizes = {w for w in windows if w is not None}
+    if len(sizes) > 1:  # one window size for all sliding layers
+        return None
+    size = next(iter(sizes), None)
+    return {
+        "use_sliding_window": size is not None,
+        "sliding_window": size,
+        "max_window_layers": len(windows),
+        "layer_types": ["sliding_attention" if w is not None else "full_attention" for w in windows],
+    }
+
+
+UNIFORM_WINDOWS = WindowRule(("sliding_window",), _windows_uniform, _write_windows_uniform)
+QWEN_DENSE_WINDOWS = WindowRule(
+    ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"), _windows_qwen_dense
+)
+
+
 # ----------------------------------------------------------------------------- the families
 
 MLA_FIELDS = {
@@ -188,6 +262,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         dense_mlp=swiglu("mlp.", "D", bias_flag="mlp_bias"),
         schedule="none",
         moe_counterpart="mixtral",
+        upcycle_targets=("mixtral", "qwen2_moe"),
+        windows=UNIFORM_WINDOWS,
     ),
     FamilySpec(
         name="mistral",
@@ -201,6 +277,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         dense_mlp=swiglu("mlp.", "D"),
         schedule="none",
         moe_counterpart="mixtral",
+        upcycle_targets=("mixtral", "qwen2_moe"),
+        windows=UNIFORM_WINDOWS,
     ),
     FamilySpec(
         name="qwen2",
@@ -214,6 +292,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         dense_mlp=swiglu("mlp.", "D"),
         schedule="none",
         moe_counterpart="qwen2_moe",
+        upcycle_targets=("qwen2_moe",),
+        windows=QWEN_DENSE_WINDOWS,
     ),
     FamilySpec(
         name="qwen3",
@@ -228,6 +308,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         dense_mlp=swiglu("mlp.", "D"),
         schedule="none",
         moe_counterpart="qwen3_moe",
+        upcycle_targets=("qwen3_moe",),
+        windows=QWEN_DENSE_WINDOWS,
     ),
     # ------------------------------------------------------------------ MoE families
     FamilySpec(
@@ -243,6 +325,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         routed_experts=per_expert("block_sparse_moe.", ("w1", "w3", "w2")),
         routing=RoutingSpec(Routing.SOFTMAX_TOPK),
         dense_counterpart="mistral",
+        windows=UNIFORM_WINDOWS,
     ),
     FamilySpec(
         name="qwen2_moe",
@@ -261,6 +344,12 @@ FAMILIES: tuple[FamilySpec, ...] = (
         schedule="qwen",
         routing=RoutingSpec(Routing.SOFTMAX_TOPK, "norm_topk_prob", False),
         dense_counterpart="qwen2",
+        windows=WindowRule(
+            ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"),
+            _windows_qwen2_moe,
+            _write_windows_layer_types,
+        ),
+        shared_expert_gate="mlp.shared_expert_gate.weight",
     ),
     FamilySpec(
         name="qwen3_moe",
@@ -278,6 +367,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         schedule="qwen",
         routing=RoutingSpec(Routing.SOFTMAX_TOPK, "norm_topk_prob", False),
         dense_counterpart="qwen3",
+        windows=WindowRule(("use_sliding_window", "sliding_window"), _windows_qwen3_moe, _write_windows_qwen3_moe),
     ),
     FamilySpec(
         name="qwen3_next",
@@ -325,6 +415,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         schedule="qwen",
         routing=RoutingSpec(Routing.SOFTMAX_TOPK, "norm_topk_prob", True),
         layer_dims=_qwen3_next_layer,
+        shared_expert_gate="mlp.shared_expert_gate.weight",
     ),
     FamilySpec(
         name="deepseek_v2",

@@ -29,6 +29,18 @@ def _expand(prefix: str, templates: tuple[T, ...], values: dict, num_experts: in
             yield PlannedTensor(prefix + template.name, shape)
 
 
+def expand_templates(prefix: str, templates: tuple[T, ...], values: dict, num_experts: int = 0) -> list[PlannedTensor]:
+    """Instantiate templates (those whose ``when`` holds) with a name prefix and resolved dims.
+
+    Args:
+        prefix: prepended to every name (a layer prefix such as ``"model.layers.3."``, or ``""``).
+        templates: the templates, e.g. a family's ``attention``.
+        values: resolved dims (:meth:`Dims.for_layer`).
+        num_experts: how many tensors an ``{E}`` template gives.
+    """
+    return list(_expand(prefix, templates, values, num_experts))
+
+
 def layer_tensors(spec: FamilySpec, dims: Dims, layer: int, *, moe: bool) -> Iterator[PlannedTensor]:
     """The tensors of one decoder layer (MoE or dense MLP)."""
     values = dims.for_layer(layer)

@@ -92,6 +92,23 @@ class RoutingSpec:
 
 
 @dataclass(frozen=True)
+class WindowRule:
+    """How a family's config says which layers attend through a sliding window, and how wide it is.
+
+    Args:
+        keys: the config keys that carry it (removed from a config that changes family).
+        read: ``(config, num_layers) -> [window or None per layer]``, with the family's own semantics.
+        write: the inverse: config keys for a per-layer window list, or ``None`` when the family cannot
+            express that pattern (Mixtral has one window for every layer). ``None`` for families that
+            moetool never writes.
+    """
+
+    keys: tuple[str, ...]
+    read: Callable[[Mapping[str, Any], int], list[int | None]]
+    write: Callable[[list[int | None]], dict[str, Any] | None] | None = None
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """Everything moetool knows about one model family.
 
@@ -122,6 +139,10 @@ class FamilySpec:
         router_module: the router's module name inside a decoder layer of the *instantiated*
             transformers model (v5 renames some on-disk prefixes, e.g. Mixtral's block_sparse_moe).
         router_output: what that module's forward returns.
+        upcycle_targets: dense families only: the MoE families ``upcycle`` may write, the default first.
+        windows: the family's sliding-window convention (``None``: full attention only).
+        shared_expert_gate: the per-layer template name of a ``[1, H]`` gate whose sigmoid scales the
+            shared expert's output (Qwen2-MoE), ``None`` when shared experts are ungated or absent.
     """
 
     name: str
@@ -151,6 +172,9 @@ class FamilySpec:
     derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     router_module: str = "mlp.gate"
     router_output: RouterOutput = RouterOutput.LOGITS_WEIGHTS_INDICES
+    upcycle_targets: tuple[str, ...] = ()
+    windows: WindowRule | None = None
+    shared_expert_gate: str | None = None
 
     def layer_templates(self) -> dict[str, tuple[T, ...]]:
         """Per-layer templates by category (MoE and dense parts both listed)."""
