@@ -152,7 +152,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:10
 <body><h1>Routing profile</h1>
 <p><b>{html.escape(stats.model)}</b> ({html.escape(str(stats.model_type))}, routing {html.escape(stats.routing)}):
 {stats.tokens:,} tokens, {stats.num_experts} experts, top-{stats.top_k}, {len(stats.layers)} MoE layers;
-overall Switch aux loss {stats.aux_loss:.4f} (1.0 = perfectly balanced).</p>
+overall Switch aux loss {stats.aux_loss:.4f} ({stats.top_k} = perfectly balanced with top-{stats.top_k}).</p>
 <table><tr>{headers}</tr>
 {rows}</table>
 {figures}
