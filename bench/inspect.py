@@ -15,15 +15,20 @@ Usage::
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Running `python bench/X.py` puts bench/ first on sys.path, where bench/inspect.py would shadow the
+# standard library's inspect module (which torch and dataclasses import): drop it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import statistics
 import struct
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "tests" / "data" / "moe-configs"

@@ -15,14 +15,19 @@ Usage::
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Running `python bench/X.py` puts bench/ first on sys.path, where bench/inspect.py would shadow the
+# standard library's inspect module (which torch and dataclasses import): drop it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import resource
 import statistics
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,17 +93,33 @@ def main() -> None:
 
     rows = []
     for tokens in args.tokens:
-        cmd = [sys.executable, __file__, "--child", "--model", args.model, "--dataset", args.dataset,
-               "--tokens", str(tokens), "--repeats", str(args.repeats), "--seq-len", str(args.seq_len),
-               "--batch-size", str(args.batch_size)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--model",
+            args.model,
+            "--dataset",
+            args.dataset,
+            "--tokens",
+            str(tokens),
+            "--repeats",
+            str(args.repeats),
+            "--seq-len",
+            str(args.seq_len),
+            "--batch-size",
+            str(args.batch_size),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
 
     print(f"{'tokens':>9} {'plain forward':>14} {'profile-routing':>16} {'overhead':>9} {'peak RSS':>10}")
     for row in rows:
         overhead = row["profiled_s"] / row["plain_s"] - 1
-        print(f"{row['tokens']:>9,} {row['plain_s']:>13.2f}s {row['profiled_s']:>15.2f}s {overhead:>8.1%} "
-              f"{row['peak_rss_mb']:>8.0f}MB")
+        print(
+            f"{row['tokens']:>9,} {row['plain_s']:>13.2f}s {row['profiled_s']:>15.2f}s {overhead:>8.1%} "
+            f"{row['peak_rss_mb']:>8.0f}MB"
+        )
     print("\ntargets: overhead <= 15%; peak RSS flat from the smallest to the largest token budget")
 
 
