@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import struct
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -215,7 +214,8 @@ def test_parse_header_remote_skips_size_check() -> None:
     assert info.tensors["x"].nbytes == 10
 
 
-def test_b38_huge_valid_header_is_fast() -> None:
+def test_b38_huge_valid_header_parses() -> None:
+    """A DeepSeek-sized header (10^5 tensors) is valid and parses; its speed is measured in bench/inspect.py."""
     entries = {}
     for i in range(100_000):
         entries[f"model.layers.{i // 768}.mlp.experts.{i % 256}.w{i % 3}.weight"] = {
@@ -224,10 +224,8 @@ def test_b38_huge_valid_header_is_fast() -> None:
             "data_offsets": [16 * i, 16 * (i + 1)],
         }
     raw = json.dumps(entries).encode()
-    start = time.perf_counter()
     info = parse_header(raw, file="m.safetensors", data_size=16 * 100_000)
     assert len(info.tensors) == 100_000
-    assert time.perf_counter() - start < 5
 
 
 # --------------------------------------------------------------------------- B1-B4: sizes and lengths
