@@ -1,0 +1,1340 @@
+"""``merge``: N routed experts to M per MoE layer, or all of them into one dense FFN.
+
+The flow, one function (:func:`merge`):
+
+1. open the checkpoint (headers only), check the family and options, and plan the output: config and
+   every output tensor with its shape and dtype, so the output size is known exactly before anything
+   runs and the output path is checked before any compute;
+2. calibrate: one pass of ``calibration`` text through the model (the only time the model is built),
+   or read a profile-routing stats file;
+3. stream: one layer at a time, read its tensors from the checkpoint, decide which experts are kept
+   or merged, combine them, write; every other tensor is copied unchanged. Output goes through a
+   staging folder published atomically (nothing is left behind on an error or Ctrl-C);
+4. optionally evaluate the output against the source on held-out text (perplexity before and after,
+   KL and top-1 next-token agreement), and record everything in the model card and the result.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moetool.arch.dims import Dims, get_path, resolve_dims
+from moetool.arch.registry import family_for_config
+from moetool.arch.spec import FamilySpec, Routing
+from moetool.errors import ConfigError, MoetoolError, UnsupportedArchitectureError, UsageError
+from moetool.io.writer import DEFAULT_MAX_SHARD_SIZE, WriteResult
+from moetool.merge.calibrate import DEFAULT_SAMPLE_TOKENS, Calibration, LayerCalibration
+from moetool.merge.layout import FLOAT_DTYPES, Experts, LayerTensors, find_prefix, torch_dtype
+from moetool.merge.plan import (
+    LayerDecision,
+    OutputTensor,
+    check_against_registry,
+    dense_config,
+    dense_target,
+    moe_width,
+    output_tensors,
+    reduced_config,
+)
+from moetool.merge.traits import MergeTraits, traits_for
+
+if TYPE_CHECKING:
+    import torch
+
+    from moetool.data import Document
+    from moetool.io.checkpoint import Checkpoint
+    from moetool.merge.router import RoutingRule
+    from moetool.routing.stats import RoutingStats
+
+SCHEMA_VERSION = 1
+
+PRUNING_METHODS = ("frequency", "soft-frequency", "reap", "search")
+MERGING_METHODS = ("merge-frequency", "merge-router", "merge-output")
+METHODS = PRUNING_METHODS + MERGING_METHODS
+DENSE_STRATEGIES = ("top1", "average", "concat")
+ALIGN_MODES = ("weights", "activations", "none")
+# Chosen by measurement on the trained example (docs/merge-results.md): search loses least at 8 -> 4 and
+# beats frequency pruning at 8 -> 2. It needs calibration hidden states and a routing rule moetool can
+# model; without them (a stats file, or Llama-4's input-scaling router) the default is frequency.
+DEFAULT_METHOD = "search"
+FALLBACK_METHOD = "frequency"
+DEFAULT_DENSE_STRATEGY = "concat"
+
+# Methods that need calibration hidden states (a --dataset pass, not a stats file).
+NEEDS_SAMPLE = {"reap", "search", "merge-output"}
+
+#: ``progress(stage, advance, total)``: stages ``calibrating`` and ``evaluating`` count tokens,
+#: ``writing`` counts layers.
+Progress = Callable[[str, int, "int | None"], None]
+
+
+@dataclass
+class EvalFigures:
+    """Quality of the output against the source on held-out text."""
+
+    dataset: str
+    tokens: int
+    perplexity_before: float
+    perplexity_after: float
+    kl: float
+    top1_agreement: float
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        from moetool.evaluate import _json_number
+
+        return {
+            "dataset": self.dataset,
+            "tokens": self.tokens,
+            "perplexity_before": _json_number(self.perplexity_before),
+            "perplexity_after": _json_number(self.perplexity_after),
+            "kl": _json_number(self.kl),
+            "top1_agreement": _json_number(self.top1_agreement),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class MergeResult:
+    """What :func:`merge` did (``to_json`` is the ``--json`` document, schema_version 1)."""
+
+    model: str
+    output: str
+    revision: str | None
+    family: str
+    model_type: str | None
+    output_model_type: str | None
+    mode: str  # "experts" or "dense"
+    method: str | None
+    dense_strategy: str | None
+    align: str
+    refit_router: bool
+    refit_down: bool
+    num_experts_before: int
+    num_experts_after: int
+    top_k_before: int
+    top_k_after: int
+    intermediate_size: int | None
+    config_changes: dict[str, list[Any]]
+    adjustments: list[str]
+    calibration: dict[str, Any]
+    layers: list[LayerDecision]
+    source_bytes: int
+    predicted_bytes: int
+    written_bytes: int
+    source_params: int
+    output_params: int
+    files: list[str]
+    eval: EvalFigures | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "revision": self.revision,
+            "output": self.output,
+            "family": self.family,
+            "model_type": self.model_type,
+            "output_model_type": self.output_model_type,
+            "mode": self.mode,
+            "method": self.method,
+            "dense_strategy": self.dense_strategy,
+            "align": self.align,
+            "refit_router": self.refit_router,
+            "refit_down": self.refit_down,
+            "num_experts_before": self.num_experts_before,
+            "num_experts_after": self.num_experts_after,
+            "top_k_before": self.top_k_before,
+            "top_k_after": self.top_k_after,
+            "intermediate_size": self.intermediate_size,
+            "config_changes": self.config_changes,
+            "adjustments": self.adjustments,
+            "calibration": self.calibration,
+            "layers": [layer.to_json() for layer in self.layers],
+            "size": {
+                "source_bytes": self.source_bytes,
+                "predicted_bytes": self.predicted_bytes,
+                "written_bytes": self.written_bytes,
+                "source_params": self.source_params,
+                "output_params": self.output_params,
+            },
+            "files": self.files,
+            "eval": None if self.eval is None else self.eval.to_json(),
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "warnings": self.warnings,
+        }
+
+
+# ----------------------------------------------------------------------------- the writer adapter
+
+
+def open_writer(folder: Path, planned: Sequence[OutputTensor], *, max_shard_size: int) -> Any:
+    """The sharded writer merge writes through: every output tensor is known up front, so shard headers
+    are written first and tensor bytes stream straight to disk (nothing buffered).
+
+    It takes the tensors in plan order, each checked against its entry (name, dtype, shape). Switching
+    to the buffering :class:`~moetool.io.writer.ShardedWriter` (which accepts any order) is this one
+    function.
+    """
+    from moetool.io.planned_writer import PlannedEntry, PlannedShardWriter
+
+    entries = [PlannedEntry(t.name, t.dtype, t.shape) for t in planned]
+    return PlannedShardWriter(folder, entries, max_shard_size=max_shard_size)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _safetensors_dtype(tensor: torch.Tensor) -> str:
+    names = {v: k for k, v in FLOAT_DTYPES.items()}
+    return names.get(str(tensor.dtype).removeprefix("torch."), str(tensor.dtype))
+
+
+def _routing_renormalises(spec: FamilySpec, config: dict[str, Any]) -> bool:
+    key = spec.routing.renormalize_key
+    if key is None:
+        return spec.routing.renormalize_default
+    value = get_path(config, key)
+    if not isinstance(value, (bool, int, float)):  # absent or null: the family's default
+        return spec.routing.renormalize_default
+    return bool(value)
+
+
+def _scaling(spec: FamilySpec, config: dict[str, Any]) -> float:
+    key = spec.routing.scaling_key
+    value = get_path(config, key) if key else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 1.0
+
+
+def _check_options(
+    *,
+    num_experts: int | None,
+    to_dense: bool,
+    method: str | None,
+    dense_strategy: str,
+    intermediate_size: int | None,
+    have_data: bool,
+    have_stats: bool,
+    refit_router: bool,
+    refit_down: bool | None = None,
+    align: str = "weights",
+) -> None:
+    if align not in ALIGN_MODES:
+        raise UsageError(f"unknown --align {align!r}", hint=f"choose one of {', '.join(ALIGN_MODES)}")
+    if to_dense == (num_experts is not None):
+        raise UsageError(
+            "give exactly one of --num-experts M and --to-dense",
+            hint="--num-experts 4 keeps an MoE with 4 experts per layer; --to-dense writes a dense model",
+        )
+    if have_data == have_stats:
+        raise UsageError(
+            "give exactly one of --dataset (calibration text) and --stats (a profile-routing stats file)",
+            hint="merging needs to know how the router uses the experts",
+            code="CALIBRATION_MISSING" if not have_data else "USAGE",
+        )
+    if to_dense:
+        if dense_strategy not in DENSE_STRATEGIES:
+            raise UsageError(
+                f"unknown --dense-strategy {dense_strategy!r}", hint=f"choose one of {', '.join(DENSE_STRATEGIES)}"
+            )
+        if intermediate_size is not None and dense_strategy != "concat":
+            raise UsageError(
+                f"--intermediate-size applies to --dense-strategy concat, not {dense_strategy}",
+                hint="top1 and average keep the experts' width",
+            )
+        if refit_router:
+            raise UsageError("--refit-router has no router to refit with --to-dense")
+        if refit_down and have_stats:
+            raise UsageError(
+                "--refit-down needs calibration hidden states, which a stats file does not hold",
+                hint="pass --dataset instead of --stats",
+                code="NEEDS_DATASET",
+            )
+    elif method is not None and method not in METHODS:
+        raise UsageError(f"unknown --method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
+    if not to_dense:
+        if intermediate_size is not None:
+            raise UsageError("--intermediate-size applies to --to-dense --dense-strategy concat")
+        if refit_down:
+            raise UsageError("--refit-down applies to --to-dense")
+        if have_stats and (method in NEEDS_SAMPLE or refit_router):
+            what = f"--method {method}" if method in NEEDS_SAMPLE else "--refit-router"
+            raise UsageError(
+                f"{what} needs calibration hidden states, which a stats file does not hold",
+                hint="pass --dataset instead of --stats",
+                code="NEEDS_DATASET",
+            )
+
+
+class _Counting:
+    """Wraps a document sequence and counts how many were taken (to evaluate on the rest)."""
+
+    def __init__(self, documents: Iterable[Document]) -> None:
+        self.documents = documents
+        self.taken = 0
+
+    def __iter__(self) -> Iterator[Document]:
+        for document in self.documents:
+            self.taken += 1
+            yield document
+
+
+# ----------------------------------------------------------------------------- per-layer decisions
+
+
+@dataclass
+class _LayerInputs:
+    layer: int
+    experts: Experts
+    router: list[torch.Tensor]  # the router weight, then per-expert vectors
+    calibration: LayerCalibration
+    act: Callable
+
+
+def _similarity_outputs(inputs: _LayerInputs, traits: MergeTraits, tokens: int = 512) -> torch.Tensor:
+    """Cosine similarity of the experts' outputs on (up to ``tokens``) calibration tokens."""
+    import torch
+
+    from moetool.merge.ffn import expert_forward
+    from moetool.merge.grouping import row_similarity
+
+    sample = inputs.calibration.sample
+    assert sample is not None
+    x = sample.x[:tokens].float()
+    outs = [expert_forward(inputs.experts, e, x, inputs.act).reshape(-1) for e in range(inputs.experts.num_experts)]
+    return row_similarity(torch.stack(outs))
+
+
+def _scores(method: str, inputs: _LayerInputs, traits: MergeTraits) -> list[float]:
+    from moetool.merge import scores
+
+    cal = inputs.calibration
+    if method == "soft-frequency":
+        return scores.soft_frequency(cal.prob_mean)
+    if method == "reap":
+        sample = cal.sample
+        assert sample is not None
+        sums, routed = scores.contribution_norms(
+            inputs.experts,
+            sample.x,
+            sample.indices,
+            sample.weights,
+            inputs.act,
+            scales_input=traits.router_scales_input,
+        )
+        return scores.reap(sums, routed)
+    return scores.frequency(cal.counts)
+
+
+def _search(inputs: _LayerInputs, m: int, rule: RoutingRule, traits: MergeTraits) -> tuple[list[int], dict[str, Any]]:
+    """The kept set whose pruned layer reproduces the original output best (see moetool.merge.search)."""
+    import dataclasses
+
+    import torch
+
+    from moetool.merge.combine import routed_output
+    from moetool.merge.ffn import expert_forward
+    from moetool.merge.search import LayerOutputs, best_subset
+
+    sample = inputs.calibration.sample
+    assert sample is not None
+    n_experts, hidden = inputs.experts.num_experts, inputs.experts.gate.shape[-1]
+    n = min(sample.size, max(256, _REFIT_FLOATS // max(n_experts * hidden, 1)))
+    x = sample.x[:n].float()
+    target = routed_output(inputs.experts, x, sample.indices[:n], sample.weights[:n], inputs.act, scales_input=False)
+    outputs = torch.stack([expert_forward(inputs.experts, e, x, inputs.act) for e in range(n_experts)], dim=1)
+    bias = inputs.router[1].float() if len(inputs.router) > 1 and rule.kind == "sigmoid" else None
+    layer = LayerOutputs(outputs, target, sample.logits[:n])
+    kept, error, exhaustive = best_subset(layer, n_experts, m, dataclasses.replace(rule, bias=bias))
+    return kept, {"output_error": round(error, 6), "search": "exhaustive" if exhaustive else "greedy", "tokens": n}
+
+
+def _decide(
+    method: str, m: int, inputs: _LayerInputs, traits: MergeTraits, rule: RoutingRule | None
+) -> tuple[LayerDecision, list[int]]:
+    """Groups for one layer, and the refit assignment (old expert -> new expert)."""
+    from moetool.merge.grouping import around_anchors, cluster, column_similarity, row_similarity, top_m, weights_within
+
+    cal = inputs.calibration
+    n = inputs.experts.num_experts
+    freq = [float(c) for c in cal.counts]
+    sample = cal.sample
+    if method in PRUNING_METHODS:
+        notes: dict[str, Any] = {}
+        if method == "search":
+            if rule is None:
+                raise UnsupportedArchitectureError(
+                    "--method search models the layer output, which this family's routing (a weight on the "
+                    "expert's input) does not allow",
+                    hint="use --method reap",
+                )
+            kept, notes = _search(inputs, m, rule, traits)
+            importance = [float(c) for c in cal.counts]
+        else:
+            importance = _scores(method, inputs, traits)
+            kept = top_m(importance, m)
+        groups = [[e] for e in kept]
+        weights = [[1.0] for _ in kept]
+        dropped = [e for e in range(n) if e not in kept]
+        # For a refit, a dropped expert's tokens go to the kept expert that computes most like it.
+        similarity = _similarity_outputs(inputs, traits) if sample is not None else row_similarity(inputs.router[0])
+        assignment = [0] * n
+        for j, e in enumerate(kept):
+            assignment[e] = j
+        for e in dropped:
+            assignment[e] = max(range(len(kept)), key=lambda j: (float(similarity[e, kept[j]]), -j))
+        return LayerDecision(inputs.layer, groups, weights, dropped, importance, notes), assignment
+    if method == "merge-frequency":
+        similarity = column_similarity(sample.logits) if sample is not None else row_similarity(inputs.router[0])
+        groups = around_anchors(similarity, freq, m)
+    elif method == "merge-router":
+        groups = cluster(row_similarity(inputs.router[0]), freq, m)
+    else:  # merge-output
+        groups = cluster(_similarity_outputs(inputs, traits), freq, m)
+    weights = weights_within(groups, freq)
+    assignment = [0] * n
+    for j, members in enumerate(groups):
+        for e in members:
+            assignment[e] = j
+    return LayerDecision(inputs.layer, groups, weights, [], freq), assignment
+
+
+# Calibration tokens used to match neurons by their activations.
+_ALIGN_TOKENS = 2048
+
+
+def _align_tokens(align: str, inputs: _LayerInputs) -> dict[str, Any]:
+    sample = inputs.calibration.sample
+    if align != "activations" or sample is None:
+        return {}
+    return {"tokens": sample.x[:_ALIGN_TOKENS].float(), "act": inputs.act}
+
+
+def _reduce_layer(
+    method: str,
+    m: int,
+    inputs: _LayerInputs,
+    traits: MergeTraits,
+    *,
+    align: str,
+    refit_router: bool,
+    sigmoid_router: bool,
+    rule: RoutingRule | None,
+) -> tuple[LayerDecision, Experts, list[torch.Tensor]]:
+    from moetool.merge.combine import merge_experts
+    from moetool.merge.router import merge_rows, refit, select_rows
+
+    decision, assignment = _decide(method, m, inputs, traits, rule)
+    if method in PRUNING_METHODS:
+        kept = [g[0] for g in decision.groups]
+        experts = inputs.experts.select(kept)
+        router = [select_rows(t, kept) for t in inputs.router]
+    else:
+        experts = merge_experts(
+            inputs.experts, decision.groups, decision.weights, align=align != "none", **_align_tokens(align, inputs)
+        )
+        router = [merge_rows(t, decision.groups, decision.weights) for t in inputs.router]
+        decision.notes["aligned"] = align
+    if refit_router:
+        sample = inputs.calibration.sample
+        assert sample is not None
+        if rule is not None:
+            router[0], losses = _refit_outputs(inputs, experts, router, rule, traits)
+            losses["objective"] = "layer output"
+        else:  # the weight scales the expert's input: fit the routing distribution instead
+            router[0], losses = refit(sample.x, sample.logits, assignment, router[0], sigmoid=sigmoid_router)
+            losses["objective"] = "routing cross-entropy"
+        decision.notes["router_refit"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in losses.items()}
+    return decision, experts, router
+
+
+# Bound on the floats of the [tokens, M, H] expert outputs a router refit holds (1 GiB).
+_REFIT_FLOATS = 2**28
+
+
+def _refit_outputs(
+    inputs: _LayerInputs, experts: Experts, router: list[torch.Tensor], rule: RoutingRule, traits: MergeTraits
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Refit the reduced router to reproduce the original layer's routed output (see router.refit_to_outputs)."""
+    import dataclasses
+
+    import torch
+
+    from moetool.merge.combine import routed_output
+    from moetool.merge.ffn import expert_forward
+    from moetool.merge.router import refit_to_outputs
+
+    sample = inputs.calibration.sample
+    assert sample is not None
+    m, hidden = experts.num_experts, experts.gate.shape[-1]
+    n = min(sample.size, max(256, _REFIT_FLOATS // max(m * hidden, 1)))
+    x = sample.x[:n].float()
+    target = routed_output(
+        inputs.experts, x, sample.indices[:n], sample.weights[:n], inputs.act, scales_input=traits.router_scales_input
+    )
+    outputs = torch.stack([expert_forward(experts, j, x, inputs.act) for j in range(m)], dim=1)
+    bias = router[1].float() if len(router) > 1 and rule.kind == "sigmoid" else None
+    rule = dataclasses.replace(rule, bias=bias)
+    weight, losses = refit_to_outputs(x, outputs, target, router[0], rule)
+    return weight, {**losses, "tokens": n}
+
+
+def _dense_layer(
+    strategy: str,
+    inputs: _LayerInputs,
+    *,
+    routed_width: int,
+    weight_sum: float,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    shared_gate: torch.Tensor | None,
+    align: str,
+    refit_down: bool,
+    scales_input: bool,
+) -> tuple[LayerDecision, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    import torch
+
+    from moetool.merge.combine import concat, dense_average, dense_concat, dense_top1, fit_down, routed_output, scale
+
+    cal = inputs.calibration
+    freq = [float(c) for c in cal.counts]
+    n = inputs.experts.num_experts
+    if strategy == "top1":
+        ffn, used = dense_top1(inputs.experts, freq, weight_sum)
+        weights = [[weight_sum]]
+    elif strategy == "average":
+        ffn, used = dense_average(
+            inputs.experts, freq, weight_sum, align=align != "none", **_align_tokens(align, inputs)
+        )
+        total = sum(freq) or 1.0
+        weights = [[weight_sum * freq[e] / total for e in used]]
+    else:
+        if cal.weight_mean is not None:
+            coefficients = list(cal.weight_mean)
+        else:  # stats file: spread the mean total weight by selection frequency
+            total = sum(freq) or 1.0
+            coefficients = [weight_sum * f / total for f in freq]
+        ffn, used = dense_concat(inputs.experts, coefficients, routed_width, weight_sum)
+        kept = sum(coefficients[e] for e in used) or 1.0
+        weights = [[weight_sum * coefficients[e] / kept for e in used]]
+    notes: dict[str, Any] = {"strategy": strategy, "routing_weight_sum": round(weight_sum, 6)}
+    if refit_down:
+        sample = cal.sample
+        assert sample is not None
+        target = routed_output(
+            inputs.experts, sample.x, sample.indices, sample.weights, inputs.act, scales_input=scales_input
+        )
+        ffn, errors = fit_down(ffn, sample.x, target, inputs.act)
+        notes["down_refit"] = {k: round(v, 6) for k, v in errors.items()}
+    if shared is not None:
+        factor = 1.0
+        if shared_gate is not None:
+            sample = cal.sample
+            assert sample is not None
+            factor = float(torch.sigmoid(sample.x.float() @ shared_gate.float().reshape(-1)).mean())
+            notes["shared_expert_gate_mean"] = round(factor, 6)
+        ffn = concat([ffn, scale(shared, factor)])
+        notes["shared_expert"] = "folded in" + (
+            " (sigmoid gate replaced by its calibration mean)" if shared_gate is not None else ""
+        )
+    dropped = [e for e in range(n) if e not in used]
+    return LayerDecision(inputs.layer, [used], weights, dropped, freq, notes), ffn
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+
+def merge(
+    model: str,
+    out: str | Path,
+    *,
+    num_experts: int | None = None,
+    to_dense: bool = False,
+    method: str | None = None,
+    dense_strategy: str = DEFAULT_DENSE_STRATEGY,
+    intermediate_size: int | None = None,
+    calibration: Iterable[Document] | None = None,
+    calibration_name: str = "",
+    stats: str | Path | RoutingStats | None = None,
+    refit_router: bool = False,
+    refit_down: bool | None = None,
+    align: str = "weights",
+    max_tokens: int | None = 50_000,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    sample_tokens: int = DEFAULT_SAMPLE_TOKENS,
+    seed: int = 0,
+    evaluate: bool = True,
+    eval_documents: Sequence[Document] | None = None,
+    eval_name: str = "",
+    eval_max_tokens: int | None = 20_000,
+    device: str = "auto",
+    dtype: str = "auto",
+    revision: str | None = None,
+    token: str | bool | None = None,
+    offline: bool | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    command: str | Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Reduce an MoE checkpoint to ``num_experts`` experts per MoE layer, or to a dense model.
+
+    Args:
+        model: a local checkpoint folder or Hub repo id.
+        out: the output folder (must not exist or be empty, unless ``overwrite``).
+        num_experts: M, the experts kept per MoE layer (``1 <= M < N``).
+        to_dense: write the family's dense architecture instead (one FFN per layer).
+        method: ``frequency``, ``soft-frequency``, ``reap``, ``search`` (pruning) or ``merge-frequency``,
+            ``merge-router``, ``merge-output`` (merging), see the module docs. ``None``: ``search`` when
+            there is calibration text and the family's routing rule is modelled, else ``frequency``
+            (:func:`default_method`).
+        dense_strategy: ``top1``, ``average`` or ``concat`` (``to_dense``).
+        intermediate_size: the dense FFN width for ``concat`` (default: top-k experts' worth).
+        calibration: calibration documents (run through the model once).
+        calibration_name: how to name them in the report.
+        stats: a profile-routing stats file (or its loaded :class:`RoutingStats`) instead of
+            ``calibration``; methods that need hidden states refuse it.
+        refit_router: fit the new router rows to the old routing on calibration tokens.
+        refit_down: ``to_dense``: refit the dense FFN's down projection by least squares to what the
+            routed experts output on the calibration tokens (``None``: whenever there are calibration
+            hidden states, i.e. with ``calibration``).
+        align: how neurons are matched before experts are averaged: ``weights`` (by their gate, up and
+            down weights), ``activations`` (by their activations on calibration tokens) or ``none``.
+        max_tokens: calibration tokens (None: all).
+        seq_len / batch_size: windows for calibration and evaluation.
+        sample_tokens: calibration tokens kept per layer for REAP, similarities, refits.
+        seed: seeds the token sample.
+        evaluate: measure the output against the source when there is text to do it on.
+        eval_documents: held-out documents; default: the calibration documents the calibration pass
+            did not read (when ``calibration`` is a sequence).
+        eval_name: how to name them.
+        eval_max_tokens: evaluation tokens (None: all).
+        device / dtype: where and in what precision the model runs (calibration and evaluation).
+        revision / token / offline: Hub access for ``model``.
+        max_shard_size: bound on the bytes per output shard.
+        overwrite: replace an existing output folder (still staged and swapped).
+        command: the command line, for the model card.
+        progress: called as ``progress(stage, advance, total)``.
+
+    Returns:
+        The result; the output folder is complete and published.
+
+    Raises:
+        UsageError: options that do not fit (exit 2).
+        UnsupportedArchitectureError: ``NOT_MOE``, an unsupported family, ``NO_DENSE_COUNTERPART``.
+        OutputError: the output path overlaps the input, exists, or is a symlink.
+        MoetoolError: whatever reading the checkpoint, loading the model or the data raises.
+    """
+    from moetool.io.model_card import write_model_card
+    from moetool.io.writer import check_disk_space, check_output_path, copy_aux_files, staged_output, write_json
+    from moetool.modeling import open_checkpoint, quant_method_of
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+    _check_options(
+        num_experts=num_experts,
+        to_dense=to_dense,
+        method=method,
+        dense_strategy=dense_strategy,
+        intermediate_size=intermediate_size,
+        have_data=calibration is not None,
+        have_stats=stats is not None,
+        refit_router=refit_router,
+        refit_down=refit_down,
+        align=align,
+    )
+    checkpoint = open_checkpoint(model, revision=revision, token=token, offline=offline)
+    config = checkpoint.config
+    spec = family_for_config(config)
+    traits = traits_for(spec)
+    if quant_method_of(config):
+        raise MoetoolError(
+            f"{model} is quantized ({quant_method_of(config)}); merge reads float weights",
+            hint="merge the unquantized checkpoint, then quantize the result",
+            code="QUANTIZED_INPUT",
+        )
+    dims = resolve_dims(spec, config)
+    moe_layers = sorted(dims.moe_layers)
+    if not moe_layers:
+        raise UnsupportedArchitectureError(
+            f"{model} has no MoE layer (its config makes every layer dense)", code="NOT_MOE"
+        )
+    n = int(dims.values["E"])
+    top_k = dims.values["K"]
+    top_k = max(top_k) if isinstance(top_k, list) else int(top_k)
+    if num_experts is not None and not 1 <= num_experts < n:
+        raise UsageError(
+            f"--num-experts {num_experts}: the model has {n} experts per MoE layer; choose 1 to {n - 1}",
+            hint="--to-dense writes one dense FFN per layer instead",
+            code="M_OUT_OF_RANGE",
+        )
+    prefix = find_prefix(spec, checkpoint.tensors, moe_layers[0])
+    layout = LayerTensors(spec, dims, prefix=prefix)
+    first_expert = layout.expert_names(moe_layers[0], n)[0]
+    if first_expert not in checkpoint.tensors:
+        raise MoetoolError(
+            f"{model} does not store {first_expert}, where the {spec.name} registry entry expects routed experts",
+            hint="the checkpoint is incomplete, or uses a layout moetool does not know",
+            code="EXPERT_MISSING",
+        )
+    expert_dtype = checkpoint.tensors[first_expert].dtype
+    if expert_dtype not in FLOAT_DTYPES:
+        raise MoetoolError(
+            f"the experts of {model} are stored as {expert_dtype}; merge reads float32, float16 or bfloat16",
+            hint="dequantize the checkpoint first",
+            code="UNSUPPORTED_DTYPE",
+        )
+    sigmoid_router = spec.routing.rule in (Routing.SIGMOID_GROUPED_TOPK, Routing.TOPK_SIGMOID)
+    if method is None:
+        method = default_method(spec, traits, have_stats=stats is not None)
+    if refit_down is None:
+        refit_down = to_dense and calibration is not None
+
+    # ---- plan: config and tensors, before any compute
+    dense_spec = dense_target(spec) if to_dense else None
+    adjustments: list[str] = []
+    dense_width = routed_width = None
+    shared_widths: dict[int, int] = {}
+    if dense_spec is not None:
+        routed_width, dense_width, shared_widths, width_notes = _dense_widths(
+            checkpoint, spec, dims, layout, dense_strategy, intermediate_size, top_k, n
+        )
+        adjustments += width_notes
+        new_config, changes = dense_config(config, spec, dense_spec, dense_width)
+        out_spec = dense_spec
+        m = 1
+        new_top_k = 1
+    else:
+        assert num_experts is not None
+        m = num_experts
+        new_config, changes, notes = reduced_config(config, spec, traits, dims, m)
+        adjustments += notes
+        out_spec = spec
+        new_top_k = _top_k_of(spec, resolve_dims(spec, new_config))
+    tensors, sources, dropped_tensors = output_tensors(
+        checkpoint, spec, dims, layout, m=m, dense_spec=dense_spec, dense_width=dense_width, expert_dtype=expert_dtype
+    )
+    zeros, extra = check_against_registry(tensors, out_spec, new_config, prefix=prefix)
+    if zeros:
+        adjustments.append(
+            f"{len(zeros)} bias tensor(s) the {out_spec.name} architecture expects were written as zeros "
+            f"(e.g. {zeros[0].name}): exact, the source has none"
+        )
+    if extra:
+        warnings.append(
+            f"{len(extra)} tensor(s) not named by the registry were copied unchanged: {', '.join(extra[:3])}"
+        )
+    if dropped_tensors:
+        adjustments.append(f"{len(dropped_tensors)} multi-token-prediction tensor(s) left out")
+    tensors += zeros
+    predicted_bytes = sum(t.nbytes for t in tensors)
+    source_bytes = checkpoint.total_bytes()
+    out_path = Path(out)
+    inputs = [checkpoint.root] if checkpoint.root is not None else []
+    check_output_path(out_path, inputs, overwrite=overwrite)
+    check_disk_space(out_path, predicted_bytes)
+
+    # ---- calibration
+    t0 = time.perf_counter()
+    counted: _Counting | None = None
+    if stats is not None:
+        cal = _calibration_from_stats(stats, n=n, moe_layers=moe_layers, top_k=top_k)
+    else:
+        assert calibration is not None
+        counted = _Counting(calibration)
+        cal = _calibrate(
+            model,
+            spec,
+            counted,
+            name=calibration_name,
+            max_tokens=max_tokens,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            sample_tokens=sample_tokens,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            revision=revision,
+            token=token,
+            offline=offline,
+            progress=progress,
+        )
+    timings["calibration_s"] = time.perf_counter() - t0
+    renormalises = _routing_renormalises(spec, config)
+    scaling = _scaling(spec, config)
+    rule = _routing_rule(spec, traits, renormalises, scaling, new_top_k) if dense_spec is None else None
+
+    # ---- stream the layers
+    t0 = time.perf_counter()
+    decisions: list[LayerDecision] = []
+    act = _activation(traits, config)
+    with staged_output(out_path, inputs=inputs, overwrite=overwrite) as staging:
+        expected = {t.name: t for t in tensors}
+        copies_by_layer: dict[int | None, list[str]] = {}
+        for t in tensors:
+            if t.kind == "copy" and t.source is not None:
+                copies_by_layer.setdefault(t.layer, []).append(t.source)
+        with open_writer(staging, tensors, max_shard_size=max_shard_size) as writer:
+
+            def emit(name: str, tensor: torch.Tensor) -> None:
+                planned = expected.pop(name, None)
+                got = (tuple(tensor.shape), _safetensors_dtype(tensor))
+                if planned is None or got != (planned.shape, planned.dtype):
+                    want = None if planned is None else (planned.shape, planned.dtype)
+                    raise MoetoolError(
+                        f"internal check failed: {name} came out as {got}, the plan said {want}",
+                        hint="this is a bug in moetool merge; please report it",
+                        code="MERGE_PLAN_MISMATCH",
+                    )
+                writer.write(name, tensor)
+
+            for layer in sources:
+                # Read a layer's unchanged tensors (one shard open at a time), write them in plan order.
+                wanted = copies_by_layer.get(layer, [])
+                copied = dict(checkpoint.iter_tensors(wanted))
+                for name in wanted:
+                    emit(name, copied.pop(name))
+                if layer is None:
+                    continue
+                if dims.is_moe_layer(layer):
+                    decision = _process_moe_layer(
+                        checkpoint,
+                        layer,
+                        layout=layout,
+                        dims=dims,
+                        cal=cal,
+                        act=act,
+                        traits=traits,
+                        emit=emit,
+                        expert_dtype=expert_dtype,
+                        method=method,
+                        m=m,
+                        to_dense=dense_spec is not None,
+                        dense_strategy=dense_strategy,
+                        dense_spec=dense_spec,
+                        routed_width=routed_width,
+                        dense_width=dense_width,
+                        weight_sum=_weight_sum(cal.layers[layer], renormalises, scaling),
+                        align=align,
+                        refit_router=refit_router,
+                        refit_down=refit_down,
+                        sigmoid_router=sigmoid_router,
+                        rule=rule,
+                        has_shared=layer in shared_widths,
+                    )
+                    decisions.append(decision)
+                elif dense_spec is not None:
+                    _process_dense_layer(checkpoint, layer, spec, dense_spec, layout, dense_width, expert_dtype, emit)
+                if progress is not None:
+                    progress("writing", 1, len(sources) - 1)
+            for t in zeros:
+                import torch
+
+                emit(t.name, torch.zeros(t.shape, dtype=torch_dtype(t.dtype)))
+        if expected:
+            raise MoetoolError(
+                f"internal check failed: {len(expected)} planned tensor(s) were not written ({next(iter(expected))})",
+                hint="this is a bug in moetool merge; please report it",
+                code="MERGE_PLAN_MISMATCH",
+            )
+        result_files: WriteResult = writer.result
+        write_json(staging / "config.json", new_config)
+        copy_aux_files(checkpoint.root, staging)
+        timings["write_s"] = time.perf_counter() - t0
+
+        # ---- evaluate
+        figures = None
+        if evaluate:
+            documents, name = _eval_documents(eval_documents, eval_name, calibration, calibration_name, counted)
+            if documents is None:
+                if calibration is not None or eval_documents is not None:
+                    warnings.append("no held-out text left for evaluation (calibration read every document)")
+            else:
+                t0 = time.perf_counter()
+                figures = _evaluate(
+                    model,
+                    staging,
+                    documents,
+                    name=name,
+                    seq_len=seq_len,
+                    batch_size=batch_size,
+                    max_tokens=eval_max_tokens,
+                    device=device,
+                    dtype=dtype,
+                    revision=revision,
+                    token=token,
+                    offline=offline,
+                    progress=progress,
+                )
+                figures.seconds = time.perf_counter() - t0
+                timings["eval_s"] = figures.seconds
+
+        result = MergeResult(
+            model=model,
+            output=str(out_path),
+            revision=checkpoint.revision,
+            family=spec.name,
+            model_type=config.get("model_type"),
+            output_model_type=new_config.get("model_type"),
+            mode="dense" if dense_spec is not None else "experts",
+            method=None if dense_spec is not None else method,
+            dense_strategy=dense_strategy if dense_spec is not None else None,
+            align=align,
+            refit_router=refit_router,
+            refit_down=bool(refit_down),
+            num_experts_before=n,
+            num_experts_after=0 if dense_spec is not None else m,
+            top_k_before=top_k,
+            top_k_after=0 if dense_spec is not None else new_top_k,
+            intermediate_size=dense_width,
+            config_changes=changes,
+            adjustments=adjustments,
+            calibration={
+                "source": cal.source,
+                "tokens": cal.tokens,
+                "sample_tokens_per_layer": max((c.sample.size for c in cal.layers.values() if c.sample), default=0),
+                **cal.description,
+            },
+            layers=decisions,
+            source_bytes=source_bytes,
+            predicted_bytes=predicted_bytes,
+            written_bytes=result_files.total_size,
+            source_params=sum(_numel(info.shape) for info in checkpoint.tensors.values()),
+            output_params=sum(t.numel for t in tensors),
+            files=[*result_files.files, "config.json", "README.md"],
+            eval=figures,
+            warnings=warnings,
+        )
+        write_model_card(
+            staging,
+            base_models=[model],
+            relation="merge",
+            command=command or f"moetool merge {model} -o {out}",
+            options=_card_options(result, max_tokens, seq_len, sample_tokens, seed),
+            revision=checkpoint.revision,
+            tags=["merge", "pruned" if method in PRUNING_METHODS and not to_dense else "expert-merging"],
+            summary=card_summary(result),
+            results=_card_results(result),
+        )
+    timings["total_s"] = time.perf_counter() - started
+    result.timings = timings
+    if result.written_bytes != predicted_bytes:  # the writer and the plan count the same tensors
+        raise MoetoolError(
+            f"internal check failed: wrote {result.written_bytes} bytes, predicted {predicted_bytes}",
+            code="MERGE_PLAN_MISMATCH",
+        )
+    return result
+
+
+# ----------------------------------------------------------------------------- steps of merge()
+
+
+def _numel(shape: Sequence[int]) -> int:
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total
+
+
+def _top_k_of(spec: FamilySpec, dims: Dims) -> int:
+    value = dims.values["K"]
+    return max(value) if isinstance(value, list) else int(value)
+
+
+def _activation(traits: MergeTraits, config: dict[str, Any]) -> Callable:
+    from moetool.arch.dims import text_config
+    from moetool.arch.registry import family_for_config
+    from moetool.merge.ffn import activation
+
+    name = traits.activation(text_config(family_for_config(config), config))
+    try:
+        return activation(name)
+    except KeyError:
+        raise ConfigError(f"unknown activation {name!r} in config.json", hint="merge handles SwiGLU experts") from None
+
+
+def default_method(spec: FamilySpec, traits: MergeTraits, *, have_stats: bool) -> str:
+    """The method used when none is given: ``search`` where it can run, else ``frequency``.
+
+    ``search`` needs calibration hidden states (a ``--dataset`` pass, not a stats file) and a routing rule
+    that moetool models (not Llama-4's, whose weight scales the expert's input).
+    """
+    modelled = _routing_rule(spec, traits, renormalises=True, scaling=1.0, top_k=1) is not None
+    return DEFAULT_METHOD if modelled and not have_stats else FALLBACK_METHOD
+
+
+def _routing_rule(
+    spec: FamilySpec, traits: MergeTraits, renormalises: bool, scaling: float, top_k: int
+) -> RoutingRule | None:
+    """The reduced layer's routing rule, for refitting its router to the layer output (None: not modelled)."""
+    from moetool.merge.router import RoutingRule
+
+    if traits.router_scales_input:
+        return None
+    kind = {
+        Routing.SOFTMAX_TOPK: "softmax",
+        Routing.TOPK_SOFTMAX: "topk_softmax",
+        Routing.SIGMOID_GROUPED_TOPK: "sigmoid",
+    }.get(spec.routing.rule)
+    if kind is None:
+        return None
+    return RoutingRule(kind, top_k, renormalize=renormalises, scaling=scaling)
+
+
+def _weight_sum(cal: LayerCalibration, renormalises: bool, scaling: float) -> float:
+    """Mean total routing weight per token: measured when there was a calibration pass."""
+    if cal.weight_mean is not None and cal.weight_sum is not None:
+        return cal.weight_sum
+    if renormalises:
+        return scaling
+    return (cal.weight_sum if cal.weight_sum is not None else 1.0) * scaling
+
+
+def _dense_widths(
+    checkpoint: Checkpoint,
+    spec: FamilySpec,
+    dims: Dims,
+    layout: LayerTensors,
+    strategy: str,
+    intermediate_size: int | None,
+    top_k: int,
+    n: int,
+) -> tuple[int, int, dict[int, int], list[str]]:
+    """(routed width, output width, shared-expert width per MoE layer, notes) for ``--to-dense``."""
+    moe_layers = sorted(dims.moe_layers)
+    widths = {moe_width(dims, layer) for layer in moe_layers}
+    if len(widths) != 1:
+        raise UnsupportedArchitectureError("--to-dense: MoE layers of different expert widths are not supported")
+    size = widths.pop()
+    if strategy == "concat":
+        routed = intermediate_size if intermediate_size is not None else top_k * size
+        if not 1 <= routed <= n * size:
+            raise UsageError(
+                f"--intermediate-size {routed}: concat takes 1 to {n * size} neurons ({n} experts of {size})",
+                code="WIDTH_OUT_OF_RANGE",
+            )
+    else:
+        routed = size
+    shared: dict[int, int] = {}
+    for layer in moe_layers:
+        names = layout.shared_names(layer)
+        if names and names[0] in checkpoint.tensors:
+            shared[layer] = int(checkpoint.tensors[names[0]].shape[0])
+    per_layer = {layer: routed + shared.get(layer, 0) for layer in moe_layers}
+    dense_layers = [layer for layer in range(dims.num_layers) if layer not in dims.moe_layers]
+    dense = int(dims.values.get("D") or 0) if dense_layers else 0
+    width = max([*per_layer.values(), dense])
+    notes = []
+    if shared:
+        notes.append("shared expert neurons concatenated into the dense FFN")
+    padded = sorted({w for w in per_layer.values() if w < width} | ({dense} if dense and dense < width else set()))
+    if padded:
+        notes.append(
+            f"FFN widths {padded} zero-padded to {width} (one intermediate_size for every layer; zero neurons "
+            "are exact)"
+        )
+    return routed, width, shared, notes
+
+
+def _calibration_from_stats(stats: Any, *, n: int, moe_layers: list[int], top_k: int) -> Calibration:
+    from moetool.merge.calibrate import from_stats
+    from moetool.routing.stats import RoutingStats
+
+    loaded = stats if isinstance(stats, RoutingStats) else RoutingStats.load(Path(stats))
+    return from_stats(loaded, num_experts=n, moe_layers=moe_layers, top_k=top_k)
+
+
+def _calibrate(
+    model: str,
+    spec: FamilySpec,
+    documents: Iterable[Document],
+    *,
+    name: str,
+    max_tokens: int | None,
+    seq_len: int,
+    batch_size: int,
+    sample_tokens: int,
+    seed: int,
+    device: str,
+    dtype: str,
+    revision: str | None,
+    token: str | bool | None,
+    offline: bool | None,
+    progress: Progress | None,
+) -> Calibration:
+    from moetool.data import iter_batches, iter_windows
+    from moetool.merge.calibrate import calibrate
+    from moetool.modeling import load_model
+
+    loaded, tokenizer, _ = load_model(
+        model, device=device, dtype=dtype, revision=revision, token=token, offline=offline
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    windows = iter_windows(tokenizer, documents, seq_len=seq_len, max_tokens=max_tokens)
+    batches = iter_batches(windows, batch_size=batch_size, pad_id=pad_id)
+
+    def on_batch(tokens: int) -> None:
+        if progress is not None:
+            progress("calibrating", tokens, max_tokens)
+
+    description = {"dataset": name, "max_tokens": max_tokens, "seq_len": seq_len}
+    try:
+        return calibrate(
+            loaded, spec, batches, sample_tokens=sample_tokens, seed=seed, on_batch=on_batch, description=description
+        )
+    finally:
+        # The structural pass below needs no model: free it before tensors are streamed.
+        del loaded
+        gc.collect()
+
+
+def _process_moe_layer(
+    checkpoint: Checkpoint,
+    layer: int,
+    *,
+    layout: LayerTensors,
+    dims: Dims,
+    cal: Calibration,
+    act: Callable,
+    traits: MergeTraits,
+    emit: Callable[[str, Any], None],
+    expert_dtype: str,
+    method: str,
+    m: int,
+    to_dense: bool,
+    dense_strategy: str,
+    dense_spec: FamilySpec | None,
+    routed_width: int | None,
+    dense_width: int | None,
+    weight_sum: float,
+    align: str,
+    refit_router: bool,
+    refit_down: bool,
+    sigmoid_router: bool,
+    rule: RoutingRule | None,
+    has_shared: bool,
+) -> LayerDecision:
+    from moetool.merge.combine import pad
+
+    n = int(dims.values["E"])
+    experts = layout.read_experts(checkpoint, layer, n, moe_width(dims, layer))
+    router_names = layout.router_names(layer)
+    router = [checkpoint.read_tensor(name) for name in router_names]
+    inputs = _LayerInputs(layer, experts, router, cal.layers[layer], act)
+    dtype = torch_dtype(expert_dtype)
+    if not to_dense:
+        decision, merged, new_router = _reduce_layer(
+            method,
+            m,
+            inputs,
+            traits,
+            align=align,
+            refit_router=refit_router,
+            sigmoid_router=sigmoid_router,
+            rule=rule,
+        )
+        for name, tensor in zip(router_names, new_router, strict=True):
+            emit(name, tensor.contiguous())
+        for name, tensor in layout.expert_tensors(layer, merged, dtype):
+            emit(name, tensor)
+        return decision
+    assert dense_spec is not None and routed_width is not None and dense_width is not None
+    shared = shared_gate = None
+    if has_shared:
+        names = layout.shared_names(layer)
+        shared = tuple(checkpoint.read_tensor(name).float() for name in names)
+        gate_name = layout.shared_gate_name(layer)
+        if gate_name is not None:
+            if cal.layers[layer].sample is None:
+                raise UsageError(
+                    "--to-dense folds the gated shared expert in with its mean gate, which needs calibration "
+                    "hidden states",
+                    hint="pass --dataset instead of --stats",
+                    code="NEEDS_DATASET",
+                )
+            shared_gate = checkpoint.read_tensor(gate_name)
+    decision, ffn = _dense_layer(
+        dense_strategy,
+        inputs,
+        routed_width=routed_width,
+        weight_sum=weight_sum,
+        shared=shared,
+        shared_gate=shared_gate,
+        align=align,
+        refit_down=refit_down,
+        scales_input=traits.router_scales_input,
+    )
+    gate, up, down = pad(ffn, dense_width)
+    base = layout.prefix + dense_spec.layer_prefix.format(L=layer)
+    for template, tensor in zip(dense_spec.dense_mlp[:3], (gate, up, down), strict=True):
+        emit(base + template.name, tensor.to(dtype).contiguous())
+    return decision
+
+
+def _process_dense_layer(
+    checkpoint: Checkpoint,
+    layer: int,
+    spec: FamilySpec,
+    dense_spec: FamilySpec,
+    layout: LayerTensors,
+    dense_width: int | None,
+    expert_dtype: str,
+    emit: Callable[[str, Any], None],
+) -> None:
+    """A dense layer of the MoE, rewritten with the dense target's names and padded to its width."""
+    from moetool.merge.combine import pad
+
+    assert dense_width is not None
+    base = layout.layer_prefix(layer)
+    ffn = tuple(checkpoint.read_tensor(base + t.name).float() for t in spec.dense_mlp[:3])
+    gate, up, down = pad(ffn, dense_width)
+    out_base = layout.prefix + dense_spec.layer_prefix.format(L=layer)
+    dtype = torch_dtype(expert_dtype)
+    for template, tensor in zip(dense_spec.dense_mlp[:3], (gate, up, down), strict=True):
+        emit(out_base + template.name, tensor.to(dtype).contiguous())
+
+
+def _eval_documents(
+    eval_documents: Sequence[Document] | None,
+    eval_name: str,
+    calibration: Iterable[Document] | None,
+    calibration_name: str,
+    counted: _Counting | None,
+) -> tuple[list[Document] | None, str]:
+    if eval_documents is not None:
+        return (list(eval_documents) or None), eval_name
+    if counted is not None and isinstance(calibration, Sequence):
+        rest = list(calibration[counted.taken :])
+        if rest:
+            return rest, f"{calibration_name} (documents {counted.taken}+, not used for calibration)"
+    return None, ""
+
+
+def _evaluate(
+    model: str,
+    staging: Path,
+    documents: list[Document],
+    *,
+    name: str,
+    seq_len: int,
+    batch_size: int,
+    max_tokens: int | None,
+    device: str,
+    dtype: str,
+    revision: str | None,
+    token: str | bool | None,
+    offline: bool | None,
+    progress: Progress | None,
+) -> EvalFigures:
+    from moetool.evaluate import evaluate
+    from moetool.modeling import load_model
+
+    original, tokenizer, _ = load_model(
+        model, device=device, dtype=dtype, revision=revision, token=token, offline=offline
+    )
+    merged, merged_tokenizer, _ = load_model(str(staging), device=device, dtype=dtype)
+
+    def advance(tokens: int) -> None:
+        if progress is not None:
+            progress("evaluating", tokens, 2 * max_tokens if max_tokens else None)
+
+    common = {"seq_len": seq_len, "batch_size": batch_size, "max_tokens": max_tokens, "progress": advance}
+    before = evaluate(original, tokenizer, documents, **common)
+    after = evaluate(
+        merged, merged_tokenizer, documents, reference_model=original, reference_tokenizer=tokenizer, **common
+    )
+    del original, merged
+    gc.collect()
+    return EvalFigures(
+        dataset=name,
+        tokens=after.tokens,
+        perplexity_before=before.perplexity,
+        perplexity_after=after.perplexity,
+        kl=float(after.kl) if after.kl is not None else float("nan"),
+        top1_agreement=float(after.top1_agreement) if after.top1_agreement is not None else float("nan"),
+        seconds=0.0,
+    )
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def describe_layer(decision: LayerDecision, mode: str) -> str:
+    """One line per layer: which source experts each output expert comes from."""
+    if mode == "dense":
+        return f"dense FFN from experts {', '.join(map(str, decision.groups[0]))}"
+    parts = []
+    for j, members in enumerate(decision.groups):
+        parts.append(f"{j}←{members[0]}" if len(members) == 1 else f"{j}←{'+'.join(map(str, members))}")
+    return " ".join(parts)
+
+
+def card_summary(result: MergeResult) -> str:
+    """The model card's paragraph and per-layer table."""
+    if result.mode == "dense":
+        head = (
+            f"A dense {result.output_model_type} model made by moetool from {result.model} "
+            f"({result.family}, {result.num_experts_before} experts per MoE layer, top-{result.top_k_before}): each "
+            f"MoE layer's experts were aggregated into one FFN of width {result.intermediate_size} "
+            f"(strategy `{result.dense_strategy}`)."
+        )
+    else:
+        head = (
+            f"{result.model} ({result.family}) reduced by moetool from {result.num_experts_before} to "
+            f"{result.num_experts_after} routed experts per MoE layer (top-{result.top_k_before} -> "
+            f"top-{result.top_k_after}) with method `{result.method}`"
+            + (" and a refitted router" if result.refit_router else "")
+            + "."
+        )
+    lines = [head, "", "| layer | output experts (output ← source experts) | dropped |", "| --- | --- | --- |"]
+    for decision in result.layers:
+        dropped = ", ".join(map(str, decision.dropped)) or "-"
+        lines.append(f"| {decision.layer} | {describe_layer(decision, result.mode)} | {dropped} |")
+    if result.adjustments:
+        lines += ["", "Adjustments: " + "; ".join(result.adjustments) + "."]
+    return "\n".join(lines)
+
+
+def _card_options(result: MergeResult, max_tokens: int | None, seq_len: int, sample: int, seed: int) -> dict[str, Any]:
+    options: dict[str, Any] = {"mode": result.mode}
+    if result.mode == "dense":
+        options["dense_strategy"] = result.dense_strategy
+        options["intermediate_size"] = result.intermediate_size
+        options["refit_down"] = result.refit_down
+    else:
+        options["num_experts"] = result.num_experts_after
+        options["method"] = result.method
+        options["refit_router"] = result.refit_router
+    options["align_neurons"] = result.align
+    options["calibration"] = result.calibration.get("dataset") or result.calibration.get("source")
+    # (No "token" in these names: the card masks options that look like secrets.)
+    options["calibration_size"] = result.calibration.get("tokens")
+    options["calibration_limit"] = max_tokens
+    options["seq_len"] = seq_len
+    options["hidden_state_sample_per_layer"] = sample
+    options["seed"] = seed
+    return options
+
+
+def _card_results(result: MergeResult) -> dict[str, Any]:
+    figures: dict[str, Any] = {
+        "size before (bytes)": result.source_bytes,
+        "size after (bytes)": result.written_bytes,
+        "parameters before": result.source_params,
+        "parameters after": result.output_params,
+    }
+    if result.eval is not None:
+        figures["evaluation text"] = result.eval.dataset
+        figures["evaluation tokens"] = result.eval.tokens
+        figures["perplexity before"] = result.eval.perplexity_before
+        figures["perplexity after"] = result.eval.perplexity_after
+        figures["KL(source ‖ output)"] = result.eval.kl
+        figures["top-1 agreement with the source"] = result.eval.top1_agreement
+    return figures

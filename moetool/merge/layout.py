@@ -1,0 +1,296 @@
+"""Expert and router tensors of one MoE layer, moved between the family's on-disk layout and one canonical form.
+
+The canonical form of a layer's routed experts is three stacked float tensors, the way the SwiGLU math
+reads them: ``gate`` and ``up`` ``[E, I, H]`` (rows are intermediate neurons) and ``down`` ``[E, H, I]``
+(columns are neurons), so an expert computes ``down @ (act(gate @ x) * (up @ x))``.
+
+Where the tensors are and how they are stored comes from the registry's templates only:
+
+* per-expert layouts (``{E}`` in the name) list gate, up, down in that order (``swiglu()``);
+* fused layouts hold either a gate/up pair (a ``2*I`` axis, gate first) and down, or gate, up and
+  down separately (DBRX's ``[E*I, H]``); the symbolic shapes say which axis is which, so a template
+  ``("E", "H", "2*I")`` is read as transposed. No family name is tested here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from moetool.arch.dims import Dims, eval_dim, template_applies
+from moetool.arch.spec import ExpertLayout, FamilySpec, T
+from moetool.errors import CheckpointError, ShapeMismatchError, UnsupportedArchitectureError
+
+if TYPE_CHECKING:
+    import torch
+
+    from moetool.io.checkpoint import Checkpoint
+
+#: Dtypes merge reads and writes; anything else (FP8, packed integers) needs dequantizing first.
+FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+@dataclass
+class Experts:
+    """A layer's routed experts in canonical form (see the module docstring).
+
+    Attributes:
+        gate: ``[E, I, H]``.
+        up: ``[E, I, H]``.
+        down: ``[E, H, I]``.
+    """
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.gate.shape[0])
+
+    @property
+    def width(self) -> int:
+        """The intermediate size ``I``."""
+        return int(self.gate.shape[1])
+
+    def select(self, index: Iterable[int]) -> Experts:
+        """The experts at ``index``, in that order."""
+        import torch
+
+        idx = torch.as_tensor(list(index), dtype=torch.long)
+        return Experts(self.gate[idx], self.up[idx], self.down[idx])
+
+    def float(self) -> Experts:
+        return Experts(self.gate.float(), self.up.float(), self.down.float())
+
+
+@dataclass(frozen=True)
+class _Role:
+    """How one routed-expert template maps to the canonical tensors."""
+
+    template: T
+    role: str  # "gate", "up", "down" or "gate_up"
+    transposed: bool  # stored with the two matrix axes swapped relative to canonical
+    flat: bool  # DBRX: experts flattened into the first axis ("E*I")
+
+
+def _shape_terms(template: T) -> tuple[str, ...]:
+    return tuple(str(term).replace(" ", "") for term in template.shape)
+
+
+def _expert_roles(spec: FamilySpec) -> list[_Role]:
+    templates = [t for t in spec.routed_experts if not t.name.endswith("bias")]
+    if len(templates) != len(spec.routed_experts):
+        raise UnsupportedArchitectureError(f"{spec.name} experts have biases; merge handles plain SwiGLU experts only")
+    if spec.expert_layout is ExpertLayout.PER_EXPERT:
+        if len(templates) != 3 or not all("{E}" in t.name for t in templates):
+            raise UnsupportedArchitectureError(f"{spec.name}: expected gate, up and down templates per expert")
+        return [
+            _Role(templates[0], "gate", False, False),
+            _Role(templates[1], "up", False, False),
+            _Role(templates[2], "down", False, False),
+        ]
+    roles_for = {2: ("gate_up", "down"), 3: ("gate", "up", "down")}.get(len(templates))
+    if roles_for is None:
+        raise UnsupportedArchitectureError(f"{spec.name}: unrecognised fused expert layout")
+    out = []
+    for template, role in zip(templates, roles_for, strict=True):
+        terms = _shape_terms(template)
+        flat = len(terms) == 2 and terms[0] == "E*I"
+        if flat:
+            # [E*I, H] viewed as [E, I, H]: gate/up are canonical, down is stored transposed.
+            axes = ("I", "H")
+        elif len(terms) == 3 and terms[0] == "E":
+            axes = terms[1:]
+        else:
+            raise UnsupportedArchitectureError(f"{spec.name}: unrecognised fused expert shape {terms}")
+        # Canonical: gate/up/gate_up have H last (rows are neurons); down has H first.
+        transposed = axes[0] == "H" if role != "down" else axes[0] != "H"
+        out.append(_Role(template, role, transposed, flat))
+    return out
+
+
+class LayerTensors:
+    """Reads and writes the router and routed experts of a family's MoE layers.
+
+    Args:
+        spec: the family.
+        dims: the source model's resolved dims (for shapes).
+        prefix: a wrapper prefix the checkpoint puts before every name (``language_model.``), if any.
+    """
+
+    def __init__(self, spec: FamilySpec, dims: Dims, *, prefix: str = "") -> None:
+        self.spec = spec
+        self.dims = dims
+        self.prefix = prefix
+        self.roles = _expert_roles(spec)
+        if not spec.router:
+            raise UnsupportedArchitectureError(f"{spec.name}: the registry names no router tensor")
+        self.router_weight = spec.router[0]
+        # Other router tensors with one entry per expert (DeepSeek's correction bias, a router bias).
+        self.router_vectors = tuple(t for t in spec.router[1:] if _shape_terms(t)[:1] == ("E",))
+
+    def _shared(self, layer: int) -> tuple[tuple[T, ...], T | None]:
+        """The shared expert's (gate, up, down) templates and its sigmoid gate template, for one layer."""
+        values = self.dims.for_layer(layer)
+        shared = [t for t in self.spec.shared_experts if template_applies(t, values)]
+        gates = [t for t in shared if _shape_terms(t) == ("1", "H")]
+        mlp = [t for t in shared if t not in gates and not t.name.endswith("bias")]
+        return (tuple(mlp) if len(mlp) == 3 else ()), (gates[0] if gates else None)
+
+    # ------------------------------------------------------------------ names
+
+    def layer_prefix(self, layer: int) -> str:
+        return self.prefix + self.spec.layer_prefix.format(L=layer)
+
+    def router_names(self, layer: int) -> list[str]:
+        """Router tensors of a layer: the weight first, then per-expert vectors (correction bias)."""
+        base = self.layer_prefix(layer)
+        return [base + self.router_weight.name] + [base + t.name for t in self.router_vectors]
+
+    def expert_names(self, layer: int, num_experts: int) -> list[str]:
+        """Every routed-expert tensor name of a layer with ``num_experts`` experts."""
+        base = self.layer_prefix(layer)
+        names = []
+        for role in self.roles:
+            if "{E}" in role.template.name:
+                names += [base + role.template.name.replace("{E}", str(e)) for e in range(num_experts)]
+            else:
+                names.append(base + role.template.name)
+        return names
+
+    def shared_names(self, layer: int) -> list[str]:
+        """The shared expert's gate, up and down names (empty when the family or layer has none)."""
+        base = self.layer_prefix(layer)
+        return [base + t.name for t in self._shared(layer)[0]]
+
+    def shared_gate_name(self, layer: int) -> str | None:
+        """The shared expert's sigmoid gate ``[1, H]`` (Qwen2-MoE, Qwen3-Next), if any."""
+        gate = self._shared(layer)[1]
+        return None if gate is None else self.layer_prefix(layer) + gate.name
+
+    # ------------------------------------------------------------------ reading
+
+    def read_experts(self, checkpoint: Checkpoint, layer: int, num_experts: int, width: int) -> Experts:
+        """A layer's routed experts in canonical form, in float32.
+
+        Raises:
+            CheckpointError: a tensor is missing (``EXPERT_MISSING``) or not a float dtype.
+            ShapeMismatchError: a tensor's shape disagrees with the config.
+        """
+        import torch
+
+        hidden = self.dims.values["H"]
+        names = self.expert_names(layer, num_experts)
+        _check_float(checkpoint, names)
+        tensors = dict(checkpoint.iter_tensors(names))
+        parts: dict[str, torch.Tensor] = {}
+        base = self.layer_prefix(layer)
+        for role in self.roles:
+            if "{E}" in role.template.name:
+                stacked = torch.stack(
+                    [tensors[base + role.template.name.replace("{E}", str(e))].float() for e in range(num_experts)]
+                )
+            else:
+                stacked = tensors[base + role.template.name].float()
+                if role.flat:
+                    stacked = stacked.reshape(num_experts, width, hidden)
+            if role.transposed:
+                stacked = stacked.transpose(1, 2)
+            parts[role.role] = stacked.contiguous()
+        if "gate_up" in parts:
+            gate_up = parts.pop("gate_up")
+            parts["gate"], parts["up"] = gate_up[:, :width].contiguous(), gate_up[:, width:].contiguous()
+        experts = Experts(parts["gate"], parts["up"], parts["down"])
+        expected = {"gate": (num_experts, width, hidden), "up": (num_experts, width, hidden)}
+        expected["down"] = (num_experts, hidden, width)
+        for key, shape in expected.items():
+            got = tuple(getattr(experts, key).shape)
+            if got != shape:
+                raise ShapeMismatchError(
+                    f"layer {layer}: routed experts' {key} projection is {got} in canonical form, "
+                    f"the config implies {shape}",
+                    hint="the checkpoint and its config.json disagree",
+                )
+        return experts
+
+    # ------------------------------------------------------------------ writing
+
+    def expert_shapes(self, layer: int, num_experts: int, width: int) -> list[tuple[str, tuple[int, ...]]]:
+        """Names and shapes of the routed-expert tensors written for ``num_experts`` experts of ``width``."""
+        values = {**self.dims.for_layer(layer), "E": num_experts, "I": width}
+        out = []
+        for name, template in self._expert_templates(layer, num_experts):
+            out.append((name, tuple(eval_dim(term, values) for term in template.shape)))
+        return out
+
+    def _expert_templates(self, layer: int, num_experts: int) -> list[tuple[str, T]]:
+        base = self.layer_prefix(layer)
+        out = []
+        for role in self.roles:
+            if "{E}" in role.template.name:
+                out += [(base + role.template.name.replace("{E}", str(e)), role.template) for e in range(num_experts)]
+            else:
+                out.append((base + role.template.name, role.template))
+        return out
+
+    def expert_tensors(self, layer: int, experts: Experts, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+        """A layer's routed experts in the family's on-disk layout (the inverse of :meth:`read_experts`)."""
+        import torch
+
+        base = self.layer_prefix(layer)
+        out: list[tuple[str, torch.Tensor]] = []
+        canonical = {"gate": experts.gate, "up": experts.up, "down": experts.down}
+        canonical["gate_up"] = torch.cat([experts.gate, experts.up], dim=1)
+        for role in self.roles:
+            stacked = canonical[role.role]
+            if role.transposed:
+                stacked = stacked.transpose(1, 2)
+            if "{E}" in role.template.name:
+                for e in range(experts.num_experts):
+                    out.append((base + role.template.name.replace("{E}", str(e)), stacked[e].to(dtype).contiguous()))
+            else:
+                if role.flat:
+                    stacked = stacked.reshape(-1, stacked.shape[-1])
+                out.append((base + role.template.name, stacked.to(dtype).contiguous()))
+        return out
+
+
+def _check_float(checkpoint: Checkpoint, names: list[str]) -> None:
+    missing = [n for n in names if n not in checkpoint.tensors]
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} routed-expert tensor(s) missing from {checkpoint.name}: {', '.join(missing[:3])}",
+            hint="the checkpoint is incomplete or its config.json names more experts than it stores",
+            code="EXPERT_MISSING",
+        )
+    for name in names:
+        dtype = checkpoint.tensors[name].dtype
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(
+                f"tensor {name} is stored as {dtype}; merge reads float32, float16 or bfloat16 experts",
+                hint="dequantize the checkpoint first (FP8, packed integer and MXFP4 experts are not merged)",
+                code="UNSUPPORTED_DTYPE",
+            )
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype string (float types only)."""
+    import torch
+
+    return getattr(torch, FLOAT_DTYPES[name])
+
+
+def find_prefix(spec: FamilySpec, names: Iterable[str], first_moe_layer: int) -> str:
+    """The wrapper prefix (``language_model.``) a checkpoint puts before the registry's names, if any."""
+    target = spec.layer_prefix.format(L=first_moe_layer) + spec.router[0].name
+    for name in names:
+        if name.endswith(target):
+            return name[: len(name) - len(target)]
+    return ""
+
+
+def template_shape(template: T, values: Mapping[str, Any]) -> tuple[int, ...]:
+    """A template's shape for these dims."""
+    return tuple(eval_dim(term, values) for term in template.shape)
