@@ -1,0 +1,692 @@
+"""``distill``: train a dense student of an MoE teacher's family by knowledge distillation, and write it.
+
+The flow, one function (:func:`distill`):
+
+1. check the options, the teacher (an MoE of a registered family), the output path and the checkpoint
+   folder, before anything is loaded; tokenize the training text (holding out one document in 20 for
+   evaluation when no ``eval_documents`` are given);
+2. set up an Accelerator (CPU, one GPU, or data parallel under ``accelerate launch``), load the teacher,
+   build the student (:mod:`moetool.distill.student`), measure the teacher's and the student's perplexity
+   on the held-out text, and save a step-0 checkpoint; or, with ``resume``, restore the last checkpoint
+   (the settings and data must be the same);
+3. optionally cache the teacher's top-k log-probabilities and free the teacher;
+4. train (:mod:`moetool.distill.train`), checkpointing every ``save_every`` steps, at the end and on
+   Ctrl-C;
+5. write the student as a standard dense checkpoint through a staging folder, load it back the way users
+   will and measure its perplexity there, write the model card, publish atomically, and delete the
+   checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import shlex
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moetool.distill import report
+from moetool.distill.options import DistillOptions
+from moetool.distill.report import SCHEMA_VERSION, DistillResult, Perplexities
+from moetool.distill.train import DistillInterrupted, Progress, device_name
+from moetool.errors import OutputError, UnsupportedArchitectureError, UsageError
+
+if TYPE_CHECKING:
+    from moetool.data import Document
+    from moetool.distill.checkpoint import TrainState
+    from moetool.io.checkpoint import Checkpoint
+
+#: The checkpoint folder beside ``OUT`` when none is given.
+CHECKPOINT_SUFFIX = ".partial"
+STUDENT_CONFIG = "student-config.json"
+TEACHER_CACHE = "teacher-cache"
+
+__all__ = ["SCHEMA_VERSION", "DistillInterrupted", "DistillResult", "default_checkpoint_dir", "distill"]
+
+
+def default_checkpoint_dir(out: str | Path) -> Path:
+    """``OUT.partial`` beside the output: where checkpoints go unless ``checkpoint_dir`` says otherwise."""
+    out = Path(os.path.abspath(out))
+    return out.parent / f"{out.name}{CHECKPOINT_SUFFIX}"
+
+
+# ----------------------------------------------------------------------------- checks before loading
+
+
+def check_teacher(checkpoint: Checkpoint, name: str) -> Any:
+    """The teacher's family spec, refusing a dense model.
+
+    Raises:
+        UnsupportedArchitectureError: ``NOT_MOE`` for a dense family or a config without MoE layers.
+    """
+    from moetool.arch.dims import resolve_dims
+    from moetool.arch.registry import family_for_config
+
+    spec = family_for_config(checkpoint.config)
+    if not spec.is_moe or not resolve_dims(spec, checkpoint.config).moe_layers:
+        raise UnsupportedArchitectureError(
+            f"{name} is a dense {spec.name} model: distill takes a Mixture-of-Experts teacher",
+            hint="pass an MoE checkpoint (Mixtral, Qwen-MoE, ...); a dense model can be the student: --init PATH",
+            code="NOT_MOE",
+        )
+    return spec
+
+
+def _check_paths(
+    out: Path, checkpoint_dir: Path, inputs: list[Path], *, overwrite: bool, resume: bool
+) -> tuple[bool, Path | None]:
+    """Check the output and the checkpoint folder; returns ``(checkpoint folder exists, its checkpoint)``."""
+    from moetool.distill.checkpoint import latest_checkpoint
+    from moetool.io.writer import check_output_path
+
+    check_output_path(out, inputs, overwrite=overwrite)
+    if Path(os.path.abspath(checkpoint_dir)) == Path(os.path.abspath(out)):
+        raise UsageError("--checkpoint-dir must not be the output folder", hint="leave it unset: OUT.partial")
+    # The checkpoint folder is written into across sessions: it may hold things, but it must not be a
+    # symlink or overlap an input or the output.
+    check_output_path(checkpoint_dir, [*inputs, out], overwrite=True)
+    existing = latest_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
+    if resume and existing is None:
+        raise UsageError(
+            f"--resume: there is no checkpoint in {checkpoint_dir}",
+            hint="run without --resume to start, or pass the --checkpoint-dir of the interrupted run",
+            code="NOTHING_TO_RESUME",
+        )
+    if not resume and existing is not None:
+        raise OutputError(
+            f"{checkpoint_dir} holds the checkpoint of an earlier run",
+            hint="pass --resume to continue it, or delete the folder to start again",
+            code="CHECKPOINT_EXISTS",
+        )
+    return checkpoint_dir.exists(), existing
+
+
+def _fingerprint(options: DistillOptions, teacher: str, revision: str | None, data_fp: str, processes: int) -> dict:
+    return {
+        **options.fingerprint(),
+        "teacher": teacher,
+        "teacher_revision": revision,
+        "data": data_fp,
+        "processes": processes,
+    }
+
+
+def _check_resume(saved: dict[str, Any], wanted: dict[str, Any]) -> None:
+    differ = [k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+    if differ:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        raise UsageError(
+            f"--resume: this run's settings differ from the checkpoint's ({shown}{more})",
+            hint="resume with the options of the interrupted run, or delete its checkpoint folder to start again",
+            code="RESUME_MISMATCH",
+        )
+
+
+# ----------------------------------------------------------------------------- runtime helpers
+
+
+@contextlib.contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """Run with ``count`` torch CPU threads, restoring the previous number after."""
+    import torch
+
+    if not count:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def auto_threads() -> int:
+    """CPU threads for a run: as many as there are idle cores, at least 1.
+
+    On a machine whose cores are shared with other work, OpenMP threads that wait for each other at every
+    operation stall: two threads on two busy cores trained 5-10x slower than one on this project's machine.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        return cores
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
+def _accelerator(device: str, dtype: str) -> Any:
+    """The run's Accelerator: ``mixed_precision`` from ``--dtype``, CPU when asked or when there is no GPU.
+
+    Raises:
+        UsageError: an unknown device, a CUDA device that is not there, an Accelerator already set up in this
+            process with other settings.
+        UnsupportedArchitectureError: FSDP or DeepSpeed (distill runs data parallel).
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    from moetool.modeling import check_dtype_name
+
+    name = device.strip().lower()
+    if name not in ("auto", "cpu", "cuda"):
+        raise UsageError(
+            f"--device {device}: distill runs on auto, cpu or cuda",
+            hint="for several GPUs use accelerate launch -m moetool distill ...; each process takes its own GPU",
+            code="DEVICE_INVALID",
+        )
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available here", hint="use --device cpu (or auto)")
+    cpu = name == "cpu" or not torch.cuda.is_available()
+    dtype_name = check_dtype_name(dtype)
+    if dtype_name == "auto":
+        mixed = "no" if cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    else:
+        mixed = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[dtype_name]
+    try:
+        accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
+    except ValueError as exc:
+        raise UsageError(
+            f"cannot set up accelerate: {str(exc).splitlines()[0]}",
+            hint="run each distillation with other --dtype or --device settings in its own process",
+            code="ACCELERATOR_INVALID",
+        ) from None
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        raise UnsupportedArchitectureError(
+            f"distill runs data parallel; accelerate is configured for {accelerator.distributed_type.value}",
+            hint="launch with a plain multi-GPU accelerate config (no FSDP or DeepSpeed)",
+            code="DISTRIBUTED_UNSUPPORTED",
+        )
+    return accelerator
+
+
+def _teacher_windows(
+    data: Any, options: DistillOptions, processes: int, rank: int, start: int
+) -> Iterator[tuple[list[int], Any]]:
+    """This process's training windows from stream position ``start`` to the end of the run, deduplicated,
+    in batches of ``batch_size`` (what the teacher cache must hold)."""
+    micro, accum = options.batch_size, options.grad_accum
+    per_step = micro * accum * processes
+    seen: set[int] = set()
+    pending: list[int] = []
+    first_step = start // per_step
+    for step in range(first_step, options.steps):
+        for m in range(accum):
+            base = step * per_step + m * micro * processes + rank * micro
+            for window in data.window_ids(base, micro, options.seed):
+                if window not in seen:
+                    seen.add(window)
+                    pending.append(window)
+                    if len(pending) == micro:
+                        yield pending, data.batch(pending)
+                        pending = []
+        if len(seen) == data.num_windows:
+            break
+    if pending:
+        yield pending, data.batch(pending)
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+
+def distill(
+    teacher: str,
+    out: str | Path,
+    *,
+    documents: Sequence[Document],
+    dataset_name: str,
+    eval_documents: Sequence[Document] | None = None,
+    eval_name: str = "",
+    options: DistillOptions | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    keep_checkpoint: bool = False,
+    device: str = "auto",
+    revision: str | None = None,
+    token: str | bool | None = None,
+    offline: bool | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    command: str | Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> DistillResult:
+    """Distill the MoE ``teacher`` into a dense student and write it to ``out``.
+
+    Args:
+        teacher: a local MoE checkpoint folder or Hub repo id.
+        out: the output folder (must not exist or be empty, unless ``overwrite``).
+        documents: the training text (:func:`moetool.data.load_documents`).
+        dataset_name: how to name it in the report.
+        eval_documents: held-out text for the perplexities; default: one document in 20 of ``documents``,
+            left out of training.
+        eval_name: how to name it.
+        options: the run's settings (:class:`DistillOptions`; defaults when None).
+        checkpoint_dir: where checkpoints go (default ``OUT.partial``); removed after a successful run
+            unless ``keep_checkpoint``.
+        resume: continue the run whose checkpoint is in ``checkpoint_dir`` (same settings and data).
+        keep_checkpoint: keep the checkpoint folder after publishing.
+        device: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda``; under ``accelerate launch`` each
+            process takes the GPU accelerate gives it.
+        revision / token / offline: Hub access for ``teacher``.
+        max_shard_size: bound on each output shard.
+        overwrite: replace an existing output folder (still staged and swapped).
+        command: the command line, for the model card and the resume hint.
+        progress: see :data:`moetool.distill.train.Progress`.
+
+    Returns:
+        The result (on every process; only the main process writes files).
+
+    Raises:
+        UsageError: options out of range, ``--resume`` without a checkpoint or with other settings.
+        OutputError: the output or checkpoint folder is unusable, or holds an earlier run's checkpoint.
+        UnsupportedArchitectureError: ``NOT_MOE`` teacher, ``NOT_DENSE`` checkpoint student, a family without
+            a dense counterpart.
+        DatasetError: training text that does not fill one window.
+        DistillInterrupted: Ctrl-C or SIGTERM during training (a resumable checkpoint is left).
+        MoetoolError: whatever loading, merging or evaluating raises.
+    """
+    options = options or DistillOptions()
+    options.check()
+    started = time.perf_counter()
+    from moetool.modeling import open_checkpoint
+
+    out_path = Path(os.path.abspath(out))
+    ckpt_dir = Path(os.path.abspath(checkpoint_dir)) if checkpoint_dir is not None else default_checkpoint_dir(out)
+    checkpoint = open_checkpoint(teacher, revision=revision, token=token, offline=offline)
+    spec = check_teacher(checkpoint, teacher)
+    inputs = [checkpoint.root] if checkpoint.root is not None else []
+    if options.init_is_path and Path(options.init).exists():
+        inputs.append(Path(options.init))
+    _check_paths(out_path, ckpt_dir, inputs, overwrite=overwrite, resume=resume)
+    if not resume and options.init_is_path and not Path(options.init).expanduser().exists() and "/" not in options.init:
+        raise UsageError(
+            f"unknown --init {options.init!r}",
+            hint="use concat, top1, average, random, or the path of a dense checkpoint",
+            code="OPTION_INVALID",
+        )
+    from moetool.io.writer import parse_size
+
+    shard_size = parse_size(max_shard_size)
+    accelerator = _accelerator(device, options.dtype)
+    threads = None
+    if accelerator.device.type == "cpu" and accelerator.num_processes == 1:
+        threads = options.threads or auto_threads()
+    from moetool.distill.checkpoint import latest_checkpoint
+
+    created = not ckpt_dir.exists()
+    try:
+        with _threads(threads):
+            return _run(
+                teacher=teacher,
+                checkpoint=checkpoint,
+                spec=spec,
+                out_path=out_path,
+                ckpt_dir=ckpt_dir,
+                inputs=inputs,
+                documents=documents,
+                dataset_name=dataset_name,
+                eval_documents=eval_documents,
+                eval_name=eval_name,
+                options=options,
+                resume=resume,
+                keep_checkpoint=keep_checkpoint,
+                accelerator=accelerator,
+                threads=threads,
+                revision=revision,
+                token=token,
+                offline=offline,
+                shard_size=shard_size,
+                overwrite=overwrite,
+                command=command,
+                progress=progress,
+                started=started,
+            )
+    except BaseException:
+        # A run that fails or is interrupted before its first checkpoint leaves nothing behind.
+        if created and accelerator.is_main_process and latest_checkpoint(ckpt_dir) is None:
+            import shutil
+
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        raise
+
+
+def _resume_command(command: str | Sequence[str] | None, teacher: str, out: Path) -> str:
+    from moetool.io.model_card import _redact_command
+
+    if command is None:
+        return f"moetool distill {shlex.quote(teacher)} -o {shlex.quote(str(out))} ... --resume"
+    text = _redact_command(command)
+    return text if "--resume" in text.split() else f"{text} --resume"
+
+
+def _run(
+    *,
+    teacher: str,
+    checkpoint: Checkpoint,
+    spec: Any,
+    out_path: Path,
+    ckpt_dir: Path,
+    inputs: list[Path],
+    documents: Sequence[Document],
+    dataset_name: str,
+    eval_documents: Sequence[Document] | None,
+    eval_name: str,
+    options: DistillOptions,
+    resume: bool,
+    keep_checkpoint: bool,
+    accelerator: Any,
+    threads: int | None,
+    revision: str | None,
+    token: str | bool | None,
+    offline: bool | None,
+    shard_size: int,
+    overwrite: bool,
+    command: str | Sequence[str] | None,
+    progress: Progress | None,
+    started: float,
+) -> DistillResult:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moetool.distill import checkpoint as ckpt
+    from moetool.distill.data import build_train_data, split_heldout
+    from moetool.distill.student import build_student
+    from moetool.distill.train import param_groups, run_training
+    from moetool.evaluate import check_seq_len
+    from moetool.io.writer import write_json
+    from moetool.modeling import load_tokenizer, load_weights
+
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+    is_main = accelerator.is_main_process
+    barrier = accelerator.wait_for_everyone
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    resume_hint = _resume_command(command, teacher, out_path)
+    if processes > 1:
+        resume_hint += f" (launched the same way, {processes} processes)"
+    check_seq_len(checkpoint.config, options.seq_len, teacher)
+    tokenizer = load_tokenizer(checkpoint)
+
+    # ---- data (before any model is loaded: a dataset too small for one window should not cost a load)
+    t0 = time.perf_counter()
+    documents = list(documents)
+    if eval_documents is not None:
+        train_docs, heldout = documents, list(eval_documents)
+        heldout_name = eval_name
+    else:
+        train_docs, heldout = split_heldout(documents)
+        heldout_name = f"{dataset_name} (1 document in 20, held out of training)"
+        if not heldout:
+            train_docs = documents
+            warnings.append("fewer than 20 documents and no --eval-dataset: no held-out perplexity is measured")
+    data = build_train_data(
+        tokenizer, train_docs, seq_len=options.seq_len, max_tokens=options.max_train_tokens, name=dataset_name
+    )
+    timings["tokenize_s"] = time.perf_counter() - t0
+    fingerprint = _fingerprint(options, teacher, checkpoint.revision, data.fingerprint, processes)
+
+    existing = ckpt.latest_checkpoint(ckpt_dir) if resume else None
+    state: TrainState
+    if existing is not None:
+        state, _ = ckpt.read_state(existing)
+        _check_resume(state.fingerprint, fingerprint)
+    else:
+        state = ckpt.TrainState(fingerprint=fingerprint)
+    if is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+
+    device = accelerator.device
+    teacher_dtype = (
+        "float32"
+        if accelerator.mixed_precision == "no"
+        else ("bfloat16" if accelerator.mixed_precision == "bf16" else "float16")
+    )
+    needs_teacher_eval = not state.measurements
+    need_cache = options.cache_topk > 0
+
+    # ---- the student
+    t0 = time.perf_counter()
+    if existing is None:
+        merge_progress = None
+        if progress is not None:
+
+            def merge_progress(stage: str, advance: int, total: int | None) -> None:
+                progress(f"student init: {stage}", advance, total, None)
+
+        student, info = build_student(
+            teacher,
+            checkpoint,
+            options,
+            calibration=train_docs,
+            calibration_name=dataset_name,
+            work_dir=ckpt_dir,
+            device=device_name(device),
+            teacher_tokenizer=tokenizer,
+            revision=revision,
+            token=token,
+            offline=offline,
+            is_main=is_main,
+            barrier=barrier,
+            progress=merge_progress,
+        )
+        state.student = info.to_json()
+        if is_main:
+            write_json(ckpt_dir / STUDENT_CONFIG, student.config.to_dict())
+    else:
+        config_dict = dict(json.loads((ckpt_dir / STUDENT_CONFIG).read_text(encoding="utf-8")))
+        config = AutoConfig.for_model(
+            config_dict.pop("model_type"), **{k: v for k, v in config_dict.items() if k != "transformers_version"}
+        )
+        student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        student.train()
+    timings["student_init_s"] = time.perf_counter() - t0
+
+    # ---- the teacher (not needed again once its measurements and cache exist)
+    cache = None
+    cache_expected = None
+    teacher_model = None
+    if need_cache:
+        from moetool.distill import teacher_cache as tc
+
+        vocab = int(student.get_input_embeddings().weight.shape[0])
+        cache_expected = tc.expected_meta(
+            k=options.cache_topk,
+            temperature=options.temperature,
+            fingerprint=data.fingerprint,
+            teacher=teacher,
+            windows=data.num_windows,
+            seq_len=options.seq_len,
+            vocab=vocab,
+        )
+        cache = tc.open_cache(ckpt_dir / TEACHER_CACHE, cache_expected)
+        if options.cache_topk > vocab:
+            raise UsageError(f"--cache-topk {options.cache_topk} is more than the vocabulary ({vocab} tokens)")
+    live = options.alpha > 0 and not need_cache
+    if live or needs_teacher_eval or (need_cache and cache is None):
+        t0 = time.perf_counter()
+        teacher_model = load_weights(checkpoint, device=device_name(device), dtype=teacher_dtype)
+        teacher_model.requires_grad_(False)
+        timings["teacher_load_s"] = time.perf_counter() - t0
+
+    # ---- measurements before training (main process)
+    if needs_teacher_eval and is_main and heldout:
+        t0 = time.perf_counter()
+        student.to(device)
+        teacher_eval = report.evaluate_on(
+            teacher_model, tokenizer, heldout, options, stage="evaluating teacher", progress=progress
+        )
+        init_eval = report.evaluate_on(
+            student, tokenizer, heldout, options, reference=teacher_model, stage="evaluating student", progress=progress
+        )
+        state.measurements = {
+            "dataset": heldout_name,
+            "tokens": teacher_eval.tokens,
+            "teacher": teacher_eval.perplexity,
+            "student_init": init_eval.perplexity,
+            "init_kl": init_eval.kl,
+            "init_top1": init_eval.top1_agreement,
+        }
+        timings["eval_before_s"] = time.perf_counter() - t0
+    state.measurements = state.measurements or {}
+
+    # ---- optimizer, Accelerator, checkpoint
+    optimizer = torch.optim.AdamW(
+        param_groups(student, options.weight_decay), lr=options.lr, betas=(0.9, 0.95), eps=1e-8
+    )
+    model, optimizer = accelerator.prepare(student, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    if existing is not None:
+        # The optimizer state goes in after prepare, onto the parameters where they now live.
+        ckpt.load_checkpoint(existing, model=unwrapped, optimizer=optimizer, rank=rank)
+    state.sessions.append(state.step)
+
+    def save() -> Path:
+        return ckpt.save_checkpoint(
+            ckpt_dir, model=unwrapped, optimizer=optimizer, state=state, rank=rank, world_size=processes,
+            barrier=barrier,
+        )  # fmt: skip
+
+    if existing is None:
+        save()  # step 0: from here on Ctrl-C always leaves something to resume
+
+    # ---- teacher cache
+    if need_cache and cache is None:
+        from moetool.distill import teacher_cache as tc
+        from moetool.distill.train import forward_logits
+
+        assert cache_expected is not None and teacher_model is not None
+        t0 = time.perf_counter()
+        folder = ckpt_dir / TEACHER_CACHE
+        if is_main:
+            tc.create_cache(folder, cache_expected, create=True)
+        barrier()
+        cache = tc.create_cache(folder, cache_expected, create=False)
+
+        def on_batch(tokens: int) -> None:
+            if progress is not None:
+                progress("caching teacher", tokens, None, None)
+
+        def teacher_forward(model_: Any, ids: Any) -> Any:
+            with accelerator.autocast():
+                return forward_logits(model_, ids.to(device))
+
+        try:
+            tc.fill_cache(
+                cache,
+                teacher_model,
+                _teacher_windows(data, options, processes, rank, state.windows_consumed),
+                temperature=options.temperature,
+                forward=teacher_forward,
+                on_batch=on_batch,
+            )
+        except KeyboardInterrupt:
+            raise DistillInterrupted(
+                f"interrupted while caching the teacher; the step-{state.step} checkpoint in {ckpt_dir} is kept",
+                hint=f"resume with: {resume_hint}",
+            ) from None
+        barrier()
+        if is_main:
+            cache.mark_complete()
+        barrier()
+        timings["teacher_cache_s"] = time.perf_counter() - t0
+    if cache is not None and not live:
+        # Training reads the cache: the teacher can go (the point of caching).
+        teacher_model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ---- training
+    session = run_training(
+        accelerator=accelerator,
+        model=model,
+        unwrapped=unwrapped,
+        optimizer=optimizer,
+        teacher=teacher_model if live else None,
+        cache=cache,
+        data=data,
+        options=options,
+        state=state,
+        checkpoint_dir=ckpt_dir,
+        save=save,
+        resume_hint=resume_hint,
+        progress=progress,
+    )
+    timings["train_s"] = session.seconds
+
+    # ---- write, load back, evaluate, publish
+    result = DistillResult(
+        teacher=teacher,
+        revision=checkpoint.revision,
+        output=str(out_path),
+        family=spec.name,
+        teacher_params=report.checkpoint_params(checkpoint),
+        student=state.student,
+        options=options,
+        dataset=dataset_name,
+        train_windows=data.num_windows,
+        train_documents=data.documents,
+        processes=processes,
+        device=device_name(device),
+        mixed_precision=str(accelerator.mixed_precision),
+        threads=threads,
+        state=state,
+        session_start_step=session.start_step,
+        session_seconds=session.seconds,
+        session_tokens_per_s=session.tokens_per_s,
+        evaluation=None,
+        files=[],
+        checkpoint_dir=str(ckpt_dir),
+        checkpoint_kept=keep_checkpoint,
+        warnings=warnings,
+    )
+    if state.measurements:
+        m = state.measurements
+        result.evaluation = Perplexities(
+            dataset=m["dataset"],
+            tokens=m["tokens"],
+            teacher=m["teacher"],
+            student_init=m["student_init"],
+            init_kl=m.get("init_kl"),
+            init_top1=m.get("init_top1"),
+        )
+    try:
+        if is_main:
+            t0 = time.perf_counter()
+            report.publish(
+                result,
+                unwrapped=unwrapped,
+                checkpoint=checkpoint,
+                tokenizer=tokenizer,
+                heldout=heldout,
+                teacher_model=teacher_model,
+                inputs=inputs,
+                overwrite=overwrite,
+                shard_size=shard_size,
+                command=command or f"moetool distill {teacher} -o {out_path}",
+                progress=progress,
+            )
+            timings["write_eval_s"] = time.perf_counter() - t0
+        barrier()
+    except KeyboardInterrupt:
+        raise DistillInterrupted(
+            f"interrupted after training; nothing was written to {out_path}",
+            hint=f"the trained student is in {ckpt_dir}; write it with: {resume_hint}",
+        ) from None
+    if is_main and not keep_checkpoint:
+        import shutil
+
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    timings["total_s"] = time.perf_counter() - started
+    result.timings = timings
+    return result

@@ -1,0 +1,228 @@
+"""The student at initialisation: from the teacher's experts, random, or an existing dense checkpoint.
+
+From the teacher (``concat``, ``top1``, ``average``), the student is exactly what ``moetool merge
+--to-dense`` writes: the teacher's attention, norms and embeddings copied, each MoE layer's experts
+aggregated into one FFN, in the family's dense architecture (Mixtral -> Mistral, Qwen3-MoE -> Qwen3, ...).
+It is written by :func:`moetool.merge.merge` into a folder inside the checkpoint folder, loaded, and the
+folder removed (the step-0 checkpoint holds the weights from then on). ``random`` builds the same dense
+config with freshly initialised weights. A path is loaded as it is, after checking that it is dense and
+shares the teacher's tokenizer.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moetool.errors import UnsupportedArchitectureError
+
+if TYPE_CHECKING:
+    from moetool.data import Document
+    from moetool.distill.options import DistillOptions
+    from moetool.io.checkpoint import Checkpoint
+
+INIT_FOLDER = "init-student"
+
+
+@dataclass
+class StudentInit:
+    """How the student was initialised.
+
+    Attributes:
+        init: the ``--init`` value (a strategy, or the checkpoint path).
+        description: one sentence for the report and the model card.
+        model_type: the student's model_type.
+        architecture: its transformers class name.
+        intermediate_size: its FFN width.
+        params: its parameters (tied embeddings once).
+        merge: from the teacher: what merge did (calibration tokens, per-layer experts kept).
+    """
+
+    init: str
+    description: str
+    model_type: str
+    architecture: str
+    intermediate_size: int | None
+    params: int
+    merge: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "init": self.init,
+            "description": self.description,
+            "model_type": self.model_type,
+            "architecture": self.architecture,
+            "intermediate_size": self.intermediate_size,
+            "params": self.params,
+            "merge": self.merge or None,
+        }
+
+
+def count_params(model: Any) -> int:
+    """Parameters of a model, tied ones counted once (``parameters()`` already deduplicates)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def default_width(checkpoint: Checkpoint) -> int:
+    """The teacher's active FFN width: top-k x expert width (what ``merge --to-dense`` defaults to)."""
+    from moetool.arch.dims import resolve_dims
+    from moetool.arch.registry import family_for_config
+    from moetool.merge.plan import moe_width
+
+    spec = family_for_config(checkpoint.config)
+    dims = resolve_dims(spec, checkpoint.config)
+    top_k = dims.values["K"]
+    top_k = max(top_k) if isinstance(top_k, list) else int(top_k)
+    return top_k * moe_width(dims, min(dims.moe_layers))
+
+
+def dense_student_config(checkpoint: Checkpoint, width: int) -> Any:
+    """The transformers config of the teacher's dense counterpart with FFN width ``width``."""
+    from transformers import AutoConfig
+
+    from moetool.arch.registry import family_for_config
+    from moetool.merge.plan import dense_config, dense_target
+
+    spec = family_for_config(checkpoint.config)
+    new, _ = dense_config(checkpoint.config, spec, dense_target(spec), width)
+    kwargs = {k: v for k, v in new.items() if k not in ("model_type", "transformers_version")}
+    return AutoConfig.for_model(new["model_type"], **kwargs)
+
+
+def _describe_merge(result: Any) -> dict[str, Any]:
+    return {
+        "dense_strategy": result.dense_strategy,
+        "refit_down": result.refit_down,
+        "calibration_tokens": result.calibration.get("tokens"),
+        "layers": [{"layer": d.layer, "experts": d.groups[0]} for d in result.layers],
+    }
+
+
+def build_student(
+    teacher: str,
+    checkpoint: Checkpoint,
+    options: DistillOptions,
+    *,
+    calibration: Sequence[Document],
+    calibration_name: str,
+    work_dir: Path,
+    device: str,
+    teacher_tokenizer: Any,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    offline: bool | None = None,
+    is_main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+    progress: Callable[[str, int, int | None], None] | None = None,
+) -> tuple[Any, StudentInit]:
+    """Build the student (float32, on the CPU, train mode) as ``options.init`` says.
+
+    Args:
+        teacher: the teacher as the user named it.
+        checkpoint: the teacher, opened.
+        options: ``init``, ``intermediate_size``, ``calibration_tokens``, ``seq_len``, ``seed``.
+        calibration: training documents to calibrate the experts' aggregation on (from-teacher inits).
+        calibration_name: how to name them.
+        work_dir: where merge may write the student (a folder created and removed here).
+        device: where the teacher runs during calibration.
+        teacher_tokenizer: compared with a checkpoint student's tokenizer.
+        revision / token / offline: Hub access for ``teacher``.
+        is_main / barrier: in a multi-process run only the main process writes; the others wait.
+        progress: merge's progress callback.
+
+    Returns:
+        ``(model, info)``.
+
+    Raises:
+        UnsupportedArchitectureError: ``NOT_DENSE`` for a checkpoint student that is an MoE;
+            ``NO_DENSE_COUNTERPART`` for a teacher family without a dense architecture.
+        ModelLoadError: ``TOKENIZER_MISMATCH`` for a checkpoint student with another tokenizer.
+    """
+    import torch
+
+    from moetool.modeling import check_same_tokenizer, load_tokenizer, load_weights, open_checkpoint
+
+    if options.init_from_teacher:
+        from moetool.merge import merge
+
+        folder = work_dir / INIT_FOLDER
+        summary: dict[str, Any] = {}
+        if is_main:
+            result = merge(
+                teacher,
+                folder,
+                to_dense=True,
+                dense_strategy=options.init,
+                intermediate_size=options.intermediate_size if options.init == "concat" else None,
+                calibration=calibration,
+                calibration_name=calibration_name,
+                max_tokens=options.calibration_tokens,
+                seq_len=options.seq_len,
+                batch_size=options.eval_batch_size,
+                seed=options.seed,
+                evaluate=False,
+                device=device,
+                dtype="auto",
+                revision=revision,
+                token=token,
+                offline=offline,
+                overwrite=True,
+                command=f"moetool merge {teacher} --to-dense --dense-strategy {options.init} (distill --init)",
+                progress=progress,
+            )
+            summary = _describe_merge(result)
+            gc.collect()
+        barrier()
+        model = load_weights(open_checkpoint(str(folder)), device="cpu", dtype="float32")
+        barrier()
+        if is_main:
+            shutil.rmtree(folder, ignore_errors=True)
+        what = {
+            "concat": "the most used experts' neurons concatenated",
+            "top1": "each layer's most used expert",
+            "average": "the experts averaged after neuron alignment",
+        }[options.init]
+        description = (
+            f"initialised from the teacher: attention, norms and embeddings copied, each FFN {what} "
+            f"(moetool merge --to-dense --dense-strategy {options.init})"
+        )
+    elif options.init == "random":
+        from transformers import AutoModelForCausalLM
+
+        width = options.intermediate_size or default_width(checkpoint)
+        config = dense_student_config(checkpoint, width)
+        torch.manual_seed(options.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        description = "randomly initialised (the teacher's dense architecture, transformers' initialisation)"
+        summary = {}
+    else:
+        from moetool.arch.registry import family_for_config
+
+        student_checkpoint = open_checkpoint(options.init)
+        spec = family_for_config(student_checkpoint.config)
+        if spec.is_moe:
+            raise UnsupportedArchitectureError(
+                f"--init {options.init} is a Mixture-of-Experts ({spec.name}); distill trains a dense student",
+                hint="pass a dense checkpoint, or one of concat, top1, average, random",
+                code="NOT_DENSE",
+            )
+        check_same_tokenizer(teacher_tokenizer, load_tokenizer(student_checkpoint), names=(teacher, options.init))
+        model = load_weights(student_checkpoint, device="cpu", dtype="float32")
+        description = f"initialised from the dense checkpoint {options.init}"
+        summary = {}
+    model.train()
+    config = model.config
+    info = StudentInit(
+        init=options.init,
+        description=description,
+        model_type=str(config.model_type),
+        architecture=type(model).__name__,
+        intermediate_size=getattr(config, "intermediate_size", None),
+        params=count_params(model),
+        merge=summary,
+    )
+    return model, info
