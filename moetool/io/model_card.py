@@ -25,7 +25,8 @@ HUB_RELATIONS = frozenset({"adapter", "merge", "quantized", "finetune"})
 
 _MASK = "***"
 _HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{16,}")
-_SECRET_KEY_RE = re.compile(r"token|password|secret|api[_-]?key", re.IGNORECASE)
+# "token" but not "tokens": --max-tokens and --calibration-tokens are counts, not secrets.
+_SECRET_KEY_RE = re.compile(r"token(?!s\b)|password|secret|api[_-]?key", re.IGNORECASE)
 # Characters that YAML forbids in a stream, or reads as line breaks inside a quoted scalar even
 # though JSON leaves them raw (NEL, LS, PS); they are written as \u escapes instead.
 _YAML_UNSAFE_RE = re.compile("[\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff\ud800-\udfff]")
@@ -45,7 +46,7 @@ def _is_repo_id(value: str) -> bool:
 
 
 _SECRET_OPTION_RE = re.compile(
-    r"(--[\w-]*(?:token|password|secret|api[_-]?key)[\w-]*)(=|\s+)(\"[^\"]*\"|'[^']*'|\S+)",
+    r"(--[\w-]*(?:token(?!s\b)|password|secret|api[_-]?key)[\w-]*)(=|\s+)(\"[^\"]*\"|'[^']*'|\S+)",
     re.IGNORECASE,
 )
 
