@@ -439,13 +439,15 @@ def render(result: DistillResult) -> None:
     )
     state = result.state
     curve = state.loss_curve
-    loss = f", loss {curve[0]['loss']:.4f} -> {curve[-1]['loss']:.4f}" if curve else ""
     resumed = f" (resumed at step {result.session_start_step})" if result.session_start_step else ""
     console.print(
         f"  trained {result.options.steps} steps{resumed}, {state.tokens:,} tokens in {_minutes(state.elapsed_s)} "
-        f"({result.session_tokens_per_s:,.0f} tok/s){loss}",
+        f"({result.session_tokens_per_s:,.0f} tok/s)",
         highlight=False,
     )
+    if curve:
+        console.print(f"  loss {curve[0]['loss']:.4f} -> {curve[-1]['loss']:.4f} (KD {curve[0]['kd']:.4f} -> "
+                      f"{curve[-1]['kd']:.4f})", highlight=False)  # fmt: skip
     ev = result.evaluation
     if ev is None:
         return
