@@ -68,9 +68,13 @@ TOKENIZER_PROBE = (
 #: A loader builds ``(model, tokenizer)`` for a checkpoint; see :func:`register_loader`.
 Loader = Callable[..., Any]
 
-#: quant_method -> loader, for quantized formats transformers cannot load by itself (moetool's own,
-#: later). Methods not listed use :func:`load_weights_transformers`.
+#: quant_method -> loader, for quantized formats transformers cannot load by itself (moetool's own).
+#: Methods not listed use :func:`load_weights_transformers`.
 LOADERS: dict[str, Loader] = {}
+
+#: Loaders that live in moetool's own subpackages: quant_method -> (module, function), imported on
+#: first use so that importing this module stays light.
+BUILTIN_LOADERS: dict[str, tuple[str, str]] = {"moetool": ("moetool.quantize.loader", "load_quantized")}
 
 
 def register_loader(quant_method: str, loader: Loader) -> None:
@@ -94,6 +98,11 @@ def quant_method_of(config: dict[str, Any]) -> str | None:
 def loader_for(config: dict[str, Any]) -> Loader:
     """The function that loads a checkpoint with this config (the registry, else transformers)."""
     method = quant_method_of(config)
+    if method in BUILTIN_LOADERS and method not in LOADERS:
+        import importlib
+
+        module, function = BUILTIN_LOADERS[method]
+        register_loader(method, getattr(importlib.import_module(module), function))
     return LOADERS.get(method, load_weights_transformers) if method else load_weights_transformers
 
 

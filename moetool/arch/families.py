@@ -11,7 +11,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from moetool.arch.spec import ExpertLayout, FamilySpec, RouterOutput, Routing, RoutingSpec, T, WindowRule
+from moetool.arch.spec import (
+    ExpertLayout,
+    ExpertsProtocol,
+    FamilySpec,
+    RouterOutput,
+    Routing,
+    RoutingSpec,
+    T,
+    WindowRule,
+)
 
 # ----------------------------------------------------------------------------- shared building blocks
 
@@ -535,6 +544,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         routing=RoutingSpec(Routing.SOFTMAX_TOPK, "ffn_config.moe_normalize_expert_weights", True),
         router_module="ffn.router",
         router_output=RouterOutput.LOGITS,
+        experts_module="ffn.experts",
+        experts_protocol=ExpertsProtocol.OTHER,  # w1/v1/w2 as [E*I, H]
     ),
     FamilySpec(
         name="gpt_oss",
@@ -560,6 +571,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         expert_layout=ExpertLayout.FUSED,
         routing=RoutingSpec(Routing.TOPK_SOFTMAX),
         router_module="mlp.router",
+        experts_protocol=ExpertsProtocol.OTHER,  # transposed, biased, interleaved gate/up
     ),
     FamilySpec(
         name="granitemoe",
@@ -579,6 +591,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         expert_layout=ExpertLayout.FUSED,
         routing=RoutingSpec(Routing.TOPK_SOFTMAX),
         router_module="block_sparse_moe.router",
+        experts_module="block_sparse_moe.experts",
     ),
     FamilySpec(
         name="llama4",
@@ -602,6 +615,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         routing=RoutingSpec(Routing.TOPK_SIGMOID),
         router_module="feed_forward.router",
         router_output=RouterOutput.SCORES_LOGITS,
+        experts_module="feed_forward.experts",
+        experts_protocol=ExpertsProtocol.OTHER,  # [E, H, 2I], every token through every expert
         text_config_key="text_config",
         name_prefixes=("language_model.",),
     ),

@@ -57,6 +57,16 @@ class RouterOutput(str, Enum):
     LOGITS = "logits"  # DBRX: logits only; the MoE block applies the routing rule
 
 
+class ExpertsProtocol(str, Enum):
+    """What a family's in-memory routed-experts module (transformers v5) looks like, for commands that
+    replace or rewrite it (quantize)."""
+
+    # 3-D gate_up_proj [E, 2I, H] (gate rows first) and down_proj [E, H, I], no biases, act_fn(gate) * up,
+    # called as experts(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]).
+    GATE_UP_DOWN = "gate_up_down"
+    OTHER = "other"  # a layout of its own (transposed, biased, interleaved or split): not handled yet
+
+
 class ExpertLayout(str, Enum):
     """How routed experts are stored on disk."""
 
@@ -143,6 +153,9 @@ class FamilySpec:
         windows: the family's sliding-window convention (``None``: full attention only).
         shared_expert_gate: the per-layer template name of a ``[1, H]`` gate whose sigmoid scales the
             shared expert's output (Qwen2-MoE), ``None`` when shared experts are ungated or absent.
+        experts_module: the routed-experts module's name inside a decoder layer of the *instantiated*
+            transformers model.
+        experts_protocol: the shape and calling convention of that module (see :class:`ExpertsProtocol`).
     """
 
     name: str
@@ -175,6 +188,8 @@ class FamilySpec:
     upcycle_targets: tuple[str, ...] = ()
     windows: WindowRule | None = None
     shared_expert_gate: str | None = None
+    experts_module: str = "mlp.experts"
+    experts_protocol: ExpertsProtocol = ExpertsProtocol.GATE_UP_DOWN
 
     def layer_templates(self) -> dict[str, tuple[T, ...]]:
         """Per-layer templates by category (MoE and dense parts both listed)."""

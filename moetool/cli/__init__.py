@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from moetool import __version__
-from moetool.cli import distill_cmd, eval_cmd, inspect_cmd, merge_cmd, profile_cmd, upcycle_cmd
+from moetool.cli import distill_cmd, eval_cmd, inspect_cmd, merge_cmd, profile_cmd, quantize_cmd, upcycle_cmd
 
 app = typer.Typer(
     name="moetool",
@@ -44,6 +44,7 @@ app.command("eval", epilog=eval_cmd.EXAMPLES)(eval_cmd.eval_model)
 app.command("upcycle", epilog=upcycle_cmd.EXAMPLES)(upcycle_cmd.upcycle_cmd)
 app.command("merge", epilog=merge_cmd.EXAMPLES)(merge_cmd.merge_cmd)
 app.command("distill", epilog=distill_cmd.EXAMPLES)(distill_cmd.distill_cmd)
+app.command("quantize", epilog=quantize_cmd.EXAMPLES)(quantize_cmd.quantize_cmd)
 
 
 def main() -> None:

@@ -338,6 +338,10 @@ def count_from_checkpoint(checkpoint: Any) -> ParamReport:
     spec = family_for_config(config)
     dims = resolve_dims(spec, config)
     scheme = QuantScheme.from_config(config)
+    if scheme.method == "moetool":
+        # Packed codes do not carry their logical shape; the config's templates do.
+        numel = {t.name: _numel(t.shape) for t in planned_tensors(spec, dims)}
+        scheme = QuantScheme(scheme.method, scheme.bits, numel)
     dtype_bytes: dict[str, int] = defaultdict(int)
     storage_only = 0
     entries: list[_Entry] = []

@@ -9,7 +9,10 @@ parameters. Handled layouts:
 * GPTQ / AWQ: ``qweight`` int32 packing ``32 / bits`` values, ``qzeros``, ``scales``, ``g_idx``;
 * compressed-tensors: ``weight_packed`` int32, ``weight_scale``, ``weight_zero_point``, ``weight_shape``;
 * bitsandbytes 4-bit: ``weight`` uint8 holding two values per byte plus ``absmax``/``quant_map``/
-  ``quant_state`` tensors.
+  ``quant_state`` tensors;
+* moetool (``quant_method: "moetool"``): ``qweight`` codes (packed, or an entropy-coded ternary stream
+  whose size says nothing about the count) replace ``weight``; the logical shape is the one the config
+  implies for that name (``logical_numel``), ``qscale`` and ``qzero`` are storage.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class QuantScheme:
 
     method: str | None
     bits: int = 4
+    #: moetool's format: logical parameter counts by tensor name, from the config's templates.
+    logical_numel: Mapping[str, int] | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> QuantScheme:
@@ -86,6 +91,15 @@ def logical_tensor(info: TensorInfo, scheme: QuantScheme) -> LogicalTensor:
     """Map one stored tensor to the logical parameters it holds."""
     name = info.name
     head, _, last = name.rpartition(".")
+    if scheme.method == "moetool" and last in ("qweight", "qscale", "qzero"):
+        logical = f"{head}.weight"
+        numel = scheme.logical_numel or {}
+        if logical not in numel and head in numel:  # fused tensors named without ".weight"
+            logical = head
+        if last != "qweight":
+            return LogicalTensor(logical, 0, True)
+        # Unknown to the config (not expected): count the bytes as 4-bit codes rather than nothing.
+        return LogicalTensor(logical, numel.get(logical, info.numel * 2), False)
     if last in _STORAGE_LAST or ".quant_state" in name or last.startswith("quant_state"):
         return LogicalTensor(name, 0, True)
     if last.endswith("_scales") and info.dtype in ("U8", "F8_E8M0"):

@@ -1,0 +1,291 @@
+"""Loading moetool-quantized checkpoints as transformers models.
+
+The loading is transformers' own ``from_pretrained``, with a small quantizer plugged in through its
+public registry (``register_quantization_config`` / ``register_quantizer`` for ``quant_method:
+"moetool"``). Before the weights load, the quantizer swaps each MoE layer's experts module (and each
+quantized ``nn.Linear``) for an empty :class:`~moetool.quantize.modules.QuantizedExperts` /
+:class:`~moetool.quantize.modules.QuantizedLinear`, so transformers loads everything else as usual
+(renames, tied weights, dtype, device) and allocates nothing for the experts. After loading, it reads
+the packed codes of one layer at a time from the checkpoint, checks their shapes against the config and
+installs them. So:
+
+* ``moetool.load_model(path)`` and every moetool command (``eval``, ``profile-routing``) load them
+  through :data:`moetool.modeling.LOADERS`;
+* in your own code, ``import moetool.quantize`` once and
+  ``AutoModelForCausalLM.from_pretrained(path)`` works too. Without that import transformers does not
+  know the method, warns, and leaves the experts *missing* (randomly initialised): always load through
+  moetool or after the import.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moetool.errors import CheckpointError, ModelLoadError, UnsupportedArchitectureError
+from moetool.quantize.storage import QUANT_METHOD, QuantFormat
+
+if TYPE_CHECKING:
+    import torch
+
+    from moetool.io.checkpoint import Checkpoint
+    from moetool.quantize.layout import QuantLayout
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\Z")
+_PACKED_KEYS = r"\.q(weight|scale|zero)$"
+
+
+def decoder_layers(model: Any) -> dict[int, Any]:
+    """Decoder-layer modules of an instantiated model, by index."""
+    return {int(m.group(1)): module for name, module in model.named_modules() if (m := _LAYER_RE.search(name))}
+
+
+def experts_module(layer_module: Any, spec: Any, layer: int) -> Any:
+    """The routed-experts module of a decoder layer, checked against the gate_up/down protocol.
+
+    Raises:
+        UnsupportedArchitectureError: the module is missing or shaped differently.
+    """
+    try:
+        module = layer_module.get_submodule(spec.experts_module)
+    except AttributeError:
+        raise UnsupportedArchitectureError(
+            f"layer {layer} has no experts module '{spec.experts_module}' in the transformers model",
+            hint="moetool quantize needs transformers 5 (fused experts modules); upgrade transformers",
+        ) from None
+    gate_up = getattr(module, "gate_up_proj", None)
+    down = getattr(module, "down_proj", None)
+    ok = (
+        gate_up is not None
+        and down is not None
+        and gate_up.dim() == 3
+        and down.dim() == 3
+        and gate_up.shape[0] == down.shape[0]
+        and gate_up.shape[1] == 2 * down.shape[2]
+        and gate_up.shape[2] == down.shape[1]
+        and hasattr(module, "act_fn")
+        and not getattr(module, "is_transposed", False)
+        and not hasattr(module, "gate_up_proj_bias")
+    )
+    if not ok:
+        raise UnsupportedArchitectureError(
+            f"the experts module of layer {layer} ({type(module).__name__}) is not gate_up_proj [E, 2I, H] + "
+            "down_proj [E, H, I]",
+            hint="this transformers version lays the family out differently; please report it",
+        )
+    return module
+
+
+def _set_submodule(root: Any, name: str, module: Any) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+class _Plan:
+    """What the quantizer replaced, kept from before to after weight loading."""
+
+    def __init__(self, root: Path, layout: QuantLayout, fmt: QuantFormat) -> None:
+        self.root = root
+        self.layout = layout
+        self.fmt = fmt
+
+
+def _plan_for(checkpoint_files: list[str] | None, config: dict[str, Any] | None = None) -> _Plan:
+    from moetool.arch.dims import resolve_dims
+    from moetool.arch.registry import family_for_config
+    from moetool.io.checkpoint import Checkpoint
+    from moetool.quantize.layout import build_layout
+
+    if not checkpoint_files:
+        raise ModelLoadError(
+            "a moetool-quantized model can only be loaded from a checkpoint folder with its safetensors files",
+            hint="pass the folder moetool quantize wrote",
+        )
+    root = Path(checkpoint_files[0]).parent
+    checkpoint = Checkpoint.open(root)
+    config = checkpoint.config
+    fmt = QuantFormat.from_config(config.get("quantization_config") or {}, where=f"{root}/config.json")
+    spec = family_for_config(config)
+    dims = resolve_dims(spec, config)
+    layout = build_layout(spec, dims, checkpoint, fmt.categories, packed=True)
+    return _Plan(root, layout, fmt)
+
+
+def prepare_model(model: Any, plan: _Plan) -> None:
+    """Swap in empty quantized modules (the model is still on the meta device)."""
+    from moetool.quantize.modules import QuantizedExperts, QuantizedLinear
+
+    layers = decoder_layers(model)
+    for layer in plan.layout.experts:
+        module = experts_module(layers[layer], plan.layout.spec, layer)
+        _set_submodule(layers[layer], plan.layout.spec.experts_module, QuantizedExperts.like(module, plan.fmt))
+    for layer, linears in plan.layout.linears.items():
+        for linear in linears:
+            original = layers[layer].get_submodule(linear.module)
+            _set_submodule(layers[layer], linear.module, QuantizedLinear.like(original, plan.fmt))
+    ignored = model._keys_to_ignore_on_load_unexpected or set()
+    model._keys_to_ignore_on_load_unexpected = {*ignored, _PACKED_KEYS}
+
+
+def read_packed_layer(checkpoint: Checkpoint, layout: QuantLayout, fmt: QuantFormat, layer: int) -> dict[str, Any]:
+    """Decode one layer's packed tensors: ``{"experts": (gate_up, down), "<module>": weight, ...}``.
+
+    Raises:
+        CheckpointError: a missing, mis-shaped or corrupt packed tensor.
+    """
+    from moetool.quantize.storage import concat_rows, decode_weight, packed_names, stack_experts
+
+    names: list[str] = []
+    experts = layout.experts.get(layer)
+    linears = layout.linears.get(layer, [])
+    for original in (experts.names() if experts else []) + [lin.name for lin in linears]:
+        packed = packed_names(original)
+        names += [packed[s] for s in packed if packed[s] in checkpoint.tensors]
+    tensors = dict(checkpoint.iter_tensors(names))
+
+    def decode(original: str, shape: tuple[int, ...]) -> Any:
+        packed = packed_names(original)
+
+        def read(suffix: str) -> Any:
+            name = packed[suffix]
+            if name not in tensors:
+                raise CheckpointError(
+                    f"{checkpoint.name} lacks {name}",
+                    hint="the checkpoint does not match its quantization_config; re-create it",
+                    code="QUANT_SHAPE_MISMATCH",
+                )
+            return tensors[name]
+
+        return decode_weight(read, fmt, shape, original)
+
+    out: dict[str, Any] = {}
+    if experts is not None:
+        e, i, h = experts.num_experts, experts.intermediate, experts.hidden
+        if experts.fused:
+            gate_up = decode(experts.gate_up or "", (e, 2 * i, h))
+            down = decode(experts.down_fused or "", (e, h, i))
+        else:
+            gates = [decode(n, (i, h)) for n in experts.gate]
+            ups = [decode(n, (i, h)) for n in experts.up]
+            gate_up = stack_experts([concat_rows([g, u]) for g, u in zip(gates, ups, strict=True)])
+            down = stack_experts([decode(n, (h, i)) for n in experts.down])
+        out["experts"] = (gate_up, down)
+    for linear in linears:
+        out[linear.module] = decode(linear.name, linear.shape)
+    return out
+
+
+def install_weights(model: Any, plan: _Plan) -> None:
+    """Read, check and install the packed codes of every quantized module, one layer at a time."""
+    from moetool.io.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint.open(plan.root)
+    layers = decoder_layers(model)
+    for layer in plan.layout.layers:
+        decoded = read_packed_layer(checkpoint, plan.layout, plan.fmt, layer)
+        layer_module = layers[layer]
+        device = _device_of(layer_module)
+        if "experts" in decoded:
+            module = layer_module.get_submodule(plan.layout.spec.experts_module)
+            gate_up, down = decoded.pop("experts")
+            module.load(gate_up, down)
+            module.to(device)
+        for name, weight in decoded.items():
+            module = layer_module.get_submodule(name)
+            module.load(weight)
+            module.to(device)
+
+
+def _device_of(module: Any) -> torch.device:
+    import torch
+
+    for tensor in module.parameters():
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- transformers registration
+
+_REGISTERED = False
+
+
+def register_with_transformers() -> None:
+    """Teach transformers' ``from_pretrained`` the ``moetool`` quant method (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+        register_quantization_config,
+        register_quantizer,
+    )
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    if QUANT_METHOD in AUTO_QUANTIZER_MAPPING and QUANT_METHOD in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        _REGISTERED = True
+        return
+
+    class MoetoolQuantConfig(QuantizationConfigMixin):
+        """``quantization_config`` of a moetool-quantized checkpoint (see :mod:`moetool.quantize.storage`)."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            for key, value in kwargs.items():
+                setattr(self, key, value)
+            self.quant_method = QUANT_METHOD
+
+        def to_dict(self) -> dict[str, Any]:
+            return dict(self.__dict__)
+
+    class MoetoolHfQuantizer(HfQuantizer):
+        """Replaces quantized modules before loading and fills them from the checkpoint after."""
+
+        requires_calibration = False
+
+        def __init__(self, quantization_config: Any, **kwargs: Any) -> None:
+            super().__init__(quantization_config, **kwargs)
+            self._plan: _Plan | None = None
+
+        def _process_model_before_weight_loading(self, model: Any, checkpoint_files: Any = None, **kwargs: Any) -> Any:
+            self._plan = _plan_for(list(checkpoint_files or []))
+            prepare_model(model, self._plan)
+            return model
+
+        def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+            if self._plan is None:  # pragma: no cover - transformers always calls "before" first
+                raise ModelLoadError("moetool quantizer: weights loaded before the model was prepared")
+            install_weights(model, self._plan)
+            return model
+
+        def is_serializable(self) -> bool:
+            # Saving would need the packed buffers under their stored names; moetool writes the format.
+            return False
+
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(MoetoolQuantConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(MoetoolHfQuantizer)
+    _REGISTERED = True
+
+
+def load_quantized(checkpoint: Checkpoint, *, dtype: Any, device: Any, device_map: str | None = None) -> Any:
+    """The :data:`moetool.modeling.LOADERS` entry for ``quant_method: "moetool"``.
+
+    Raises:
+        ConfigError: an invalid ``quantization_config``.
+        CheckpointError: packed tensors missing, mis-shaped or corrupt; other weights not matching.
+        ModelLoadError: transformers failing.
+    """
+    from moetool.modeling import load_weights_transformers
+
+    QuantFormat.from_config(checkpoint.config.get("quantization_config") or {}, where=f"{checkpoint.name}/config.json")
+    register_with_transformers()
+    return load_weights_transformers(checkpoint, dtype=dtype, device=device, device_map=device_map)
