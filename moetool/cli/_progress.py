@@ -65,3 +65,13 @@ def status(message: str, *, enabled: bool) -> Iterator[None]:
         return
     with stderr().status(message):
         yield
+
+
+def note_printer(*, enabled: bool) -> Callable[[str], None]:
+    """A function printing one dim progress line on stderr per stage (nothing when ``enabled`` is false)."""
+
+    def note(message: str) -> None:
+        if enabled:
+            stderr().print(f"[dim]{message}[/dim]", highlight=False)
+
+    return note

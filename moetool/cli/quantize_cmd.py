@@ -11,7 +11,7 @@ from rich.table import Table
 from moetool.cli import options
 from moetool.cli._errors import handle_errors
 from moetool.cli._output import human_bytes, print_json, stderr, stdout, warn
-from moetool.cli._progress import progress_enabled
+from moetool.cli._progress import note_printer, progress_enabled
 
 if TYPE_CHECKING:
     from moetool.quantize import QuantizeResult
@@ -215,9 +215,7 @@ def quantize_cmd(
         )
     show = progress_enabled(json_output)
 
-    def status(message: str) -> None:
-        if show:
-            stderr().print(f"[dim]{message}[/dim]", highlight=False)
+    status = note_printer(enabled=show)
 
     def layer_done(report: Any, position: int, total: int) -> None:
         if show:

@@ -15,7 +15,7 @@ from rich.table import Table
 from moetool.cli import options
 from moetool.cli._errors import handle_errors
 from moetool.cli._output import human_bytes, human_count, print_json, stderr, stdout, warn
-from moetool.cli._progress import progress_enabled
+from moetool.cli._progress import note_printer, progress_enabled
 
 EXAMPLES = """
 Examples:
@@ -174,9 +174,7 @@ def upcycle_cmd(
         )
     show = progress_enabled(json_output)
 
-    def status(message: str) -> None:
-        if show:
-            stderr().print(f"[dim]{message}[/dim]", highlight=False)
+    status = note_printer(enabled=show)
 
     with _bytes_progress(enabled=show and not dry_run) as (set_total, advance):
         result = upcycle(
