@@ -157,18 +157,6 @@ def check_seq_len(config: Any, seq_len: int, name: str) -> None:
         )
 
 
-def _forward(model: Any, input_ids: Any, attention_mask: Any) -> Any:
-    from moetool.modeling import model_device
-
-    device = model_device(model)
-    output = model(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        use_cache=False,
-    )
-    return output.logits
-
-
 def _check_ids(batch_ids: Any, vocab: int, name: str) -> None:
     largest = int(batch_ids.max())
     if largest >= vocab:
@@ -183,6 +171,12 @@ def _vocab_rows(model: Any) -> int:
     return int(model.get_input_embeddings().weight.shape[0])
 
 
+def _as_runner(model: Any) -> Any:
+    from moetool.runner.stream import StreamedModel, WholeModel
+
+    return model if isinstance(model, (StreamedModel, WholeModel)) else WholeModel(model)
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -193,23 +187,24 @@ def evaluate(
     max_tokens: int | None = None,
     reference_model: Any = None,
     reference_tokenizer: Any = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[float], None] | None = None,
     model_name: str | None = None,
     reference_name: str | None = None,
 ) -> EvalResult:
     """Perplexity of ``model`` on ``documents``; with ``reference_model``, KL and top-1 agreement too.
 
     Args:
-        model: a transformers causal LM in eval mode (e.g. from :func:`moetool.modeling.load_model`).
+        model: a runner (:class:`moetool.runner.StreamedModel`: one layer at a time;
+            :class:`moetool.runner.WholeModel`), or a transformers causal LM in eval mode.
         tokenizer: its tokenizer.
         documents: the texts (e.g. from :func:`moetool.data.load_documents`); consumed lazily.
         seq_len: tokens per window.
         batch_size: windows per forward pass.
         max_tokens: stop after this many input tokens (``None``: all of them).
-        reference_model: a second model run on the same windows; the result then has ``kl`` =
-            mean KL(reference || model) and ``top1_agreement``.
+        reference_model: a second model (or runner) run on the same windows; the result then has
+            ``kl`` = mean KL(reference || model) and ``top1_agreement``.
         reference_tokenizer: the reference's tokenizer; when given it must match ``tokenizer``.
-        progress: called after each batch with the number of input tokens it held.
+        progress: called with progress in input tokens.
         model_name: how to name the model in the result (default: its ``name_or_path``).
         reference_name: how to name the reference.
 
@@ -223,55 +218,81 @@ def evaluate(
         DatasetError: ``DATASET_EMPTY`` when the documents give no token to score.
         MoetoolError: ``NON_FINITE`` when a model's logits are NaN or infinite.
     """
-    import torch
+    import itertools
 
     from moetool.modeling import check_same_tokenizer
 
-    name = model_name or _model_name(model)
-    ref_name = (reference_name or _model_name(reference_model)) if reference_model is not None else None
+    runner = _as_runner(model)
+    reference = _as_runner(reference_model) if reference_model is not None else None
+    name = model_name or _model_name(runner.model)
+    ref_name = (reference_name or _model_name(reference.model)) if reference is not None else None
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, not {batch_size}")
-    check_seq_len(model.config, seq_len, name)
-    if reference_model is not None:
-        check_seq_len(reference_model.config, seq_len, ref_name or "the reference")
+    check_seq_len(runner.config, seq_len, name)
+    if reference is not None:
+        check_seq_len(reference.config, seq_len, ref_name or "the reference")
         if reference_tokenizer is not None:
             check_same_tokenizer(tokenizer, reference_tokenizer, names=(name, ref_name or "the reference"))
-    vocab = _vocab_rows(model)
+        if _vocab_rows(reference.model) != _vocab_rows(runner.model):
+            raise ModelLoadError(
+                f"{name} has {_vocab_rows(runner.model)} token embeddings and {ref_name} "
+                f"{_vocab_rows(reference.model)}: their vocabularies differ",
+                hint="compare models that share a tokenizer and vocabulary",
+                code="TOKENIZER_MISMATCH",
+            )
+    vocab = _vocab_rows(runner.model)
     pad_id = tokenizer.pad_token_id
     if not isinstance(pad_id, int) or not 0 <= pad_id < vocab:
         pad_id = 0  # any id will do: padding is masked out and never scored
 
+    def checked(batches: Iterable[Any]) -> Iterable[Any]:
+        for batch in batches:
+            _check_ids(batch.input_ids, vocab, name)
+            yield batch
+
+    share = 0.5 if reference is not None else 1.0
+
+    def advance(tokens: float) -> None:
+        if progress is not None:
+            progress(tokens * share)
+
+    windows = iter_windows(tokenizer, documents, seq_len=seq_len, max_tokens=max_tokens)
+    batches = checked(iter_batches(windows, batch_size=batch_size, pad_id=pad_id))
     sums: dict[str | None, _Sums] = {}
     input_tokens = 0
-    windows = iter_windows(tokenizer, documents, seq_len=seq_len, max_tokens=max_tokens)
-    with torch.inference_mode():
-        for batch in iter_batches(windows, batch_size=batch_size, pad_id=pad_id):
-            _check_ids(batch.input_ids, vocab, name)
-            logits = _forward(model, batch.input_ids, batch.attention_mask)
-            ref_logits = None
-            if reference_model is not None:
-                ref_logits = _forward(reference_model, batch.input_ids, batch.attention_mask)
-                if ref_logits.shape[-1] != logits.shape[-1]:
-                    raise ModelLoadError(
-                        f"{name} predicts over {logits.shape[-1]} tokens and {ref_name} over "
-                        f"{ref_logits.shape[-1]}: their vocabularies differ",
-                        hint="compare models that share a tokenizer and vocabulary",
-                        code="TOKENIZER_MISMATCH",
-                    )
-            lengths = batch.attention_mask.sum(dim=1).tolist()
-            batch_tokens = 0
-            for row, (length, domain) in enumerate(zip(lengths, batch.domains, strict=True)):
-                batch_tokens += length
-                window = _score_window(
-                    logits[row, : length - 1],
-                    batch.input_ids[row, 1:length],
-                    None if ref_logits is None else ref_logits[row, : length - 1],
-                )
-                _check_finite(window, name, ref_name)
-                sums.setdefault(domain, _Sums()).add(window)
-            input_tokens += batch_tokens
-            if progress is not None:
-                progress(batch_tokens)
+    if reference is None:
+        pairs = (
+            (index, batch, logits, None) for index, batch, logits in runner.logits_batches(batches, on_tokens=advance)
+        )
+    else:
+        mine, theirs = itertools.tee(batches)
+        pairs = (
+            (index, batch, logits, ref_logits)
+            for (index, batch, logits), (_, _, ref_logits) in zip(
+                runner.logits_batches(mine, on_tokens=advance),
+                reference.logits_batches(theirs, on_tokens=advance),
+                strict=True,
+            )
+        )
+    for _index, batch, logits, ref_logits in pairs:
+        if ref_logits is not None and ref_logits.shape[-1] != logits.shape[-1]:
+            raise ModelLoadError(
+                f"{name} predicts over {logits.shape[-1]} tokens and {ref_name} over "
+                f"{ref_logits.shape[-1]}: their vocabularies differ",
+                hint="compare models that share a tokenizer and vocabulary",
+                code="TOKENIZER_MISMATCH",
+            )
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        for row, (length, domain) in enumerate(zip(lengths, batch.domains, strict=True)):
+            input_tokens += length
+            window = _score_window(
+                logits[row, : length - 1],
+                batch.input_ids[row, 1:length],
+                None if ref_logits is None else ref_logits[row, : length - 1],
+            )
+            _check_finite(window, name, ref_name)
+            sums.setdefault(domain, _Sums()).add(window)
+        del logits, ref_logits
 
     total = _Sums()
     for part in sums.values():
@@ -282,7 +303,7 @@ def evaluate(
             hint="use a dataset with more text, or a larger --max-tokens",
             code="DATASET_EMPTY",
         )
-    with_reference = reference_model is not None
+    with_reference = reference is not None
     figures = _figures(total, with_reference)
     per_domain = {
         domain: _figures(part, with_reference) for domain, part in sums.items() if domain is not None and part.tokens

@@ -324,18 +324,41 @@ def load_tokenizer(checkpoint: Checkpoint) -> Any:
         ) from None
 
 
+def auto_model_class(config: dict[str, Any]) -> Any:
+    """The transformers auto class that runs a config.json: causal LM, or sequence-to-sequence LM for
+    encoder-decoder models (Switch Transformers, NLLB-MoE)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type):
+        return AutoModelForCausalLM
+    if config.get("is_encoder_decoder") or _seq2seq_class(model_type):
+        return AutoModelForSeq2SeqLM
+    return AutoModelForCausalLM
+
+
+def _seq2seq_class(model_type: Any) -> str | None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
+
+
 def check_transformers_support(checkpoint: Checkpoint) -> None:
-    """Refuse, before reading weights, a model_type transformers has no causal-LM class for.
+    """Refuse, before reading weights, a model_type transformers has no language-model class for.
 
     Raises:
         ModelLoadError: ``REMOTE_CODE_REFUSED`` for a checkpoint that needs its own Python code.
-        UnsupportedArchitectureError: any other model_type transformers cannot run as a causal LM.
+        UnsupportedArchitectureError: any other model_type transformers cannot run as a causal or
+            sequence-to-sequence LM.
     """
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = checkpoint.config.get("model_type")
-    if isinstance(model_type, str) and MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type):
+    if MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None:
+        return
+    if _seq2seq_class(model_type):
         return
     if "auto_map" in checkpoint.config:
         raise ModelLoadError(
@@ -382,7 +405,6 @@ def load_weights_transformers(
         ModelLoadError: any other failure of transformers.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     check_transformers_support(checkpoint)
     kwargs: dict[str, Any] = {}
@@ -396,7 +418,7 @@ def load_weights_transformers(
         kwargs["device_map"] = {"": device}
     try:
         with quiet_transformers():
-            model, info = AutoModelForCausalLM.from_pretrained(
+            model, info = auto_model_class(checkpoint.config).from_pretrained(
                 str(checkpoint.root),
                 dtype=dtype,
                 local_files_only=True,
@@ -406,6 +428,10 @@ def load_weights_transformers(
                 # Mis-shaped tensors are then reported in `info` (and refused below) instead of raising
                 # an error that only points at a log record.
                 ignore_mismatched_sizes=True,
+                # transformers 5.25 turns hub kernels on by default on CUDA, which needs the `kernels`
+                # package and the network ("Kernels are not available" offline): moetool loads models
+                # the same way everywhere, with transformers' own implementations.
+                use_kernels=False,
                 **kwargs,
             )
     except ImportError as exc:

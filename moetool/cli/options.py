@@ -82,3 +82,18 @@ DeviceMapOpt = Annotated[
         help="none (the whole model on --device) or auto (accelerate spreads it over the GPUs, then CPU memory).",
     ),
 ]
+WholeModelOpt = Annotated[
+    bool,
+    typer.Option(
+        "--whole-model",
+        help="Load the whole model at once instead of streaming it one decoder layer at a time (needs memory for "
+        "every weight; for comparison).",
+    ),
+]
+OffloadActivationsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--offload-activations",
+        help="Keep activations in CPU memory between layers (the GPU then holds one layer and one batch).",
+    ),
+]

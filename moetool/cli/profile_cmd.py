@@ -40,6 +40,8 @@ def profile_routing_cmd(
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
     device_map: options.DeviceMapOpt = "none",
+    whole_model: options.WholeModelOpt = False,
+    offload_activations: options.OffloadActivationsOpt = False,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -64,16 +66,20 @@ def profile_routing_cmd(
 ) -> None:
     """Profile router expert utilisation per layer: loads, balance metrics, capacity drops, co-activation.
 
-    The model runs through transformers; hooks at each router record exactly the experts the model
+    The model runs through transformers, one decoder layer at a time (memory: one layer plus the
+    activations, whatever the model size); hooks at each router record exactly the experts the model
     itself chooses. Per-domain breakdowns with --domain-field.
     """
     from moetool.data import iter_batches, iter_windows, load_documents
     from moetool.errors import ThresholdFailedError
-    from moetool.modeling import load_model
+    from moetool.modeling import check_device_map, check_device_name, check_dtype_name
     from moetool.routing.profile import profile_routing
     from moetool.routing.thresholds import check_thresholds, parse_threshold
 
     thresholds = [parse_threshold(text) for text in fail_if or []]
+    check_device_name(device)
+    check_dtype_name(dtype)
+    check_device_map(device_map)
     inputs: list[Path] = []
     if out is not None:
         from moetool.io.source import parse_model_ref
@@ -91,10 +97,21 @@ def profile_routing_cmd(
         config_name=dataset_config,
     )
     domains = sorted({d.domain for d in documents if d.domain is not None})
-    with status(f"loading {model}", enabled=progress_enabled(json_output)):
-        loaded_model, tokenizer, checkpoint = load_model(
-            model, device=device, dtype=dtype, revision=revision, device_map=device_map
+    from moetool.cli._runner import memory_plan
+    from moetool.runner.open import open_runner
+
+    with status(f"opening {model}", enabled=progress_enabled(json_output)):
+        opened = open_runner(
+            model,
+            device=device,
+            dtype=dtype,
+            whole_model=whole_model,
+            device_map=device_map,
+            hidden="cpu" if offload_activations else "auto",
+            revision=revision,
         )
+    tokenizer, checkpoint = opened.tokenizer, opened.checkpoint
+    memory = memory_plan(opened, tokens=max_tokens or batch_size * seq_len, enabled=progress_enabled(json_output))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     windows = iter_windows(tokenizer, documents, seq_len=seq_len, max_tokens=max_tokens or None)
     batches = iter_batches(windows, batch_size=batch_size, pad_id=pad_id)
@@ -109,7 +126,7 @@ def profile_routing_cmd(
     }
     with token_progress("routing", max_tokens or None, enabled=progress_enabled(json_output)) as advance:
         stats = profile_routing(
-            loaded_model, batches, domains=domains, name=model, dataset=description, on_batch=advance
+            opened.runner, batches, domains=domains, name=model, dataset=description, on_batch=advance
         )
     stats.revision = checkpoint.revision
     if stats.tokens == 0:
@@ -126,6 +143,7 @@ def profile_routing_cmd(
     violations = check_thresholds(stats, thresholds)
     if json_output:
         doc = stats.to_json()
+        doc["memory"] = memory
         doc["threshold_violations"] = [
             {"layer": v.layer, "metric": v.threshold.metric, "observed": v.observed, "rule": v.threshold.text}
             for v in violations

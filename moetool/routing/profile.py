@@ -20,24 +20,28 @@ def profile_routing(
     domains: list[str] | None = None,
     name: str = "",
     dataset: dict[str, Any] | None = None,
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Callable[[float], None] | None = None,
 ) -> RoutingStats:
-    """Profile the expert choices ``model`` makes on ``batches``.
+    """Profile the expert choices a model makes on ``batches``.
 
     Args:
-        model: a transformers MoE causal LM (eval mode).
+        model: a runner (:class:`moetool.runner.StreamedModel`, layer by layer, or
+            :class:`moetool.runner.WholeModel`), or a transformers MoE causal LM in eval mode.
         batches: :class:`moetool.data.Batch` objects (right-padded, with attention masks).
         domains: the domain names that batches may carry, for the per-domain breakdown.
         name: how to name the model in the result.
         dataset: a description of the data, stored in the result.
-        on_batch: called with the number of real tokens after each batch (progress reporting).
+        on_batch: called with progress in tokens (a streamed run reports each layer's share).
 
     Raises:
         UnsupportedArchitectureError: the model is not an MoE of a registered family.
     """
     import torch
 
-    config = model.config.to_dict()
+    from moetool.runner.stream import StreamedModel, WholeModel
+
+    runner = model if isinstance(model, (StreamedModel, WholeModel)) else WholeModel(model)
+    config = runner.model.config.to_dict()
     spec = family_for_config(config)
     if not spec.is_moe:
         raise UnsupportedArchitectureError(
@@ -46,39 +50,41 @@ def profile_routing(
         )
     domain_names = list(domains or [])
     domain_index = {d: i for i, d in enumerate(domain_names)}
-    device = next(model.parameters()).device
+    device = runner.device
     accumulators: dict[int, LayerAccumulator] = {}
-    context: dict[str, BatchContext] = {}
+    contexts: dict[int, BatchContext] = {}
+    current: dict[str, BatchContext] = {}
 
     def on_router(event: RouterEvent) -> None:
         acc = accumulators.get(event.layer)
         if acc is None:
             acc = accumulators[event.layer] = LayerAccumulator(event.logits.shape[-1], len(domain_names), device)
-        acc.update(event.logits, event.indices, context["batch"])
+        acc.update(event.logits, event.indices, current["batch"])
 
-    tokens = 0
-    start = time.perf_counter()
-    with RouterObserver(model, spec, on_router) as observer, torch.inference_mode():
-        for batch in batches:
-            input_ids = batch.input_ids.to(device)
+    def before_batch(index: int, batch: Any) -> None:
+        context = contexts.get(index)
+        if context is None:
+            rows, length = batch.input_ids.shape
             mask = batch.attention_mask.to(device)
-            rows, length = input_ids.shape
             domain_ids = torch.tensor(
                 [domain_index.get(d, 0) if d is not None else 0 for d in batch.domains], device=device
             )
-            context["batch"] = BatchContext(
+            context = contexts[index] = BatchContext(
                 mask=mask.reshape(-1).bool(),
                 window_ids=torch.arange(rows, device=device).repeat_interleave(length),
                 domain_ids=domain_ids.repeat_interleave(length),
                 num_windows=rows,
             )
-            model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-            batch_tokens = int(mask.sum())
-            tokens += batch_tokens
-            if on_batch is not None:
-                on_batch(batch_tokens)
+            counted.append(int(batch.attention_mask.sum()))
+        current["batch"] = context
+
+    counted: list[int] = []
+    start = time.perf_counter()
+    with RouterObserver(runner.model, spec, on_router) as observer:
+        runner.forward_batches(batches, before_batch=before_batch, on_tokens=on_batch, after_segment=contexts.clear)
         layers = observer.layers
     elapsed = time.perf_counter() - start
+    tokens = sum(counted)
 
     stats_layers = [
         layer_stats_from(layer, accumulators[layer], domain_names) for layer in layers if layer in accumulators
