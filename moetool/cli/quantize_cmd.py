@@ -146,8 +146,14 @@ def quantize_cmd(
     ] = 0,
     device: options.DeviceOpt = "auto",
     dtype: Annotated[
-        str, typer.Option("--dtype", help="dtype the model is loaded in for calibration: auto (float32), bfloat16, ...")
+        str,
+        typer.Option(
+            "--dtype",
+            help="Compute dtype for calibration: auto (float32 on CPU, the checkpoint's on GPU), bfloat16, ...",
+        ),
     ] = "auto",
+    whole_model: options.WholeModelOpt = False,
+    offload_activations: options.OffloadActivationsOpt = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest weight file, e.g. 5GB.")] = "5GB",
     verify: Annotated[
         bool,
@@ -165,9 +171,12 @@ def quantize_cmd(
 ) -> None:
     """Quantize every routed expert of an MoE checkpoint; router, norms, embeddings and lm_head stay as they are.
 
-    GPTQ calibrates each expert on the tokens the model routes to it (layer by layer, all experts of a layer in
-    one batched step); the output is checked (100% of routed-expert parameters quantized, codes decoded back,
-    reload with transformers) before it is published, and the bits per parameter are measured from the files.
+    The model is streamed: each decoder layer is read once, calibrated, quantized, written and freed before the
+    next, so memory holds one layer plus the calibration activations, whatever the model size. GPTQ calibrates each
+    expert on the tokens the model routes to it (all experts of a layer in one batched step); the output is checked
+    (100% of routed-expert parameters quantized, codes decoded back layer by layer, original vs quantized logits on a
+    probe window, reload with transformers for small models) before it is published, and the bits per parameter are
+    measured from the files.
     """
     from moetool.errors import UsageError
     from moetool.quantize import CalibrationData, CoverageOptions, QuantizeOptions, quantize
@@ -196,6 +205,8 @@ def quantize_cmd(
         device=device,
         dtype=dtype,
         max_shard_size=max_shard_size,
+        whole_model=whole_model,
+        offload_activations=offload_activations,
     )
     opts.format()  # option errors before anything is opened
     from moetool.io.writer import parse_size

@@ -752,14 +752,35 @@ def _normalize_header_order(path: Path) -> None:
         handle.write(new + b" " * (length - len(new)))
 
 
+#: safetensors dtype names of torch dtypes (``str(torch.float32)`` -> ``"F32"``).
+SAFETENSORS_DTYPES = {
+    "torch.float64": "F64",
+    "torch.float32": "F32",
+    "torch.bfloat16": "BF16",
+    "torch.float16": "F16",
+    "torch.float8_e4m3fn": "F8_E4M3",
+    "torch.float8_e5m2": "F8_E5M2",
+    "torch.int64": "I64",
+    "torch.int32": "I32",
+    "torch.int16": "I16",
+    "torch.int8": "I8",
+    "torch.uint64": "U64",
+    "torch.uint32": "U32",
+    "torch.uint16": "U16",
+    "torch.uint8": "U8",
+    "torch.bool": "BOOL",
+}
+
+
 class ShardedWriter:
     """Writes tensors into size-bounded safetensors shards as they arrive, then the index.
 
-    Tensors are buffered until the next one would push the current shard past ``max_shard_size``;
-    then the shard is written and its tensors released, so memory holds about one shard. A tensor
-    larger than ``max_shard_size`` gets a shard of its own. Tensors keep the order they were added in,
-    so the same input gives byte-identical shards. :meth:`finalize` names the files like
-    ``save_pretrained``: ``model.safetensors`` when there is one shard, otherwise
+    Each tensor's bytes go to disk when it is added (into a data file beside the shard being filled),
+    so memory holds no tensor data, whatever the shard size. When the next tensor would push the shard
+    past ``max_shard_size``, the shard is closed: its header is written and the data copied after it
+    (a kernel-side copy). A tensor larger than ``max_shard_size`` gets a shard of its own. Tensors keep
+    the order they were added in, so the same input gives byte-identical shards. :meth:`finalize` names
+    the files like ``save_pretrained``: ``model.safetensors`` when there is one shard, otherwise
     ``model-00001-of-0000N.safetensors`` plus ``model.safetensors.index.json``.
 
     Use it inside :func:`staged_output`. As a context manager it finalizes on a normal exit (the
@@ -797,11 +818,13 @@ class ShardedWriter:
             )
         self.max_shard_size = int(max_shard_size)
         # transformers refuses to load shards whose format is not "pt"; it cannot be overridden.
-        self.metadata = {**metadata, "format": "pt"}
+        self.metadata = dict(sorted({**metadata, "format": "pt"}.items()))
         self.result: WriteResult | None = None
-        self._pending: dict[str, torch.Tensor] = {}
+        # The shard being filled: its data file, and (name, dtype, shape, start, end) per tensor.
+        self._data: Any = None
+        self._data_path: Path | None = None
+        self._entries: list[tuple[str, str, list[int], int, int]] = []
         self._pending_bytes = 0
-        self._storages: set[int] = set()
         self._shards: list[tuple[Path, list[str]]] = []
         self._names: set[str] = set()
         self._total_size = 0
@@ -818,19 +841,20 @@ class ShardedWriter:
             self.abort()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor, writing the current shard first if this tensor would overflow it.
+        """Write one tensor's bytes, closing the current shard first if this tensor would overflow it.
 
         Args:
             name: the tensor's name in the checkpoint.
-            tensor: any dense tensor; it is moved to CPU and made contiguous. A view into a larger
-                storage is copied so that the larger storage can be freed and shards never share
-                memory.
+            tensor: any dense tensor (moved to CPU; nothing of it is kept after the call).
 
         Raises:
             DuplicateTensorError: ``name`` was already added.
-            MoetoolError: the writer was finalized, or the tensor is on the meta device.
-            DiskFullError: writing a shard ran out of space.
+            MoetoolError: the writer was finalized, the tensor is on the meta device, or of a dtype
+                safetensors cannot store.
+            DiskFullError: writing ran out of space.
         """
+        import torch
+
         if self._closed:
             raise MoetoolError("the writer is already finalized", code="WRITER_CLOSED")
         if not isinstance(name, str) or not name or name == "__metadata__":
@@ -840,50 +864,73 @@ class ShardedWriter:
         t = tensor.detach()
         if t.device.type == "meta":
             raise MoetoolError(f"tensor {name!r} has no data (meta device)", code="META_TENSOR")
+        dtype = SAFETENSORS_DTYPES.get(str(t.dtype))
+        if dtype is None:
+            raise MoetoolError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store", code="DTYPE")
         if t.device.type != "cpu":
             t = t.to("cpu")
         t = t.contiguous()
         nbytes = t.numel() * t.element_size()
-        storage = t.untyped_storage()
-        if nbytes and (
-            storage.nbytes() != nbytes or t.data_ptr() != storage.data_ptr() or storage.data_ptr() in self._storages
-        ):
-            t = t.clone()
-            storage = t.untyped_storage()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_size:
+        if self._entries and self._pending_bytes + nbytes > self.max_shard_size:
             self._flush()
-        self._names.add(name)
-        self._pending[name] = t
-        self._pending_bytes += nbytes
+        if self._data is None:
+            self._data_path = self.folder / f"{_SHARD_TMP_PREFIX}{len(self._shards) + 1:05d}.data"
+            self._data = open(self._data_path, "wb")  # noqa: SIM115 - closed in _flush / abort
+        start = self._pending_bytes
         if nbytes:
-            self._storages.add(storage.data_ptr())
+            raw = t.reshape(-1).view(torch.uint8).numpy()
+            self._write(self._data, memoryview(raw), nbytes)
+        self._entries.append((name, dtype, [int(d) for d in t.shape], start, start + nbytes))
+        self._names.add(name)
+        self._pending_bytes += nbytes
         self._total_size += nbytes
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        from safetensors.torch import save_file
+    def _write(self, handle: Any, data: Any, nbytes: int) -> None:
+        try:
+            handle.write(data)
+        except OSError as exc:
+            if _is_disk_full(exc):
+                raise self._disk_full(nbytes) from None
+            raise
 
+    def _disk_full(self, nbytes: int) -> DiskFullError:
+        free = shutil.disk_usage(self.folder).free
+        return DiskFullError(
+            f"disk full while writing shards in {self.folder}: needs {nbytes:,} more bytes, {free:,} free",
+            hint="free some space or choose -o on another disk",
+        )
+
+    def _flush(self) -> None:
+        """Close the shard being filled: header, then its data (copied from the data file)."""
+        if self._data is None:
+            return
+        assert self._data_path is not None
+        data_path, handle = self._data_path, self._data
+        self._data = self._data_path = None
+        handle.close()
+        header: dict[str, Any] = {"__metadata__": self.metadata}
+        for name, dtype, shape, start, end in self._entries:
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
         path = self.folder / f"{_SHARD_TMP_PREFIX}{len(self._shards) + 1:05d}.safetensors"
         try:
-            save_file(self._pending, str(path), metadata=self.metadata)
-            if len(self.metadata) > 1:
-                _normalize_header_order(path)
-        except Exception as exc:
+            with open(path, "wb") as out, open(data_path, "rb") as source:
+                self._write(out, len(raw).to_bytes(8, "little") + raw, len(raw) + 8)
+                try:
+                    shutil.copyfileobj(source, out, 16 * 2**20)
+                except OSError as exc:
+                    if _is_disk_full(exc):
+                        raise self._disk_full(self._pending_bytes) from None
+                    raise
+        except BaseException:
             path.unlink(missing_ok=True)
-            if _is_disk_full(exc):
-                free = shutil.disk_usage(self.folder).free
-                raise DiskFullError(
-                    f"disk full while writing {path.name} in {self.folder}: "
-                    f"needs {self._pending_bytes:,} bytes, {free:,} free",
-                    hint="free some space or choose -o on another disk",
-                ) from None
+            data_path.unlink(missing_ok=True)
             raise
-        self._shards.append((path, list(self._pending)))
-        # Drop our references so the shard's memory can be reclaimed before the next one fills.
-        self._pending = {}
+        data_path.unlink(missing_ok=True)
+        self._shards.append((path, [entry[0] for entry in self._entries]))
+        self._entries = []
         self._pending_bytes = 0
-        self._storages = set()
 
     def finalize(self) -> WriteResult:
         """Write the last shard, give shards their final names and write the index when sharded.
@@ -924,10 +971,15 @@ class ShardedWriter:
         return self.result
 
     def abort(self) -> None:
-        """Drop buffered tensors and delete the shards written so far (idempotent)."""
+        """Drop the shard being filled and delete the shards written so far (idempotent)."""
         self._closed = True
-        self._pending = {}
-        self._storages = set()
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+        if self._data_path is not None:
+            self._data_path.unlink(missing_ok=True)
+            self._data_path = None
+        self._entries = []
         for path, _names in self._shards:
             path.unlink(missing_ok=True)
         self._shards = []

@@ -48,10 +48,12 @@ class QuantizeOptions:
         attention / shared_experts: quantize those projections too.
         coverage: how calibration tokens reach experts.
         expert_batch: experts quantized together (0: a whole layer).
-        device: where calibration and GPTQ run (``auto``: CUDA when available); the model itself stays
-            in CPU memory and one decoder layer at a time moves to the device.
-        dtype: the dtype the model is loaded in (``auto``: float32).
+        device: where calibration and GPTQ run (``auto``: CUDA when available); one decoder layer at a
+            time is read from the checkpoint onto it.
+        dtype: the compute dtype (``auto``: float32 on the CPU, the checkpoint's dtype on a GPU).
         max_shard_size: largest output weight file.
+        whole_model: load the whole model first instead of streaming it layer by layer (for comparison).
+        offload_activations: keep the calibration activations in CPU memory between layers.
     """
 
     bits: int | None = 4
@@ -70,6 +72,8 @@ class QuantizeOptions:
     device: str = "auto"
     dtype: str = "auto"
     max_shard_size: str = "5GB"
+    whole_model: bool = False
+    offload_activations: bool = False
 
     @property
     def categories(self) -> tuple[str, ...]:
@@ -163,6 +167,7 @@ class QuantizeResult:
     files: list[str] = field(default_factory=list)
     bytes_written: int = 0
     warnings: list[str] = field(default_factory=list)
+    memory: dict[str, Any] = field(default_factory=dict)
 
     @property
     def expert_bits(self) -> float | None:
@@ -196,6 +201,8 @@ class QuantizeResult:
                 "max_tokens_per_expert": opts.coverage.max_tokens_per_expert,
                 "min_tokens_per_expert": opts.coverage.min_tokens_per_expert,
                 "fallback": opts.coverage.fallback,
+                "whole_model": opts.whole_model,
+                "offload_activations": opts.offload_activations,
             },
             "bits_per_param": {k: v.to_json() for k, v in self.storage.items()},
             "expert_bits_per_param": None if self.expert_bits is None else round(self.expert_bits, 4),
@@ -204,6 +211,7 @@ class QuantizeResult:
             "coverage": coverage,
             "layers": [layer.to_json() for layer in self.layers],
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "memory": self.memory,
             "files": self.files,
             "bytes_written": self.bytes_written,
             "warnings": self.warnings,
@@ -222,24 +230,24 @@ def _refuse_quantized(checkpoint: Any) -> None:
         )
 
 
-def _linear_modules(layout: Any, layers: dict[int, Any]) -> dict[int, dict[str, Any]]:
+def _linear_modules(layout: Any, layer: int, layer_module: Any) -> dict[str, Any]:
+    """The ``nn.Linear`` modules of one decoder layer that the layout quantizes, by name in the layer."""
     from torch import nn
 
     from moetool.errors import UnsupportedArchitectureError
 
-    out: dict[int, dict[str, Any]] = {}
-    for layer, linears in layout.linears.items():
-        for linear in linears:
-            try:
-                module = layers[layer].get_submodule(linear.module)
-            except AttributeError:
-                module = None
-            if not isinstance(module, nn.Linear) or tuple(module.weight.shape) != linear.shape:
-                raise UnsupportedArchitectureError(
-                    f"{linear.name} is not an nn.Linear named {linear.module} in the transformers model",
-                    hint=f"drop --quantize-{linear.category.replace('_', '-')} for this family",
-                )
-            out.setdefault(layer, {})[linear.module] = module
+    out: dict[str, Any] = {}
+    for linear in layout.linears.get(layer, []):
+        try:
+            module = layer_module.get_submodule(linear.module)
+        except AttributeError:
+            module = None
+        if not isinstance(module, nn.Linear) or tuple(module.weight.shape) != linear.shape:
+            raise UnsupportedArchitectureError(
+                f"{linear.name} is not an nn.Linear named {linear.module} in the transformers model",
+                hint=f"drop --quantize-{linear.category.replace('_', '-')} for this family",
+            )
+        out[linear.module] = module
     return out
 
 
@@ -304,6 +312,185 @@ def _write_layer(writer: Any, layout: Any, layer: int, result: Any, fmt: QuantFo
         put(linear.name, result.linears[linear.module])
 
 
+class _StepInputs:
+    """The calibration batches of a streamed pass, as the engine runs them (one layer, several passes).
+
+    The engine calls :meth:`run` for its statistics passes and its final pass, and its hooks read
+    :attr:`current_mask` (padding never enters a Hessian).
+    """
+
+    def __init__(self, step: Any, batches: set[int], tokens: int) -> None:
+        self.step = step
+        self.batches = batches
+        self.tokens = tokens
+
+    def run(self, layer: int, module: Any, *, keep: bool) -> None:
+        self.step.run(keep=keep, only=self.batches)
+
+    @property
+    def current_mask(self) -> Any:
+        return self.step.current_mask
+
+
+def _probe_batch(ids: Any) -> Any:
+    """One window of token ids as a batch (the sample the logits check compares on)."""
+    import torch
+
+    from moetool.data import Batch
+
+    ids = ids.reshape(1, -1).long()
+    return Batch(ids, torch.ones_like(ids), [None])
+
+
+def _digest(tensor: Any) -> str:
+    """A fingerprint of a tensor's exact bytes (what the decode-back check compares)."""
+    import hashlib
+
+    import torch
+
+    data = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _layer_digests(layout: Any, layer: int, experts: Any, linears: dict[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if layer in layout.experts and experts is not None:
+        out["gate_up"] = _digest(experts.gate_up_proj)
+        out["down"] = _digest(experts.down_proj)
+    for name, module in linears.items():
+        out[name] = _digest(module.weight)
+    return out
+
+
+def _read_calibration(calibration: CalibrationData, status: Callable[[str], None]) -> list[Any]:
+    from moetool.data import load_documents
+
+    status(f"reading {calibration.dataset}")
+    return load_documents(
+        calibration.dataset,
+        text_field=calibration.text_field,
+        split=calibration.split,
+        data_files=list(calibration.data_files) or None,
+        config_name=calibration.config_name,
+    )
+
+
+def _calibration_batches(
+    checkpoint: Any, tokenizer: Any, documents: list[Any], calibration: CalibrationData, warnings: list[str]
+) -> tuple[list[Any], int]:
+    """The calibration windows, batched; the sequence length actually used."""
+    from moetool.data import iter_batches, iter_windows
+    from moetool.errors import DatasetError
+    from moetool.evaluate import check_seq_len
+
+    seq_len = calibration.seq_len
+    limit = checkpoint.config.get("max_position_embeddings")
+    if isinstance(limit, int) and not isinstance(limit, bool) and 1 < limit < seq_len:
+        warnings.append(f"--seq-len {seq_len} cut to the model's max_position_embeddings ({limit})")
+        seq_len = limit
+    check_seq_len(checkpoint.config, seq_len, checkpoint.name)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    windows = iter_windows(tokenizer, documents, seq_len=seq_len, max_tokens=calibration.max_tokens or None)
+    batches = list(iter_batches(windows, batch_size=calibration.batch_size, pad_id=pad_id))
+    if not batches:
+        raise DatasetError(f"{calibration.dataset} gave no calibration tokens", code="DATASET_EMPTY")
+    return batches, seq_len
+
+
+@dataclass
+class _PassOutcome:
+    """What the layer-by-layer pass produced besides the written codes."""
+
+    digests: dict[int, dict[str, str]] = field(default_factory=dict)
+    original_logits: Any = None
+    quantized_logits: Any = None
+    calibration_tokens: int = 0
+
+
+def _quantize_pass(
+    runner: Any,
+    layout: Any,
+    spec: Any,
+    fmt: QuantFormat,
+    options: QuantizeOptions,
+    calibration_batches: list[Any],
+    probe: Any,
+    writer: Any,
+    result: QuantizeResult,
+    status: Callable[[str], None],
+    on_layer: Callable[[LayerReport, int, int], None] | None,
+) -> _PassOutcome:
+    """One layer-major pass: each decoder layer is loaded, calibrated, quantized, written and released.
+
+    The probe window runs through every layer twice, before quantization (original weights) and after
+    (quantized), so the two models' logits can be compared at the end without holding either model.
+    """
+    from moetool.quantize.engine import quantize_layer
+    from moetool.quantize.loader import experts_module
+    from moetool.runner.skeleton import layer_index
+
+    grid = fmt.grid(clip_search=options.clip_search, ternary_scale=options.ternary_scale)
+    method_opts = MethodOptions(
+        method=options.method,
+        group_size=options.group_size,
+        act_order=options.act_order,
+        damp=options.damp,
+        expert_batch=options.expert_batch,
+        ternary_bits=options.ternary_bits if fmt.scheme == "ternary" else 0.0,
+        split_gate_up=not any(e.fused for e in layout.experts.values()),
+    )
+    calib = set(range(len(calibration_batches)))
+    probe_original, probe_quantized = len(calibration_batches), len(calibration_batches) + 1
+    batches = [*calibration_batches, probe, probe]
+    outcome = _PassOutcome(calibration_tokens=sum(int(b.attention_mask.sum()) for b in calibration_batches))
+    total = len(runner.layer_paths)
+    seen: set[int] = set()
+    with runner.run(batches, logits={probe_original, probe_quantized}) as schedule:
+        for step in schedule.steps():
+            layer = layer_index(step.path)
+            step.run(keep=True, only={probe_original})
+            if layer in layout.experts or layer in layout.linears:
+                seen.add(layer)
+                status(f"quantizing layer {layer}")
+                experts = experts_module(step.module, spec, layer) if layer in layout.experts else None
+                linears = _linear_modules(layout, layer, step.module)
+                _check_mapping(runner.checkpoint, layout, layer, experts, linears)
+                inputs = None
+                if calib and options.method == "gptq":
+                    inputs = _StepInputs(step, calib, outcome.calibration_tokens)
+                layer_result = quantize_layer(
+                    layer,
+                    step.module,
+                    experts,
+                    linears,
+                    grid=grid,
+                    opts=method_opts,
+                    coverage=options.coverage,
+                    inputs=inputs,
+                )
+                _write_layer(writer, layout, layer, layer_result, fmt)
+                outcome.digests[layer] = _layer_digests(layout, layer, experts, linears)
+                result.layers.append(layer_result.report)
+                del layer_result
+                if on_layer is not None:
+                    on_layer(result.layers[-1], step.position, total)
+            step.run(keep=True, only=calib)
+            step.run(keep=True, only={probe_quantized})
+        for batch, logits in schedule.logits():
+            if batch == probe_original:
+                outcome.original_logits = logits.float().cpu()
+            else:
+                outcome.quantized_logits = logits.float().cpu()
+    missing = [layer for layer in layout.layers if layer not in seen]
+    if missing:
+        raise CheckpointError(
+            f"the transformers model never ran decoder layer {missing[0]}, which holds experts to quantize",
+            hint="the installed transformers lays this family out differently; please report it",
+            code="LAYOUT_MISMATCH",
+        )
+    return outcome
+
+
 def quantize(
     source: Any,
     out: Path | str,
@@ -322,19 +509,23 @@ def quantize(
 ) -> QuantizeResult:
     """Quantize the routed experts (and optionally attention / shared experts) of an MoE checkpoint.
 
+    The model is never held whole: one pass reads each decoder layer's weights once, runs the
+    calibration tokens through it, quantizes it, writes its codes and frees it before the next layer
+    (``options.whole_model`` loads it whole instead, for comparison).
+
     Args:
         source: a local folder, a Hub repo id, or an opened :class:`~moetool.io.checkpoint.Checkpoint`.
         out: the output folder.
         options: bits, method, groups, coverage, device.
         calibration: the calibration text (required for ``gptq``, unused otherwise).
         verify: run the checks of :mod:`moetool.quantize.verify` before publishing.
-        full_check: reload the output through transformers and compare logits (``None``: when the
+        full_check: also reload the output through transformers and compare logits (``None``: when the
             source weighs at most 4 GB).
         overwrite: replace an existing output folder.
         revision / token / offline: Hub access for a repo id.
         command: the command line, for the model card.
         on_status: progress callback, a line saying what happens now.
-        on_layer: called after each decoder layer with its report, its position and the layer count.
+        on_layer: called after each quantized decoder layer with its report, its position and the layer count.
 
     Returns:
         What was written, measured and checked.
@@ -344,15 +535,14 @@ def quantize(
         CheckpointError: ``QUANTIZED_INPUT``, missing experts, ``LAYOUT_MISMATCH``.
         UnsupportedArchitectureError: ``NOT_MOE``, a family whose experts cannot be rewritten.
         OutputError: the output path exists (without ``overwrite``), overlaps the input, ...
+        InsufficientMemoryError: one layer and the calibration activations cannot fit.
         VerificationError: a failed check (nothing is published).
     """
-    import torch
-
     from moetool.arch.dims import resolve_dims
     from moetool.arch.registry import family_for_config
     from moetool.io.checkpoint import Checkpoint
     from moetool.io.writer import check_output_path
-    from moetool.modeling import check_device_name, check_dtype_name, open_checkpoint, resolve_device
+    from moetool.modeling import check_device_name, check_dtype_name, open_checkpoint
     from moetool.quantize.layout import build_layout
 
     status = on_status or (lambda _msg: None)
@@ -379,90 +569,51 @@ def quantize(
     layout = build_layout(spec, dims, checkpoint, options.categories)
     out = Path(out)
     check_output_path(out, [checkpoint.root], overwrite=overwrite)
-    device = resolve_device(options.device)
-
-    documents = None
-    if needs_data and calibration is not None:
-        from moetool.data import load_documents
-
-        status(f"reading {calibration.dataset}")
-        documents = load_documents(
-            calibration.dataset,
-            text_field=calibration.text_field,
-            split=calibration.split,
-            data_files=list(calibration.data_files) or None,
-            config_name=calibration.config_name,
-        )
+    documents = _read_calibration(calibration, status) if needs_data and calibration is not None else None
     timings["plan"] = time.perf_counter() - started
 
-    from moetool.modeling import load_tokenizer, load_weights
-    from moetool.quantize.loader import decoder_layers, experts_module
+    import torch
+
+    from moetool.modeling import load_tokenizer
+    from moetool.runner.memory import check_fits, estimate
+    from moetool.runner.stream import StreamedModel, StreamOptions
 
     step = time.perf_counter()
-    status(f"loading {checkpoint.name}")
+    status(f"opening {checkpoint.name}" + (" (whole model)" if options.whole_model else " (one layer at a time)"))
     tokenizer = load_tokenizer(checkpoint) if needs_data else None
-    model = load_weights(checkpoint, device="cpu", dtype=options.dtype)
-    layers = decoder_layers(model)
-    missing = [layer for layer in layout.layers if layer not in layers]
-    if missing:
-        raise CheckpointError(
-            f"the transformers model has no decoder layer {missing[0]}",
-            hint="the installed transformers lays this family out differently; please report it",
-            code="LAYOUT_MISMATCH",
-        )
-    experts = {layer: experts_module(layers[layer], spec, layer) for layer in layout.experts}
-    linears = _linear_modules(layout, layers)
-    timings["load"] = time.perf_counter() - step
-
-    inputs = None
+    runner = StreamedModel(
+        checkpoint,
+        StreamOptions(
+            device=options.device,
+            dtype=options.dtype,
+            hidden="cpu" if options.offload_activations else "auto",
+            whole_model=options.whole_model,
+        ),
+    )
+    calibration_batches: list[Any] = []
     calibration_report = None
-    sample_ids = None
     if needs_data:
-        from moetool.data import iter_batches, iter_windows
-        from moetool.evaluate import check_seq_len
-        from moetool.quantize.calibrate import LayerInputs
-
         assert calibration is not None and documents is not None and tokenizer is not None
-        step = time.perf_counter()
-        seq_len = calibration.seq_len
-        limit = checkpoint.config.get("max_position_embeddings")
-        if isinstance(limit, int) and not isinstance(limit, bool) and 1 < limit < seq_len:
-            warnings.append(f"--seq-len {seq_len} cut to the model's max_position_embeddings ({limit})")
-            seq_len = limit
-        check_seq_len(checkpoint.config, seq_len, checkpoint.name)
-        status(f"recording calibration inputs ({calibration.max_tokens:,} tokens)")
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        windows = iter_windows(tokenizer, documents, seq_len=seq_len, max_tokens=calibration.max_tokens or None)
-        batches = list(iter_batches(windows, batch_size=calibration.batch_size, pad_id=pad_id))
-        if not batches:
-            from moetool.errors import DatasetError
-
-            raise DatasetError(f"{calibration.dataset} gave no calibration tokens", code="DATASET_EMPTY")
-        sample_ids = batches[0].input_ids[:1, : min(64, batches[0].input_ids.shape[1])]
-        inputs = LayerInputs.capture(model, layers, batches, device)
+        calibration_batches, seq_len = _calibration_batches(checkpoint, tokenizer, documents, calibration, warnings)
+        probe_ids = calibration_batches[0].input_ids[0, : min(64, int(calibration_batches[0].attention_mask[0].sum()))]
         calibration_report = {
             "dataset": calibration.dataset,
-            "tokens": inputs.tokens,
-            "windows": sum(int(b.input_ids.shape[0]) for b in batches),
+            "tokens": sum(int(b.attention_mask.sum()) for b in calibration_batches),
+            "windows": sum(int(b.input_ids.shape[0]) for b in calibration_batches),
             "seq_len": seq_len,
         }
-        del batches
-        timings["capture"] = time.perf_counter() - step
+        del documents
+    else:
+        vocab = int(runner.model.get_input_embeddings().weight.shape[0])
+        probe_ids = torch.randint(0, vocab, (32,), generator=torch.Generator().manual_seed(0))
+    positions = sum(int(b.input_ids.numel()) for b in calibration_batches) + 2 * int(probe_ids.numel())
+    memory = estimate(checkpoint, str(runner.dtype).removeprefix("torch."))
+    check_fits(memory, tokens=positions, device=runner.device, whole_model=options.whole_model)
+    timings["load"] = time.perf_counter() - step
 
     from moetool.io.model_card import write_model_card
     from moetool.io.writer import ShardedWriter, copy_aux_files, parse_size, staged_output, write_json
-    from moetool.quantize.engine import quantize_layer
 
-    grid = fmt.grid(clip_search=options.clip_search, ternary_scale=options.ternary_scale)
-    method_opts = MethodOptions(
-        method=options.method,
-        group_size=options.group_size,
-        act_order=options.act_order,
-        damp=options.damp,
-        expert_batch=options.expert_batch,
-        ternary_bits=options.ternary_bits if fmt.scheme == "ternary" else 0.0,
-        split_gate_up=not any(e.fused for e in layout.experts.values()),
-    )
     result = QuantizeResult(
         source=checkpoint.name,
         output=str(out),
@@ -470,45 +621,30 @@ def quantize(
         options=options,
         family=spec.name,
         source_revision=checkpoint.revision,
-        device=str(device),
+        device=str(runner.device),
         calibration=calibration_report,
         timings=timings,
         warnings=warnings,
+        memory=memory.to_json(positions) | {"streamed": not options.whole_model},
     )
     replaced = layout.quantized_names()
     with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite) as staging:
         step = time.perf_counter()
         with ShardedWriter(staging, max_shard_size=parse_size(options.max_shard_size)) as writer:
-            order = sorted(layers)
-            for position, layer in enumerate(order):
-                module = layers[layer]
-                todo = layer in layout.experts or layer in layout.linears
-                if not todo and inputs is None:
-                    continue
-                module.to(device)
-                if todo:
-                    status(f"quantizing layer {layer}")
-                    _check_mapping(checkpoint, layout, layer, experts.get(layer), linears.get(layer, {}))
-                    layer_result = quantize_layer(
-                        layer,
-                        module,
-                        experts.get(layer),
-                        linears.get(layer, {}),
-                        grid=grid,
-                        opts=method_opts,
-                        coverage=options.coverage,
-                        inputs=inputs,
-                    )
-                    _write_layer(writer, layout, layer, layer_result, fmt)
-                    result.layers.append(layer_result.report)
-                    del layer_result
-                    if on_layer is not None:
-                        on_layer(result.layers[-1], position, len(order))
-                elif inputs is not None:
-                    inputs.run(layer, module, keep=True)
-                if device.type != "cpu":
-                    module.to("cpu")
-            del inputs
+            outcome = _quantize_pass(
+                runner,
+                layout,
+                spec,
+                fmt,
+                options,
+                calibration_batches,
+                _probe_batch(probe_ids),
+                writer,
+                result,
+                status,
+                on_layer,
+            )
+            del calibration_batches
             timings["quantize"] = time.perf_counter() - step
             step = time.perf_counter()
             status("copying the other tensors")
@@ -522,29 +658,20 @@ def quantize(
         timings["write"] = time.perf_counter() - step
 
         step = time.perf_counter()
-        from moetool.quantize.verify import check_coverage, check_exact, check_reload, measure_storage
-
-        written = Checkpoint.open(staging, name=str(out))
-        storage = measure_storage(written, checkpoint, layout)
-        result.storage = storage
-        verification = Verification(storage=storage)
-        verification.checks.append(check_coverage(written, checkpoint, layout, fmt))
-        if verify:
-            status("verifying the written codes")
-            verification.checks.append(check_exact(written, layout, fmt, layers))
-            full = full_check if full_check is not None else checkpoint.total_bytes() <= FULL_CHECK_BYTES
-            if full:
-                status("reloading the output with transformers")
-                if sample_ids is None:
-                    generator = torch.Generator().manual_seed(0)
-                    vocab = int(model.get_input_embeddings().weight.shape[0])
-                    sample_ids = torch.randint(0, vocab, (1, 32), generator=generator)
-                verification.checks.append(check_reload(staging, model, sample_ids))
-            else:
-                verification.checks.append(
-                    Check("reload", None, "skipped: the model is larger than the in-memory check allows")
-                )
-        result.verification = verification
+        result.verification = _verify(
+            staging,
+            out,
+            checkpoint,
+            layout,
+            fmt,
+            runner,
+            outcome,
+            probe_ids,
+            verify=verify,
+            full_check=full_check,
+            status=status,
+        )
+        result.storage = result.verification.storage
         timings["verify"] = time.perf_counter() - step
         write_model_card(staging, **_card(result, command))
         result.files = sorted(p.name for p in staging.iterdir())
@@ -552,6 +679,50 @@ def quantize(
         status("publishing")
     timings["total"] = time.perf_counter() - started
     return result
+
+
+def _verify(
+    staging: Path,
+    out: Path,
+    checkpoint: Any,
+    layout: Any,
+    fmt: QuantFormat,
+    runner: Any,
+    outcome: _PassOutcome,
+    probe_ids: Any,
+    *,
+    verify: bool,
+    full_check: bool | None,
+    status: Callable[[str], None],
+) -> Verification:
+    """The checks of :mod:`moetool.quantize.verify` on the staging folder, one layer in memory at a time."""
+    from moetool.io.checkpoint import Checkpoint
+    from moetool.quantize.verify import (
+        check_coverage,
+        check_decoded,
+        check_probe_logits,
+        check_reload,
+        measure_storage,
+    )
+
+    written = Checkpoint.open(staging, name=str(out))
+    storage = measure_storage(written, checkpoint, layout)
+    verification = Verification(storage=storage)
+    verification.checks.append(check_coverage(written, checkpoint, layout, fmt))
+    if not verify:
+        return verification
+    status("verifying the written codes, layer by layer")
+    verification.checks.append(check_decoded(written, layout, fmt, outcome.digests, runner.dtype))
+    verification.checks.append(check_probe_logits(outcome.original_logits, outcome.quantized_logits))
+    full = full_check if full_check is not None else checkpoint.total_bytes() <= FULL_CHECK_BYTES
+    if full:
+        status("reloading the output with transformers")
+        verification.checks.append(check_reload(staging, outcome.quantized_logits, probe_ids, runner.dtype))
+    else:
+        verification.checks.append(
+            Check("reload", None, "skipped: the model is larger than the whole-model reload check allows")
+        )
+    return verification
 
 
 def _card(result: QuantizeResult, command: str | Sequence[str] | None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moetool.quantize.calibrate import CoverageOptions, ExpertsHessians, LayerCoverage, LayerInputs, LinearHessian
+from moetool.quantize.calibrate import CalibrationRunner, CoverageOptions, ExpertsHessians, LayerCoverage, LinearHessian
 from moetool.quantize.gptq import DEFAULT_DAMP, GPTQStats, gptq_quantize
 from moetool.quantize.rtn import QuantizedWeight, rtn_quantize
 
@@ -251,7 +251,7 @@ def quantize_layer(
     grid: Grid,
     opts: MethodOptions,
     coverage: CoverageOptions,
-    inputs: LayerInputs | None,
+    inputs: CalibrationRunner | None,
 ) -> LayerResult:
     """Quantize one decoder layer in place (the model then holds the dequantized weights).
 
@@ -282,7 +282,7 @@ def _quantize_layer(
     grid: Grid,
     opts: MethodOptions,
     coverage: CoverageOptions,
-    inputs: LayerInputs | None,
+    inputs: CalibrationRunner | None,
 ) -> LayerResult:
     started = time.perf_counter()
     report = LayerReport(layer)
@@ -320,7 +320,7 @@ def _gptq_layer(
     grid: Grid,
     opts: MethodOptions,
     coverage: CoverageOptions,
-    inputs: LayerInputs,
+    inputs: CalibrationRunner,
     result: LayerResult,
 ) -> None:
     report = result.report

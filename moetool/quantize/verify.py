@@ -5,11 +5,13 @@ Run inside the staging folder, before anything is published; a failed check remo
 * ``coverage``: every routed-expert tensor the config implies is stored as packed codes and none in
   full precision: 100% of routed-expert parameters quantized (what bitsandbytes' 4-bit loading misses
   for fused experts).
-* ``exact``: each quantized layer, decoded from the files, equals the weights the quantizer computed,
-  bit for bit.
+* ``exact``: each quantized layer, decoded from the files one layer at a time, equals the weights the
+  quantizer computed, bit for bit (compared through fingerprints, so no layer stays in memory);
+* ``logits``: the original and the quantized model, both run by the layer-streamed pass on a probe
+  window, give finite logits; their KL and top-1 agreement are reported;
 * ``reload``: the output loaded the way users load it (transformers ``from_pretrained`` through the
-  registered ``moetool`` quantizer) gives the same logits as the in-memory quantized model; run when
-  the model is small enough to hold twice (or when asked).
+  registered ``moetool`` quantizer) gives the probe window the same logits as the quantized model of
+  the pass; run when the model is small enough to load whole (or when asked).
 
 Bits per parameter: for each category (routed experts, shared experts, attention, ...), the stored
 bytes (codes, scales, zero points, or the unchanged tensors) over the logical parameters they hold.
@@ -165,47 +167,83 @@ def check_coverage(output: Checkpoint, source: Checkpoint, layout: QuantLayout, 
     return Check("coverage", True, f"{quantized:,} of {total:,} routed-expert parameters stored quantized", 1.0)
 
 
-def check_exact(output: Checkpoint, layout: QuantLayout, fmt: QuantFormat, layers: dict[int, Any]) -> Check:
-    """Decode every quantized layer from the files and compare with the model's in-memory weights.
+def check_decoded(
+    output: Checkpoint, layout: QuantLayout, fmt: QuantFormat, digests: dict[int, dict[str, str]], dtype: Any
+) -> Check:
+    """Decode every quantized layer from the files, one layer at a time, and compare it bit for bit with
+    the weights the quantizer computed (kept as fingerprints, so no layer stays in memory).
 
     Raises:
-        VerificationError: a decoded weight differs.
+        VerificationError: a decoded weight differs, or a layer the quantizer wrote is missing.
     """
-    import torch
+    from torch import nn
 
+    from moetool.quantize.api import _digest
     from moetool.quantize.loader import read_packed_layer
     from moetool.quantize.modules import QuantizedExperts, QuantizedLinear
 
     compared = 0
     for layer in layout.layers:
+        expected = digests.get(layer)
+        if expected is None:
+            raise VerificationError(f"layer {layer} was not quantized", hint="this is a bug in moetool quantize")
         decoded = read_packed_layer(output, layout, fmt, layer)
-        module = layers[layer]
-        pairs = []
+        got: dict[str, Any] = {}
         if "experts" in decoded:
-            experts = module.get_submodule(layout.spec.experts_module)
-            holder = QuantizedExperts.like(experts, fmt)
-            holder.load(*decoded.pop("experts"))
-            gate_up, down = holder.dequantize()
-            pairs += [("gate_up", gate_up, experts.gate_up_proj), ("down", down, experts.down_proj)]
+            info = layout.experts[layer]
+            experts = QuantizedExperts(info.num_experts, info.hidden, info.intermediate, nn.Identity(), fmt)
+            experts.load(*decoded.pop("experts"))
+            got["gate_up"], got["down"] = experts.dequantize()
+        shapes = {linear.module: linear.shape for linear in layout.linears.get(layer, [])}
         for name, weight in decoded.items():
-            linear = module.get_submodule(name)
-            holder = QuantizedLinear.like(linear, fmt)
-            holder.load(weight)
-            pairs.append((name, holder.dequantize(), linear.weight))
-        for what, stored, live in pairs:
-            live_value = live.detach().to("cpu")
-            if not torch.equal(stored.to(live_value.dtype), live_value):
-                diff = float((stored - live_value.float()).abs().max())
+            out_features, in_features = shapes[name]
+            linear = QuantizedLinear(in_features, out_features, False, fmt)
+            linear.load(weight)
+            got[name] = linear.dequantize()
+        for what, digest in expected.items():
+            weight = got.get(what)
+            if weight is None or _digest(weight.to(dtype)) != digest:
                 raise VerificationError(
-                    f"layer {layer} {what}: the written codes decode to different weights (max diff {diff:.3g})",
+                    f"layer {layer} {what}: the written codes decode to different weights than the quantizer's",
                     hint="this is a bug in moetool quantize; please report it",
                 )
-            compared += live_value.numel()
+            compared += weight.numel()
     return Check("exact", True, f"{compared:,} weights decoded from the files equal the quantized model's")
 
 
-def check_reload(folder: Path, model: Any, input_ids: Any) -> Check:
-    """Load the output through transformers (the registered quantizer) and compare logits.
+def check_probe_logits(original: Any, quantized: Any) -> Check:
+    """Compare the original and the quantized model's logits on the probe window (both computed by the
+    layer-streamed pass): the quantized model must give finite logits; KL and top-1 agreement are reported.
+
+    Raises:
+        VerificationError: the quantized model's logits are NaN or infinite.
+    """
+    import torch
+
+    if original is None or quantized is None:
+        return Check("logits", None, "skipped: no probe logits")
+    if not bool(torch.isfinite(quantized).all()):
+        raise VerificationError(
+            "the quantized model gives NaN or infinite logits on the probe tokens",
+            hint="try more bits, a smaller --group-size, or --dtype float32",
+            code="NON_FINITE",
+        )
+    log_p = torch.log_softmax(original.float(), dim=-1)
+    log_q = torch.log_softmax(quantized.float(), dim=-1)
+    kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    agree = float((log_p.argmax(-1) == log_q.argmax(-1)).float().mean())
+    tokens = int(original.shape[-2]) if original.dim() > 1 else 1
+    return Check(
+        "logits",
+        True,
+        f"original vs quantized on {tokens} probe tokens: KL {kl:.5f}, top-1 agreement {100 * agree:.1f}%",
+        kl,
+    )
+
+
+def check_reload(folder: Path, want: Any, input_ids: Any, dtype: Any) -> Check:
+    """Load the output the way users do (transformers, through the registered quantizer) and compare its
+    logits on the probe tokens with the quantized model's from the streamed pass.
 
     Raises:
         VerificationError: the logits differ beyond :data:`RELOAD_TOLERANCE` (relative to their scale).
@@ -217,15 +255,13 @@ def check_reload(folder: Path, model: Any, input_ids: Any) -> Check:
 
     checkpoint = Checkpoint.open(folder)
     # Compare in the dtype the quantizer held the model in (its dequantized weights were rounded to it).
-    dtype = next(model.parameters()).dtype
     loaded = loader_for(checkpoint.config)(checkpoint, dtype=dtype, device=torch.device("cpu"))
     try:
         with torch.no_grad():
-            device = model.get_input_embeddings().weight.device
-            want = model(input_ids=input_ids.to(device), use_cache=False).logits.float().cpu()
-            got = loaded(input_ids=input_ids, use_cache=False).logits.float()
+            got = loaded(input_ids=input_ids.reshape(1, -1), use_cache=False).logits.float()
     finally:
         del loaded
+    want = want.float().reshape(got.shape)
     diff = float((want - got).abs().max())
     scale = max(1.0, float(want.abs().max()))
     tolerance = RELOAD_TOLERANCE if dtype == torch.float32 else 5e-2  # half precision: summation order shows

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -117,7 +117,18 @@ class LayerStep:
         self._calls = calls
         self.current_batch: int | None = None
         self.current_mask: Any = None
-        self.kept = False
+        self._kept: set[int] = set()
+
+    @property
+    def kept(self) -> bool:
+        """Whether every batch has its result (the layer ran on it with ``keep=True``)."""
+        return len(self._kept) == len(self._calls)
+
+    def finish(self) -> None:
+        """Run the batches that have no result yet (the layer as it is now)."""
+        missing = [call.batch for call in self._calls if call.batch not in self._kept]
+        if missing:
+            self.run(keep=True, only=set(missing))
 
     @property
     def num_batches(self) -> int:
@@ -128,13 +139,21 @@ class LayerStep:
         """Real tokens over all batches of the pass."""
         return sum(self._schedule.inputs[c.batch].tokens for c in self._calls)
 
-    def run(self, *, keep: bool, before_batch: Callable[[int], None] | None = None) -> None:
-        """Run the layer over every batch, in batch order.
+    def run(
+        self,
+        *,
+        keep: bool,
+        before_batch: Callable[[int], None] | None = None,
+        only: Collection[int] | None = None,
+    ) -> None:
+        """Run the layer over every batch (or those in ``only``), in batch order.
 
         Args:
             keep: its outputs become the batches' results (what the next layer receives); without
                 ``keep`` the outputs are dropped (a statistics-collecting pass).
             before_batch: called with each batch index before that batch runs.
+            only: the batches to run (all when ``None``). A batch not run with ``keep`` by the time the
+                consumer moves on is run then.
         """
         import torch
 
@@ -143,6 +162,8 @@ class LayerStep:
         try:
             with torch.inference_mode():
                 for call in self._calls:
+                    if only is not None and call.batch not in only:
+                        continue
                     self.current_batch = call.batch
                     self.current_mask = schedule.device_mask(call.batch)
                     if before_batch is not None:
@@ -153,13 +174,13 @@ class LayerStep:
                     output = self.module(*args, **kwargs)
                     if keep:
                         call.result = move(output, schedule.hidden_device)
+                        self._kept.add(call.batch)
                     del output, args, kwargs
         finally:
             if forward is not None:
                 self.module.forward = forward
             self.current_batch = None
             self.current_mask = None
-        self.kept = self.kept or keep
 
     def __repr__(self) -> str:
         return f"LayerStep({self.position}, {self.path!r}, batches={len(self._calls)})"
@@ -177,7 +198,8 @@ class LayerSchedule:
         hidden_device: where activations live between layers (the compute device, or the CPU).
         load / release: called with a layer path (or :data:`HEAD`) to put its weights on the compute
             device / free them.
-        keep_logits: stop the batches at the output head, so that :meth:`logits` yields each batch's logits.
+        keep_logits: stop the batches at the output head, so that :meth:`logits` yields each batch's logits
+            (``True``: every batch; a collection: those batches).
     """
 
     def __init__(
@@ -190,7 +212,7 @@ class LayerSchedule:
         hidden_device: torch.device,
         load: Callable[[str], None],
         release: Callable[[str], None],
-        keep_logits: bool = False,
+        keep_logits: bool | Collection[int] = False,
     ) -> None:
         self.model = model
         self.layer_paths = list(layer_paths)
@@ -199,7 +221,14 @@ class LayerSchedule:
         self.hidden_device = hidden_device
         self._load = load
         self._release = release
-        self.keep_logits = keep_logits
+        # Which batches stop at the head for their logits (all, none, or the given ones).
+        if keep_logits is True:
+            self._logit_batches: set[int] = set(range(len(self.inputs)))
+        elif keep_logits is False:
+            self._logit_batches = set()
+        else:
+            self._logit_batches = set(keep_logits)
+        self.keep_logits = bool(self._logit_batches)
         self._at_head: list[_Call] | None = None
         self._done_logits: dict[int, Any] = {}
         self._events: queue.Queue[tuple[Any, ...]] = queue.Queue()
@@ -263,7 +292,7 @@ class LayerSchedule:
         return proxy
 
     def _head_proxy(self, hidden: Any, *args: Any, **kwargs: Any) -> Any:
-        if not self.keep_logits:
+        if _batch.index not in self._logit_batches:
             # A placeholder the model's own post-processing (scaling, soft-capping) can run on cheaply.
             return hidden.new_zeros((*hidden.shape[:-1], 1))
         call = _Call(_batch.index, HEAD, (hidden, *args), kwargs)
@@ -283,7 +312,7 @@ class LayerSchedule:
             with torch.inference_mode():
                 output = self.model(**self.inputs[batch].kwargs)
             logits = None
-            if self.keep_logits:
+            if batch in self._logit_batches:
                 logits = output.logits if hasattr(output, "logits") else output[0]
             del output
             self._events.put(("done", batch, logits))
@@ -326,8 +355,7 @@ class LayerSchedule:
             try:
                 step = LayerStep(self, position, path, self.model.get_submodule(path), calls)
                 yield step
-                if not step.kept:
-                    step.run(keep=True)
+                step.finish()
             finally:
                 self._release(path)
             for call in calls:
@@ -409,9 +437,10 @@ class LayerSchedule:
         if not waiting:
             return None
         where = next(iter(waiting.values())).path
-        if self._finished:
+        early = self._finished & self._logit_batches if where == HEAD else self._finished
+        if early:
             raise ModelLoadError(
-                f"batches {sorted(self._finished)} finished the forward while others wait at {where}",
+                f"batches {sorted(early)} finished the forward while others wait at {where}",
                 hint="this model does not run every batch through the same layers; pass --whole-model",
                 code="STREAM_UNSUPPORTED",
             )
