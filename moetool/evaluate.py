@@ -38,6 +38,7 @@ class _Sums:
     nll: float = 0.0
     kl: float = 0.0
     agree: int = 0
+    ref_nll: float = 0.0
 
     def add(self, other: _Sums) -> None:
         self.tokens += other.tokens
@@ -45,6 +46,7 @@ class _Sums:
         self.nll += other.nll
         self.kl += other.kl
         self.agree += other.agree
+        self.ref_nll += other.ref_nll
 
 
 def _perplexity(nll: float) -> float:
@@ -63,6 +65,7 @@ def _figures(sums: _Sums, with_reference: bool) -> dict[str, Any]:
     if with_reference:
         figures["kl"] = sums.kl / sums.tokens if sums.tokens else math.nan
         figures["top1_agreement"] = sums.agree / sums.tokens if sums.tokens else math.nan
+        figures["reference_perplexity"] = _perplexity(sums.ref_nll / sums.tokens) if sums.tokens else math.nan
     return figures
 
 
@@ -86,6 +89,7 @@ class EvalResult:
         reference: the reference model's name, when there is one.
         kl: mean KL(reference || model) per scored token, in nats.
         top1_agreement: fraction of scored positions where both models' top-1 next token agree.
+        reference_perplexity: the reference's own perplexity on the same tokens (from the same pass).
         per_domain: for each domain (when documents have one): tokens, windows, nll, perplexity, and
             kl / top1_agreement with a reference.
         input_tokens: tokens fed to the model (scored tokens plus one per window).
@@ -102,6 +106,7 @@ class EvalResult:
     reference: str | None = None
     kl: float | None = None
     top1_agreement: float | None = None
+    reference_perplexity: float | None = None
     per_domain: dict[str, dict[str, Any]] = field(default_factory=dict)
     input_tokens: int = 0
     seq_len: int | None = None
@@ -124,6 +129,7 @@ class EvalResult:
             "perplexity": _json_number(self.perplexity),
             "kl": _json_number(self.kl),
             "top1_agreement": _json_number(self.top1_agreement),
+            "reference_perplexity": _json_number(self.reference_perplexity),
             "per_domain": {
                 domain: {key: _json_number(value) for key, value in figures.items()}
                 for domain, figures in self.per_domain.items()
@@ -317,6 +323,7 @@ def evaluate(
         reference=ref_name,
         kl=figures.get("kl"),
         top1_agreement=figures.get("top1_agreement"),
+        reference_perplexity=figures.get("reference_perplexity"),
         per_domain=per_domain,
         input_tokens=input_tokens,
         seq_len=seq_len,
@@ -358,4 +365,5 @@ def _score_window(logits: Any, targets: Any, ref_logits: Any | None) -> _Sums:
         kl = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(dim=-1)
         sums.kl = float(kl.double().sum())
         sums.agree = int((log_q.argmax(dim=-1) == log_p.argmax(dim=-1)).sum())
+        sums.ref_nll = float(-log_q.gather(-1, targets[:, None]).squeeze(-1).double().sum())
     return sums
