@@ -283,6 +283,7 @@ def distill_cmd(
             "--threads", min=0, help="CPU threads (0: as many as there are idle cores).", rich_help_panel=_PANEL_TRAIN
         ),
     ] = _DEFAULTS.threads,
+    whole_model: options.WholeModelOpt = False,
     eval_batch_size: Annotated[
         int,
         typer.Option(
@@ -360,6 +361,7 @@ def distill_cmd(
         log_every=log_every,
         max_train_tokens=max_train_tokens or None,
         threads=threads,
+        whole_model=whole_model,
     )
     # Cheap checks first: a typo should not cost a dataset read or a model load.
     opts.check()

@@ -209,6 +209,12 @@ def _accelerator(device: str, dtype: str) -> Any:
     return accelerator
 
 
+def _holds_no_weights(model: Any) -> bool:
+    from moetool.runner.stream import StreamedModel
+
+    return isinstance(model, StreamedModel)
+
+
 def _teacher_windows(
     data: Any, options: DistillOptions, processes: int, rank: int, start: int
 ) -> Iterator[tuple[list[int], Any]]:
@@ -514,8 +520,15 @@ def _run(
     live = options.alpha > 0 and not need_cache
     if live or needs_teacher_eval or (need_cache and cache is None):
         t0 = time.perf_counter()
-        teacher_model = load_weights(checkpoint, device=device_name(device), dtype=teacher_dtype)
-        teacher_model.requires_grad_(False)
+        if live or options.whole_model:
+            # Beside the student, the teacher runs every training step: it must be in memory.
+            teacher_model = load_weights(checkpoint, device=device_name(device), dtype=teacher_dtype)
+            teacher_model.requires_grad_(False)
+        else:
+            # Its evaluations and the top-k cache are passes over fixed windows: one layer at a time.
+            from moetool.runner.stream import StreamedModel, StreamOptions
+
+            teacher_model = StreamedModel(checkpoint, StreamOptions(device=device_name(device), dtype=teacher_dtype))
         timings["teacher_load_s"] = time.perf_counter() - t0
 
     # ---- measurements before training (main process)
@@ -562,7 +575,6 @@ def _run(
     # ---- teacher cache
     if need_cache and cache is None:
         from moetool.distill import teacher_cache as tc
-        from moetool.distill.train import forward_logits
 
         assert cache_expected is not None and teacher_model is not None
         t0 = time.perf_counter()
@@ -576,17 +588,12 @@ def _run(
             if progress is not None:
                 progress("caching teacher", tokens, None, None)
 
-        def teacher_forward(model_: Any, ids: Any) -> Any:
-            with accelerator.autocast():
-                return forward_logits(model_, ids.to(device))
-
         try:
             tc.fill_cache(
                 cache,
                 teacher_model,
                 _teacher_windows(data, options, processes, rank, state.windows_consumed),
                 temperature=options.temperature,
-                forward=teacher_forward,
                 on_batch=on_batch,
             )
         except KeyboardInterrupt:
@@ -599,8 +606,9 @@ def _run(
             cache.mark_complete()
         barrier()
         timings["teacher_cache_s"] = time.perf_counter() - t0
-    if cache is not None and not live:
-        # Training reads the cache: the teacher can go (the point of caching).
+    if cache is not None and not live and not _holds_no_weights(teacher_model):
+        # Training reads the cache: the teacher can go (the point of caching). A streamed teacher holds no
+        # weights between passes and stays, for the final comparison.
         teacher_model = None
         gc.collect()
         if torch.cuda.is_available():

@@ -67,6 +67,9 @@ class DistillOptions:
         log_every: steps between loss-curve entries.
         max_train_tokens: read at most this many tokens of training data (None: all).
         threads: CPU threads for torch (0: as many as there are idle cores, at least 1).
+        whole_model: load the teacher whole for its evaluations and the top-k cache instead of running it
+            one decoder layer at a time (a teacher running beside the student, ``cache_topk`` 0, is always
+            loaded whole).
     """
 
     init: str = DEFAULT_INIT
@@ -93,6 +96,7 @@ class DistillOptions:
     log_every: int = 10
     max_train_tokens: int | None = None
     threads: int = 0
+    whole_model: bool = False
 
     @property
     def init_from_teacher(self) -> bool:

@@ -242,8 +242,9 @@ def evaluate_on(
         if progress is not None:
             progress(stage, tokens, options.eval_max_tokens, None)
 
-    was_training = model.training
-    model.eval()
+    was_training = bool(getattr(model, "training", False))  # a streamed runner has no train mode
+    if was_training:
+        model.eval()
     try:
         return evaluate(
             model,
