@@ -100,7 +100,7 @@ def _open_source(source: Any, *, revision: str | None, token: str | bool | None,
 
 def _kmeans(plan: UpcyclePlan, checkpoint: Any, data: KMeansData, on_status: Callable[[str], None]) -> dict:
     from moetool.data import iter_batches, iter_windows, load_documents
-    from moetool.modeling import load_tokenizer, load_weights
+    from moetool.runner.open import open_runner
     from moetool.upcycle.router_init import kmeans_routers
 
     documents = load_documents(
@@ -110,9 +110,9 @@ def _kmeans(plan: UpcyclePlan, checkpoint: Any, data: KMeansData, on_status: Cal
         data_files=list(data.data_files) or None,
         config_name=data.config_name,
     )
-    on_status(f"loading {checkpoint.name} for k-means router init")
-    tokenizer = load_tokenizer(checkpoint)
-    model = load_weights(checkpoint, device=data.device, dtype="float32")
+    on_status(f"opening {checkpoint.name} for k-means router init (one layer at a time)")
+    opened = open_runner(checkpoint, device=data.device, dtype="float32")
+    tokenizer, model = opened.tokenizer, opened.runner
     on_status("collecting hidden states for k-means")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     windows = iter_windows(tokenizer, documents, seq_len=data.seq_len, max_tokens=data.max_tokens)
