@@ -36,16 +36,29 @@ def inspect(
     ] = False,
     token: options.TokenOpt = None,
     offline: options.OfflineOpt = False,
+    memory: Annotated[
+        bool,
+        typer.Option(
+            "--memory",
+            help="Also estimate what running the model holds: weights per dtype, the largest layer, activations.",
+        ),
+    ] = False,
+    memory_tokens: Annotated[
+        int,
+        typer.Option("--memory-tokens", min=1, help="Token positions of one pass, for the activation estimate."),
+    ] = 65536,
 ) -> None:
     """Count total and active (per-token) parameters, from safetensors headers or config.json.
 
     No tensor data is read: local checkpoints need only their headers, Hub repos only config.json
-    and the headers (fetched remotely).
+    and the headers (fetched remotely). --memory estimates what running the model holds at once, streamed
+    one layer at a time (what every moetool command does) and whole.
     """
     from moetool.io.checkpoint import load_config
     from moetool.io.source import open_model, parse_model_ref
 
     ref = parse_model_ref(model, revision=revision)
+    checkpoint = None
     if config_only and ref.local_path is not None:
         # config.json is all this needs: skip reading (and validating) the weight headers.
         report = count_from_config(load_config(ref.local_path), name=model)
@@ -57,12 +70,51 @@ def inspect(
             report.revision = checkpoint.revision
         else:
             report = count_from_checkpoint(checkpoint)
+    estimates = None
+    if memory:
+        from moetool.runner.memory import estimate
+
+        if checkpoint is None or not checkpoint.tensors or config_only:
+            warn("--memory needs the safetensors headers (no estimate from config.json alone)")
+        else:
+            estimates = {dtype: estimate(checkpoint, dtype) for dtype in ("float32", "bfloat16")}
     if json_output:
-        print_json(report.to_json(per_layer=layers))
+        doc = report.to_json(per_layer=layers)
+        if memory:
+            doc["memory"] = None if estimates is None else {k: v.to_json(memory_tokens) for k, v in estimates.items()}
+        print_json(doc)
         return
     for message in report.warnings:
         warn(message)
     render(report, per_layer=layers)
+    if estimates is not None:
+        render_memory(estimates, memory_tokens)
+
+
+def render_memory(estimates: dict, tokens: int) -> None:
+    """What running the model holds at once, per compute dtype: streamed (one layer) and whole."""
+    console = stdout()
+    table = Table(title=f"Memory to run it (activations of {tokens:,} tokens)", title_justify="left", show_edge=False)
+    table.add_column("")
+    for dtype in estimates:
+        table.add_column(dtype, justify="right")
+    rows = [
+        ("all weights", lambda e: e.weights_by_dtype[e.dtype]),
+        ("largest layer", lambda e: e.largest_layer_bytes),
+        ("embedding / head", lambda e: max(e.embedding_bytes, e.head_bytes)),
+        ("activations", lambda e: e.activations(tokens)),
+        ("peak, streamed", lambda e: e.streamed_peak(tokens)),
+        ("peak, whole model", lambda e: e.whole_peak(tokens)),
+    ]
+    for label, value in rows:
+        table.add_row(label, *(human_bytes(value(e)) for e in estimates.values()))
+    console.print(table)
+    first = next(iter(estimates.values()))
+    console.print(
+        f"[dim]{first.layers} layers (largest: {first.largest_layer}); peaks include a fixed "
+        f"{human_bytes(600 * 10**6)} for the process; streamed = one decoder layer at a time[/dim]",
+        highlight=False,
+    )
 
 
 def _pct(part: int, whole: int) -> str:

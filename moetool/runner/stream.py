@@ -135,9 +135,15 @@ class StreamedModel:
     # ------------------------------------------------------------------ passes
 
     def batch_inputs(self, batches: Sequence[Any]) -> list[BatchInput]:
-        """Model inputs for :class:`moetool.data.Batch` objects (tensors on the activation device)."""
+        """Model inputs for :class:`moetool.data.Batch` objects (tensors on the activation device).
+
+        Raises:
+            ModelLoadError: ``TOKENIZER_MISMATCH`` for a token id the model has no embedding for.
+        """
         out = []
+        vocab = int(self.model.get_input_embeddings().weight.shape[0])
         for batch in batches:
+            check_token_ids(batch.input_ids, vocab, self.checkpoint.name)
             ids = batch.input_ids.to(self.hidden_device)
             mask = batch.attention_mask.to(self.hidden_device)
             kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
@@ -266,6 +272,23 @@ class StreamedModel:
         self.plan = None
 
 
+def check_token_ids(input_ids: Any, vocab: int, name: str) -> None:
+    """Refuse token ids the model has no embedding for (a tokenizer of another model).
+
+    Raises:
+        ModelLoadError: ``TOKENIZER_MISMATCH``.
+    """
+    from moetool.errors import ModelLoadError
+
+    largest = int(input_ids.max()) if input_ids.numel() else -1
+    if largest >= vocab or (input_ids.numel() and int(input_ids.min()) < 0):
+        raise ModelLoadError(
+            f"the tokenizer produced token id {largest}, but {name} has only {vocab} embeddings",
+            hint="the tokenizer files do not belong to this model",
+            code="TOKENIZER_MISMATCH",
+        )
+
+
 def default_segment_tokens(hidden: int, dtype: Any, device: Any) -> int:
     """How many token positions one pass may hold: a quarter of the free memory where activations live,
     at about four hidden-state copies per position (the kept state, a layer's input, output and the
@@ -333,9 +356,11 @@ class WholeModel:
         self.model = model
         self.config = model.config
         self.device = model_device(model)
+        self.name = str(getattr(model, "name_or_path", "") or type(model).__name__)
         self.is_encoder_decoder = bool(getattr(self.config, "is_encoder_decoder", False))
 
     def _kwargs(self, batch: Any) -> dict[str, Any]:
+        check_token_ids(batch.input_ids, int(self.model.get_input_embeddings().weight.shape[0]), self.name)
         ids = batch.input_ids.to(self.device)
         mask = batch.attention_mask.to(self.device)
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
