@@ -247,9 +247,13 @@ def evaluate(
         if progress is not None:
             progress(tokens * share)
 
+    from moetool.runner.dist import current_ranks
+
+    ranks = current_ranks(str(runner.device))
     windows = iter_windows(tokenizer, documents, seq_len=seq_len, max_tokens=max_tokens)
-    # The runners refuse token ids beyond the vocabulary (TOKENIZER_MISMATCH) before anything runs.
-    batches = iter_batches(windows, batch_size=batch_size, pad_id=pad_id)
+    # The runners refuse token ids beyond the vocabulary (TOKENIZER_MISMATCH) before anything runs. With
+    # several processes, each scores a share of the batches and the sums are added up below.
+    batches = ranks.shard(iter_batches(windows, batch_size=batch_size, pad_id=pad_id))
     sums: dict[str | None, _Sums] = {}
     input_tokens = 0
     if reference is None:
@@ -286,6 +290,13 @@ def evaluate(
             sums.setdefault(domain, _Sums()).add(window)
         del logits, ref_logits
 
+    if ranks.world > 1:
+        merged: dict[str | None, _Sums] = {}
+        for part in ranks.gather(sums):
+            for domain, figures in part.items():
+                merged.setdefault(domain, _Sums()).add(figures)
+        sums = merged
+        input_tokens = sum(ranks.gather(input_tokens))
     total = _Sums()
     for part in sums.values():
         total.add(part)

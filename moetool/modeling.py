@@ -171,7 +171,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 
     name = check_device_name(device)
     if name == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
+        # One process per GPU (accelerate launch / torchrun): each takes its own.
+        name = f"cuda:{int(os.environ['LOCAL_RANK']) % max(1, torch.cuda.device_count())}"
     resolved = torch.device(name)
     kind = resolved.type
     if kind == "cuda":

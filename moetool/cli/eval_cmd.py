@@ -138,6 +138,10 @@ def eval_model(
             reference_name=reference,
         )
     result.revision = checkpoint.revision
+    from moetool.runner.dist import current_ranks
+
+    if not current_ranks(device).is_main:
+        return  # every process has the summed figures; the first one reports them
     if ref_checkpoint is not None:
         result.reference_revision = ref_checkpoint.revision
     if json_output:

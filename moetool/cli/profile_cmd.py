@@ -129,6 +129,10 @@ def profile_routing_cmd(
             opened.runner, batches, domains=domains, name=model, dataset=description, on_batch=advance
         )
     stats.revision = checkpoint.revision
+    from moetool.runner.dist import current_ranks
+
+    if not current_ranks(device).is_main:
+        return  # every process has the summed statistics; the first one writes and reports them
     if stats.tokens == 0:
         warn("the dataset produced no tokens to route")
 

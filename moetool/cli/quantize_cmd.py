@@ -246,6 +246,10 @@ def quantize_cmd(
         on_status=status,
         on_layer=layer_done,
     )
+    from moetool.runner.dist import current_ranks
+
+    if not current_ranks(device).is_main:
+        return  # the first process wrote, checked and reports the output
     if json_output:
         print_json(result.to_json())
         return

@@ -513,8 +513,10 @@ class Checkpoint:
     def open_slices(self, names: Iterable[str]) -> Iterator[dict[str, Any]]:
         """Lazy handles on some tensors: ``{name: slice}``, read when indexed (``slice[...]``).
 
-        The shards holding them stay open (memory-mapped) while the context lasts; nothing is read until
-        a slice is indexed. This is how the layer-streamed runner reads one layer at a time.
+        The shards holding them stay open while the context lasts; nothing is read until a slice is
+        indexed, and then with ``pread`` into memory of the tensor's own (not through a memory map,
+        whose pages would stay resident beside the copy). This is how the layer-streamed runner reads
+        one layer at a time.
 
         Raises:
             CheckpointError: as :meth:`read_tensor`.
@@ -529,7 +531,8 @@ class Checkpoint:
             slices: dict[str, Any] = {}
             for shard, shard_names in by_shard.items():
                 try:
-                    handle = stack.enter_context(safe_open(str(self._shard_path(shard)), framework="pt", device="cpu"))
+                    path = str(self._shard_path(shard))
+                    handle = stack.enter_context(safe_open(path, framework="pt", device="cpu", backend="pread"))
                     for tname in shard_names:
                         slices[tname] = handle.get_slice(tname)
                 except (SafetensorError, OSError, TypeError, ValueError) as exc:

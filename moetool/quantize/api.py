@@ -22,7 +22,7 @@ from moetool.errors import CheckpointError, UsageError
 from moetool.quantize.calibrate import CoverageOptions
 from moetool.quantize.engine import METHODS, LayerReport, MethodOptions
 from moetool.quantize.storage import UNIFORM_BITS, QuantFormat
-from moetool.quantize.verify import FULL_CHECK_BYTES, Check, Verification
+from moetool.quantize.verify import Check, Verification
 
 SCHEMA_VERSION = 1
 
@@ -47,7 +47,8 @@ class QuantizeOptions:
             absmax.
         attention / shared_experts: quantize those projections too.
         coverage: how calibration tokens reach experts.
-        expert_batch: experts quantized together (0: a whole layer).
+        expert_batch: experts GPTQ quantizes together (0: as many as fit the memory budget of
+            :func:`auto_expert_batch`; more is faster, fewer holds less).
         device: where calibration and GPTQ run (``auto``: CUDA when available); one decoder layer at a
             time is read from the checkpoint onto it.
         dtype: the compute dtype (``auto``: float32 on the CPU, the checkpoint's dtype on a GPU).
@@ -168,6 +169,7 @@ class QuantizeResult:
     bytes_written: int = 0
     warnings: list[str] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
+    expert_batch: int = 0
 
     @property
     def expert_bits(self) -> float | None:
@@ -196,7 +198,7 @@ class QuantizeResult:
                 "clip_search": opts.clip_search,
                 "categories": list(opts.categories),
                 "device": self.device,
-                "expert_batch": opts.expert_batch,
+                "expert_batch": self.expert_batch or opts.expert_batch,
                 "calib_all_experts": opts.coverage.all_experts,
                 "max_tokens_per_expert": opts.coverage.max_tokens_per_expert,
                 "min_tokens_per_expert": opts.coverage.min_tokens_per_expert,
@@ -253,32 +255,27 @@ def _linear_modules(layout: Any, layer: int, layer_module: Any) -> dict[str, Any
 
 def _check_mapping(checkpoint: Any, layout: Any, layer: int, experts: Any, linears: dict[str, Any]) -> None:
     """The weights about to be quantized are exactly the checkpoint's tensors (catches a wrong
-    gate/up/down mapping before anything is written)."""
+    gate/up/down mapping before anything is written). Reads one stored tensor at a time."""
     import torch
 
     def same(stored: torch.Tensor, live: torch.Tensor) -> bool:
         live = live.detach().to("cpu")
         return tuple(stored.shape) == tuple(live.shape) and torch.equal(stored.to(live.dtype), live)
 
-    bad: list[str] = []
+    pairs: dict[str, Any] = {}
     info = layout.experts.get(layer)
     if info is not None:
         i = info.intermediate
-        tensors = dict(checkpoint.iter_tensors(info.names()))
         if info.fused:
-            pairs = [(info.gate_up, experts.gate_up_proj), (info.down_fused, experts.down_proj)]
+            pairs = {info.gate_up: experts.gate_up_proj, info.down_fused: experts.down_proj}
         else:
-            pairs = []
             for e in range(info.num_experts):
-                pairs += [
-                    (info.gate[e], experts.gate_up_proj[e, :i]),
-                    (info.up[e], experts.gate_up_proj[e, i:]),
-                    (info.down[e], experts.down_proj[e]),
-                ]
-        bad += [name for name, live in pairs if not same(tensors[name], live)]
+                pairs[info.gate[e]] = experts.gate_up_proj[e, :i]
+                pairs[info.up[e]] = experts.gate_up_proj[e, i:]
+                pairs[info.down[e]] = experts.down_proj[e]
     for linear in layout.linears.get(layer, []):
-        if not same(checkpoint.read_tensor(linear.name), linears[linear.module].weight):
-            bad.append(linear.name)
+        pairs[linear.name] = linears[linear.module].weight
+    bad = [name for name, stored in checkpoint.iter_tensors(pairs) if not same(stored, pairs[name])]
     if bad:
         raise CheckpointError(
             f"the model transformers built does not hold {bad[0]} where moetool expects it"
@@ -319,17 +316,55 @@ class _StepInputs:
     :attr:`current_mask` (padding never enters a Hessian).
     """
 
-    def __init__(self, step: Any, batches: set[int], tokens: int) -> None:
+    def __init__(self, step: Any, batches: set[int], tokens: int, ranks: Any) -> None:
         self.step = step
         self.batches = batches
         self.tokens = tokens
+        self.ranks = ranks
 
     def run(self, layer: int, module: Any, *, keep: bool) -> None:
         self.step.run(keep=keep, only=self.batches)
 
+    def reduce(self, tensor: Any) -> Any:
+        """Hessians and counts summed over the processes (each calibrated on a share of the batches)."""
+        return self.ranks.sum_(tensor)
+
     @property
     def current_mask(self) -> Any:
         return self.step.current_mask
+
+
+#: Bytes of GPTQ work per expert, per (hidden, intermediate): the chunk's Hessians and GPTQ's copies of
+#: them (inverse, Cholesky factors, act-order gathers) and of the weights (working copy, dequantized, codes).
+def gptq_bytes_per_expert(hidden: int, intermediate: int) -> int:
+    """Memory GPTQ needs per expert of a chunk (float32 work), the larger of gate/up and down."""
+    gate_up = 8 * hidden * hidden + 3 * 2 * intermediate * hidden
+    down = 8 * intermediate * intermediate + 3 * hidden * intermediate
+    return 4 * max(gate_up, down)
+
+
+#: The least memory GPTQ's chunk may take: below this, chunking only costs speed.
+MIN_GPTQ_BUDGET = 256 * 10**6
+
+
+def auto_expert_batch(layout: Any, device: Any) -> int:
+    """How many experts GPTQ quantizes together when ``--expert-batch 0``.
+
+    On the CPU, the chunk's work stays within one layer's experts in bfloat16 (so quantizing holds about
+    three layers' worth: the layer in float32 plus the chunk), at least :data:`MIN_GPTQ_BUDGET`; on an
+    accelerator, within a quarter of its free memory (usually the whole layer: fastest).
+    """
+    from moetool.runner.memory import available_bytes
+
+    largest = 1
+    for info in layout.experts.values():
+        per_expert = gptq_bytes_per_expert(info.hidden, info.intermediate)
+        if getattr(device, "type", "cpu") == "cpu":
+            budget = max(MIN_GPTQ_BUDGET, info.num_experts * 3 * info.intermediate * info.hidden * 2)
+        else:
+            budget = available_bytes(device) // 4
+        largest = max(largest, min(info.num_experts, max(1, budget // per_expert)))
+    return largest
 
 
 def _probe_batch(ids: Any) -> Any:
@@ -342,14 +377,18 @@ def _probe_batch(ids: Any) -> Any:
     return Batch(ids, torch.ones_like(ids), [None])
 
 
-def _digest(tensor: Any) -> str:
-    """A fingerprint of a tensor's exact bytes (what the decode-back check compares)."""
+def _digest(tensor: Any, hasher: Any = None) -> str:
+    """A fingerprint of a tensor's exact bytes (what the decode-back check compares); ``hasher`` continues
+    one started on earlier parts (the experts of a stack, one at a time, give the stack's fingerprint)."""
     import hashlib
 
     import torch
 
-    data = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
+    hasher = hasher or hashlib.sha256()
+    for part in tensor.detach().reshape(-1, *tensor.shape[-2:]) if tensor.dim() > 2 else [tensor.detach()]:
+        data = part.to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        hasher.update(memoryview(data.numpy()))
+    return hasher.hexdigest()
 
 
 def _layer_digests(layout: Any, layer: int, experts: Any, linears: dict[str, Any]) -> dict[str, str]:
@@ -419,11 +458,15 @@ def _quantize_pass(
     result: QuantizeResult,
     status: Callable[[str], None],
     on_layer: Callable[[LayerReport, int, int], None] | None,
+    ranks: Any,
 ) -> _PassOutcome:
     """One layer-major pass: each decoder layer is loaded, calibrated, quantized, written and released.
 
     The probe window runs through every layer twice, before quantization (original weights) and after
     (quantized), so the two models' logits can be compared at the end without holding either model.
+    With several processes each calibrates on its share of the batches (``calibration_batches`` are this
+    process's), the Hessians are summed, every process quantizes the same way and only the first one
+    writes (``writer`` is ``None`` on the others).
     """
     from moetool.quantize.engine import quantize_layer
     from moetool.quantize.loader import experts_module
@@ -435,14 +478,16 @@ def _quantize_pass(
         group_size=options.group_size,
         act_order=options.act_order,
         damp=options.damp,
-        expert_batch=options.expert_batch,
+        expert_batch=result.expert_batch,
         ternary_bits=options.ternary_bits if fmt.scheme == "ternary" else 0.0,
         split_gate_up=not any(e.fused for e in layout.experts.values()),
     )
     calib = set(range(len(calibration_batches)))
     probe_original, probe_quantized = len(calibration_batches), len(calibration_batches) + 1
     batches = [*calibration_batches, probe, probe]
-    outcome = _PassOutcome(calibration_tokens=sum(int(b.attention_mask.sum()) for b in calibration_batches))
+    outcome = _PassOutcome(
+        calibration_tokens=ranks.sum_int(sum(int(b.attention_mask.sum()) for b in calibration_batches))
+    )
     total = len(runner.layer_paths)
     seen: set[int] = set()
     with runner.run(batches, logits={probe_original, probe_quantized}) as schedule:
@@ -457,7 +502,7 @@ def _quantize_pass(
                 _check_mapping(runner.checkpoint, layout, layer, experts, linears)
                 inputs = None
                 if calib and options.method == "gptq":
-                    inputs = _StepInputs(step, calib, outcome.calibration_tokens)
+                    inputs = _StepInputs(step, calib, outcome.calibration_tokens, ranks)
                 layer_result = quantize_layer(
                     layer,
                     step.module,
@@ -468,8 +513,9 @@ def _quantize_pass(
                     coverage=options.coverage,
                     inputs=inputs,
                 )
-                _write_layer(writer, layout, layer, layer_result, fmt)
-                outcome.digests[layer] = _layer_digests(layout, layer, experts, linears)
+                if writer is not None:
+                    _write_layer(writer, layout, layer, layer_result, fmt)
+                    outcome.digests[layer] = _layer_digests(layout, layer, experts, linears)
                 result.layers.append(layer_result.report)
                 del layer_result
                 if on_layer is not None:
@@ -519,8 +565,9 @@ def quantize(
         options: bits, method, groups, coverage, device.
         calibration: the calibration text (required for ``gptq``, unused otherwise).
         verify: run the checks of :mod:`moetool.quantize.verify` before publishing.
-        full_check: also reload the output through transformers and compare logits (``None``: when the
-            source weighs at most 4 GB).
+        full_check: also reload the output whole through transformers and compare logits (``None``: when
+            that costs no more memory than quantizing did: the whole model in the compute dtype within one
+            layer plus GPTQ's budget; larger models are checked layer by layer only).
         overwrite: replace an existing output folder.
         revision / token / offline: Hub access for a repo id.
         command: the command line, for the model card.
@@ -575,8 +622,11 @@ def quantize(
     import torch
 
     from moetool.modeling import load_tokenizer
+    from moetool.runner.dist import current_ranks
     from moetool.runner.memory import check_fits, estimate
     from moetool.runner.stream import StreamedModel, StreamOptions
+
+    ranks = current_ranks(options.device)
 
     step = time.perf_counter()
     status(f"opening {checkpoint.name}" + (" (whole model)" if options.whole_model else " (one layer at a time)"))
@@ -601,7 +651,9 @@ def quantize(
             "tokens": sum(int(b.attention_mask.sum()) for b in calibration_batches),
             "windows": sum(int(b.input_ids.shape[0]) for b in calibration_batches),
             "seq_len": seq_len,
+            "processes": ranks.world,
         }
+        calibration_batches = list(ranks.shard(calibration_batches))
         del documents
     else:
         vocab = int(runner.model.get_input_embeddings().weight.shape[0])
@@ -626,7 +678,16 @@ def quantize(
         timings=timings,
         warnings=warnings,
         memory=memory.to_json(positions) | {"streamed": not options.whole_model},
+        expert_batch=options.expert_batch or auto_expert_batch(layout, runner.device),
     )
+    if not ranks.is_main:
+        # The other processes calibrate their share and quantize alike; the first one writes and checks.
+        _quantize_pass(
+            runner, layout, spec, fmt, options, calibration_batches, _probe_batch(probe_ids), None, result,
+            status, None, ranks,
+        )  # fmt: skip
+        ranks.barrier()
+        return result
     replaced = layout.quantized_names()
     with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite) as staging:
         step = time.perf_counter()
@@ -643,6 +704,7 @@ def quantize(
                 result,
                 status,
                 on_layer,
+                ranks,
             )
             del calibration_batches
             timings["quantize"] = time.perf_counter() - step
@@ -677,6 +739,7 @@ def quantize(
         result.files = sorted(p.name for p in staging.iterdir())
         result.bytes_written = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
         status("publishing")
+    ranks.barrier()
     timings["total"] = time.perf_counter() - started
     return result
 
@@ -704,6 +767,7 @@ def _verify(
         check_reload,
         measure_storage,
     )
+    from moetool.runner.memory import estimate
 
     written = Checkpoint.open(staging, name=str(out))
     storage = measure_storage(written, checkpoint, layout)
@@ -714,7 +778,10 @@ def _verify(
     status("verifying the written codes, layer by layer")
     verification.checks.append(check_decoded(written, layout, fmt, outcome.digests, runner.dtype))
     verification.checks.append(check_probe_logits(outcome.original_logits, outcome.quantized_logits))
-    full = full_check if full_check is not None else checkpoint.total_bytes() <= FULL_CHECK_BYTES
+    full = full_check
+    if full is None:
+        sizes = estimate(checkpoint, str(runner.dtype).removeprefix("torch."))
+        full = sizes.weights_by_dtype[sizes.dtype] <= sizes.largest_layer_bytes + MIN_GPTQ_BUDGET
     if full:
         status("reloading the output with transformers")
         verification.checks.append(check_reload(staging, outcome.quantized_logits, probe_ids, runner.dtype))

@@ -117,6 +117,9 @@ class CalibrationRunner(Protocol):
         """Run ``module`` (decoder layer ``layer``) over every batch; with ``keep`` its outputs feed the
         next layer."""
 
+    def reduce(self, tensor: Any) -> Any:
+        """Sum a statistic over the processes that share the calibration batches (in place)."""
+
 
 # ----------------------------------------------------------------------------- Hessians
 
@@ -147,6 +150,13 @@ class LinearHessian:
 
     def remove(self) -> None:
         self._handle.remove()
+
+    def reduce(self, runner: CalibrationRunner) -> None:
+        """Sum the Hessian and token count over the processes."""
+        import torch
+
+        runner.reduce(self.hessian)
+        self.tokens = int(runner.reduce(torch.tensor([self.tokens], dtype=torch.long))[0])
 
 
 class ExpertsHessians:
@@ -242,6 +252,47 @@ class ExpertsHessians:
                         self.gate_up[slot].addmm_(rows.T, rows)
 
         return self.module.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def gate_up_from_cache(self, cached: list[tuple[torch.Tensor, torch.Tensor]], recorder: ExpertsHessians) -> None:
+        """This chunk's gate/up Hessians from the experts' inputs a recorder kept (same sums, same order,
+        as collecting them during the pass); the all-token Hessian is the recorder's."""
+        import torch
+
+        h, n = self.hidden, len(self.experts)
+        self.all_hessian = recorder.all_hessian
+        self.all_tokens = recorder.all_tokens
+        if not self.options.all_experts:
+            self.gate_up = torch.zeros((n, h, h), dtype=torch.float32, device=self.device)
+        for x, idx in cached:
+            for slot, expert in enumerate(self.experts):
+                rows = x[(idx == expert).any(-1)]
+                self.routed[expert] += rows.shape[0]
+                if self.gate_up is not None:
+                    rows = self._take(rows, expert, self.used)
+                    if rows.shape[0]:
+                        self.gate_up[slot].addmm_(rows.T, rows)
+
+    def reduce_all_tokens(self, runner: CalibrationRunner) -> None:
+        """Sum the all-token Hessian and count over the processes (each saw a share of the batches)."""
+        import torch
+
+        assert self.all_hessian is not None
+        runner.reduce(self.all_hessian)
+        count = torch.tensor([self.all_tokens], dtype=torch.long)
+        self.all_tokens = int(runner.reduce(count)[0])
+
+    def reduce_gate_up(self, runner: CalibrationRunner) -> None:
+        """Sum this chunk's gate/up statistics over the processes."""
+        runner.reduce(self.routed)
+        runner.reduce(self.used)
+        if self.gate_up is not None:
+            runner.reduce(self.gate_up)
+
+    def reduce_down(self, runner: CalibrationRunner) -> None:
+        """Sum the down pass's Hessians over the processes."""
+        assert self.down is not None
+        runner.reduce(self.down)
+        runner.reduce(self._down_used)
 
     def plan_coverage(self) -> None:
         """Decide each expert's Hessian source (routed, all tokens, or round-to-nearest)."""

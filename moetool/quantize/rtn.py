@@ -24,14 +24,15 @@ class QuantizedWeight:
         codes: uint8 ``[..., rows, columns]``, one code per weight (unpacked).
         scale: float16 ``[..., rows, groups]``.
         zero: uint8 ``[..., rows, groups]`` for grids with a zero point, else ``None``.
-        dequantized: float32 ``[..., rows, columns]``: exactly what the loader reconstructs.
+        dequantized: float32 ``[..., rows, columns]``: exactly what the loader reconstructs (``None``
+            once it has been put into the model and only the codes are kept, for the writer).
         group_size: the group size used (0: one group per row).
     """
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor | None
-    dequantized: torch.Tensor
+    dequantized: torch.Tensor | None
     group_size: int
 
     def select(self, index: int | slice, rows: slice | None = None) -> QuantizedWeight:

@@ -78,13 +78,20 @@ def profile_routing(
             counted.append(int(batch.attention_mask.sum()))
         current["batch"] = context
 
+    from moetool.runner.dist import current_ranks
+
+    ranks = current_ranks(str(device))
     counted: list[int] = []
     start = time.perf_counter()
     with RouterObserver(runner.model, spec, on_router) as observer:
-        runner.forward_batches(batches, before_batch=before_batch, on_tokens=on_batch, after_segment=contexts.clear)
+        runner.forward_batches(
+            ranks.shard(batches), before_batch=before_batch, on_tokens=on_batch, after_segment=contexts.clear
+        )
         layers = observer.layers
     elapsed = time.perf_counter() - start
     tokens = sum(counted)
+    if ranks.world > 1:
+        tokens = _sum_across(ranks, accumulators, tokens, len(domain_names), device)
 
     stats_layers = [
         layer_stats_from(layer, accumulators[layer], domain_names) for layer in layers if layer in accumulators
@@ -106,3 +113,28 @@ def profile_routing(
         dataset=dict(dataset or {}),
         wall_seconds=elapsed,
     )
+
+
+def _sum_across(ranks: Any, accumulators: dict[int, LayerAccumulator], tokens: int, domains: int, device: Any) -> int:
+    """Sum every process's counters (each ran a share of the batches); returns the total token count.
+
+    A process that saw no batch has no counters yet: it makes empty ones of the right size first, so every
+    process takes part in every sum.
+    """
+    import torch
+
+    sizes: dict[int, int] = {}
+    for part in ranks.gather({layer: acc.num_experts for layer, acc in accumulators.items()}):
+        sizes.update(part)
+    for layer, experts in sizes.items():
+        if layer not in accumulators:
+            accumulators[layer] = LayerAccumulator(experts, domains, device)
+    for layer in sorted(accumulators):
+        acc = accumulators[layer]
+        for value in vars(acc).values():
+            if isinstance(value, torch.Tensor):
+                ranks.sum_(value)
+        acc.tokens = ranks.sum_int(acc.tokens)
+        acc.assignments = ranks.sum_int(acc.assignments)
+        acc.top_k = max(ranks.gather(acc.top_k))
+    return ranks.sum_int(tokens)

@@ -240,7 +240,9 @@ class WeightPlan:
 
         if device.type == "cuda" and device.index is None:  # a bare "cuda" is not a placement everywhere
             device = torch.device("cuda", torch.cuda.current_device())
+        narrowed = self._narrow(piece)
         missing = self._load_sources(piece.name, piece.sources, device)
+        self._widen(narrowed)
         self._check_loaded(piece, missing)
         self._move_buffers(piece, device)
         self.loaded.add(piece.name)
@@ -250,6 +252,44 @@ class WeightPlan:
                 self._load_sources(f"tied {provider}", self.sources_of[provider], device)
                 tensor = self._entry(provider)
             self._set_entry(alias, tensor)
+
+    def _narrow(self, piece: Piece) -> list[str]:
+        """Let transformers load a piece in its stored dtype when that is narrower than the compute dtype.
+
+        transformers converts in the dtype of the model's (meta) parameter: a bfloat16 checkpoint run in
+        float32 would have its experts stacked and concatenated in float32, twice the transient memory.
+        The piece's parameters are made bfloat16 (meta) for the load, then widened one at a time
+        (:meth:`_widen`): the same values, half the peak.
+        """
+        import torch
+
+        stored = {self.checkpoint.tensors[name].dtype for name in piece.sources}
+        narrow = {"BF16": torch.bfloat16, "F16": torch.float16}
+        if len(stored) != 1 or next(iter(stored)) not in narrow or self.dtype != torch.float32:
+            return []
+        load_dtype = narrow[next(iter(stored))]
+        swapped = []
+        for target in piece.targets:
+            module_path, _, attr = target.rpartition(".")
+            module = self.model.get_submodule(module_path) if module_path else self.model
+            param = module._parameters.get(attr)
+            if param is not None and param.device.type == "meta" and param.dtype == self.dtype:
+                module._parameters[attr] = torch.nn.Parameter(
+                    torch.empty(param.shape, dtype=load_dtype, device="meta"), requires_grad=False
+                )
+                swapped.append(target)
+        return swapped
+
+    def _widen(self, targets: list[str]) -> None:
+        import torch
+
+        for target in targets:
+            module_path, _, attr = target.rpartition(".")
+            module = self.model.get_submodule(module_path) if module_path else self.model
+            param = module._parameters[attr]
+            widened = param.detach().to(self.dtype)
+            module._parameters[attr] = torch.nn.Parameter(widened, requires_grad=False)
+            del param, widened
 
     def _load_sources(self, what: str, sources: list[str], device: torch.device) -> set[str]:
         """Load some checkpoint tensors through transformers' conversion; returns the model's missing keys."""
@@ -331,6 +371,34 @@ class WeightPlan:
             _set_meta(self.model, alias)
             if self._piece_of(provider) not in self.loaded:
                 _set_meta(self.model, provider)
+        return_freed_memory()
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by a released layer back to the operating system (glibc keeps freed heap pages
+    of mid-sized blocks, such as per-expert tensors, until told otherwise)."""
+    global _TRIM
+    if _TRIM is None:
+        _TRIM = _malloc_trim()
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
+
+
+def _malloc_trim() -> Any:
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
 
 
 def _set_meta(model: Any, entry: str) -> None:
