@@ -82,3 +82,15 @@ DeviceMapOpt = Annotated[
         help="none (the whole model on --device) or auto (accelerate spreads it over the GPUs, then CPU memory).",
     ),
 ]
+
+# ----------------------------------------------------------------------------- bad inputs
+# Shared by the commands that write a model (merge, quantize, upcycle, distill).
+
+AllowNonfiniteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-nonfinite",
+        help="Process an input whose weights hold NaN or Inf (refused by default), and publish an output "
+        "that holds them, with a warning.",
+    ),
+]

@@ -72,6 +72,7 @@ def profile_routing_cmd(
     from moetool.modeling import load_model
     from moetool.routing.profile import profile_routing
     from moetool.routing.thresholds import check_thresholds, parse_threshold
+    from moetool.validate import preflight
 
     thresholds = [parse_threshold(text) for text in fail_if or []]
     inputs: list[Path] = []
@@ -82,6 +83,7 @@ def profile_routing_cmd(
         local = parse_model_ref(model, revision=revision).local_path
         inputs = [local] if local is not None else []
         check_output_path(out, inputs, overwrite=overwrite)
+    preflight(model, revision=revision)
     documents = load_documents(
         dataset,
         text_field=text_field,

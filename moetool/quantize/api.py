@@ -313,6 +313,7 @@ def quantize(
     verify: bool = True,
     full_check: bool | None = None,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
     revision: str | None = None,
     token: str | bool | None = None,
     offline: bool | None = None,
@@ -331,6 +332,7 @@ def quantize(
         full_check: reload the output through transformers and compare logits (``None``: when the
             source weighs at most 4 GB).
         overwrite: replace an existing output folder.
+        allow_nonfinite: process an input holding NaN/Inf (refused otherwise) and publish such an output.
         revision / token / offline: Hub access for a repo id.
         command: the command line, for the model card.
         on_status: progress callback, a line saying what happens now.
@@ -351,9 +353,11 @@ def quantize(
     from moetool.arch.dims import resolve_dims
     from moetool.arch.registry import family_for_config
     from moetool.io.checkpoint import Checkpoint
-    from moetool.io.writer import check_output_path
+    from moetool.io.sizes import estimate_quantized_bytes
+    from moetool.io.writer import check_disk_space, check_output_path
     from moetool.modeling import check_device_name, check_dtype_name, open_checkpoint, resolve_device
     from moetool.quantize.layout import build_layout
+    from moetool.validate import check_input
 
     status = on_status or (lambda _msg: None)
     timings: dict[str, float] = {}
@@ -373,12 +377,15 @@ def quantize(
         if isinstance(source, Checkpoint)
         else open_checkpoint(str(source), revision=revision, token=token, offline=offline)
     )
+    check_input(checkpoint, float_weights=True, allow_nonfinite=allow_nonfinite)
     _refuse_quantized(checkpoint)
     spec = family_for_config(checkpoint.config)
     dims = resolve_dims(spec, checkpoint.config)
     layout = build_layout(spec, dims, checkpoint, options.categories)
     out = Path(out)
     check_output_path(out, [checkpoint.root], overwrite=overwrite)
+    predicted = estimate_quantized_bytes(checkpoint, layout.quantized_names(), fmt)
+    check_disk_space(out, predicted, what="the quantized model")
     device = resolve_device(options.device)
 
     documents = None
@@ -476,7 +483,7 @@ def quantize(
         warnings=warnings,
     )
     replaced = layout.quantized_names()
-    with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite) as staging:
+    with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite, allow_nonfinite=allow_nonfinite) as staging:
         step = time.perf_counter()
         with ShardedWriter(staging, max_shard_size=parse_size(options.max_shard_size)) as writer:
             order = sorted(layers)
