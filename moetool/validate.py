@@ -283,6 +283,30 @@ def _check_types(cfg: Mapping[str, Any], prefix: str, spec: FamilySpec | None) -
                     path=prefix + key,
                 )
             )
+    for key in _NUMBER_FIELDS:
+        ok, value = _get(cfg, key)
+        number = ok and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if number and key.endswith("dropout") and not 0 <= value <= 1:
+            out.append(
+                Finding(
+                    "CONFIG_INVALID",
+                    f"config.json field {prefix}{key} is {value}: a dropout probability lies in 0..1",
+                    HINT_CONFIG,
+                    path=prefix + key,
+                )
+            )
+    ok, pad = _get(cfg, "pad_token_id")
+    vocab_keys = _dims_fields(spec)["V"] if spec is not None else COMMON_FIELDS["V"]
+    vocab = lookup(cfg, vocab_keys)[0]
+    if ok and _is_int(pad) and _is_int(vocab) and pad >= vocab > 0:
+        out.append(
+            Finding(
+                "CONFIG_INVALID",
+                f"config.json field {prefix}pad_token_id is {pad}, outside the vocabulary of {vocab} tokens",
+                "set pad_token_id to a token of the vocabulary, or null",
+                path=prefix + "pad_token_id",
+            )
+        )
     for key in _DTYPE_FIELDS:
         ok, value = present(key)
         if ok and (not isinstance(value, str) or value.removeprefix("torch.") not in _DTYPES):
@@ -531,6 +555,72 @@ def _config_findings(config: Mapping[str, Any]) -> tuple[list[Finding], FamilySp
 def _fatal_first(findings: list[Finding]) -> list[Finding]:
     order = {FATAL: 0, ERROR: 1, WARNING: 2}
     return sorted(findings, key=lambda f: order.get(f.level, 1))
+
+
+# ----------------------------------------------------------------------------- transformers' own config class
+
+# JSON of the configs transformers accepted already (a command checks the same config several times).
+_ACCEPTED: set[str] = set()
+
+
+def transformers_config_findings(config: Mapping[str, Any]) -> list[Finding]:
+    """Build the config the way transformers will (``CONFIG_MAPPING[model_type].from_dict``).
+
+    transformers 5 configs are strict dataclasses: a field of another type (``1`` where a float belongs,
+    ``"8"`` where a bool belongs) is refused when the model or its tokenizer is loaded. Checking it
+    here turns that into a finding naming the field. Imports transformers (and torch with it): for
+    commands that load the model anyway, never for ``inspect``.
+
+    Args:
+        config: the parsed config.json.
+
+    Returns:
+        One finding when transformers refuses the config; none for a model_type it does not know
+        (the commands refuse those on their own).
+    """
+    import json
+
+    try:
+        key = json.dumps(config, sort_keys=True, default=str)
+    except (TypeError, ValueError):
+        key = None
+    if key is not None and key in _ACCEPTED:
+        return []
+    model_type = config.get("model_type")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        return []
+    config_class = CONFIG_MAPPING[model_type]
+    from moetool.modeling import quiet_transformers
+
+    try:
+        with quiet_transformers():
+            config_class.from_dict(dict(config))
+    except Exception as exc:  # any refusal of hostile input becomes a finding, whatever its class
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[-1] if lines else type(exc).__name__
+        return [
+            Finding(
+                "CONFIG_INVALID",
+                f"transformers' {config_class.__name__} refuses config.json: {detail}",
+                HINT_CONFIG,
+            )
+        ]
+    if key is not None:
+        _ACCEPTED.add(key)
+    return []
+
+
+def check_transformers_config(checkpoint: Any) -> None:
+    """Raise :func:`transformers_config_findings` as a ``CONFIG_INVALID`` error (before a model load).
+
+    Raises:
+        ConfigError: transformers refuses the checkpoint's config.json.
+    """
+    error = as_error(transformers_config_findings(checkpoint.config), checkpoint.name)
+    if error is not None:
+        raise error
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -783,6 +873,7 @@ def check_input(
     float_weights: bool = False,
     scan_nonfinite: bool = True,
     allow_nonfinite: bool = False,
+    transformers_config: bool = True,
     on_bytes: Callable[[int], None] | None = None,
 ) -> Validation:
     """Refuse an input that is not what its config says, before any compute (what every command runs).
@@ -792,6 +883,8 @@ def check_input(
         float_weights: refuse quantized storage (commands that rewrite weights: merge, quantize, upcycle).
         scan_nonfinite: read every float tensor and count NaN/Inf (commands that write a model).
         allow_nonfinite: report NaN/Inf as a warning instead of refusing.
+        transformers_config: also build the config with transformers' own class
+            (:func:`transformers_config_findings`; imports transformers).
         on_bytes: progress callback of the value scan, bytes read.
 
     Returns:
@@ -808,6 +901,8 @@ def check_input(
     error = as_error(findings, checkpoint.name)
     if error is not None:
         raise error
+    if transformers_config:
+        check_transformers_config(checkpoint)
     for finding in findings:
         _warn_once(checkpoint.name, finding.message)
     result = Validation(findings=findings)
@@ -853,7 +948,7 @@ def preflight(
     from moetool.io.source import open_model
 
     checkpoint = open_model(model, revision=revision, token=token, offline=offline, need_weights=False)
-    return check_input(checkpoint, float_weights=float_weights, scan_nonfinite=False)
+    return check_input(checkpoint, float_weights=float_weights, scan_nonfinite=False, transformers_config=False)
 
 
 def nonfinite_names(found: Iterable[Any]) -> list[str]:

@@ -678,12 +678,14 @@ def _finish_output(staging: Path, *, allow_nonfinite: bool) -> None:
     found = scan_folder(staging)
     if found and not allow_nonfinite:
         raise NonfiniteError(
-            f"the output would hold NaN/Inf: {describe(found)}; nothing was written",
+            f"in the output, {describe(found)}; nothing was written",
             hint="check the input with moetool inspect --scan-nonfinite; --allow-nonfinite writes it anyway",
             code="NONFINITE_OUTPUT",
         )
     if found:
-        warnings.warn(f"the output holds NaN/Inf: {describe(found)}", MoetoolWarning, stacklevel=4)
+        warnings.warn(
+            f"in the output, {describe(found)} (written anyway: --allow-nonfinite)", MoetoolWarning, stacklevel=4
+        )
 
 
 @contextmanager

@@ -179,7 +179,10 @@ def upcycle(
     if options.router_init != "kmeans" and kmeans_data is not None:
         raise UsageError("--dataset is only used with --router-init kmeans", hint="drop --dataset or add it")
     checkpoint = _open_source(source, revision=revision, token=token, offline=offline)
-    check_input(checkpoint, float_weights=True, scan_nonfinite=not dry_run, allow_nonfinite=allow_nonfinite)
+    deep = not dry_run  # a dry run reads headers only, and stays free of torch
+    check_input(
+        checkpoint, float_weights=True, scan_nonfinite=deep, transformers_config=deep, allow_nonfinite=allow_nonfinite
+    )
     plan = build_plan(checkpoint, options)
     if out is not None:
         check_output_path(Path(out), [checkpoint.root], overwrite=overwrite)
