@@ -668,15 +668,19 @@ def _stored_tensors(checkpoint: Any, spec: FamilySpec, dims: Dims) -> dict[str, 
     from moetool.count.classify import TensorClassifier
     from moetool.count.quant import QuantScheme, logical_tensor
 
-    classifier = TensorClassifier(spec, dims)
+    strip = TensorClassifier(spec, dims).strip_prefix if spec.name_prefixes else None
     scheme = QuantScheme.from_config(checkpoint.config)
+    plain = scheme.method is None
     out: dict[str, _Stored] = {}
     for info in checkpoint.tensors.values():
-        logical = logical_tensor(info, scheme)
-        if logical.storage_only:
-            continue
-        comparable = logical.name == info.name and logical.params == info.numel
-        out[classifier.strip_prefix(logical.name)] = _Stored(info, comparable)
+        if plain and info.dtype in _FLOAT_DTYPES:
+            name, comparable = info.name, True  # the common case, without the packing rules
+        else:
+            logical = logical_tensor(info, scheme)
+            if logical.storage_only:
+                continue
+            name, comparable = logical.name, logical.name == info.name and logical.params == info.numel
+        out[strip(name) if strip else name] = _Stored(info, comparable)
     return out
 
 
@@ -687,8 +691,23 @@ def _shape_findings(checkpoint: Any, spec: FamilySpec, dims: Dims) -> list[Findi
     stored = _stored_tensors(checkpoint, spec, dims)
     cfg, _ = _prefix(spec, checkpoint.config)
     table = _template_table(spec)
-    stored_layers = {p.layer for p in map(classifier.classify, stored) if p.layer is not None}
-    layer_re = re.compile(re.escape(spec.layer_prefix).replace(re.escape("{L}"), r"\d+") + r"(?P<rest>.+)\Z")
+    # A plain regex for the layer index: classifying every name is the slow part on 10^5 tensors.
+    layer_re = re.compile(re.escape(spec.layer_prefix).replace(re.escape("{L}"), r"(?P<L>\d+)") + r"(?P<rest>.+)\Z")
+
+    def layer_of(name: str) -> int | None:
+        match = layer_re.match(name)
+        return int(match["L"]) if match else None
+
+    # One pass over the stored names: layers present, and names past the decoder layers.
+    beyond: list[str] = []
+    stored_layers: set[int] = set()
+    for name in stored:
+        match = layer_re.match(name)
+        if match:
+            layer = int(match["L"])
+            stored_layers.add(layer)
+            if layer >= dims.num_layers:
+                beyond.append(name)
 
     def template_of(name: str) -> T | None:
         match = layer_re.match(name)
@@ -704,11 +723,12 @@ def _shape_findings(checkpoint: Any, spec: FamilySpec, dims: Dims) -> list[Findi
     missing_experts: list[str] = []
     missing_other: list[str] = []
     for planned in planned_tensors(spec, dims):
-        placement = classifier.classify(planned.name)
-        if placement.layer is not None and placement.layer >= dims.num_layers and placement.layer not in stored_layers:
-            continue  # an MTP module the config declares but transformers did not save (inspect says so)
         entry = stored.get(planned.name)
         if entry is None:
+            layer = layer_of(planned.name)
+            if layer is not None and layer >= dims.num_layers and layer not in stored_layers:
+                continue  # an MTP module the config declares but transformers did not save (inspect says so)
+            placement = classifier.classify(planned.name)
             if placement.category == "routed_experts":
                 expert = f" expert {placement.expert}" if placement.expert is not None else ""
                 missing_experts.append(f"layer {placement.layer}{expert} lacks {planned.name}")
@@ -740,13 +760,7 @@ def _shape_findings(checkpoint: Any, spec: FamilySpec, dims: Dims) -> list[Findi
                 HINT_MISSING,
             )
         )
-    extra = sorted(
-        {
-            p.layer
-            for p in map(classifier.classify, stored)
-            if p.layer is not None and p.layer >= dims.num_layers and p.category != "mtp"
-        }
-    )
+    extra = sorted({p.layer for p in map(classifier.classify, beyond) if p.layer is not None and p.category != "mtp"})
     if extra:
         out.append(
             Finding(
