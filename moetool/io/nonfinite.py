@@ -89,14 +89,23 @@ def _changed(path: Path, file: str, what: str) -> InputChangedError:
     )
 
 
+# dtypes numpy computes with natively: np.isfinite is several times faster than bit masks there.
+_NATIVE = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}
+
+
 def _count_chunk(np: Any, data: memoryview, dtype: str) -> tuple[int, int]:
+    if dtype in _NATIVE:
+        values = np.frombuffer(data, dtype=np.dtype(_NATIVE[dtype]))
+        if np.isfinite(values).all():  # the common case: one pass
+            return 0, 0
+        return int(np.count_nonzero(np.isnan(values))), int(np.count_nonzero(np.isinf(values)))
     if dtype in _IEEE:
         width, exp_mask, man_mask = _IEEE[dtype]
         words = np.frombuffer(data, dtype=np.dtype(f"<u{width}"))
-        special = (words & exp_mask) == exp_mask
-        if not special.any():  # the common case: one vectorised pass, no second mask
+        # Without the sign bit, NaN and Inf are exactly the values >= the all-ones exponent.
+        if int((words & (exp_mask | man_mask)).max(initial=0)) < exp_mask:
             return 0, 0
-        hits = words[special]
+        hits = words[(words & exp_mask) == exp_mask]
         nan = int(np.count_nonzero(hits & man_mask))
         return nan, int(hits.size) - nan
     bytes_ = np.frombuffer(data, dtype=np.uint8)
