@@ -86,7 +86,7 @@ def _int_problem(path: str, value: Any) -> Finding | None:
         return Finding(
             "CONFIG_INVALID",
             f"config.json field {path} must be an integer, got {show(value)}",
-            f"write {int(value)} (transformers and the servers refuse a float there)",
+            f"write {int(value)}: transformers and the servers refuse a float there",
             path=path,
         )
     return Finding(
