@@ -279,6 +279,17 @@ def test_quantization_config_is_refused_by_float_commands(model: Path, tmp_path:
     assert_refused(run("upcycle", model, "-o", tmp_path / "u", "--num-experts", "2", "--top-k", "1"), "fp8")
 
 
+def test_integer_weights_without_a_quantization_config(model: Path, tmp_path: Path) -> None:
+    """A header that says I32 for a float weight: transformers would load the integers as weights."""
+    from tests.malformed import edit_header
+
+    edit_header(model, lambda h: h["model.layers.0.self_attn.q_proj.weight"].__setitem__("dtype", "I32"))
+    [finding] = validate_checkpoint(Checkpoint.open(model), float_weights=True)
+    assert finding.code == "DTYPE_INVALID"
+    assert_refused(run("eval", model, "-d", ROOT / "examples" / "data" / "heldout.jsonl"), "q_proj", "I32")
+    assert_refused(run("quantize", model, "-o", tmp_path / "q", "--method", "rtn"), "integers")
+
+
 QUANTIZE_PROBE = """
 import sys
 sys.argv = ["moetool", "quantize", {model!r}, "-o", {out!r}, "--method", "rtn"]

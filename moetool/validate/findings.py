@@ -100,6 +100,7 @@ _ERROR_CLASSES: dict[str, type[MoetoolError]] = {
     "EXPERT_MISSING": CheckpointError,
     "TENSOR_MISSING": CheckpointError,
     "QUANTIZED_INPUT": CheckpointError,
+    "DTYPE_INVALID": CheckpointError,
 }
 
 

@@ -225,6 +225,38 @@ def _float_findings(checkpoint: Any, spec: FamilySpec, dims: Dims) -> list[Findi
     ]
 
 
+# Integer storage is a quantized format's: without a quantization_config nothing can decode it, and
+# transformers would load the integers as if they were the weights.
+_INTEGER_DTYPES = frozenset({"I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64", "BOOL"})
+_WEIGHT_CATEGORIES = frozenset(
+    {"routed_experts", "shared_experts", "attention", "dense_mlp", "router", "embedding", "lm_head", "norms"}
+)
+
+
+def _integer_findings(checkpoint: Any, spec: FamilySpec, dims: Dims) -> list[Finding]:
+    """Weights stored as integers by a checkpoint that says it is not quantized."""
+    if checkpoint.config.get("quantization_config") is not None:
+        return []
+    from moetool.count.classify import TensorClassifier
+
+    classifier = TensorClassifier(spec, dims)
+    bad = [
+        info
+        for info in checkpoint.tensors.values()
+        if info.dtype in _INTEGER_DTYPES and classifier.classify(info.name).category in _WEIGHT_CATEGORIES
+    ]
+    if not bad:
+        return []
+    return [
+        Finding(
+            "DTYPE_INVALID",
+            f"{len(bad)} weight tensor(s) are stored as integers ({bad[0].dtype}), e.g. {bad[0].name}, but "
+            "config.json has no quantization_config that says how to decode them",
+            "re-download the checkpoint, or add the quantization_config it was written with",
+        )
+    ]
+
+
 def validate_checkpoint(checkpoint: Any, *, float_weights: bool = False) -> list[Finding]:
     """Check a checkpoint's config and tensor headers against each other and the family registry.
 
@@ -247,6 +279,7 @@ def validate_checkpoint(checkpoint: Any, *, float_weights: bool = False) -> list
         except MoetoolError as exc:  # a dimension the templates need is missing or not a number
             findings.append(Finding(exc.code, exc.message, exc.hint or HINT_CONFIG, FATAL))
             return fatal_first(findings)
-        if float_weights:
+        findings += _integer_findings(checkpoint, spec, dims)
+        if float_weights and not any(f.code == "DTYPE_INVALID" for f in findings):
             findings += _float_findings(checkpoint, spec, dims)
     return fatal_first(findings)
