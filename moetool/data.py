@@ -186,6 +186,7 @@ def iter_documents(
     path = Path(spec).expanduser()
     patterns = [data_files] if isinstance(data_files, str) else list(data_files or [])
     if path.is_file():
+        _refuse_split(split, spec, "a local file")
         if patterns:
             raise UsageError(
                 f"--data-files cannot be used with the file {spec}",
@@ -210,6 +211,16 @@ def iter_documents(
             split=split,
             data_files=data_files,
             config_name=config_name,
+        )
+
+
+def _refuse_split(split: str, shown: str, what: str) -> None:
+    """A split other than the default names nothing in local files: silently reading them all would
+    evaluate on data the user meant to exclude."""
+    if split != "train":
+        raise UsageError(
+            f"--split {split} cannot be used with {shown}: it is {what}, which has no splits",
+            hint="pass the file that holds that split (e.g. validation.jsonl), or drop --split",
         )
 
 
@@ -265,6 +276,7 @@ def _read_folder(
     if saved_split or (folder / "dataset_dict.json").is_file():
         yield from _read_saved_dataset(folder, shown, text_field, domain_field, split=split)
         return
+    _refuse_split(split, shown, "a folder of data files")
     if patterns:
         chosen = {p for pattern in patterns for p in folder.glob(pattern) if p.is_file()}
         if not chosen:

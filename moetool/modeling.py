@@ -284,8 +284,10 @@ def open_checkpoint(
             checkpoint has no safetensors weights.
     """
     from moetool.io.source import open_model
+    from moetool.validate import check_transformers_config
 
     checkpoint = open_model(spec, revision=revision, token=token, offline=offline, need_weights=True)
+    check_transformers_config(checkpoint)  # its strict config classes: one line, not a traceback
     if checkpoint.root is None or not checkpoint.shards:
         raise CheckpointError(
             f"{checkpoint.name} has no safetensors weights to run",

@@ -49,4 +49,7 @@ app.command("quantize", epilog=quantize_cmd.EXAMPLES)(quantize_cmd.quantize_cmd)
 
 def main() -> None:
     """Console-script entry point."""
+    from moetool.cli._faults import install_fault_handlers
+
+    install_fault_handlers()
     app(prog_name="moetool")

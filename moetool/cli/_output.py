@@ -9,6 +9,7 @@ from functools import cache
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 
 @cache
@@ -28,15 +29,31 @@ def debug_enabled() -> bool:
     return os.environ.get("MOETOOL_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def printable(text: str) -> str:
+    """``text`` with any lone surrogate written as a ``\\udcff`` escape.
+
+    Python decodes file names and arguments that are not valid UTF-8 into lone surrogates
+    (``surrogateescape``); written out as they are, they either crash the write or put invalid UTF-8
+    on the terminal or in a JSON document.
+    """
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def print_json(document: Any) -> None:
-    """Write one JSON document to stdout (plain, never wrapped or coloured)."""
-    sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    """Write one JSON document to stdout (plain, never wrapped or coloured), always valid UTF-8.
+
+    A lone surrogate (a non-UTF-8 file name) comes out as the JSON escape ``\\udcff``, which parsers
+    read back as the same Python string, never as a raw invalid byte.
+    """
+    sys.stdout.write(printable(json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False)) + "\n")
     sys.stdout.flush()
 
 
 def warn(message: str) -> None:
-    """One warning line on stderr."""
-    stderr().print(f"[yellow]warning:[/yellow] {message}", highlight=False, markup=True)
+    """One warning line on stderr (the message is plain text: brackets in it are not markup)."""
+    stderr().print(
+        f"[yellow]warning:[/yellow] {escape(printable(message))}", highlight=False, markup=True, soft_wrap=True
+    )
 
 
 def human_count(n: int | float) -> str:

@@ -323,6 +323,7 @@ def distill_cmd(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing output folder.", rich_help_panel=_PANEL_OUT)
     ] = False,
+    allow_nonfinite: options.AllowNonfiniteOpt = False,
     revision: options.RevisionOpt = None,
     token: options.TokenOpt = None,
     offline: options.OfflineOpt = False,
@@ -335,6 +336,7 @@ def distill_cmd(
     from moetool.data import load_documents
     from moetool.io.source import parse_model_ref
     from moetool.io.writer import check_output_path, parse_size
+    from moetool.validate import preflight
 
     opts = DistillOptions(
         init=init,
@@ -368,6 +370,7 @@ def distill_cmd(
     parse_size(max_shard_size)
     local = parse_model_ref(teacher, revision=revision).local_path
     check_output_path(out, [local] if local is not None else [], overwrite=overwrite)
+    preflight(teacher, revision=revision, token=token, offline=offline or None, float_weights=True)
 
     def read(spec: str):
         documents = load_documents(
@@ -401,6 +404,7 @@ def distill_cmd(
             offline=offline or None,
             max_shard_size=max_shard_size,
             overwrite=overwrite,
+            allow_nonfinite=allow_nonfinite,
             command=["moetool", *sys.argv[1:]],
             progress=advance,
         )

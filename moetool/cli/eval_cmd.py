@@ -75,11 +75,16 @@ def eval_model(
     """
     from moetool.data import load_documents
     from moetool.modeling import check_device_map, check_device_name, check_dtype_name
+    from moetool.validate import preflight
 
     # Cheap checks first (no torch): a typo should not cost a model load.
     check_device_name(device)
     check_dtype_name(dtype)
     check_device_map(device_map)
+    # The models' configs and headers too (no weights read): a malformed one costs no dataset read.
+    preflight(model, revision=revision, token=token, offline=offline or None)
+    if reference is not None:
+        preflight(reference, revision=reference_revision, token=token, offline=offline or None)
     documents = load_documents(
         dataset,
         text_field=text_field,

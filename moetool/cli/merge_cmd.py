@@ -176,6 +176,7 @@ def merge_cmd(
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the before/after evaluation.")] = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Bound on each output shard.")] = "5GB",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    allow_nonfinite: options.AllowNonfiniteOpt = False,
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
     whole_model: options.WholeModelOpt = False,
@@ -193,6 +194,7 @@ def merge_cmd(
     from moetool.io.writer import check_output_path, parse_size
     from moetool.merge.api import _check_options, merge
     from moetool.modeling import check_device_map, check_device_name, check_dtype_name
+    from moetool.validate import preflight
 
     # Cheap checks first: a typo should not cost a model load or a dataset read.
     check_device_name(device)
@@ -213,6 +215,7 @@ def merge_cmd(
     )
     local = parse_model_ref(model, revision=revision).local_path
     check_output_path(out, [local] if local is not None else [], overwrite=overwrite)
+    preflight(model, revision=revision, token=token, offline=offline or None, float_weights=True)
 
     def read(spec: str):
         return load_documents(
@@ -253,6 +256,7 @@ def merge_cmd(
             offline=offline or None,
             max_shard_size=shard_size,
             overwrite=overwrite,
+            allow_nonfinite=allow_nonfinite,
             command=["moetool", *sys.argv[1:]],
             progress=advance,
         )

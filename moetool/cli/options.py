@@ -97,3 +97,15 @@ OffloadActivationsOpt = Annotated[
         help="Keep activations in CPU memory between layers (the GPU then holds one layer and one batch).",
     ),
 ]
+
+# ----------------------------------------------------------------------------- bad inputs
+# Shared by the commands that write a model (merge, quantize, upcycle, distill).
+
+AllowNonfiniteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-nonfinite",
+        help="Process an input whose weights hold NaN or Inf (refused by default), and publish an output "
+        "that holds them, with a warning.",
+    ),
+]

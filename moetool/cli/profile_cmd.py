@@ -75,6 +75,7 @@ def profile_routing_cmd(
     from moetool.modeling import check_device_map, check_device_name, check_dtype_name
     from moetool.routing.profile import profile_routing
     from moetool.routing.thresholds import check_thresholds, parse_threshold
+    from moetool.validate import preflight
 
     thresholds = [parse_threshold(text) for text in fail_if or []]
     check_device_name(device)
@@ -88,6 +89,7 @@ def profile_routing_cmd(
         local = parse_model_ref(model, revision=revision).local_path
         inputs = [local] if local is not None else []
         check_output_path(out, inputs, overwrite=overwrite)
+    preflight(model, revision=revision)
     documents = load_documents(
         dataset,
         text_field=text_field,

@@ -163,6 +163,7 @@ def quantize_cmd(
         ),
     ] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    allow_nonfinite: options.AllowNonfiniteOpt = False,
     show_all: Annotated[bool, typer.Option("--all", help="Show every expert in the coverage table.")] = False,
     revision: options.RevisionOpt = None,
     token: options.TokenOpt = None,
@@ -179,10 +180,14 @@ def quantize_cmd(
     measured from the files.
     """
     from moetool.errors import UsageError
-    from moetool.quantize import CalibrationData, CoverageOptions, QuantizeOptions, quantize
+    from moetool.validate import preflight
 
     if ternary and bits is not None:
         raise UsageError("--bits and --ternary exclude each other", hint="ternary codes are -1/0/+1")
+    # Before torch is imported (below): a malformed input is refused in a fraction of a second.
+    preflight(model, revision=revision, token=token, offline=offline or None, float_weights=True)
+    from moetool.quantize import CalibrationData, CoverageOptions, QuantizeOptions, quantize
+
     opts = QuantizeOptions(
         bits=4 if bits is None and method != "nf4" else bits,
         ternary=ternary,
@@ -239,6 +244,7 @@ def quantize_cmd(
         calibration=calibration,
         verify=verify,
         overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
         revision=revision,
         token=token,
         offline=offline or None,

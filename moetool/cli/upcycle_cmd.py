@@ -120,6 +120,7 @@ def upcycle_cmd(
         ),
     ] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    allow_nonfinite: options.AllowNonfiniteOpt = False,
     dataset: Annotated[
         str | None,
         typer.Option("--dataset", "-d", help="Text for --router-init kmeans (file, folder or Hub dataset id)."),
@@ -145,7 +146,9 @@ def upcycle_cmd(
     memory holds about one layer, whatever the model size.
     """
     from moetool.upcycle import KMeansData, UpcycleOptions, upcycle
+    from moetool.validate import preflight
 
+    preflight(model, revision=revision, token=token, offline=offline or None, float_weights=True)
     opts = UpcycleOptions(
         num_experts=num_experts,
         top_k=top_k,
@@ -184,6 +187,7 @@ def upcycle_cmd(
             dry_run=dry_run,
             verify=verify,
             overwrite=overwrite,
+            allow_nonfinite=allow_nonfinite,
             kmeans_data=kmeans,
             revision=revision,
             token=token,

@@ -262,6 +262,7 @@ def distill(
     offline: bool | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
     command: str | Sequence[str] | None = None,
     progress: Progress | None = None,
 ) -> DistillResult:
@@ -285,6 +286,7 @@ def distill(
         revision / token / offline: Hub access for ``teacher``.
         max_shard_size: bound on each output shard.
         overwrite: replace an existing output folder (still staged and swapped).
+        allow_nonfinite: take a teacher holding NaN/Inf (refused otherwise) and publish such a student.
         command: the command line, for the model card and the resume hint.
         progress: see :data:`moetool.distill.train.Progress`.
 
@@ -304,10 +306,12 @@ def distill(
     options.check()
     started = time.perf_counter()
     from moetool.modeling import open_checkpoint
+    from moetool.validate import check_input
 
     out_path = Path(os.path.abspath(out))
     ckpt_dir = Path(os.path.abspath(checkpoint_dir)) if checkpoint_dir is not None else default_checkpoint_dir(out)
     checkpoint = open_checkpoint(teacher, revision=revision, token=token, offline=offline)
+    check_input(checkpoint, float_weights=True, allow_nonfinite=allow_nonfinite)
     spec = check_teacher(checkpoint, teacher)
     inputs = [checkpoint.root] if checkpoint.root is not None else []
     if options.init_is_path and Path(options.init).exists():
@@ -352,6 +356,7 @@ def distill(
                 offline=offline,
                 shard_size=shard_size,
                 overwrite=overwrite,
+                allow_nonfinite=allow_nonfinite,
                 command=command,
                 progress=progress,
                 started=started,
@@ -396,6 +401,7 @@ def _run(
     offline: bool | None,
     shard_size: int,
     overwrite: bool,
+    allow_nonfinite: bool,
     command: str | Sequence[str] | None,
     progress: Progress | None,
     started: float,
@@ -680,6 +686,7 @@ def _run(
                 teacher_model=teacher_model,
                 inputs=inputs,
                 overwrite=overwrite,
+                allow_nonfinite=allow_nonfinite,
                 shard_size=shard_size,
                 command=command or f"moetool distill {teacher} -o {out_path}",
                 progress=progress,

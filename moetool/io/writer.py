@@ -28,13 +28,22 @@ import shutil
 import signal
 import socket
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moetool.errors import MoetoolError, OutputError, UnsafePathError, UsageError
+from moetool.errors import (
+    InputChangedError,
+    MoetoolError,
+    MoetoolWarning,
+    NonfiniteError,
+    OutputError,
+    UnsafePathError,
+    UsageError,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only, keeps torch out of the import graph
     import torch
@@ -49,6 +58,7 @@ __all__ = [
     "ShardedWriter",
     "Terminated",
     "WriteResult",
+    "abandon_active_outputs",
     "check_disk_space",
     "check_output_path",
     "copy_aux_files",
@@ -343,8 +353,13 @@ def _create_lock(path: Path) -> bool:
         fd = os.open(path, flags, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(_lock_text())
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(_lock_text())
+    except BaseException:
+        # A full disk lets the file be created but not written: never leave an empty lock behind.
+        path.unlink(missing_ok=True)
+        raise
     return True
 
 
@@ -378,6 +393,12 @@ def _acquire_lock(parent: Path, name: str) -> Path:
                 code="OUTPUT_LOCKED",
             )
         aside.unlink(missing_ok=True)
+        who = f"pid {pid}" if pid is not None else "no readable pid"
+        warnings.warn(
+            f"removed the stale lock {lock} of a moetool run that no longer exists ({who})",
+            MoetoolWarning,
+            stacklevel=4,
+        )
     raise OutputError(
         f"could not take the lock {lock}",
         hint=f"delete {lock} if no moetool run is writing {parent / name}",
@@ -504,22 +525,197 @@ def _publish(staging: Path, out: Path) -> None:
     _remove_tree(aside)
 
 
+# Staging folders (and their locks) of this process, for the SIGBUS handler: a process that must
+# die at once still removes what it created (see moetool.cli._faults).
+_ACTIVE: dict[Path, Path] = {}
+
+
+def abandon_active_outputs() -> None:
+    """Remove the staging folders and locks this process holds (for a fatal-signal handler)."""
+    for staging, lock in list(_ACTIVE.items()):
+        _remove_tree(staging)
+        _release_lock(lock)
+        _ACTIVE.pop(staging, None)
+
+
+def _free_bytes(folder: Path) -> int:
+    probe = next(_existing_ancestors(Path(os.path.abspath(folder))), Path("/"))
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return 0
+
+
+def _disk_full(out: Path, *, written: int = 0, what: str = "the output") -> DiskFullError:
+    free = _free_bytes(out.parent)
+    done = f"; {written:,} bytes were written before it ran out" if written else ""
+    return DiskFullError(
+        f"disk full while writing {what} at {out}: needs more than the {free:,} bytes free{done}",
+        hint="free some space or choose -o on another disk; nothing was written",
+    )
+
+
+def _tree_bytes(folder: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def _leftover_name(entry: str, prefix: str) -> str | None:
+    """The output name of a ``<prefix><name>-<pid>-<8 hex>`` folder, ``None`` for anything else."""
+    parts = entry[len(prefix) :].rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit() or not re.fullmatch(r"[0-9a-f]{8}", parts[2]):
+        return None
+    return parts[0]
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Remove what killed runs left beside ``out``; called while holding the output's lock.
+
+    Holding the lock proves that no live run writes ``out``, so every ``.moetool-tmp-<name>-*``
+    staging folder is an unfinished output of a dead run: it is removed, with a warning (it may hold
+    gigabytes). A ``.moetool-old-<name>-*`` folder is an earlier output that a run killed mid-swap had
+    renamed aside: removed when ``out`` exists (the swap had finished), kept with a warning otherwise
+    (it is then the only copy of that earlier output).
+    """
+    parent = out.parent
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if name.startswith(f"{LOCK_PREFIX}{out.name}.stale-") and entry.is_file():
+            entry.unlink(missing_ok=True)  # an aside of a stale lock a killed run was removing
+            continue
+        for prefix in (STAGING_PREFIX, OLD_PREFIX):
+            if not name.startswith(prefix) or _leftover_name(name, prefix) != out.name:
+                continue
+            if not entry.is_dir() or entry.is_symlink() or _name_pid(name, prefix) == os.getpid():
+                continue
+            if prefix == OLD_PREFIX and not out.exists():
+                warnings.warn(
+                    f"{entry} holds an earlier {out.name} that an interrupted run had moved aside; it was kept "
+                    f"(rename it back to {out.name}, or delete it)",
+                    MoetoolWarning,
+                    stacklevel=4,
+                )
+                continue
+            size = _tree_bytes(entry)
+            _remove_tree(entry)
+            what = "unfinished output" if prefix == STAGING_PREFIX else "replaced output"
+            warnings.warn(
+                f"removed {entry.name} ({size:,} bytes), the {what} of an interrupted moetool run",
+                MoetoolWarning,
+                stacklevel=4,
+            )
+
+
+def _input_state(inputs: Sequence[Path | None]) -> dict[Path, tuple[int, int, int]]:
+    """Size, mtime and inode of the input files that matter (weights, configs), to notice a change."""
+    state: dict[Path, tuple[int, int, int]] = {}
+    for item in inputs:
+        if item is None:
+            continue
+        path = Path(item)
+        files = [path] if path.is_file() else []
+        if path.is_dir():
+            with contextlib.suppress(OSError):
+                files = [p for p in path.iterdir() if p.name.endswith((".safetensors", ".json"))]
+        for file in files:
+            with contextlib.suppress(OSError):
+                st = file.stat()
+                state[file] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return state
+
+
+def _check_inputs_unchanged(before: dict[Path, tuple[int, int, int]]) -> None:
+    for file, (size, mtime, inode) in before.items():
+        try:
+            st = file.stat()
+            now = (st.st_size, st.st_mtime_ns, st.st_ino)
+        except OSError:
+            now = None
+        if now != (size, mtime, inode):
+            what = "was removed" if now is None else f"is now {now[0]:,} bytes (was {size:,})"
+            if now is not None and now[0] == size:
+                what = "was modified or replaced"
+            raise InputChangedError(
+                f"the input {file} changed while being read ({what}); nothing was written",
+                hint="make sure no other program writes the input while moetool runs, then run the command again",
+            )
+
+
+def _finish_output(staging: Path, *, allow_nonfinite: bool) -> None:
+    """Last checks of every written model before it is published.
+
+    * ``auto_map`` (remote code) is never carried over silently: moetool does not copy the code it
+      points to, and outputs load with transformers' own classes; it is dropped with a warning.
+    * Every float tensor is scanned for NaN/Inf: they are refused (``NONFINITE_OUTPUT``) unless
+      ``allow_nonfinite``, when they are reported.
+    """
+    from moetool.io.nonfinite import describe, scan_folder
+
+    config_path = staging / "config.json"
+    if config_path.is_file() and not config_path.is_symlink():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = None
+        if isinstance(config, dict) and "auto_map" in config:
+            dropped = config.pop("auto_map")
+            write_json(config_path, config)
+            names = ", ".join(sorted(dropped)) if isinstance(dropped, dict) else "remote code"
+            warnings.warn(
+                f"dropped auto_map ({names}) from the output's config.json: moetool never copies remote code, "
+                "and the output loads with transformers' own classes",
+                MoetoolWarning,
+                stacklevel=4,
+            )
+    found = scan_folder(staging)
+    if found and not allow_nonfinite:
+        raise NonfiniteError(
+            f"in the output, {describe(found)}; nothing was written",
+            hint="check the input with moetool inspect --scan-nonfinite; --allow-nonfinite writes it anyway",
+            code="NONFINITE_OUTPUT",
+        )
+    if found:
+        warnings.warn(
+            f"in the output, {describe(found)} (written anyway: --allow-nonfinite)", MoetoolWarning, stacklevel=4
+        )
+
+
 @contextmanager
-def staged_output(out: Path, *, inputs: Sequence[Path] = (), overwrite: bool = False) -> Iterator[Path]:
+def staged_output(
+    out: Path,
+    *,
+    inputs: Sequence[Path] = (),
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    expected_bytes: int | None = None,
+) -> Iterator[Path]:
     """Write a model folder through a private staging folder that is published only on success.
 
     The staging folder is created beside ``out`` (same file system, so publishing is a rename) and a
-    lock file ``.moetool-lock-<name>`` keeps a second run from writing the same output. When the block
-    ends normally every file is fsynced and the folder is renamed to ``out`` (an existing ``out`` is
-    renamed aside, replaced, then deleted). When it ends with any exception, Ctrl-C, SIGTERM or
-    ``SystemExit``, the staging folder and the lock are removed and the exception propagates; the
-    inputs and any earlier ``out`` are untouched. A ``kill -9`` leaves a ``.moetool-tmp-*`` folder
-    that :func:`stale_staging_dirs` finds.
+    lock file ``.moetool-lock-<name>`` keeps a second run from writing the same output. Leftovers of
+    killed runs for the same output (staging folders, locks) are removed with a warning. When the
+    block ends normally the output is checked (``auto_map`` dropped, NaN/Inf refused, inputs
+    unchanged since the block started), every file is fsynced and the folder is renamed to ``out``
+    (an existing ``out`` is renamed aside, replaced, then deleted). When it ends with any exception,
+    Ctrl-C, SIGTERM or ``SystemExit``, the staging folder and the lock are removed and the exception
+    propagates; the inputs and any earlier ``out`` are untouched. A ``kill -9`` leaves a
+    ``.moetool-tmp-*`` folder that the next run for the same output removes.
 
     Args:
         out: the final output folder.
-        inputs: local input paths that the output must not overlap.
+        inputs: local input paths that the output must not overlap (and must not change meanwhile).
         overwrite: replace an existing non-empty ``out``.
+        allow_nonfinite: publish an output with NaN/Inf (with a warning) instead of refusing it.
+        expected_bytes: the output's size when known: refused before anything is created when the
+            disk has less free.
 
     Yields:
         The staging folder to write into.
@@ -527,13 +723,20 @@ def staged_output(out: Path, *, inputs: Sequence[Path] = (), overwrite: bool = F
     Raises:
         OutputError: from :func:`check_output_path`, ``OUTPUT_LOCKED`` when another live run holds the
             lock, or ``OUTPUT_UNWRITABLE`` when the parent folder cannot be written.
+        DiskFullError: not enough space (before anything is created when ``expected_bytes`` says so).
+        NonfiniteError: ``NONFINITE_OUTPUT``, the output holds NaN/Inf.
+        InputChangedError: an input file changed while the block ran.
     """
     out = Path(os.path.abspath(out))
     check_output_path(out, inputs, overwrite=overwrite)
+    if expected_bytes is not None:
+        check_disk_space(out, expected_bytes)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        if _is_disk_full(exc):
+            raise _disk_full(out) from None
         raise OutputError(
             f"cannot create the output's parent folder {parent}: {exc.strerror}",
             hint="choose -o in a folder you can write",
@@ -541,7 +744,9 @@ def staged_output(out: Path, *, inputs: Sequence[Path] = (), overwrite: bool = F
         ) from None
     try:
         lock = _acquire_lock(parent, out.name)
-    except OSError as exc:  # permission denied, read-only file system
+    except OSError as exc:  # permission denied, read-only file system, full disk
+        if _is_disk_full(exc):
+            raise _disk_full(out) from None
         raise OutputError(
             f"cannot write in {parent}: {exc.strerror}",
             hint="choose -o in a folder you can write",
@@ -552,8 +757,13 @@ def staged_output(out: Path, *, inputs: Sequence[Path] = (), overwrite: bool = F
     # default action (die without cleanup) is back in place.
     with _terminate_as_interrupt():
         try:
+            _ACTIVE[staging] = lock
+            _clean_leftovers(out)
+            before = _input_state(inputs)
             staging.mkdir()
             yield staging
+            _finish_output(staging, allow_nonfinite=allow_nonfinite)
+            _check_inputs_unchanged(before)
             # fsync while still interruptible: it can take a while for large outputs.
             _fsync_tree(staging)
             with _signals_deferred():
@@ -561,10 +771,15 @@ def staged_output(out: Path, *, inputs: Sequence[Path] = (), overwrite: bool = F
                 check_output_path(out, inputs, overwrite=overwrite)
                 _publish(staging, out)
                 _release_lock(lock)
-        except BaseException:
+                _ACTIVE.pop(staging, None)
+        except BaseException as exc:
+            written = _tree_bytes(staging) if staging.exists() else 0
             with _signals_deferred():
                 _remove_tree(staging)
                 _release_lock(lock)
+                _ACTIVE.pop(staging, None)
+            if isinstance(exc, Exception) and not isinstance(exc, MoetoolError) and _is_disk_full(exc):
+                raise _disk_full(out, written=written) from None
             raise
 
 

@@ -581,6 +581,7 @@ def merge(
     offline: bool | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
     command: str | Sequence[str] | None = None,
     progress: Progress | None = None,
 ) -> MergeResult:
@@ -622,6 +623,7 @@ def merge(
         revision / token / offline: Hub access for ``model``.
         max_shard_size: bound on the bytes per output shard.
         overwrite: replace an existing output folder (still staged and swapped).
+        allow_nonfinite: process an input holding NaN/Inf (refused otherwise) and publish such an output.
         command: the command line, for the model card.
         progress: called as ``progress(stage, advance, total)``.
 
@@ -637,6 +639,7 @@ def merge(
     from moetool.io.model_card import write_model_card
     from moetool.io.writer import check_disk_space, check_output_path, copy_aux_files, staged_output, write_json
     from moetool.modeling import open_checkpoint, quant_method_of
+    from moetool.validate import check_input
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -654,6 +657,7 @@ def merge(
         align=align,
     )
     checkpoint = open_checkpoint(model, revision=revision, token=token, offline=offline)
+    check_input(checkpoint, float_weights=True, allow_nonfinite=allow_nonfinite)
     config = checkpoint.config
     spec = family_for_config(config)
     traits = traits_for(spec)
@@ -779,7 +783,7 @@ def merge(
     t0 = time.perf_counter()
     decisions: list[LayerDecision] = []
     act = _activation(traits, config)
-    with staged_output(out_path, inputs=inputs, overwrite=overwrite) as staging:
+    with staged_output(out_path, inputs=inputs, overwrite=overwrite, allow_nonfinite=allow_nonfinite) as staging:
         expected = {t.name: t for t in tensors}
         copies_by_layer: dict[int | None, list[str]] = {}
         for t in tensors:

@@ -260,7 +260,10 @@ def _check_mapping(checkpoint: Any, layout: Any, layer: int, experts: Any, linea
 
     def same(stored: torch.Tensor, live: torch.Tensor) -> bool:
         live = live.detach().to("cpu")
-        return tuple(stored.shape) == tuple(live.shape) and torch.equal(stored.to(live.dtype), live)
+        # equal_nan: with --allow-nonfinite the same NaN sits in both copies.
+        return tuple(stored.shape) == tuple(live.shape) and torch.allclose(
+            stored.to(live.dtype), live, rtol=0, atol=0, equal_nan=True
+        )
 
     pairs: dict[str, Any] = {}
     info = layout.experts.get(layer)
@@ -546,6 +549,7 @@ def quantize(
     verify: bool = True,
     full_check: bool | None = None,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
     revision: str | None = None,
     token: str | bool | None = None,
     offline: bool | None = None,
@@ -569,6 +573,7 @@ def quantize(
             that costs no more memory than quantizing did: the whole model in the compute dtype within one
             layer plus GPTQ's budget; larger models are checked layer by layer only).
         overwrite: replace an existing output folder.
+        allow_nonfinite: process an input holding NaN/Inf (refused otherwise) and publish such an output.
         revision / token / offline: Hub access for a repo id.
         command: the command line, for the model card.
         on_status: progress callback, a line saying what happens now.
@@ -588,9 +593,11 @@ def quantize(
     from moetool.arch.dims import resolve_dims
     from moetool.arch.registry import family_for_config
     from moetool.io.checkpoint import Checkpoint
-    from moetool.io.writer import check_output_path
+    from moetool.io.sizes import estimate_quantized_bytes
+    from moetool.io.writer import check_disk_space, check_output_path
     from moetool.modeling import check_device_name, check_dtype_name, open_checkpoint
     from moetool.quantize.layout import build_layout
+    from moetool.validate import check_input
 
     status = on_status or (lambda _msg: None)
     timings: dict[str, float] = {}
@@ -610,12 +617,15 @@ def quantize(
         if isinstance(source, Checkpoint)
         else open_checkpoint(str(source), revision=revision, token=token, offline=offline)
     )
+    check_input(checkpoint, float_weights=True, allow_nonfinite=allow_nonfinite)
     _refuse_quantized(checkpoint)
     spec = family_for_config(checkpoint.config)
     dims = resolve_dims(spec, checkpoint.config)
     layout = build_layout(spec, dims, checkpoint, options.categories)
     out = Path(out)
     check_output_path(out, [checkpoint.root], overwrite=overwrite)
+    predicted = estimate_quantized_bytes(checkpoint, layout.quantized_names(), fmt)
+    check_disk_space(out, predicted, what="the quantized model")
     documents = _read_calibration(calibration, status) if needs_data and calibration is not None else None
     timings["plan"] = time.perf_counter() - started
 
@@ -689,7 +699,7 @@ def quantize(
         ranks.barrier()
         return result
     replaced = layout.quantized_names()
-    with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite) as staging:
+    with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite, allow_nonfinite=allow_nonfinite) as staging:
         step = time.perf_counter()
         with ShardedWriter(staging, max_shard_size=parse_size(options.max_shard_size)) as writer:
             outcome = _quantize_pass(
