@@ -10,8 +10,9 @@ Target (issue 11): random Qwen3-MoE checkpoints with a real layer shape (hidden 
 Each command runs in a fresh process (``bench/peak.py`` wraps the CLI and records the process's peak RSS
 with ``getrusage``, and the peak CUDA memory when a GPU is used). The whole-model path (``--whole-model``)
 is measured beside it as the baseline. The fixed overhead is measured, not assumed: the peak RSS of
-``moetool inspect --memory`` after importing torch and transformers (the process, the libraries, the
-tokenizer) plus the page cache of reading, stated in the output.
+``moetool eval`` on the 4.9M-parameter example over 256 tokens (the process, torch, transformers, the
+tokenizer, the dataset, the runner's threads). The activations are computed from the config: every
+token position of the pass kept in float32 a few times over, plus one batch inside the MoE block.
 
 Usage::
 
@@ -101,6 +102,21 @@ def layer_bytes_bf16(model: Path) -> int:
     return estimate(Checkpoint.open(model), "bfloat16").largest_layer_bytes
 
 
+def activation_bytes(model: Path, command: str) -> int:
+    """The activations a pass holds, in float32: every token position's hidden state a few times over
+    (kept, a layer's input and output, the residual: ``ACTIVATION_COPIES``), plus one batch inside the
+    MoE block (each token's top-k expert inputs and outputs)."""
+    from moetool.runner.memory import ACTIVATION_COPIES
+
+    config = json.loads((model / "config.json").read_text())
+    hidden = config["hidden_size"]
+    inter = config.get("moe_intermediate_size", config.get("intermediate_size"))
+    top_k = config["num_experts_per_tok"]
+    tokens = CALIBRATION_TOKENS if command in ("quantize", "merge") else EVAL_TOKENS
+    batch = 8 * SEQ_LEN
+    return 4 * (ACTIVATION_COPIES * tokens * hidden + batch * top_k * (2 * inter + 2 * hidden))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
@@ -117,7 +133,11 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="moetool-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    overhead = measure(["inspect", str(ROOT / "examples" / "tiny-moe"), "--memory", "--json"])["rss_bytes"]
+    # The fixed overhead: the same kind of process on a model too small to matter (Python, torch,
+    # transformers, the tokenizer, the dataset, the runner's threads).
+    overhead = measure(
+        ["eval", str(ROOT / "examples" / "tiny-moe"), "-d", str(HELDOUT), "--max-tokens", "256", "--json"]
+    )["rss_bytes"]
     try:
         for layers in args.layers:
             model = work / f"{args.preset}-{layers}"
@@ -137,6 +157,7 @@ def main() -> None:
                             "layers": layers,
                             "path": "whole" if whole else "streamed",
                             "layer_bf16_bytes": layer,
+                            "activation_bytes": activation_bytes(model, command),
                             **figures,
                         }
                     )
@@ -149,7 +170,9 @@ def main() -> None:
     if args.json:
         print(json.dumps({"overhead_rss_bytes": overhead, "rows": rows, "summary": summary}, indent=2))
     else:
-        print(f"\nfixed overhead (peak RSS of `moetool inspect --memory`): {overhead / 1e9:.2f} GB")
+        print(
+            f"\nfixed overhead (peak RSS of `moetool eval` on examples/tiny-moe, 256 tokens): {overhead / 1e9:.2f} GB"
+        )
         for line in summary:
             print(line)
 
@@ -165,7 +188,6 @@ def _row(row: dict[str, Any]) -> str:
 def _summary(rows: list[dict[str, Any]], overhead: int) -> list[str]:
     """The two targets per command, streamed path."""
     out = []
-    activations = 4 * 1024 * 4 * max(CALIBRATION_TOKENS, EVAL_TOKENS)  # copies x hidden x fp32 x tokens
     for command in dict.fromkeys(r["command"] for r in rows):
         streamed = {r["layers"]: r for r in rows if r["command"] == command and r["path"] == "streamed"}
         whole = {r["layers"]: r for r in rows if r["command"] == command and r["path"] == "whole"}
@@ -173,7 +195,7 @@ def _summary(rows: list[dict[str, Any]], overhead: int) -> list[str]:
             continue
         low, high = min(streamed), max(streamed)
         ratio = streamed[high]["rss_bytes"] / streamed[low]["rss_bytes"]
-        bound = 3 * streamed[high]["layer_bf16_bytes"] + activations + overhead
+        bound = 3 * streamed[high]["layer_bf16_bytes"] + streamed[high]["activation_bytes"] + overhead
         peak = max(r["rss_bytes"] for r in streamed.values())
         line = (
             f"{command}: streamed peak {streamed[low]['rss_bytes'] / 1e9:.2f} GB at {low} layers -> "

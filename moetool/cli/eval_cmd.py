@@ -119,6 +119,7 @@ def eval_model(
         "device_map": device_map,
         "hidden": "cpu" if offload_activations else "auto",
         "tokenizer": False,
+        "pass_tokens": batch_size * seq_len,
     }
     with status(f"loading {model}", enabled=show):
         opened = open_runner(checkpoint, **run_options)

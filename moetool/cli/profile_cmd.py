@@ -111,6 +111,7 @@ def profile_routing_cmd(
             device_map=device_map,
             hidden="cpu" if offload_activations else "auto",
             revision=revision,
+            pass_tokens=batch_size * seq_len,
         )
     tokenizer, checkpoint = opened.tokenizer, opened.checkpoint
     memory = memory_plan(opened, tokens=max_tokens or batch_size * seq_len, enabled=progress_enabled(json_output))

@@ -633,7 +633,7 @@ def quantize(
 
     from moetool.modeling import load_tokenizer
     from moetool.runner.dist import current_ranks
-    from moetool.runner.memory import check_fits, estimate
+    from moetool.runner.memory import check_fits, estimate, human
     from moetool.runner.stream import StreamedModel, StreamOptions
 
     ranks = current_ranks(options.device)
@@ -689,6 +689,14 @@ def quantize(
         warnings=warnings,
         memory=memory.to_json(positions) | {"streamed": not options.whole_model},
         expert_batch=options.expert_batch or auto_expert_batch(layout, runner.device),
+    )
+    status(
+        f"{'whole model' if options.whole_model else 'one layer at a time'} on {runner.device} ({memory.dtype}): "
+        f"largest layer {human(memory.largest_layer_bytes)}, calibration activations "
+        f"{human(memory.activations(positions))}, "
+        + (f"GPTQ {result.expert_batch} experts at a time, " if options.method == "gptq" else "")
+        + "peak about "
+        f"{human(memory.whole_peak(positions) if options.whole_model else memory.streamed_peak(positions))}"
     )
     if not ranks.is_main:
         # The other processes calibrate their share and quantize alike; the first one writes and checks.

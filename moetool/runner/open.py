@@ -54,6 +54,7 @@ def open_runner(
     token: str | bool | None = None,
     offline: bool | None = None,
     tokenizer: bool = True,
+    pass_tokens: int | None = None,
 ) -> OpenedRunner:
     """Open ``MODEL`` for running, streamed one layer at a time unless asked (or forced) otherwise.
 
@@ -65,10 +66,13 @@ def open_runner(
         hidden: where activations live between streamed layers (``auto``, ``device``, ``cpu``).
         revision / token / offline: Hub access for a repo id.
         tokenizer: load the tokenizer (before the weights, so a missing one is reported first).
+        pass_tokens: the token positions of the smallest pass the command runs (one batch): refuse, before
+            any weight is read, when one layer and those activations cannot fit.
 
     Raises:
         UsageError, ModelLoadError, UnsupportedArchitectureError, CheckpointError: as
         :func:`moetool.modeling.load_model`.
+        InsufficientMemoryError: with ``pass_tokens``, when not even one layer and its activations fit.
     """
     from moetool.io.checkpoint import Checkpoint
     from moetool.modeling import (
@@ -93,6 +97,14 @@ def open_runner(
     if not whole_model and device_map is None and blocker is not None:
         notes.append(blocker)
         whole_model = True
+    if pass_tokens is not None and device_map is None:
+        from moetool.modeling import resolve_device, resolve_dtype
+        from moetool.runner.memory import check_fits, estimate
+
+        target = resolve_device(device)
+        resolved = resolve_dtype(dtype, target)
+        name = str(resolved).removeprefix("torch.") if resolved != "auto" else "bfloat16"
+        check_fits(estimate(checkpoint, name), tokens=pass_tokens, device=target, whole_model=whole_model)
     if whole_model or device_map is not None:
         model = load_weights(checkpoint, device=device, dtype=dtype, device_map=device_map)
         return OpenedRunner(WholeModel(model), loaded_tokenizer, checkpoint, streamed=False, notes=notes)
