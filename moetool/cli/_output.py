@@ -10,11 +10,25 @@ from typing import Any
 
 from rich.console import Console
 
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    """``moetool -q``: nothing on stdout but the ``--json`` document, nothing on stderr but errors."""
+    global _quiet
+    _quiet = bool(quiet)
+    stdout().quiet = _quiet
+
+
+def quiet() -> bool:
+    """Whether ``-q`` asked for errors only."""
+    return _quiet
+
 
 @cache
 def stdout() -> Console:
-    """Console for results (tables, the --json document)."""
-    return Console(soft_wrap=False)
+    """Console for results (tables); the --json document bypasses it (plain sys.stdout)."""
+    return Console(soft_wrap=False, quiet=_quiet)
 
 
 @cache
@@ -28,14 +42,30 @@ def debug_enabled() -> bool:
     return os.environ.get("MOETOOL_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def with_versions(document: Any) -> Any:
+    """The document with a ``versions`` object added (moetool, Python, torch, transformers, ...).
+
+    Every versioned document (one with ``schema_version``) records the code that produced it; a
+    ``versions`` key the command set itself is kept.
+    """
+    if isinstance(document, dict) and "schema_version" in document and "versions" not in document:
+        from moetool.versions import versions
+
+        return {**document, "versions": versions()}
+    return document
+
+
 def print_json(document: Any) -> None:
-    """Write one JSON document to stdout (plain, never wrapped or coloured)."""
+    """Write one JSON document to stdout (plain, never wrapped or coloured), with :func:`with_versions`."""
+    document = with_versions(document)
     sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
 def warn(message: str) -> None:
-    """One warning line on stderr."""
+    """One warning line on stderr (none under ``-q``)."""
+    if _quiet:
+        return
     stderr().print(f"[yellow]warning:[/yellow] {message}", highlight=False, markup=True)
 
 

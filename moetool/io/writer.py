@@ -510,7 +510,9 @@ def staged_output(out: Path, *, inputs: Sequence[Path] = (), overwrite: bool = F
 
     The staging folder is created beside ``out`` (same file system, so publishing is a rename) and a
     lock file ``.moetool-lock-<name>`` keeps a second run from writing the same output. When the block
-    ends normally every file is fsynced and the folder is renamed to ``out`` (an existing ``out`` is
+    ends normally every file gets the mode the umask allows (0644 by default, whichever library wrote
+    it), ``moetool-manifest.json`` records the SHA-256 of each file, every file is fsynced and the
+    folder is renamed to ``out`` (an existing ``out`` is
     renamed aside, replaced, then deleted). When it ends with any exception, Ctrl-C, SIGTERM or
     ``SystemExit``, the staging folder and the lock are removed and the exception propagates; the
     inputs and any earlier ``out`` are untouched. A ``kill -9`` leaves a ``.moetool-tmp-*`` folder
@@ -554,6 +556,7 @@ def staged_output(out: Path, *, inputs: Sequence[Path] = (), overwrite: bool = F
         try:
             staging.mkdir()
             yield staging
+            _finish(staging)
             # fsync while still interruptible: it can take a while for large outputs.
             _fsync_tree(staging)
             with _signals_deferred():
@@ -566,6 +569,15 @@ def staged_output(out: Path, *, inputs: Sequence[Path] = (), overwrite: bool = F
                 _remove_tree(staging)
                 _release_lock(lock)
             raise
+
+
+def _finish(staging: Path) -> None:
+    """Last steps before publishing: file modes as the umask allows, then the checksum manifest."""
+    from moetool.io.manifest import write_manifest
+    from moetool.io.permissions import apply_umask_modes
+
+    apply_umask_modes(staging)  # before the manifest, which is then written with the right mode
+    write_manifest(staging)
 
 
 def _name_pid(name: str, prefix: str) -> int | None:
