@@ -37,8 +37,13 @@ def umask_modes(folder: Path) -> tuple[int, int]:
     finally:
         os.close(fd)
         probe.unlink(missing_ok=True)
-    umask = 0o666 & ~file_mode
-    return file_mode, 0o777 & ~umask
+    # A folder too: a file's mode cannot show the umask's execute bits.
+    probe.mkdir(mode=0o777)
+    try:
+        folder_mode = stat.S_IMODE(probe.stat().st_mode) & 0o777
+    finally:
+        probe.rmdir()
+    return file_mode, folder_mode
 
 
 def apply_umask_modes(folder: Path) -> int:
