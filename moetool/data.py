@@ -224,6 +224,17 @@ def _refuse_split(split: str, shown: str, what: str) -> None:
         )
 
 
+def split_applies(spec: str) -> bool:
+    """Whether ``--split`` means anything for this dataset: a Hub dataset or a saved ``DatasetDict``.
+
+    A local file, or a folder of files, has no splits (what it holds is read whole).
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return (path / "dataset_dict.json").is_file()
+    return not path.exists() and not _looks_like_local_path(spec)
+
+
 def _is_plain_text(spec: str) -> bool:
     return _format_of(Path(spec)) == "txt"
 

@@ -17,8 +17,9 @@ from rich.text import Text
 
 from moetool.cli import options
 from moetool.cli._errors import handle_errors
-from moetool.cli._output import human_count, print_json, stderr, stdout, warn
+from moetool.cli._output import human_count, print_json, quiet, stderr, stdout, warn
 from moetool.cli._progress import progress_enabled
+from moetool.cli._push import add_push, push_output, push_target, render_push
 from moetool.distill.options import DistillOptions
 
 if TYPE_CHECKING:
@@ -327,6 +328,9 @@ def distill_cmd(
     revision: options.RevisionOpt = None,
     token: options.TokenOpt = None,
     offline: options.OfflineOpt = False,
+    push_to_hub: options.PushToHubOpt = None,
+    private: options.PrivateOpt = False,
+    create_pr: options.CreatePrOpt = False,
     json_output: options.JsonOpt = False,
 ) -> None:
     """Distill an MoE TEACHER into a dense student of its family and write it as a standard checkpoint.
@@ -371,6 +375,7 @@ def distill_cmd(
     local = parse_model_ref(teacher, revision=revision).local_path
     check_output_path(out, [local] if local is not None else [], overwrite=overwrite)
     preflight(teacher, revision=revision, token=token, offline=offline or None, float_weights=True)
+    hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline)
 
     def read(spec: str):
         documents = load_documents(
@@ -385,7 +390,7 @@ def distill_cmd(
 
     main = _is_main_process()
     show = main and progress_enabled(json_output)
-    log_lines = main and not json_output and not show
+    log_lines = main and not json_output and not show and not quiet()
     with _progress(show, log_lines, log_every) as advance:
         result = distill(
             teacher,
@@ -410,12 +415,14 @@ def distill_cmd(
         )
     if not main:
         return
+    pushed = push_output(hub, out, command="distill", json_output=json_output)
     for message in result.warnings:
         warn(message)
     if json_output:
-        print_json(result.to_json())
+        print_json(add_push(result.to_json(), pushed))
         return
     render(result)
+    render_push(pushed)
 
 
 def _minutes(seconds: float) -> str:

@@ -17,6 +17,7 @@ from moetool.cli import options
 from moetool.cli._errors import handle_errors
 from moetool.cli._output import human_bytes, human_count, print_json, stderr, stdout, warn
 from moetool.cli._progress import progress_enabled
+from moetool.cli._push import add_push, push_output, push_target, render_push
 
 if TYPE_CHECKING:
     from moetool.merge.api import MergeResult
@@ -183,6 +184,9 @@ def merge_cmd(
     revision: options.RevisionOpt = None,
     token: options.TokenOpt = None,
     offline: options.OfflineOpt = False,
+    push_to_hub: options.PushToHubOpt = None,
+    private: options.PrivateOpt = False,
+    create_pr: options.CreatePrOpt = False,
     json_output: options.JsonOpt = False,
 ) -> None:
     """Reduce every MoE layer from N to M experts (--num-experts), or to one dense FFN (--to-dense).
@@ -216,6 +220,7 @@ def merge_cmd(
     local = parse_model_ref(model, revision=revision).local_path
     check_output_path(out, [local] if local is not None else [], overwrite=overwrite)
     preflight(model, revision=revision, token=token, offline=offline or None, float_weights=True)
+    hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline)
 
     def read(spec: str):
         return load_documents(
@@ -260,12 +265,14 @@ def merge_cmd(
             command=["moetool", *sys.argv[1:]],
             progress=advance,
         )
+    pushed = push_output(hub, out, command="merge", json_output=json_output)
     for message in result.warnings:
         warn(message)
     if json_output:
-        print_json(result.to_json())
+        print_json(add_push(result.to_json(), pushed))
         return
     render(result)
+    render_push(pushed)
 
 
 def _pct(value: float | None) -> str:

@@ -109,3 +109,20 @@ AllowNonfiniteOpt = Annotated[
         "that holds them, with a warning.",
     ),
 ]
+
+# ----------------------------------------------------------------------------- publishing to the Hub
+# Shared by the commands that write a model (merge, quantize, upcycle, distill).
+
+PushToHubOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--push-to-hub",
+        help="After the output is written and verified, upload it to this Hub model repo (owner/name; created if "
+        "missing). Nothing is uploaded when a check fails.",
+        show_default=False,
+    ),
+]
+PrivateOpt = Annotated[bool, typer.Option("--private", help="--push-to-hub: create the repo private.")]
+CreatePrOpt = Annotated[
+    bool, typer.Option("--create-pr", help="--push-to-hub: open a pull request instead of committing to main.")
+]

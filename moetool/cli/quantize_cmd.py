@@ -12,6 +12,7 @@ from moetool.cli import options
 from moetool.cli._errors import handle_errors
 from moetool.cli._output import human_bytes, print_json, stderr, stdout, warn
 from moetool.cli._progress import note_printer, progress_enabled
+from moetool.cli._push import add_push, push_output, push_target, render_push
 
 if TYPE_CHECKING:
     from moetool.quantize import QuantizeResult
@@ -168,6 +169,9 @@ def quantize_cmd(
     revision: options.RevisionOpt = None,
     token: options.TokenOpt = None,
     offline: options.OfflineOpt = False,
+    push_to_hub: options.PushToHubOpt = None,
+    private: options.PrivateOpt = False,
+    create_pr: options.CreatePrOpt = False,
     json_output: options.JsonOpt = False,
 ) -> None:
     """Quantize every routed expert of an MoE checkpoint; router, norms, embeddings and lm_head stay as they are.
@@ -217,6 +221,7 @@ def quantize_cmd(
     from moetool.io.writer import parse_size
 
     parse_size(max_shard_size)
+    hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline)
     calibration = None
     if dataset is not None:
         calibration = CalibrationData(
@@ -256,12 +261,14 @@ def quantize_cmd(
 
     if not current_ranks(device).is_main:
         return  # the first process wrote, checked and reports the output
+    pushed = push_output(hub, out, command="quantize", json_output=json_output)
     if json_output:
-        print_json(result.to_json())
+        print_json(add_push(result.to_json(), pushed))
         return
     for message in result.warnings:
         warn(message)
     render(result, show_all=show_all)
+    render_push(pushed)
 
 
 def _bits(value: float | None) -> str:

@@ -16,6 +16,7 @@ from moetool.cli import options
 from moetool.cli._errors import handle_errors
 from moetool.cli._output import human_bytes, human_count, print_json, stderr, stdout, warn
 from moetool.cli._progress import note_printer, progress_enabled
+from moetool.cli._push import add_push, push_output, push_target, render_push
 
 EXAMPLES = """
 Examples:
@@ -137,6 +138,9 @@ def upcycle_cmd(
     revision: options.RevisionOpt = None,
     token: options.TokenOpt = None,
     offline: options.OfflineOpt = False,
+    push_to_hub: options.PushToHubOpt = None,
+    private: options.PrivateOpt = False,
+    create_pr: options.CreatePrOpt = False,
     json_output: options.JsonOpt = False,
 ) -> None:
     """Upcycle a dense Llama, Mistral, Qwen2 or Qwen3 model into a Mixture-of-Experts model.
@@ -163,6 +167,7 @@ def upcycle_cmd(
         dtype=dtype,
         max_shard_size=max_shard_size,
     )
+    hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline, dry_run=dry_run)
     kmeans = None
     if dataset is not None:
         kmeans = KMeansData(
@@ -197,12 +202,14 @@ def upcycle_cmd(
             on_bytes=advance,
             on_status=status,
         )
+    pushed = push_output(hub, out, command="upcycle", json_output=json_output)
     if json_output:
-        print_json(result.to_json())
+        print_json(add_push(result.to_json(), pushed))
         return
     for message in result.plan.warnings:
         warn(message)
     render(result)
+    render_push(pushed)
 
 
 def render(result) -> None:

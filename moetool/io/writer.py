@@ -703,11 +703,13 @@ def staged_output(
     lock file ``.moetool-lock-<name>`` keeps a second run from writing the same output. Leftovers of
     killed runs for the same output (staging folders, locks) are removed with a warning. When the
     block ends normally the output is checked (``auto_map`` dropped, NaN/Inf refused, inputs
-    unchanged since the block started), every file is fsynced and the folder is renamed to ``out``
-    (an existing ``out`` is renamed aside, replaced, then deleted). When it ends with any exception,
-    Ctrl-C, SIGTERM or ``SystemExit``, the staging folder and the lock are removed and the exception
-    propagates; the inputs and any earlier ``out`` are untouched. A ``kill -9`` leaves a
-    ``.moetool-tmp-*`` folder that the next run for the same output removes.
+    unchanged since the block started), every file gets the mode the umask allows (0644 by default,
+    whichever library wrote it), ``moetool-manifest.json`` records the SHA-256 of each file, every file
+    is fsynced and the folder is renamed to ``out`` (an existing ``out`` is renamed aside, replaced,
+    then deleted). When it ends with any exception, Ctrl-C, SIGTERM or ``SystemExit``, the staging
+    folder and the lock are removed and the exception propagates; the inputs and any earlier ``out``
+    are untouched. A ``kill -9`` leaves a ``.moetool-tmp-*`` folder that the next run for the same
+    output removes.
 
     Args:
         out: the final output folder.
@@ -764,6 +766,7 @@ def staged_output(
             yield staging
             _finish_output(staging, allow_nonfinite=allow_nonfinite)
             _check_inputs_unchanged(before)
+            _finish(staging)
             # fsync while still interruptible: it can take a while for large outputs.
             _fsync_tree(staging)
             with _signals_deferred():
@@ -781,6 +784,15 @@ def staged_output(
             if isinstance(exc, Exception) and not isinstance(exc, MoetoolError) and _is_disk_full(exc):
                 raise _disk_full(out, written=written) from None
             raise
+
+
+def _finish(staging: Path) -> None:
+    """Last steps before publishing: file modes as the umask allows, then the checksum manifest."""
+    from moetool.io.manifest import write_manifest
+    from moetool.io.permissions import apply_umask_modes
+
+    apply_umask_modes(staging)  # before the manifest, which is then written with the right mode
+    write_manifest(staging)
 
 
 def _name_pid(name: str, prefix: str) -> int | None:
