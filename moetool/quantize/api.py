@@ -22,7 +22,7 @@ from moetool.errors import CheckpointError, UsageError
 from moetool.quantize.calibrate import CoverageOptions
 from moetool.quantize.engine import METHODS, LayerReport, MethodOptions
 from moetool.quantize.storage import UNIFORM_BITS, QuantFormat
-from moetool.quantize.verify import FULL_CHECK_BYTES, Check, Verification
+from moetool.quantize.verify import FULL_CHECK_BYTES, Verification
 
 SCHEMA_VERSION = 1
 
@@ -52,6 +52,10 @@ class QuantizeOptions:
             in CPU memory and one decoder layer at a time moves to the device.
         dtype: the dtype the model is loaded in (``auto``: float32).
         max_shard_size: largest output weight file.
+        output_format: ``auto`` (compressed-tensors when the settings fit what servers read, else
+            moetool's format), ``compressed-tensors`` or ``moetool`` (see :mod:`moetool.quantize.formats`).
+        symmetric: uniform codes without a zero point; ``None``: symmetric in compressed-tensors,
+            asymmetric in moetool's format.
     """
 
     bits: int | None = 4
@@ -70,6 +74,8 @@ class QuantizeOptions:
     device: str = "auto"
     dtype: str = "auto"
     max_shard_size: str = "5GB"
+    output_format: str = "auto"
+    symmetric: bool | None = None
 
     @property
     def categories(self) -> tuple[str, ...]:
@@ -117,6 +123,10 @@ class QuantizeOptions:
             )
         if self.expert_batch < 0:
             raise UsageError("--expert-batch must be 0 (all experts) or positive")
+        from moetool.quantize.formats import AUTO, format_named
+
+        if self.output_format != AUTO:
+            format_named(self.output_format)
         self.coverage.validate()
         details: dict[str, Any] = {}
         if self.method == "gptq":
@@ -163,6 +173,8 @@ class QuantizeResult:
     files: list[str] = field(default_factory=list)
     bytes_written: int = 0
     warnings: list[str] = field(default_factory=list)
+    format_reason: str = ""
+    quantization_config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def expert_bits(self) -> float | None:
@@ -180,7 +192,8 @@ class QuantizeResult:
             "source_revision": self.source_revision,
             "output": self.output,
             "family": self.family,
-            "quantization": self.format.to_config(),
+            "format": {"name": self.format.storage, "reason": self.format_reason},
+            "quantization": self.quantization_config or self.format.to_config(),
             "options": {
                 "method": opts.method,
                 "bits": self.format.bits,
@@ -189,6 +202,7 @@ class QuantizeResult:
                 "act_order": opts.act_order,
                 "damp": opts.damp,
                 "clip_search": opts.clip_search,
+                "symmetric": self.format.symmetric,
                 "categories": list(opts.categories),
                 "device": self.device,
                 "expert_batch": opts.expert_batch,
@@ -280,30 +294,6 @@ def _check_mapping(checkpoint: Any, layout: Any, layer: int, experts: Any, linea
         )
 
 
-def _write_layer(writer: Any, layout: Any, layer: int, result: Any, fmt: QuantFormat) -> None:
-    from moetool.quantize.storage import encode_weight, packed_names
-
-    def put(name: str, weight: Any) -> None:
-        names = packed_names(name)
-        for suffix, tensor in encode_weight(weight, fmt).items():
-            writer.add(names[suffix], tensor)
-
-    info = layout.experts.get(layer)
-    if info is not None and result.experts is not None:
-        gate_up, down = result.experts
-        if info.fused:
-            put(info.gate_up, gate_up)
-            put(info.down_fused, down)
-        else:
-            i = info.intermediate
-            for e in range(info.num_experts):
-                put(info.gate[e], gate_up.select(e, slice(0, i)))
-                put(info.up[e], gate_up.select(e, slice(i, 2 * i)))
-                put(info.down[e], down.select(e))
-    for linear in layout.linears.get(layer, []):
-        put(linear.name, result.linears[linear.module])
-
-
 def quantize(
     source: Any,
     out: Path | str,
@@ -377,6 +367,9 @@ def quantize(
     spec = family_for_config(checkpoint.config)
     dims = resolve_dims(spec, checkpoint.config)
     layout = build_layout(spec, dims, checkpoint, options.categories)
+    from moetool.quantize.formats import VerifyContext, resolve
+
+    storage, fmt, format_reason = resolve(options.output_format, options.symmetric, fmt, layout, checkpoint)
     out = Path(out)
     check_output_path(out, [checkpoint.root], overwrite=overwrite)
     device = resolve_device(options.device)
@@ -474,6 +467,7 @@ def quantize(
         calibration=calibration_report,
         timings=timings,
         warnings=warnings,
+        format_reason=format_reason,
     )
     replaced = layout.quantized_names()
     with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite) as staging:
@@ -499,7 +493,7 @@ def quantize(
                         coverage=options.coverage,
                         inputs=inputs,
                     )
-                    _write_layer(writer, layout, layer, layer_result, fmt)
+                    storage.write_layer(writer, layout, layer, layer_result, fmt)
                     result.layers.append(layer_result.report)
                     del layer_result
                     if on_layer is not None:
@@ -516,37 +510,35 @@ def quantize(
             for name, tensor in checkpoint.iter_tensors(keep):
                 writer.add(name, tensor)
         config = dict(checkpoint.config)
-        config["quantization_config"] = fmt.to_config()
+        config.update(storage.config_entries(fmt, layout, model, checkpoint))
+        result.quantization_config = config["quantization_config"]
         write_json(staging / "config.json", config)
         copy_aux_files(checkpoint.root, staging)
         timings["write"] = time.perf_counter() - step
 
         step = time.perf_counter()
-        from moetool.quantize.verify import check_coverage, check_exact, check_reload, measure_storage
+        from moetool.quantize.verify import check_coverage, check_exact, measure_storage
 
         written = Checkpoint.open(staging, name=str(out))
-        storage = measure_storage(written, checkpoint, layout)
-        result.storage = storage
-        verification = Verification(storage=storage)
-        verification.checks.append(check_coverage(written, checkpoint, layout, fmt))
+        stored = storage.stored(layout, fmt)
+        result.storage = measure_storage(written, checkpoint, layout, stored)
+        verification = Verification(storage=result.storage)
+        verification.checks.append(check_coverage(written, checkpoint, layout, stored))
         if verify:
             status("verifying the written codes")
             verification.checks.append(check_exact(written, layout, fmt, layers))
             full = full_check if full_check is not None else checkpoint.total_bytes() <= FULL_CHECK_BYTES
             if full:
-                status("reloading the output with transformers")
+                status("reloading the output")
                 if sample_ids is None:
                     generator = torch.Generator().manual_seed(0)
                     vocab = int(model.get_input_embeddings().weight.shape[0])
                     sample_ids = torch.randint(0, vocab, (1, 32), generator=generator)
-                verification.checks.append(check_reload(staging, model, sample_ids))
-            else:
-                verification.checks.append(
-                    Check("reload", None, "skipped: the model is larger than the in-memory check allows")
-                )
+            context = VerifyContext(staging, written, checkpoint, layout, fmt, layers, model, sample_ids, full)
+            verification.checks += storage.verify(context)
         result.verification = verification
         timings["verify"] = time.perf_counter() - step
-        write_model_card(staging, **_card(result, command))
+        write_model_card(staging, **_card(result, command, storage.usage(fmt, layout)))
         result.files = sorted(p.name for p in staging.iterdir())
         result.bytes_written = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
         status("publishing")
@@ -554,7 +546,7 @@ def quantize(
     return result
 
 
-def _card(result: QuantizeResult, command: str | Sequence[str] | None) -> dict[str, Any]:
+def _card(result: QuantizeResult, command: str | Sequence[str] | None, usage: str) -> dict[str, Any]:
     fmt = result.format
     bits = result.expert_bits
     summary = (
@@ -564,8 +556,8 @@ def _card(result: QuantizeResult, command: str | Sequence[str] | None) -> dict[s
         + "; router, norms, embeddings and lm_head are unchanged"
         + (" (attention quantized too)" if "attention" in fmt.categories else "")
         + (" (shared experts quantized too)" if "shared_experts" in fmt.categories else "")
-        + ". Load it with `moetool.load_model(path)`, or `import moetool.quantize` before transformers' "
-        "`AutoModelForCausalLM.from_pretrained(path)`: the experts dequantize on the fly."
+        + ". "
+        + usage
     )
     results: dict[str, Any] = {}
     for category, entry in result.storage.items():
@@ -579,7 +571,8 @@ def _card(result: QuantizeResult, command: str | Sequence[str] | None) -> dict[s
     opts = result.options
     options: dict[str, Any] = {
         "method": opts.method,
-        "scheme": fmt.scheme,
+        "format": fmt.storage,
+        "scheme": fmt.scheme + (" symmetric" if fmt.symmetric else ""),
         "bits": fmt.bits,
         "group size": opts.group_size,
         "quantized": ", ".join(fmt.categories),
@@ -608,7 +601,7 @@ def _card(result: QuantizeResult, command: str | Sequence[str] | None) -> dict[s
         "command": command if command is not None else "moetool quantize (library call)",
         "options": options,
         "revision": result.source_revision,
-        "tags": ("quantized", fmt.scheme),
+        "tags": ("quantized", fmt.scheme, fmt.storage),
         "summary": summary,
         "results": results,
     }

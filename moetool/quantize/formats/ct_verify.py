@@ -1,0 +1,194 @@
+"""Checks of a written compressed-tensors checkpoint against the reference readers.
+
+* ``compressed-tensors``: the compressed-tensors library (the format's reference implementation)
+  validates the ``quantization_config`` and decompresses every quantized weight; each must equal,
+  bit for bit, the weight moetool's quantized model holds.
+* ``transformers``: stock ``AutoModelForCausalLM.from_pretrained`` (with compressed-tensors installed,
+  no moetool code involved) loads the folder with no missing, unexpected or mis-shaped tensors, and
+  its logits match the in-memory quantized model. Where transformers is known not to load these
+  experts (families fused on disk, written per expert under names it does not map; asymmetric
+  experts, whose zero points its MoE loading drops) the load is still attempted and reported as it
+  went, and moetool's own loader is checked instead.
+
+Neither check claims what did not run: without the library both say they were skipped and why.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from moetool.quantize.verify import RELOAD_TOLERANCE, Check, VerificationError
+
+if TYPE_CHECKING:
+    from moetool.quantize.formats.base import VerifyContext
+
+INSTALL_HINT = "pip install 'moetool[compressed-tensors]'"
+
+
+def library_version() -> str | None:
+    """The installed compressed-tensors version, or ``None``."""
+    try:
+        from importlib.metadata import version
+
+        return version("compressed-tensors")
+    except Exception:  # PackageNotFoundError, or a broken install
+        return None
+
+
+def _scheme(config: dict[str, Any]) -> Any:
+    from compressed_tensors.quantization import QuantizationConfig
+
+    qc = QuantizationConfig.model_validate(config["quantization_config"])
+    return next(iter(qc.config_groups.values()))
+
+
+def _decompress(scheme: Any, state: dict[str, Any]) -> Any:
+    """The library's pack-quantized decompression of one module's tensors."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    compressor = BaseCompressor.get_value_from_registry("pack-quantized")
+    if hasattr(compressor, "decompress") and not hasattr(compressor, "decompress_weight"):
+        return compressor.decompress(state, scheme)["weight"]
+    # compressed-tensors < 0.20: instance method on the weight tensors only.
+    return compressor(config=None).decompress_weight(compressed_data=state, quantization_args=scheme.weights)
+
+
+def check_library(ctx: VerifyContext) -> Check:
+    """Decompress every quantized weight with the compressed-tensors library and compare.
+
+    Raises:
+        VerificationError: a weight decompresses to something else than moetool's.
+    """
+    import torch
+
+    from moetool.quantize.formats.compressed_tensors import PACKED, SCALE, SHAPE, ZERO, expert_bases, stored_base
+
+    version = library_version()
+    if version is None:
+        return Check(
+            "compressed-tensors", None, f"skipped: the compressed-tensors library is not installed ({INSTALL_HINT})"
+        )
+    try:
+        scheme = _scheme(ctx.written.config)
+    except Exception as exc:  # pydantic's ValidationError: our config block is not what the library reads
+        raise VerificationError(
+            f"compressed-tensors {version} rejects the written quantization_config: {str(exc).splitlines()[0]}",
+            hint="this is a bug in moetool quantize; please report it",
+        ) from None
+    suffixes = (PACKED, SCALE, SHAPE) + ((ZERO,) if ctx.fmt.zero_point else ())
+    compared = 0
+    for layer in ctx.layout.layers:
+        pairs: list[tuple[str, Any]] = []
+        info = ctx.layout.experts.get(layer)
+        module = ctx.layers[layer]
+        if info is not None:
+            experts = module.get_submodule(ctx.layout.spec.experts_module)
+            i = info.intermediate
+            gates, ups, downs = expert_bases(ctx.layout, info)
+            for e in range(info.num_experts):
+                pairs += [
+                    (gates[e], experts.gate_up_proj[e, :i]),
+                    (ups[e], experts.gate_up_proj[e, i:]),
+                    (downs[e], experts.down_proj[e]),
+                ]
+        for linear in ctx.layout.linears.get(layer, []):
+            pairs.append((stored_base(linear.name), module.get_submodule(linear.module).weight))
+        names = [f"{base}.{s}" for base, _ in pairs for s in suffixes]
+        tensors = dict(ctx.written.iter_tensors(names))
+        for base, live in pairs:
+            state = {s: tensors[f"{base}.{s}"] for s in suffixes}
+            got = _decompress(scheme, state)
+            want = live.detach().to("cpu")
+            if tuple(got.shape) != tuple(want.shape) or not torch.equal(got.to(want.dtype), want):
+                diff = float((got.float() - want.float()).abs().max()) if got.shape == want.shape else float("nan")
+                raise VerificationError(
+                    f"compressed-tensors {version} decompresses {base} to other weights than moetool's "
+                    f"(max diff {diff:.3g})",
+                    hint="this is a bug in moetool quantize; please report it",
+                )
+            compared += want.numel()
+    return Check(
+        "compressed-tensors",
+        True,
+        f"compressed-tensors {version} decompresses all {compared:,} quantized weights to exactly moetool's",
+    )
+
+
+def _logits_diff(model: Any, loaded: Any, input_ids: Any) -> tuple[float, float]:
+    import torch
+
+    with torch.no_grad():
+        device = model.get_input_embeddings().weight.device
+        want = model(input_ids=input_ids.to(device), use_cache=False).logits.float().cpu()
+        got = loaded(input_ids=input_ids, use_cache=False).logits.float()
+    return float((want - got).abs().max()), max(1.0, float(want.abs().max()))
+
+
+def check_transformers(ctx: VerifyContext) -> list[Check]:
+    """Load the folder with stock transformers and compare logits (see the module docstring).
+
+    Raises:
+        VerificationError: transformers loads a per-expert family with missing or unexpected tensors,
+            fails, or gives other logits.
+    """
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from moetool.modeling import quiet_transformers
+    from moetool.quantize.verify import check_reload
+
+    if not ctx.full:
+        return [Check("transformers", None, "skipped: the model is larger than the in-memory check allows")]
+    if library_version() is None:
+        note = f"skipped: transformers needs the compressed-tensors library to load this format ({INSTALL_HINT})"
+        return [Check("transformers", None, note), check_reload(ctx.folder, ctx.model, ctx.sample_ids)]
+    from moetool.quantize.formats.compressed_tensors import transformers_limit
+
+    limit = transformers_limit(ctx.layout.spec, ctx.fmt.symmetric)
+    dtype = next(ctx.model.parameters()).dtype
+    who = f"transformers {transformers.__version__}"
+    try:
+        with quiet_transformers():
+            loaded, info = AutoModelForCausalLM.from_pretrained(
+                str(ctx.folder), dtype=dtype, output_loading_info=True, local_files_only=True
+            )
+    except Exception as exc:
+        if limit is None:
+            raise VerificationError(
+                f"{who} cannot load the written folder: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                hint="this is a bug in moetool quantize; please report it",
+            ) from None
+        loaded, info = None, {"error": str(exc).splitlines()[0]}
+    problems = {k: len(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    try:
+        if loaded is not None and not any(problems.values()):
+            loaded.eval()
+            diff, scale = _logits_diff(ctx.model, loaded, ctx.sample_ids)
+            tolerance = RELOAD_TOLERANCE if dtype == torch.float32 else 5e-2
+            if not diff <= tolerance * scale:
+                raise VerificationError(
+                    f"{who} loads the written folder but gives other logits (max diff {diff:.3g})",
+                    hint="this is a bug in moetool quantize; please report it",
+                )
+            return [
+                Check(
+                    "transformers",
+                    True,
+                    f"{who} from_pretrained, no missing or unexpected tensors: logits max abs diff {diff:.2e}",
+                    diff,
+                )
+            ]
+    finally:
+        del loaded
+    what = info.get("error") or (
+        f"{problems['missing_keys']} missing, {problems['unexpected_keys']} unexpected, "
+        f"{problems['mismatched_keys']} mis-shaped tensors"
+    )
+    if limit is None:
+        raise VerificationError(
+            f"{who} loads the written folder with {what}",
+            hint="this is a bug in moetool quantize; please report it",
+        )
+    note = f"not loadable: {who} fails as expected, {limit} ({what}); load it with moetool.load_model or vLLM"
+    return [Check("transformers", None, note), check_reload(ctx.folder, ctx.model, ctx.sample_ids)]
