@@ -11,7 +11,16 @@ from typing import Annotated
 import typer
 
 from moetool import __version__
-from moetool.cli import distill_cmd, eval_cmd, inspect_cmd, merge_cmd, profile_cmd, quantize_cmd, upcycle_cmd
+from moetool.cli import (
+    distill_cmd,
+    eval_cmd,
+    export_cmd,
+    inspect_cmd,
+    merge_cmd,
+    profile_cmd,
+    quantize_cmd,
+    upcycle_cmd,
+)
 
 app = typer.Typer(
     name="moetool",
@@ -45,6 +54,7 @@ app.command("upcycle", epilog=upcycle_cmd.EXAMPLES)(upcycle_cmd.upcycle_cmd)
 app.command("merge", epilog=merge_cmd.EXAMPLES)(merge_cmd.merge_cmd)
 app.command("distill", epilog=distill_cmd.EXAMPLES)(distill_cmd.distill_cmd)
 app.command("quantize", epilog=quantize_cmd.EXAMPLES)(quantize_cmd.quantize_cmd)
+app.command("export", epilog=export_cmd.EXAMPLES)(export_cmd.export_cmd)
 
 
 def main() -> None:

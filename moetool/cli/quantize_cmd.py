@@ -21,6 +21,8 @@ Examples:
 
   moetool quantize ./my-moe -o ./my-moe-w4 --bits 4 --dataset calib.jsonl
 
+  moetool quantize ./my-moe -o ./my-moe-w4-ct --bits 4 --group-size 128 -d calib.jsonl --format compressed-tensors
+
   moetool quantize ./my-moe -o ./my-moe-w3 --bits 3 --group-size 64 -d calib.jsonl --calib-all-experts
 
   moetool quantize ./my-moe -o ./my-moe-ternary --ternary -d calib.jsonl
@@ -95,6 +97,23 @@ def quantize_cmd(
             "codes fit (0: off, use --ternary-scale).",
         ),
     ] = 1.0,
+    output_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="auto (compressed-tensors, what vLLM/SGLang/transformers read, when the settings fit: 4 or 8 bits, "
+            "symmetric, groups of 32/64/128 or per row; else moetool's own), compressed-tensors or moetool.",
+        ),
+    ] = "auto",
+    symmetric: Annotated[
+        bool | None,
+        typer.Option(
+            "--sym/--asym",
+            help="Uniform codes symmetric around 0 (no zero point) or asymmetric (default: symmetric in "
+            "compressed-tensors, asymmetric in moetool's format).",
+            show_default=False,
+        ),
+    ] = None,
     quantize_attention: Annotated[
         bool, typer.Option("--quantize-attention", help="Quantize the attention projections too.")
     ] = False,
@@ -168,6 +187,8 @@ def quantize_cmd(
     GPTQ calibrates each expert on the tokens the model routes to it (layer by layer, all experts of a layer in
     one batched step); the output is checked (100% of routed-expert parameters quantized, codes decoded back,
     reload with transformers) before it is published, and the bits per parameter are measured from the files.
+    Settings servers can run are written in the compressed-tensors format (vLLM, SGLang, transformers load it);
+    the rest (2/3-bit, asymmetric, NF4, ternary) in moetool's own, which loads with moetool.load_model.
     """
     from moetool.errors import UsageError
     from moetool.quantize import CalibrationData, CoverageOptions, QuantizeOptions, quantize
@@ -196,6 +217,8 @@ def quantize_cmd(
         device=device,
         dtype=dtype,
         max_shard_size=max_shard_size,
+        output_format=output_format,
+        symmetric=symmetric,
     )
     opts.format()  # option errors before anything is opened
     from moetool.io.writer import parse_size
@@ -256,6 +279,7 @@ def render(result: QuantizeResult, *, show_all: bool = False) -> None:
         f"{', '.join(fmt.categories)}, on {result.device}[/dim]",
         highlight=False,
     )
+    console.print(f"format {fmt.storage}  [dim]{result.format_reason}[/dim]", highlight=False)
     table = Table(title="Bits per parameter (bytes on disk)", title_justify="left", show_edge=False)
     table.add_column("category")
     table.add_column("parameters", justify="right")

@@ -367,7 +367,7 @@ def quantize(
     spec = family_for_config(checkpoint.config)
     dims = resolve_dims(spec, checkpoint.config)
     layout = build_layout(spec, dims, checkpoint, options.categories)
-    from moetool.quantize.formats import VerifyContext, resolve
+    from moetool.quantize.formats import VerifyContext, live_from_layers, resolve
 
     storage, fmt, format_reason = resolve(options.output_format, options.symmetric, fmt, layout, checkpoint)
     out = Path(out)
@@ -534,7 +534,8 @@ def quantize(
                     generator = torch.Generator().manual_seed(0)
                     vocab = int(model.get_input_embeddings().weight.shape[0])
                     sample_ids = torch.randint(0, vocab, (1, 32), generator=generator)
-            context = VerifyContext(staging, written, checkpoint, layout, fmt, layers, model, sample_ids, full)
+            live = live_from_layers(layout, layers)
+            context = VerifyContext(staging, written, checkpoint, layout, fmt, live, model, sample_ids, full)
             verification.checks += storage.verify(context)
         result.verification = verification
         timings["verify"] = time.perf_counter() - step

@@ -101,6 +101,20 @@ class QuantLayout:
         names |= {lin.name for group in self.linears.values() for lin in group}
         return names
 
+    def numel(self) -> dict[str, int]:
+        """Logical parameters of every quantized source tensor, from the config's dimensions."""
+        out: dict[str, int] = {}
+        for info in self.experts.values():
+            e, i, h = info.num_experts, info.intermediate, info.hidden
+            if info.fused:
+                out[info.gate_up or ""] = e * 2 * i * h
+                out[info.down_fused or ""] = e * h * i
+            else:
+                out.update({name: i * h for name in (*info.gate, *info.up, *info.down)})
+        for group in self.linears.values():
+            out.update({lin.name: lin.shape[0] * lin.shape[1] for lin in group})
+        return out
+
     @property
     def layers(self) -> list[int]:
         """Decoder layers that have something to quantize, ascending."""

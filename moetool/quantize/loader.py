@@ -301,9 +301,7 @@ def transformers_maps(checkpoint: Checkpoint) -> bool:
     if not spec.is_moe:
         return True
     groups = (checkpoint.config.get("quantization_config") or {}).get("config_groups") or {}
-    symmetric = all(
-        (g.get("weights") or {}).get("symmetric", True) for g in groups.values() if isinstance(g, dict)
-    )
+    symmetric = all((g.get("weights") or {}).get("symmetric", True) for g in groups.values() if isinstance(g, dict))
     return transformers_limit(spec, symmetric) is None
 
 

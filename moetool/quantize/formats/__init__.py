@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from moetool.errors import UsageError
-from moetool.quantize.formats.base import StorageFormat, Stored, VerifyContext
+from moetool.quantize.formats.base import StorageFormat, Stored, VerifyContext, live_from_layers
 from moetool.quantize.formats.compressed_tensors import CompressedTensorsFormat
 from moetool.quantize.formats.moetool_format import MoetoolFormat
 
@@ -22,7 +22,17 @@ if TYPE_CHECKING:
     from moetool.quantize.layout import QuantLayout
     from moetool.quantize.storage import QuantFormat
 
-__all__ = ["AUTO", "FORMATS", "StorageFormat", "Stored", "VerifyContext", "format_named", "resolve", "storage_for"]
+__all__ = [
+    "AUTO",
+    "FORMATS",
+    "StorageFormat",
+    "Stored",
+    "VerifyContext",
+    "format_named",
+    "live_from_layers",
+    "resolve",
+    "storage_for",
+]
 
 AUTO = "auto"
 #: The formats by ``--format`` name, the preferred one first.

@@ -48,8 +48,9 @@ class VerifyContext:
         written: the written checkpoint, opened.
         source: the source checkpoint.
         layout / fmt: what was quantized, and how.
-        layers: the in-memory model's decoder layers (holding the dequantized weights).
-        model: the in-memory quantized model.
+        live: the weights the files must hold, per decoder layer: ``{"gate_up": [E, 2I, H], "down":
+            [E, H, I], "<linear module>": [out, in]}`` (see :func:`live_from_layers`).
+        model: the in-memory quantized model (the reference for logits; ``None`` without ``full``).
         sample_ids: token ids for logit comparisons.
         full: whether reloading the whole model is allowed (small enough).
     """
@@ -59,10 +60,26 @@ class VerifyContext:
     source: Checkpoint
     layout: QuantLayout
     fmt: QuantFormat
-    layers: dict[int, Any]
+    live: Callable[[int], dict[str, Any]]
     model: Any
     sample_ids: Any
     full: bool
+
+
+def live_from_layers(layout: QuantLayout, layers: dict[int, Any]) -> Callable[[int], dict[str, Any]]:
+    """The ``live`` weights of a model whose decoder layers hold the dequantized weights (quantize)."""
+
+    def live(layer: int) -> dict[str, Any]:
+        module = layers[layer]
+        out: dict[str, Any] = {}
+        if layer in layout.experts:
+            experts = module.get_submodule(layout.spec.experts_module)
+            out["gate_up"], out["down"] = experts.gate_up_proj, experts.down_proj
+        for linear in layout.linears.get(layer, []):
+            out[linear.module] = module.get_submodule(linear.module).weight
+        return out
+
+    return live
 
 
 class StorageFormat(ABC):

@@ -47,10 +47,7 @@ def _decompress(scheme: Any, state: dict[str, Any]) -> Any:
     from compressed_tensors.compressors import BaseCompressor
 
     compressor = BaseCompressor.get_value_from_registry("pack-quantized")
-    if hasattr(compressor, "decompress") and not hasattr(compressor, "decompress_weight"):
-        return compressor.decompress(state, scheme)["weight"]
-    # compressed-tensors < 0.20: instance method on the weight tensors only.
-    return compressor(config=None).decompress_weight(compressed_data=state, quantization_args=scheme.weights)
+    return compressor.decompress(state, scheme)["weight"]
 
 
 def check_library(ctx: VerifyContext) -> Check:
@@ -80,19 +77,18 @@ def check_library(ctx: VerifyContext) -> Check:
     for layer in ctx.layout.layers:
         pairs: list[tuple[str, Any]] = []
         info = ctx.layout.experts.get(layer)
-        module = ctx.layers[layer]
+        live = ctx.live(layer)
         if info is not None:
-            experts = module.get_submodule(ctx.layout.spec.experts_module)
             i = info.intermediate
             gates, ups, downs = expert_bases(ctx.layout, info)
             for e in range(info.num_experts):
                 pairs += [
-                    (gates[e], experts.gate_up_proj[e, :i]),
-                    (ups[e], experts.gate_up_proj[e, i:]),
-                    (downs[e], experts.down_proj[e]),
+                    (gates[e], live["gate_up"][e, :i]),
+                    (ups[e], live["gate_up"][e, i:]),
+                    (downs[e], live["down"][e]),
                 ]
         for linear in ctx.layout.linears.get(layer, []):
-            pairs.append((stored_base(linear.name), module.get_submodule(linear.module).weight))
+            pairs.append((stored_base(linear.name), live[linear.module]))
         names = [f"{base}.{s}" for base, _ in pairs for s in suffixes]
         tensors = dict(ctx.written.iter_tensors(names))
         for base, live in pairs:

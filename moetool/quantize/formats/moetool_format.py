@@ -75,7 +75,7 @@ class MoetoolFormat(StorageFormat):
 
     def stored(self, layout: QuantLayout, fmt: QuantFormat) -> list[Stored]:
         out: list[Stored] = []
-        numel = _logical_numel(layout)
+        numel = layout.numel()
         for original in sorted(layout.quantized_names()):
             names = packed_names(original)
             out.append(Stored(names[CODES], original, numel[original]))
@@ -166,20 +166,3 @@ class MoetoolFormat(StorageFormat):
         if not ctx.full:
             return [Check("reload", None, "skipped: the model is larger than the in-memory check allows")]
         return [check_reload(ctx.folder, ctx.model, ctx.sample_ids)]
-
-
-def _logical_numel(layout: QuantLayout) -> dict[str, int]:
-    """Logical parameters of every quantized source tensor, from the layout's dimensions."""
-    numel: dict[str, int] = {}
-    for info in layout.experts.values():
-        e, i, h = info.num_experts, info.intermediate, info.hidden
-        if info.fused:
-            numel[info.gate_up or ""] = e * 2 * i * h
-            numel[info.down_fused or ""] = e * h * i
-        else:
-            for name in (*info.gate, *info.up, *info.down):
-                numel[name] = i * h
-    for group in layout.linears.values():
-        for linear in group:
-            numel[linear.name] = linear.shape[0] * linear.shape[1]
-    return numel
