@@ -122,7 +122,7 @@ def prepare(out: Path) -> None:
     up, merged = str(out / "upcycled"), str(out / "merged")
     steps = [
         ("dense", ["merge", str(TINY), "-o", str(out / "dense"), "--to-dense", "-d", train]),
-        ("upcycled", ["upcycle", str(out / "dense"), "-o", str(out / "upcycled"), "--num-experts", "8", "--top-k", "2"]),
+        ("upcycled", ["upcycle", str(out / "dense"), "-o", up, "--num-experts", "8", "--top-k", "2"]),
         ("merged", ["merge", str(TINY), "-o", str(out / "merged"), "--num-experts", "4", "-d", train]),
         ("tiny-moe-ct-w4", ["quantize", str(TINY), "-o", str(out / "tiny-moe-ct-w4"), "--bits", "4", *gptq]),
         ("upcycled-ct-w4", ["quantize", up, "-o", str(out / "upcycled-ct-w4"), "--bits", "4", *gptq]),

@@ -149,8 +149,9 @@ def test_auto_picks_compressed_tensors_where_it_fits(tiny, opts, storage, symmet
     checkpoint = Checkpoint.open(tiny["mixtral"])
     spec = family_for_config(checkpoint.config)
     layout = build_layout(spec, resolve_dims(spec, checkpoint.config), checkpoint, options.categories)
-    chosen, fmt, why = resolve(options.output_format, options.symmetric, options.format(), layout, checkpoint)
-    assert (chosen.name, fmt.symmetric, fmt.storage) == (storage, symmetric, storage), why
+    choice = resolve(options.output_format, options.symmetric, options.format(), layout, checkpoint)
+    fmt = choice.fmt
+    assert (choice.storage.name, fmt.symmetric, fmt.storage) == (storage, symmetric, storage), choice.reason
     if storage == "compressed-tensors":
         assert fmt.scale_dtype == fmt.value_dtype == "float32"  # the tiny model's dtype
 

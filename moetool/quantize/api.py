@@ -369,7 +369,9 @@ def quantize(
     layout = build_layout(spec, dims, checkpoint, options.categories)
     from moetool.quantize.formats import VerifyContext, live_from_layers, resolve
 
-    storage, fmt, format_reason = resolve(options.output_format, options.symmetric, fmt, layout, checkpoint)
+    choice = resolve(options.output_format, options.symmetric, fmt, layout, checkpoint)
+    storage, fmt = choice.storage, choice.fmt
+    warnings += [choice.warning] if choice.warning else []
     out = Path(out)
     check_output_path(out, [checkpoint.root], overwrite=overwrite)
     device = resolve_device(options.device)
@@ -467,7 +469,7 @@ def quantize(
         calibration=calibration_report,
         timings=timings,
         warnings=warnings,
-        format_reason=format_reason,
+        format_reason=choice.reason,
     )
     replaced = layout.quantized_names()
     with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite) as staging:

@@ -24,7 +24,11 @@ fused on disk, written per expert) or when compressed-tensors is not installed.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -285,6 +289,17 @@ def load_quantized(checkpoint: Checkpoint, *, dtype: Any, device: Any, device_ma
     return load_weights_transformers(checkpoint, dtype=dtype, device=device, device_map=device_map, config=config)
 
 
+@contextlib.contextmanager
+def quiet_compressed_tensors() -> Iterator[None]:
+    """Hide compressed-tensors' own progress bars (plain tqdm on stderr) while transformers loads a
+    checkpoint; moetool reports its own progress. ``MOETOOL_DEBUG=1`` shows them."""
+    if os.environ.get("MOETOOL_DEBUG", "").strip().lower() not in ("", "0", "false", "no"):
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
 def transformers_maps(checkpoint: Checkpoint) -> bool:
     """Whether stock transformers (with compressed-tensors installed) loads this compressed-tensors
     checkpoint right (see :func:`~moetool.quantize.formats.compressed_tensors.transformers_limit`)."""
@@ -320,7 +335,8 @@ def load_compressed_tensors(checkpoint: Checkpoint, *, dtype: Any, device: Any, 
     from moetool.quantize.formats import FORMATS
 
     if transformers_maps(checkpoint):
-        return load_weights_transformers(checkpoint, dtype=dtype, device=device, device_map=device_map)
+        with quiet_compressed_tensors():
+            return load_weights_transformers(checkpoint, dtype=dtype, device=device, device_map=device_map)
     FORMATS["compressed-tensors"].read_format(checkpoint.config, checkpoint)  # refuse early what we cannot decode
     register_with_transformers()
     config = _config_for_moetool_quantizer(checkpoint)

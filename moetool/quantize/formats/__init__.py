@@ -10,6 +10,7 @@ servers' kernels take them, moetool's format otherwise; :func:`resolve` says whi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from moetool.errors import UsageError
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AUTO",
     "FORMATS",
+    "Choice",
     "StorageFormat",
     "Stored",
     "VerifyContext",
@@ -57,9 +59,19 @@ def storage_for(quant_method: str | None) -> StorageFormat | None:
     return next((f for f in FORMATS.values() if f.quant_method == quant_method), None)
 
 
+@dataclass(frozen=True)
+class Choice:
+    """The storage format a run writes, the settings it stores, why, and a warning for the user."""
+
+    storage: StorageFormat
+    fmt: QuantFormat
+    reason: str
+    warning: str | None = None
+
+
 def resolve(
     requested: str, symmetric: bool | None, fmt: QuantFormat, layout: QuantLayout, checkpoint: Checkpoint
-) -> tuple[StorageFormat, QuantFormat, str]:
+) -> Choice:
     """Choose the storage format and complete the settings for it.
 
     Args:
@@ -70,7 +82,8 @@ def resolve(
         layout / checkpoint: what is quantized, for divisibility and the scale dtype.
 
     Returns:
-        The format, the settings it stores (symmetry, scale dtype), and why it was chosen.
+        The format, the settings it stores (symmetry, scale dtype), why it was chosen, and a warning
+        when compressed-tensors was asked for with settings the servers' kernels may refuse.
 
     Raises:
         UsageError: ``FORMAT_UNFIT``: compressed-tensors asked for with settings it cannot hold;
@@ -104,16 +117,16 @@ def resolve(
                 code="FORMAT_UNFIT",
             )
         kernels = ct.kernel_reason(as_ct)
-        why = "asked for" + (f"; servers may refuse it: {kernels}" if kernels else "")
-        return ct, as_ct, why
+        warning = f"vLLM or SGLang may refuse this compressed-tensors output: {kernels}" if kernels else None
+        return Choice(ct, as_ct, "asked for", warning)
     own = format_named("moetool") if requested == AUTO else format_named(requested)
     as_own = replace(fmt, symmetric=bool(symmetric), storage=own.name)
     if requested != AUTO:
-        return own, as_own, "asked for"
+        return Choice(own, as_own, "asked for")
     reason = unfit or ct.kernel_reason(as_ct)
     if reason is None:
-        return ct, as_ct, "the settings fit what servers read"
-    return own, as_own, f"compressed-tensors does not fit: {reason}"
+        return Choice(ct, as_ct, "the settings fit what servers read")
+    return Choice(own, as_own, f"compressed-tensors does not fit: {reason}")
 
 
 def storage_of_config(config: dict[str, Any]) -> StorageFormat:

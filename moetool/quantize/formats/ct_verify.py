@@ -132,6 +132,7 @@ def check_transformers(ctx: VerifyContext) -> list[Check]:
     from transformers import AutoModelForCausalLM
 
     from moetool.modeling import quiet_transformers
+    from moetool.quantize.loader import quiet_compressed_tensors
     from moetool.quantize.verify import check_reload
 
     if not ctx.full:
@@ -145,7 +146,7 @@ def check_transformers(ctx: VerifyContext) -> list[Check]:
     dtype = next(ctx.model.parameters()).dtype
     who = f"transformers {transformers.__version__}"
     try:
-        with quiet_transformers():
+        with quiet_transformers(), quiet_compressed_tensors():
             loaded, info = AutoModelForCausalLM.from_pretrained(
                 str(ctx.folder), dtype=dtype, output_loading_info=True, local_files_only=True
             )
