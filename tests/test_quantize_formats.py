@@ -281,18 +281,16 @@ print("DIFF", float((a - b).abs().max()), float(b.abs().max()))
 
 
 @needs_ct
-def test_fused_family_fails_loudly_in_stock_transformers_and_loads_with_moetool(ct_outputs, tiny):
+def test_fused_family_fails_loudly_in_stock_transformers_and_loads_with_moetool(ct_outputs):
+    from transformers import AutoModelForCausalLM
+
     import moetool
 
     out, _ = ct_outputs["granitemoe"]
-    code = f"""
-from transformers import AutoModelForCausalLM
-_, info = AutoModelForCausalLM.from_pretrained({str(out)!r}, output_loading_info=True)
-print("MISSING", len(info["missing_keys"]), "UNEXPECTED", len(info["unexpected_keys"]))
-"""
-    proc = run_stock(code)
-    # transformers does not hide it: it reports the experts missing (or raises); never a clean load.
-    assert proc.returncode != 0 or "MISSING 0 " not in proc.stdout, proc.stdout
+    # Stock transformers (compressed-tensors is its own quantizer; moetool changes nothing there) does not
+    # hide it: it reports the experts missing. Never a clean load.
+    _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert info["missing_keys"] and info["unexpected_keys"]
     model = moetool.load_model(str(out), device="cpu")
     assert any(isinstance(m, QuantizedExperts) for m in model.modules())
 
