@@ -38,6 +38,9 @@ import sys
 import time
 from pathlib import Path
 
+# Running `python bench/X.py` puts bench/ first on sys.path, where bench/inspect.py would shadow the
+# standard library's inspect module.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny-moe"
 DATA = ROOT / "examples" / "data"
@@ -203,15 +206,9 @@ def run_vllm(out: Path) -> None:
         result_file = out / f"vllm-{name}.json"
         result_file.unlink(missing_ok=True)
         log = out / f"vllm-{name}.log"
-        here, model = str(Path(__file__).parent), str(out / folder)
-        code = (
-            f"import json, sys; sys.path.insert(0, {here!r})\n"
-            "from serve_vllm import _vllm_one\n"
-            "if __name__ == '__main__':\n"
-            f"    _vllm_one({model!r}, json.loads({json.dumps(prompts)!r}), {str(result_file)!r})\n"
-        )
+        command = [sys.executable, __file__, "one", str(out / folder), json.dumps(prompts), str(result_file)]
         with open(log, "w") as handle:
-            proc = subprocess.run([sys.executable, "-c", code], stdout=handle, stderr=subprocess.STDOUT, timeout=1200)
+            proc = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, timeout=1200)
         if proc.returncode == 0 and result_file.exists():
             results[name] = json.loads(result_file.read_text())
         else:
@@ -252,6 +249,9 @@ def report(out: Path) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["one"]:  # one model in a fresh vLLM engine (run_vllm's child process)
+        _vllm_one(sys.argv[2], json.loads(sys.argv[3]), sys.argv[4])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("step", choices=["prepare", "reference", "vllm", "report"])
     parser.add_argument("--out", type=Path, default=Path("/tmp/serve"))

@@ -295,6 +295,21 @@ def test_fused_family_fails_loudly_in_stock_transformers_and_loads_with_moetool(
     assert any(isinstance(m, QuantizedExperts) for m in model.modules())
 
 
+@needs_ct
+def test_bfloat16_model_gets_bfloat16_scales(tmp_path):
+    """Scales in the model's dtype (what servers hold them in); values rounded the way readers compute."""
+    source = tmp_path / "bf16"
+    build_tiny("mixtral", tmp_path / "fp32").to(torch.bfloat16).save_pretrained(source)
+    result = quantize(
+        source, tmp_path / "q", QuantizeOptions(bits=4, method="rtn", group_size=16, output_format="compressed-tensors")
+    )
+    assert result.format.scale_dtype == "bfloat16" and all(checks(result).values())
+    scales = [
+        info.dtype for name, info in Checkpoint.open(tmp_path / "q").tensors.items() if name.endswith("weight_scale")
+    ]
+    assert scales and set(scales) == {"BF16"}
+
+
 def test_compressed_tensors_loads_without_the_library(ct_outputs, monkeypatch):
     """moetool decodes compressed-tensors itself when the package is missing (and then says it skipped)."""
     import moetool

@@ -354,6 +354,6 @@ def render(result: QuantizeResult, *, show_all: bool = False) -> None:
             verdict = {True: "[green]ok[/green]", False: "[red]FAILED[/red]", None: "[yellow]skipped[/yellow]"}[
                 check.passed
             ]
-            console.print(f"  check {check.name:<8} {verdict}  [dim]{check.detail}[/dim]", highlight=False)
+            console.print(f"  check {check.name:<18} {verdict}  [dim]{check.detail}[/dim]", highlight=False)
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     console.print(f"[dim]{human_bytes(result.bytes_written)} written; {timings}[/dim]", highlight=False)

@@ -120,6 +120,30 @@ def _logits_diff(model: Any, loaded: Any, input_ids: Any) -> tuple[float, float]
     return float((want - got).abs().max()), max(1.0, float(want.abs().max()))
 
 
+def _check_loaded_weights(ctx: VerifyContext, loaded: Any, who: str) -> None:
+    """Every quantized weight transformers loaded equals moetool's, value for value."""
+    import torch
+
+    from moetool.quantize.loader import decoder_layers
+
+    layers = decoder_layers(loaded)
+    for layer in ctx.layout.layers:
+        live = ctx.live(layer)
+        module = layers[layer]
+        pairs = []
+        if layer in ctx.layout.experts:
+            experts = module.get_submodule(ctx.layout.spec.experts_module)
+            pairs += [("gate_up", experts.gate_up_proj), ("down", experts.down_proj)]
+        pairs += [(lin.module, module.get_submodule(lin.module).weight) for lin in ctx.layout.linears.get(layer, [])]
+        for name, got in pairs:
+            want = live[name].detach().float().cpu()
+            if not torch.equal(got.detach().float().cpu(), want):
+                raise VerificationError(
+                    f"{who} loads other weights than moetool's for layer {layer} {name}",
+                    hint="this is a bug in moetool quantize; please report it",
+                )
+
+
 def check_transformers(ctx: VerifyContext) -> list[Check]:
     """Load the folder with stock transformers and compare logits (see the module docstring).
 
@@ -161,21 +185,22 @@ def check_transformers(ctx: VerifyContext) -> list[Check]:
     try:
         if loaded is not None and not any(problems.values()):
             loaded.eval()
+            _check_loaded_weights(ctx, loaded, who)
+            # transformers keeps dequantized experts in the scales' dtype (bfloat16 for a bfloat16 model)
+            # even when asked for float32: the weights are equal, the arithmetic is half precision.
+            half = any(p.dtype in (torch.bfloat16, torch.float16) for p in loaded.parameters())
             diff, scale = _logits_diff(ctx.model, loaded, ctx.sample_ids)
-            tolerance = RELOAD_TOLERANCE if dtype == torch.float32 else 5e-2
+            tolerance = 5e-2 if half or dtype != torch.float32 else RELOAD_TOLERANCE
             if not diff <= tolerance * scale:
                 raise VerificationError(
                     f"{who} loads the written folder but gives other logits (max diff {diff:.3g})",
                     hint="this is a bug in moetool quantize; please report it",
                 )
-            return [
-                Check(
-                    "transformers",
-                    True,
-                    f"{who} from_pretrained, no missing or unexpected tensors: logits max abs diff {diff:.2e}",
-                    diff,
-                )
-            ]
+            detail = (
+                f"{who} from_pretrained, no missing or unexpected tensors, the same weights; logits max abs "
+                f"diff {diff:.2e}" + (" (experts held in half precision)" if half else "")
+            )
+            return [Check("transformers", True, detail, diff)]
     finally:
         del loaded
     what = info.get("error") or (
