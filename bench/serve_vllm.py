@@ -18,9 +18,13 @@ Models (``prepare``):
 * from ``examples/tiny-moe`` (trained; head_dim 40): the model itself, an upcycled one (``merge
   --to-dense`` then ``upcycle``) and a merged one (``merge --num-experts 4``), each quantized to
   compressed-tensors (GPTQ, symmetric int4, group 32), and one moetool-format output;
-* stand-ins vLLM's CPU attention can run (head_dim 32; random weights, bfloat16, the tiny-moe
-  tokenizer): Mixtral, Qwen3-MoE and GraniteMoE (experts fused on disk), each unquantized and in
-  compressed-tensors int4 (group 32); the Mixtral one also in int8 per channel.
+* the same folders with their attention regrouped into 2 heads of 80 dimensions (1 key-value head:
+  the q/k/v/o matrices keep their shapes, only config.json changes), because vLLM's CPU attention has
+  no kernel for head_dim 40: the trained experts and the quantized files are unchanged, the model
+  computes something else, and moetool and vLLM run that same model;
+* stand-ins (head_dim 32; random weights with a wide initialisation so greedy tokens vary, bfloat16,
+  the tiny-moe tokenizer): Mixtral, Qwen3-MoE and GraniteMoE (experts fused on disk), each
+  unquantized and in compressed-tensors int4 (group 32); the Mixtral one also in int8 per channel.
 
 Each model is loaded by a fresh ``vllm.LLM`` (its engine runs in a child process, hence the
 ``__main__`` guard) in bfloat16, greedy, and compared token by token with ``moetool.load_model`` on the
@@ -59,6 +63,10 @@ MODELS: dict[str, tuple[str, str]] = {
     "upcycled-ct-w4": ("upcycled-ct-w4", "tiny-moe -> dense -> upcycled 8 experts, GPTQ int4 g32, compressed-tensors"),
     "merged-ct-w4": ("merged-ct-w4", "tiny-moe merged to 4 experts, GPTQ int4 g32, compressed-tensors"),
     "tiny-moe-moetool-w3": ("tiny-moe-moetool-w3", "tiny-moe, GPTQ w3 g32, moetool's format"),
+    "tiny-moe-hd80": ("tiny-moe-hd80", "tiny-moe regrouped to 2 heads of 80 (1 KV head), unquantized"),
+    "tiny-moe-hd80-ct-w4": ("tiny-moe-ct-w4-hd80", "the same, GPTQ int4 g32 compressed-tensors (same files)"),
+    "upcycled-hd80-ct-w4": ("upcycled-ct-w4-hd80", "upcycled, regrouped to head_dim 80, int4 compressed-tensors"),
+    "merged-hd80-ct-w4": ("merged-ct-w4-hd80", "merged, regrouped to head_dim 80, int4 compressed-tensors"),
     "mixtral-hd32": ("mixtral-hd32", "stand-in Mixtral (random, bf16, head_dim 32), unquantized"),
     "mixtral-hd32-ct-w4": ("mixtral-hd32-ct-w4", "stand-in Mixtral, RTN int4 g32, compressed-tensors"),
     "mixtral-hd32-ct-w8": ("mixtral-hd32-ct-w8", "stand-in Mixtral, RTN int8 per channel, compressed-tensors"),
@@ -104,6 +112,7 @@ def build_stand_in(out: Path, model_type: str, overrides: dict) -> None:
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=True,
+        initializer_range=0.2,
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=1,
@@ -114,6 +123,14 @@ def build_stand_in(out: Path, model_type: str, overrides: dict) -> None:
     model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TINY / name, out / name)
+
+
+def regroup_heads(source: Path, target: Path) -> None:
+    """A copy whose attention reads its q/k/v/o matrices as 2 heads of 80 and 1 key-value head."""
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(num_attention_heads=2, num_key_value_heads=1, head_dim=config["hidden_size"] // 2)
+    (target / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def prepare(out: Path) -> None:
@@ -135,6 +152,10 @@ def prepare(out: Path) -> None:
     for name, args in steps:
         if not (out / name).exists():
             moetool(*args)
+    for name in ("tiny-moe", "tiny-moe-ct-w4", "upcycled-ct-w4", "merged-ct-w4"):
+        target = out / (name.replace("tiny-moe", "tiny-moe-hd80") if name == "tiny-moe" else f"{name}-hd80")
+        if not target.exists():
+            regroup_heads(out / name, target)
     for name, (model_type, overrides) in STAND_INS.items():
         if not (out / name).exists():
             build_stand_in(out / name, model_type, overrides)
