@@ -22,6 +22,10 @@ Models (``prepare``):
   the q/k/v/o matrices keep their shapes, only config.json changes), because vLLM's CPU attention has
   no kernel for head_dim 40: the trained experts and the quantized files are unchanged, the model
   computes something else, and moetool and vLLM run that same model;
+* tiny-moe's trained weights rewritten as a GraniteMoE (a family whose experts are fused on disk:
+  ``input_linear [E, 2I, H]``, ``output_linear [E, H, I]``; multipliers 1, attention scale
+  1/sqrt(head_dim): the same function, checked against tiny-moe's logits), quantized to
+  compressed-tensors, regrouped to head_dim 80 like the others;
 * stand-ins (head_dim 32; random weights with a wide initialisation so greedy tokens vary, bfloat16,
   the tiny-moe tokenizer): Mixtral, Qwen3-MoE and GraniteMoE (experts fused on disk), each
   unquantized and in compressed-tensors int4 (group 32); the Mixtral one also in int8 per channel.
@@ -67,6 +71,11 @@ MODELS: dict[str, tuple[str, str]] = {
     "tiny-moe-hd80-ct-w4": ("tiny-moe-ct-w4-hd80", "the same, GPTQ int4 g32 compressed-tensors (same files)"),
     "upcycled-hd80-ct-w4": ("upcycled-ct-w4-hd80", "upcycled, regrouped to head_dim 80, int4 compressed-tensors"),
     "merged-hd80-ct-w4": ("merged-ct-w4-hd80", "merged, regrouped to head_dim 80, int4 compressed-tensors"),
+    "granite-tiny-hd80": (
+        "granite-tiny-hd80",
+        "tiny-moe's weights as a GraniteMoE (experts fused on disk), head_dim 80",
+    ),
+    "granite-tiny-hd80-ct-w4": ("granite-tiny-ct-w4-hd80", "the same GraniteMoE, GPTQ int4 g32, compressed-tensors"),
     "mixtral-hd32": ("mixtral-hd32", "stand-in Mixtral (random, bf16, head_dim 32), unquantized"),
     "mixtral-hd32-ct-w4": ("mixtral-hd32-ct-w4", "stand-in Mixtral, RTN int4 g32, compressed-tensors"),
     "mixtral-hd32-ct-w8": ("mixtral-hd32-ct-w8", "stand-in Mixtral, RTN int8 per channel, compressed-tensors"),
@@ -125,11 +134,72 @@ def build_stand_in(out: Path, model_type: str, overrides: dict) -> None:
         shutil.copy(TINY / name, out / name)
 
 
+def mixtral_as_granite(source: Path, target: Path) -> None:
+    """tiny-moe's weights as a GraniteMoE checkpoint computing the same function (fused experts on disk)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((source / "config.json").read_text())
+    weights = load_file(source / "model.safetensors")
+    experts, layers = config["num_local_experts"], config["num_hidden_layers"]
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in weights.items():
+        if ".block_sparse_moe." not in name:
+            out[name] = tensor
+    for layer in range(layers):
+        moe = f"model.layers.{layer}.block_sparse_moe."
+
+        def w(e: int, proj: str, moe: str = moe) -> torch.Tensor:
+            return weights[f"{moe}experts.{e}.{proj}.weight"]
+
+        out[moe + "input_linear.weight"] = torch.stack([torch.cat([w(e, "w1"), w(e, "w3")]) for e in range(experts)])
+        out[moe + "output_linear.weight"] = torch.stack([w(e, "w2") for e in range(experts)])
+        out[moe + "router.layer.weight"] = weights[moe + "gate.weight"]
+    target.mkdir(parents=True)
+    save_file(out, target / "model.safetensors", metadata={"format": "pt"})
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    granite = {
+        key: config[key]
+        for key in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+            "num_local_experts", "num_experts_per_tok", "bos_token_id", "eos_token_id", "pad_token_id",
+            "rope_parameters", "hidden_act",
+        )
+    }  # fmt: skip
+    granite.update(
+        model_type="granitemoe",
+        architectures=["GraniteMoeForCausalLM"],
+        dtype=config.get("dtype", "float32"),
+        attention_multiplier=head_dim**-0.5,
+        embedding_multiplier=1.0,
+        residual_multiplier=1.0,
+        logits_scaling=1.0,
+    )
+    (target / "config.json").write_text(json.dumps(granite, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, target / name)
+
+
+def same_function(a: Path, b: Path) -> float:
+    """Max abs logit difference of two checkpoints on a few tokens (float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.arange(1, 33).unsqueeze(0)
+    with torch.no_grad():
+        la = AutoModelForCausalLM.from_pretrained(a, dtype=torch.float32)(ids).logits
+        lb = AutoModelForCausalLM.from_pretrained(b, dtype=torch.float32)(ids).logits
+    return float((la - lb).abs().max())
+
+
 def regroup_heads(source: Path, target: Path) -> None:
     """A copy whose attention reads its q/k/v/o matrices as 2 heads of 80 and 1 key-value head."""
     shutil.copytree(source, target)
     config = json.loads((target / "config.json").read_text())
     config.update(num_attention_heads=2, num_key_value_heads=1, head_dim=config["hidden_size"] // 2)
+    if "attention_multiplier" in config:  # GraniteMoE: keep the standard 1/sqrt(head_dim) scale
+        config["attention_multiplier"] = config["head_dim"] ** -0.5
     (target / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -152,8 +222,13 @@ def prepare(out: Path) -> None:
     for name, args in steps:
         if not (out / name).exists():
             moetool(*args)
-    for name in ("tiny-moe", "tiny-moe-ct-w4", "upcycled-ct-w4", "merged-ct-w4"):
-        target = out / (name.replace("tiny-moe", "tiny-moe-hd80") if name == "tiny-moe" else f"{name}-hd80")
+    if not (out / "granite-tiny").exists():
+        mixtral_as_granite(TINY, out / "granite-tiny")
+        print(f"granite-tiny vs tiny-moe: logits max abs diff {same_function(TINY, out / 'granite-tiny'):.2e}")
+    if not (out / "granite-tiny-ct-w4").exists():
+        moetool("quantize", str(out / "granite-tiny"), "-o", str(out / "granite-tiny-ct-w4"), "--bits", "4", *gptq)
+    for name in ("tiny-moe", "tiny-moe-ct-w4", "upcycled-ct-w4", "merged-ct-w4", "granite-tiny", "granite-tiny-ct-w4"):
+        target = out / f"{name}-hd80"
         if not target.exists():
             regroup_heads(out / name, target)
     for name, (model_type, overrides) in STAND_INS.items():
@@ -176,10 +251,12 @@ def reference(out: Path) -> None:
 
     import moetool
 
-    results = {}
+    # Results already there are kept (delete reference.json to start over).
+    done = out / "reference.json"
+    results = json.loads(done.read_text()) if done.exists() else {}
     for name, (folder, _) in MODELS.items():
         path = out / folder
-        if not path.exists():
+        if not path.exists() or name in results:
             continue
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = moetool.load_model(str(path), device="cpu", dtype="bfloat16")
@@ -219,9 +296,11 @@ def run_vllm(out: Path) -> None:
     ref = json.loads((out / "reference.json").read_text())
     import vllm
 
-    results = {"vllm": vllm.__version__}
+    done = out / "vllm.json"
+    results = json.loads(done.read_text()) if done.exists() else {}  # kept; delete vllm.json to start over
+    results["vllm"] = vllm.__version__
     for name, (folder, _) in MODELS.items():
-        if name not in ref:
+        if name not in ref or name in results:
             continue
         prompts = [run["prompt_ids"] for run in ref[name]]
         result_file = out / f"vllm-{name}.json"
@@ -239,34 +318,50 @@ def run_vllm(out: Path) -> None:
 
 
 def _root_cause(log: str) -> str:
-    """The most telling line of a failed vLLM start."""
-    keys = ("NotImplementedError", "ValueError", "RuntimeError: Unsupported", "KeyError", "AttributeError", "Error:")
+    """The most telling line of a failed vLLM start (its own words)."""
+    keys = (
+        "Unknown quantization method",
+        "Unsupported CPU attention",
+        "No WNA16 MoE backend",
+        "does not support",
+        "NotImplementedError",
+        "ValueError",
+        "KeyError",
+        "AttributeError",
+        "RuntimeError",
+    )
     lines = [line.split("] ", 1)[-1].strip() for line in log.splitlines()]
     for key in keys:
         for line in lines:
-            if line.startswith(key) or (key in line and "Traceback" not in line and "raise" not in line):
-                return line[:300]
-    return (lines[-1] if lines else "no output")[:300]
+            if key in line and "Traceback" not in line and not line.startswith(("raise", "File")):
+                return line.replace("Value error, ", "")[:220]
+    return (lines[-1] if lines else "no output")[:220]
 
 
 def report(out: Path) -> None:
     ref = json.loads((out / "reference.json").read_text())
     served = json.loads((out / "vllm.json").read_text())
     print(f"vLLM {served.get('vllm')} (CPU), bfloat16, greedy, {NEW_TOKENS} new tokens x {len(PROMPTS)} prompts\n")
-    print("| model | vLLM | same continuation as moetool | tokens equal |")
+    print("| model | vLLM | same continuation as moetool | tokens before the first difference |")
     print("|---|---|---|---|")
     for name, (_, what) in MODELS.items():
         if name not in ref or name not in served:
             continue
         result = served[name]
+        log = out / f"vllm-{name}.log"
+        if "error" in result and log.exists():
+            result["error"] = _root_cause(log.read_text())
         if "error" in result:
             print(f"| {what} | refused: `{result['error']}` | | |")
             continue
         mine = [run["tokens"] for run in ref[name]]
         same = sum(a == b for a, b in zip(mine, result["tokens"], strict=True))
-        equal = sum(x == y for a, b in zip(mine, result["tokens"], strict=True) for x, y in zip(a, b, strict=False))
-        total = sum(len(a) for a in mine)
-        print(f"| {what} | loaded ({result['seconds']:.0f} s) | {same}/{len(mine)} | {equal}/{total} |")
+        prefix = [
+            next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
+            for a, b in zip(mine, result["tokens"], strict=True)
+        ]
+        shown = " / ".join(str(n) for n in prefix)
+        print(f"| {what} | loaded ({result['seconds']:.0f} s) | {same}/{len(mine)} | {shown} (of {NEW_TOKENS}) |")
 
 
 def main() -> None:
