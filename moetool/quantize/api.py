@@ -127,6 +127,8 @@ class QuantizeOptions:
 
         if self.output_format != AUTO:
             format_named(self.output_format)
+        if self.symmetric is not None and scheme != "uniform":
+            raise UsageError(f"--sym/--asym apply to uniform codes, not to {scheme}", code="SYMMETRY_INVALID")
         self.coverage.validate()
         details: dict[str, Any] = {}
         if self.method == "gptq":
