@@ -74,7 +74,10 @@ LOADERS: dict[str, Loader] = {}
 
 #: Loaders that live in moetool's own subpackages: quant_method -> (module, function), imported on
 #: first use so that importing this module stays light.
-BUILTIN_LOADERS: dict[str, tuple[str, str]] = {"moetool": ("moetool.quantize.loader", "load_quantized")}
+BUILTIN_LOADERS: dict[str, tuple[str, str]] = {
+    "moetool": ("moetool.quantize.loader", "load_quantized"),
+    "compressed-tensors": ("moetool.quantize.loader", "load_compressed_tensors"),
+}
 
 
 def register_loader(quant_method: str, loader: Loader) -> None:
@@ -392,6 +395,7 @@ def load_weights_transformers(
     dtype: Any,
     device: torch.device,
     device_map: str | None = None,
+    config: Any = None,
 ) -> Any:
     """Build the model with ``AutoModelForCausalLM.from_pretrained`` from a local checkpoint folder.
 
@@ -400,6 +404,7 @@ def load_weights_transformers(
         dtype: a torch dtype or ``"auto"`` (see :func:`resolve_dtype`).
         device: the device to put the model on (ignored with ``device_map``).
         device_map: None (the whole model on ``device``) or an accelerate strategy such as ``auto``.
+        config: a transformers config to use instead of the folder's config.json (quantized loaders).
 
     Returns:
         The model, in eval mode.
@@ -412,7 +417,7 @@ def load_weights_transformers(
     import torch
 
     check_transformers_support(checkpoint)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {} if config is None else {"config": config}
     if device_map is not None:
         kwargs["device_map"] = device_map
     elif device.type != "cpu":

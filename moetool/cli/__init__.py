@@ -14,6 +14,7 @@ from moetool import __version__
 from moetool.cli import (
     distill_cmd,
     eval_cmd,
+    export_cmd,
     inspect_cmd,
     merge_cmd,
     profile_cmd,
@@ -69,6 +70,7 @@ app.command("merge", epilog=merge_cmd.EXAMPLES, cls=MoetoolCommand)(merge_cmd.me
 app.command("distill", epilog=distill_cmd.EXAMPLES, cls=MoetoolCommand)(distill_cmd.distill_cmd)
 app.command("quantize", epilog=quantize_cmd.EXAMPLES, cls=MoetoolCommand)(quantize_cmd.quantize_cmd)
 app.command("verify", epilog=verify_cmd.EXAMPLES, cls=MoetoolCommand)(verify_cmd.verify)
+app.command("export", epilog=export_cmd.EXAMPLES, cls=MoetoolCommand)(export_cmd.export_cmd)
 
 
 def main() -> None:

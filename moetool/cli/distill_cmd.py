@@ -209,6 +209,14 @@ def distill_cmd(
     weight_decay: Annotated[
         float, typer.Option("--weight-decay", help="AdamW weight decay on matrices.", rich_help_panel=_PANEL_TRAIN)
     ] = _DEFAULTS.weight_decay,
+    optimizer: Annotated[
+        str,
+        typer.Option(
+            "--optimizer",
+            help="adamw, or adamw8bit (bitsandbytes' 8-bit AdamW: a quarter of the optimizer memory; CUDA only).",
+            rich_help_panel=_PANEL_TRAIN,
+        ),
+    ] = _DEFAULTS.optimizer,
     max_grad_norm: Annotated[
         float, typer.Option("--max-grad-norm", help="Gradient clipping (0: off).", rich_help_panel=_PANEL_TRAIN)
     ] = _DEFAULTS.max_grad_norm,
@@ -351,6 +359,7 @@ def distill_cmd(
         schedule=schedule,
         min_lr_ratio=min_lr_ratio,
         weight_decay=weight_decay,
+        optimizer=optimizer,
         max_grad_norm=max_grad_norm,
         batch_size=batch_size,
         grad_accum=grad_accum,

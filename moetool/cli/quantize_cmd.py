@@ -22,6 +22,8 @@ Examples:
 
   moetool quantize ./my-moe -o ./my-moe-w4 --bits 4 --dataset calib.jsonl
 
+  moetool quantize ./my-moe -o ./my-moe-w4-ct --bits 4 --group-size 128 -d calib.jsonl --format compressed-tensors
+
   moetool quantize ./my-moe -o ./my-moe-w3 --bits 3 --group-size 64 -d calib.jsonl --calib-all-experts
 
   moetool quantize ./my-moe -o ./my-moe-ternary --ternary -d calib.jsonl
@@ -96,6 +98,23 @@ def quantize_cmd(
             "codes fit (0: off, use --ternary-scale).",
         ),
     ] = 1.0,
+    output_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="auto (compressed-tensors, what vLLM/SGLang/transformers read, when the settings fit: 4 or 8 bits, "
+            "symmetric, groups of 32/64/128 or per row; else moetool's own), compressed-tensors or moetool.",
+        ),
+    ] = "auto",
+    symmetric: Annotated[
+        bool | None,
+        typer.Option(
+            "--sym/--asym",
+            help="Uniform codes symmetric around 0 (no zero point) or asymmetric (default: symmetric in "
+            "compressed-tensors, asymmetric in moetool's format).",
+            show_default=False,
+        ),
+    ] = None,
     quantize_attention: Annotated[
         bool, typer.Option("--quantize-attention", help="Quantize the attention projections too.")
     ] = False,
@@ -181,7 +200,9 @@ def quantize_cmd(
     expert on the tokens the model routes to it (all experts of a layer in one batched step); the output is checked
     (100% of routed-expert parameters quantized, codes decoded back layer by layer, original vs quantized logits on a
     probe window, reload with transformers for small models) before it is published, and the bits per parameter are
-    measured from the files.
+    measured from the files. Settings servers can run are written in the compressed-tensors format (vLLM, SGLang,
+    transformers load it); the rest (2/3-bit, asymmetric, NF4, ternary) in moetool's own, which loads with
+    moetool.load_model.
     """
     from moetool.errors import UsageError
     from moetool.validate import preflight
@@ -216,6 +237,8 @@ def quantize_cmd(
         max_shard_size=max_shard_size,
         whole_model=whole_model,
         offload_activations=offload_activations,
+        output_format=output_format,
+        symmetric=symmetric,
     )
     opts.format()  # option errors before anything is opened
     from moetool.io.writer import parse_size
@@ -284,6 +307,7 @@ def render(result: QuantizeResult, *, show_all: bool = False) -> None:
         f"{', '.join(fmt.categories)}, on {result.device}[/dim]",
         highlight=False,
     )
+    console.print(f"format {fmt.storage}  [dim]{result.format_reason}[/dim]", highlight=False)
     table = Table(title="Bits per parameter (bytes on disk)", title_justify="left", show_edge=False)
     table.add_column("category")
     table.add_column("parameters", justify="right")
@@ -358,6 +382,6 @@ def render(result: QuantizeResult, *, show_all: bool = False) -> None:
             verdict = {True: "[green]ok[/green]", False: "[red]FAILED[/red]", None: "[yellow]skipped[/yellow]"}[
                 check.passed
             ]
-            console.print(f"  check {check.name:<8} {verdict}  [dim]{check.detail}[/dim]", highlight=False)
+            console.print(f"  check {check.name:<18} {verdict}  [dim]{check.detail}[/dim]", highlight=False)
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     console.print(f"[dim]{human_bytes(result.bytes_written)} written; {timings}[/dim]", highlight=False)

@@ -559,9 +559,10 @@ def _run(
     state.measurements = state.measurements or {}
 
     # ---- optimizer, Accelerator, checkpoint
-    optimizer = torch.optim.AdamW(
-        param_groups(student, options.weight_decay), lr=options.lr, betas=(0.9, 0.95), eps=1e-8
-    )
+    from moetool.distill.optim import make_optimizer
+
+    groups = param_groups(student, options.weight_decay)
+    optimizer = make_optimizer(options.optimizer, groups, options.lr, accelerator.device)
     model, optimizer = accelerator.prepare(student, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     if existing is not None:

@@ -47,6 +47,7 @@ class DistillOptions:
         schedule: decay after warmup: ``cosine``, ``linear`` or ``constant``.
         min_lr_ratio: the learning rate at the end of the decay, as a fraction of ``lr``.
         weight_decay: AdamW weight decay on matrices (not on norms, biases or embeddings).
+        optimizer: ``adamw``, or ``adamw8bit`` (bitsandbytes' 8-bit AdamW, CUDA only).
         max_grad_norm: gradient clipping (0: off).
         batch_size: windows per micro-batch, per process.
         grad_accum: micro-batches per optimizer step.
@@ -80,6 +81,7 @@ class DistillOptions:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
+    optimizer: str = "adamw"
     max_grad_norm: float = 1.0
     batch_size: int = DEFAULT_BATCH_SIZE
     grad_accum: int = 1
@@ -146,6 +148,8 @@ class DistillOptions:
             raise bad(f"--min-lr-ratio must be between 0 and 1, not {self.min_lr_ratio}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise bad(f"--weight-decay must be 0 or more, not {self.weight_decay}")
+        if self.optimizer not in ("adamw", "adamw8bit"):
+            raise bad(f"unknown --optimizer {self.optimizer!r}", hint="use adamw or adamw8bit")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise bad(f"--max-grad-norm must be 0 (off) or more, not {self.max_grad_norm}")
         for name, value, low in (

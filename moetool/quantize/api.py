@@ -22,7 +22,7 @@ from moetool.errors import CheckpointError, UsageError
 from moetool.quantize.calibrate import CoverageOptions
 from moetool.quantize.engine import METHODS, LayerReport, MethodOptions
 from moetool.quantize.storage import UNIFORM_BITS, QuantFormat
-from moetool.quantize.verify import Check, Verification
+from moetool.quantize.verify import Verification
 
 SCHEMA_VERSION = 1
 
@@ -55,6 +55,10 @@ class QuantizeOptions:
         max_shard_size: largest output weight file.
         whole_model: load the whole model first instead of streaming it layer by layer (for comparison).
         offload_activations: keep the calibration activations in CPU memory between layers.
+        output_format: ``auto`` (compressed-tensors when the settings fit what servers read, else
+            moetool's format), ``compressed-tensors`` or ``moetool`` (see :mod:`moetool.quantize.formats`).
+        symmetric: uniform codes without a zero point; ``None``: symmetric in compressed-tensors,
+            asymmetric in moetool's format.
     """
 
     bits: int | None = 4
@@ -75,6 +79,8 @@ class QuantizeOptions:
     max_shard_size: str = "5GB"
     whole_model: bool = False
     offload_activations: bool = False
+    output_format: str = "auto"
+    symmetric: bool | None = None
 
     @property
     def categories(self) -> tuple[str, ...]:
@@ -122,6 +128,12 @@ class QuantizeOptions:
             )
         if self.expert_batch < 0:
             raise UsageError("--expert-batch must be 0 (all experts) or positive")
+        from moetool.quantize.formats import AUTO, format_named
+
+        if self.output_format != AUTO:
+            format_named(self.output_format)
+        if self.symmetric is not None and scheme != "uniform":
+            raise UsageError(f"--sym/--asym apply to uniform codes, not to {scheme}", code="SYMMETRY_INVALID")
         self.coverage.validate()
         details: dict[str, Any] = {}
         if self.method == "gptq":
@@ -170,6 +182,8 @@ class QuantizeResult:
     warnings: list[str] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
     expert_batch: int = 0
+    format_reason: str = ""
+    quantization_config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def expert_bits(self) -> float | None:
@@ -187,7 +201,8 @@ class QuantizeResult:
             "source_revision": self.source_revision,
             "output": self.output,
             "family": self.family,
-            "quantization": self.format.to_config(),
+            "format": {"name": self.format.storage, "reason": self.format_reason},
+            "quantization": self.quantization_config or self.format.to_config(),
             "options": {
                 "method": opts.method,
                 "bits": self.format.bits,
@@ -196,6 +211,7 @@ class QuantizeResult:
                 "act_order": opts.act_order,
                 "damp": opts.damp,
                 "clip_search": opts.clip_search,
+                "symmetric": self.format.symmetric,
                 "categories": list(opts.categories),
                 "device": self.device,
                 "expert_batch": self.expert_batch or opts.expert_batch,
@@ -288,30 +304,6 @@ def _check_mapping(checkpoint: Any, layout: Any, layer: int, experts: Any, linea
         )
 
 
-def _write_layer(writer: Any, layout: Any, layer: int, result: Any, fmt: QuantFormat) -> None:
-    from moetool.quantize.storage import encode_weight, packed_names
-
-    def put(name: str, weight: Any) -> None:
-        names = packed_names(name)
-        for suffix, tensor in encode_weight(weight, fmt).items():
-            writer.add(names[suffix], tensor)
-
-    info = layout.experts.get(layer)
-    if info is not None and result.experts is not None:
-        gate_up, down = result.experts
-        if info.fused:
-            put(info.gate_up, gate_up)
-            put(info.down_fused, down)
-        else:
-            i = info.intermediate
-            for e in range(info.num_experts):
-                put(info.gate[e], gate_up.select(e, slice(0, i)))
-                put(info.up[e], gate_up.select(e, slice(i, 2 * i)))
-                put(info.down[e], down.select(e))
-    for linear in layout.linears.get(layer, []):
-        put(linear.name, result.linears[linear.module])
-
-
 class _StepInputs:
     """The calibration batches of a streamed pass, as the engine runs them (one layer, several passes).
 
@@ -389,6 +381,8 @@ def _digest(tensor: Any, hasher: Any = None) -> str:
 
     hasher = hasher or hashlib.sha256()
     for part in tensor.detach().reshape(-1, *tensor.shape[-2:]) if tensor.dim() > 2 else [tensor.detach()]:
+        if part.is_floating_point():
+            part = part + 0.0  # -0.0 becomes 0.0: the same value, whichever way the decoder computed it
         data = part.to("cpu").contiguous().reshape(-1).view(torch.uint8)
         hasher.update(memoryview(data.numpy()))
     return hasher.hexdigest()
@@ -462,6 +456,7 @@ def _quantize_pass(
     status: Callable[[str], None],
     on_layer: Callable[[LayerReport, int, int], None] | None,
     ranks: Any,
+    storage: Any,
 ) -> _PassOutcome:
     """One layer-major pass: each decoder layer is loaded, calibrated, quantized, written and released.
 
@@ -517,7 +512,7 @@ def _quantize_pass(
                     inputs=inputs,
                 )
                 if writer is not None:
-                    _write_layer(writer, layout, layer, layer_result, fmt)
+                    storage.write_layer(writer, layout, layer, layer_result, fmt)
                     outcome.digests[layer] = _layer_digests(layout, layer, experts, linears)
                 result.layers.append(layer_result.report)
                 del layer_result
@@ -622,6 +617,11 @@ def quantize(
     spec = family_for_config(checkpoint.config)
     dims = resolve_dims(spec, checkpoint.config)
     layout = build_layout(spec, dims, checkpoint, options.categories)
+    from moetool.quantize.formats import resolve
+
+    choice = resolve(options.output_format, options.symmetric, fmt, layout, checkpoint)
+    storage, fmt = choice.storage, choice.fmt
+    warnings += [choice.warning] if choice.warning else []
     out = Path(out)
     check_output_path(out, [checkpoint.root], overwrite=overwrite)
     predicted = estimate_quantized_bytes(checkpoint, layout.quantized_names(), fmt)
@@ -689,6 +689,7 @@ def quantize(
         warnings=warnings,
         memory=memory.to_json(positions) | {"streamed": not options.whole_model},
         expert_batch=options.expert_batch or auto_expert_batch(layout, runner.device),
+        format_reason=choice.reason,
     )
     status(
         f"{'whole model' if options.whole_model else 'one layer at a time'} on {runner.device} ({memory.dtype}): "
@@ -723,6 +724,7 @@ def quantize(
                 status,
                 on_layer,
                 ranks,
+                storage,
             )
             del calibration_batches
             timings["quantize"] = time.perf_counter() - step
@@ -732,7 +734,8 @@ def quantize(
             for name, tensor in checkpoint.iter_tensors(keep):
                 writer.add(name, tensor)
         config = dict(checkpoint.config)
-        config["quantization_config"] = fmt.to_config()
+        config.update(storage.config_entries(fmt, layout, runner.model, checkpoint))
+        result.quantization_config = config["quantization_config"]
         write_json(staging / "config.json", config)
         copy_aux_files(checkpoint.root, staging)
         timings["write"] = time.perf_counter() - step
@@ -747,13 +750,14 @@ def quantize(
             runner,
             outcome,
             probe_ids,
+            storage,
             verify=verify,
             full_check=full_check,
             status=status,
         )
         result.storage = result.verification.storage
         timings["verify"] = time.perf_counter() - step
-        write_model_card(staging, **_card(result, command))
+        write_model_card(staging, **_card(result, command, storage.usage(fmt, layout)))
         result.files = sorted(p.name for p in staging.iterdir())
         result.bytes_written = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
         status("publishing")
@@ -771,26 +775,23 @@ def _verify(
     runner: Any,
     outcome: _PassOutcome,
     probe_ids: Any,
+    storage: Any,
     *,
     verify: bool,
     full_check: bool | None,
     status: Callable[[str], None],
 ) -> Verification:
-    """The checks of :mod:`moetool.quantize.verify` on the staging folder, one layer in memory at a time."""
+    """The checks of :mod:`moetool.quantize.verify` and the format's own on the staging folder, one layer in
+    memory at a time (the whole model only for a reload that costs no more memory than quantizing did)."""
     from moetool.io.checkpoint import Checkpoint
-    from moetool.quantize.verify import (
-        check_coverage,
-        check_decoded,
-        check_probe_logits,
-        check_reload,
-        measure_storage,
-    )
+    from moetool.quantize.formats import VerifyContext
+    from moetool.quantize.verify import check_coverage, check_decoded, check_probe_logits, measure_storage
     from moetool.runner.memory import estimate
 
     written = Checkpoint.open(staging, name=str(out))
-    storage = measure_storage(written, checkpoint, layout)
-    verification = Verification(storage=storage)
-    verification.checks.append(check_coverage(written, checkpoint, layout, fmt))
+    stored = storage.stored(layout, fmt)
+    verification = Verification(storage=measure_storage(written, checkpoint, layout, stored))
+    verification.checks.append(check_coverage(written, checkpoint, layout, stored))
     if not verify:
         return verification
     status("verifying the written codes, layer by layer")
@@ -801,16 +802,24 @@ def _verify(
         sizes = estimate(checkpoint, str(runner.dtype).removeprefix("torch."))
         full = sizes.weights_by_dtype[sizes.dtype] <= sizes.largest_layer_bytes + MIN_GPTQ_BUDGET
     if full:
-        status("reloading the output with transformers")
-        verification.checks.append(check_reload(staging, outcome.quantized_logits, probe_ids, runner.dtype))
-    else:
-        verification.checks.append(
-            Check("reload", None, "skipped: the model is larger than the whole-model reload check allows")
-        )
+        status("reloading the output whole")
+    context = VerifyContext(
+        folder=staging,
+        written=written,
+        source=checkpoint,
+        layout=layout,
+        fmt=fmt,
+        digests=outcome.digests,
+        want_logits=outcome.quantized_logits,
+        sample_ids=probe_ids,
+        dtype=runner.dtype,
+        full=full,
+    )
+    verification.checks += storage.verify(context)
     return verification
 
 
-def _card(result: QuantizeResult, command: str | Sequence[str] | None) -> dict[str, Any]:
+def _card(result: QuantizeResult, command: str | Sequence[str] | None, usage: str) -> dict[str, Any]:
     fmt = result.format
     bits = result.expert_bits
     summary = (
@@ -820,8 +829,8 @@ def _card(result: QuantizeResult, command: str | Sequence[str] | None) -> dict[s
         + "; router, norms, embeddings and lm_head are unchanged"
         + (" (attention quantized too)" if "attention" in fmt.categories else "")
         + (" (shared experts quantized too)" if "shared_experts" in fmt.categories else "")
-        + ". Load it with `moetool.load_model(path)`, or `import moetool.quantize` before transformers' "
-        "`AutoModelForCausalLM.from_pretrained(path)`: the experts dequantize on the fly."
+        + ". "
+        + usage
     )
     results: dict[str, Any] = {}
     for category, entry in result.storage.items():
@@ -835,7 +844,8 @@ def _card(result: QuantizeResult, command: str | Sequence[str] | None) -> dict[s
     opts = result.options
     options: dict[str, Any] = {
         "method": opts.method,
-        "scheme": fmt.scheme,
+        "format": fmt.storage,
+        "scheme": fmt.scheme + (" symmetric" if fmt.symmetric else ""),
         "bits": fmt.bits,
         "group size": opts.group_size,
         "quantized": ", ".join(fmt.categories),
@@ -864,7 +874,7 @@ def _card(result: QuantizeResult, command: str | Sequence[str] | None) -> dict[s
         "command": command if command is not None else "moetool quantize (library call)",
         "options": options,
         "revision": result.source_revision,
-        "tags": ("quantized", fmt.scheme),
+        "tags": ("quantized", fmt.scheme, fmt.storage),
         "summary": summary,
         "results": results,
     }

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from moetool.quantize.grids import Grid, group_bounds
+from moetool.quantize.grids import Grid, group_bounds, torch_dtype
 from moetool.quantize.rtn import QuantizedWeight
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ def gptq_quantize(
         stats.proxy_error = [float(x) for x in proxy]
     return QuantizedWeight(
         codes=codes,
-        scale=scale_t.to(torch.float16),
+        scale=scale_t.to(torch_dtype(grid.scale_dtype)),
         zero=None if zero_t is None else zero_t.to(torch.uint8),
         dequantized=deq,
         group_size=group_size,

@@ -12,6 +12,8 @@ Run inside the staging folder, before anything is published; a failed check remo
 * ``reload``: the output loaded the way users load it (transformers ``from_pretrained`` through the
   registered ``moetool`` quantizer) gives the probe window the same logits as the quantized model of
   the pass; run when the model is small enough to load whole (or when asked).
+* the storage format's own checks (:meth:`~moetool.quantize.formats.base.StorageFormat.verify`):
+  compressed-tensors adds the reference library's decompression and stock transformers' load.
 
 Bits per parameter: for each category (routed experts, shared experts, attention, ...), the stored
 bytes (codes, scales, zero points, or the unchanged tensors) over the logical parameters they hold.
@@ -27,6 +29,7 @@ from moetool.errors import MoetoolError
 
 if TYPE_CHECKING:
     from moetool.io.checkpoint import Checkpoint
+    from moetool.quantize.formats.base import Stored
     from moetool.quantize.layout import QuantLayout
     from moetool.quantize.storage import QuantFormat
 
@@ -95,28 +98,26 @@ class Verification:
         }
 
 
-def measure_storage(output: Checkpoint, source: Checkpoint, layout: QuantLayout) -> dict[str, CategoryStorage]:
+def measure_storage(
+    output: Checkpoint, source: Checkpoint, layout: QuantLayout, stored: list[Stored]
+) -> dict[str, CategoryStorage]:
     """Bytes on disk and logical parameters per category, from the output's headers.
 
-    Packed tensors count toward the category of the tensor they replace; their logical parameters are
-    that tensor's (from the source headers). Returns categories in the registry's order, plus ``total``.
+    Stored tensors (``stored``, from the storage format) count toward the category of the tensor they
+    replace, with the logical parameters they hold. Returns categories in the registry's order, plus
+    ``total``.
     """
     from moetool.arch.spec import CATEGORIES
     from moetool.count.classify import TensorClassifier
-    from moetool.quantize.storage import CODES, source_name
 
     classifier = TensorClassifier(layout.spec, layout.dims)
+    by_name = {s.name: s for s in stored}
     out: dict[str, CategoryStorage] = {c: CategoryStorage() for c in CATEGORIES}
     for name, info in output.tensors.items():
-        parsed = source_name(name)
-        original = name
-        params = info.numel
-        quantized = False
-        if parsed is not None:
-            base, suffix = parsed
-            original = next((n for n in (f"{base}.weight", base) if n in source.tensors), base)
-            params = source.tensors[original].numel if suffix == CODES and original in source.tensors else 0
-            quantized = suffix == CODES
+        packed = by_name.get(name)
+        original = name if packed is None else packed.original
+        params = info.numel if packed is None else packed.params
+        quantized = packed is not None and packed.params > 0
         entry = out[classifier.classify(original).category]
         entry.bytes += info.nbytes
         entry.params += params
@@ -132,28 +133,29 @@ def measure_storage(output: Checkpoint, source: Checkpoint, layout: QuantLayout)
     return result
 
 
-def check_coverage(output: Checkpoint, source: Checkpoint, layout: QuantLayout, fmt: QuantFormat) -> Check:
-    """Every routed-expert tensor stored packed, none in full precision.
+def check_coverage(output: Checkpoint, source: Checkpoint, layout: QuantLayout, stored: list[Stored]) -> Check:
+    """Every routed-expert tensor stored packed (all of ``stored`` that replaces it), none in full precision.
 
     Raises:
         VerificationError: ``EXPERTS_NOT_QUANTIZED``, naming the first offenders.
     """
-    from moetool.quantize.storage import CODES, SCALE, ZERO, packed_names
-
+    needed: dict[str, list[str]] = {}
+    for entry in stored:
+        needed.setdefault(entry.original, []).append(entry.name)
     problems: list[str] = []
     total = quantized = 0
+    logical = layout.numel()
     for experts in layout.experts.values():
         for name in experts.names():
-            numel = source.tensors[name].numel
+            numel = logical[name]
             total += numel
-            packed = packed_names(name)
-            needed = [packed[CODES], packed[SCALE]] + ([packed[ZERO]] if fmt.zero_point else [])
+            absent = [n for n in needed.get(name, []) if n not in output.tensors]
             if name in output.tensors:
                 problems.append(f"{name} stored in full precision")
-            elif all(n in output.tensors for n in needed):
+            elif needed.get(name) and not absent:
                 quantized += numel
             else:
-                problems.append(f"{packed[CODES]} missing")
+                problems.append(f"{absent[0] if absent else name} missing")
     fraction = quantized / total if total else 0.0
     if problems or fraction < 1.0:
         shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
@@ -283,4 +285,6 @@ def check_reload(folder: Path, want: Any, input_ids: Any, dtype: Any) -> Check:
             f"the written model, loaded back with transformers, gives different logits (max diff {diff:.3g})",
             hint="this is a bug in moetool quantize; please report it",
         )
-    return Check("reload", True, f"transformers from_pretrained: logits max abs diff {diff:.2e}", diff)
+    return Check(
+        "reload", True, f"moetool.load_model (transformers from_pretrained): logits max abs diff {diff:.2e}", diff
+    )
