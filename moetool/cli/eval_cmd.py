@@ -13,6 +13,7 @@ from moetool.cli import options
 from moetool.cli._errors import handle_errors
 from moetool.cli._output import print_json, stdout
 from moetool.cli._progress import progress_enabled, status, token_progress
+from moetool.cli._threads import use_threads
 
 if TYPE_CHECKING:
     from moetool.evaluate import EvalResult
@@ -59,6 +60,7 @@ def eval_model(
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
     device_map: options.DeviceMapOpt = "none",
+    threads: options.ThreadsOpt = 0,
     revision: options.RevisionOpt = None,
     reference_revision: ReferenceRevisionOpt = None,
     token: options.TokenOpt = None,
@@ -91,6 +93,7 @@ def eval_model(
 
     show = progress_enabled(json_output)
     offline_flag = offline or None
+    threads_used = use_threads(threads, json_output=json_output)
     with status(f"opening {model}", enabled=show):
         checkpoint = open_checkpoint(model, revision=revision, token=token, offline=offline_flag)
         check_seq_len(checkpoint.config, seq_len, model)
@@ -127,7 +130,7 @@ def eval_model(
     if ref_checkpoint is not None:
         result.reference_revision = ref_checkpoint.revision
     if json_output:
-        print_json(result.to_json())
+        print_json({**result.to_json(), "threads": threads_used})
         return
     render(result)
 

@@ -17,6 +17,7 @@ from moetool.cli import options
 from moetool.cli._errors import handle_errors
 from moetool.cli._output import human_bytes, human_count, print_json, stderr, stdout, warn
 from moetool.cli._progress import progress_enabled
+from moetool.cli._threads import use_threads
 
 if TYPE_CHECKING:
     from moetool.merge.api import MergeResult
@@ -178,6 +179,7 @@ def merge_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
+    threads: options.ThreadsOpt = 0,
     revision: options.RevisionOpt = None,
     token: options.TokenOpt = None,
     offline: options.OfflineOpt = False,
@@ -220,6 +222,7 @@ def merge_cmd(
 
     calibration = read(dataset) if dataset is not None else None
     eval_documents = read(eval_dataset) if eval_dataset is not None else None
+    threads_used = use_threads(threads, json_output=json_output)
     with _progress(progress_enabled(json_output)) as advance:
         result = merge(
             model,
@@ -257,7 +260,7 @@ def merge_cmd(
     for message in result.warnings:
         warn(message)
     if json_output:
-        print_json(result.to_json())
+        print_json({**result.to_json(), "threads": threads_used})
         return
     render(result)
 

@@ -13,6 +13,7 @@ from moetool.cli import options
 from moetool.cli._errors import handle_errors, report_error
 from moetool.cli._output import human_count, print_json, stderr, stdout, warn
 from moetool.cli._progress import progress_enabled, status, token_progress
+from moetool.cli._threads import use_threads
 
 EXAMPLES = """
 Examples:
@@ -40,6 +41,7 @@ def profile_routing_cmd(
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
     device_map: options.DeviceMapOpt = "none",
+    threads: options.ThreadsOpt = 0,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -91,6 +93,7 @@ def profile_routing_cmd(
         config_name=dataset_config,
     )
     domains = sorted({d.domain for d in documents if d.domain is not None})
+    threads_used = use_threads(threads, json_output=json_output)
     with status(f"loading {model}", enabled=progress_enabled(json_output)):
         loaded_model, tokenizer, checkpoint = load_model(
             model, device=device, dtype=dtype, revision=revision, device_map=device_map
@@ -126,6 +129,7 @@ def profile_routing_cmd(
     violations = check_thresholds(stats, thresholds)
     if json_output:
         doc = stats.to_json()
+        doc["threads"] = threads_used
         doc["threshold_violations"] = [
             {"layer": v.layer, "metric": v.threshold.metric, "observed": v.observed, "rule": v.threshold.text}
             for v in violations

@@ -12,6 +12,7 @@ from moetool.cli import options
 from moetool.cli._errors import handle_errors
 from moetool.cli._output import human_bytes, print_json, stderr, stdout, warn
 from moetool.cli._progress import note_printer, progress_enabled
+from moetool.cli._threads import use_threads
 
 if TYPE_CHECKING:
     from moetool.quantize import QuantizeResult
@@ -145,6 +146,7 @@ def quantize_cmd(
         ),
     ] = 0,
     device: options.DeviceOpt = "auto",
+    threads: options.ThreadsOpt = 0,
     dtype: Annotated[
         str, typer.Option("--dtype", help="dtype the model is loaded in for calibration: auto (float32), bfloat16, ...")
     ] = "auto",
@@ -214,6 +216,7 @@ def quantize_cmd(
             batch_size=batch_size,
         )
     show = progress_enabled(json_output)
+    threads_used = use_threads(threads, json_output=json_output)
 
     status = note_printer(enabled=show)
 
@@ -236,7 +239,7 @@ def quantize_cmd(
         on_layer=layer_done,
     )
     if json_output:
-        print_json(result.to_json())
+        print_json({**result.to_json(), "threads": threads_used})
         return
     for message in result.warnings:
         warn(message)
