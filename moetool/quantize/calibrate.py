@@ -202,10 +202,15 @@ class LayerInputs:
         """Run one decoder layer over every batch; with ``keep`` its outputs become the next inputs."""
         import torch
 
+        from moetool.quantize.gptq import reproducible_threads
+
         calls = self.calls.get(layer)
         if calls is None or len(calls) != len(self.hidden):
             raise RuntimeError(f"no recorded call arguments for decoder layer {layer}")
-        with torch.no_grad():
+        # Every layer's output feeds the next layer's Hessians: a fixed thread count, also for the layers
+        # that are only run through (see moetool.quantize.gptq).
+        device = self.hidden[0].device if self.hidden else "cpu"
+        with torch.no_grad(), reproducible_threads(device):
             for b, (args, kwargs) in enumerate(calls):
                 self.current_mask = self.masks[b]
                 out = module(self.hidden[b], *args, **kwargs)
