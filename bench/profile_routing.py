@@ -14,7 +14,9 @@ vocabulary, run on random token ids:
 
 Each shape runs in a fresh process, so peak memory (RSS, or the GPU's peak allocation) is its own.
 Within a run the plain forward and the profiled forward see the same batches, alternately, after a
-warm-up of each; the median of ``--repeats`` is reported (GPU timings synchronise the device). The
+warm-up of each; the times are the medians of ``--repeats``, the overhead the median over the repeats
+of each profiled pass against the plain pass just before it (GPU timings synchronise the device). On
+the CPU the overhead in CPU time of the process is shown too: on a shared machine it is steadier. The
 ``ops/update`` column is the number of kernel-running aten operations one ``LayerAccumulator.update``
 issues at the shape's router size and batch (torch's profiler, on the CPU), with the count of
 operations that would make a GPU wait for the host (boolean-mask indexing, ``nonzero``, ``item``,
@@ -25,6 +27,7 @@ Usage::
     python bench/profile_routing.py                                  # CPU: example, qwen3-30b-a3b, fine-256
     python bench/profile_routing.py --device cuda                    # GPU: + mixtral-8x7b, bfloat16, more layers
     python bench/profile_routing.py --shapes example --tokens 10000 200000   # memory flat in the token count
+    python bench/profile_routing.py --updates                        # one update, this vs the previous code
 """
 
 from __future__ import annotations
@@ -161,6 +164,28 @@ def update_ops(num_experts: int, top_k: int, rows: int, length: int) -> tuple[in
     return len(kernels), sum(syncs.values())
 
 
+def update_cost(num_experts: int, top_k: int, rows: int, length: int, rounds: int = 15, calls: int = 20) -> dict:
+    """CPU time of one accumulator update, this implementation against the previous one (the oracle kept in
+    tests/test_routing_accumulate.py), interleaved, median of ``rounds`` x ``calls``; one thread."""
+    import torch
+
+    from moetool.routing.accumulate import LayerAccumulator
+    from tests.test_routing_accumulate import ReferenceAccumulator, random_batch
+
+    logits, indices, ctx = random_batch(torch.Generator().manual_seed(0), num_experts, top_k, rows, length, 3)
+    accumulators = {"new": LayerAccumulator(num_experts, 3, "cpu"), "previous": ReferenceAccumulator(num_experts, 3)}
+    times: dict[str, list[float]] = {name: [] for name in accumulators}
+    for acc in accumulators.values():
+        acc.update(logits, indices, ctx)
+    for _ in range(rounds):
+        for name, acc in accumulators.items():
+            start = time.process_time()
+            for _ in range(calls):
+                acc.update(logits, indices, ctx)
+            times[name].append((time.process_time() - start) / calls)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def build(shape: str, device: str, dtype: str, layers: int):
     """A random model with the shape's layers (seeded), in eval mode on ``device``."""
     import torch
@@ -261,6 +286,9 @@ def run_one(args: argparse.Namespace, shape: str, tokens: int) -> dict:
         "profiled_s": statistics.median(t[0] for t in profiled_times),
         "plain_cpu_s": statistics.median(t[1] for t in plain_times),
         "profiled_cpu_s": statistics.median(t[1] for t in profiled_times),
+        # Each profiled pass against the plain pass just before it (the same moment of a shared machine).
+        "overhead": statistics.median(q[0] / p[0] - 1 for p, q in zip(plain_times, profiled_times, strict=True)),
+        "overhead_cpu": statistics.median(q[1] / p[1] - 1 for p, q in zip(plain_times, profiled_times, strict=True)),
         "plain_all": plain_times,
         "profiled_all": profiled_times,
         "ops_per_update": ops,
@@ -281,16 +309,31 @@ def main() -> None:
         default=None,
         help="tokens per pass (default: 65536 on a GPU; on the CPU 10000 for the example, 2048 for the random shapes)",
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=None, help="layers of the random models (default: per device)")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per window")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per batch (default: per device)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: the idle cores, as the commands)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument(
+        "--updates",
+        action="store_true",
+        help="only time one accumulator update (CPU time, one thread) against the previous implementation",
+    )
     parser.add_argument("--child", nargs=2, metavar=("SHAPE", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
+    if args.updates:
+        import torch
+
+        torch.set_num_threads(1)
+        print(f"{'experts/top-k':>13} {'tokens':>7} {'this':>9} {'previous':>9}  (CPU time per update)")
+        for experts, top_k, rows in ((8, 2, 8), (128, 8, 4), (256, 8, 4)):
+            cost = update_cost(experts, top_k, rows, args.seq_len)
+            tokens = rows * args.seq_len
+            print(f"{experts:>9}/{top_k:<3} {tokens:>7} {cost['new'] * 1e3:>7.2f}ms {cost['previous'] * 1e3:>7.2f}ms")
+        return
 
     if args.child:
         print(json.dumps(run_one(args, args.child[0], int(args.child[1]))))
@@ -335,9 +378,9 @@ def _header() -> str:
 
 
 def _line(row: dict) -> str:
-    overhead = row["profiled_s"] / row["plain_s"] - 1
+    overhead = row["overhead"]
     # CPU time of the process: on a shared machine, less noisy than wall time (on a GPU, not the cost).
-    cpu = "-" if row["device"].startswith("cuda") else f"{row['profiled_cpu_s'] / row['plain_cpu_s'] - 1:.1%}"
+    cpu = "-" if row["device"].startswith("cuda") else f"{row['overhead_cpu']:.1%}"
     memory = row["peak_gpu_mb"] if row["peak_gpu_mb"] is not None else row["peak_rss_mb"]
     return (
         f"{row['shape']:<14} {row['experts']:>4}/{row['top_k']:<3} {row['layers']:>6} {row['dtype']:>9} "

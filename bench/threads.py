@@ -11,7 +11,9 @@ thread count the command chose (from its ``--json``). Settings:
 
 * ``default``: no ``--threads``, no ``OMP_NUM_THREADS`` (the policy picks the idle cores);
 * ``omp1``: ``OMP_NUM_THREADS=1``;
-* ``all-cores``: ``--threads <usable cores>``, what torch's own default did.
+* ``all-cores``: ``--threads <usable cores>``, what torch's own default did;
+* ``all-cores-gptq``: the same with ``MOETOOL_GPTQ_THREADS=0`` (quantize's GPTQ on all cores too, its
+  bytes then depending on the thread count: the price of reproducible GPTQ on a quiet machine).
 
 The busy process (``--busy N`` of them; 0 for a quiet run) is a Python loop spinning on one core,
 started before each run (and given a second to show up in the CPU counters) and killed after it.
@@ -52,7 +54,8 @@ COMMANDS = {
     "quantize": ["quantize", MODEL, "-d", DATA],
     "merge": ["merge", MODEL, "--num-experts", "4", "-d", DATA, "--max-tokens", "30000", "--no-eval"],
 }
-SETTINGS = ("default", "omp1", "all-cores")
+SETTINGS = ("default", "omp1", "all-cores", "all-cores-gptq")
+DEFAULT_SETTINGS = ("default", "omp1", "all-cores")
 
 
 def spinner() -> subprocess.Popen:
@@ -62,13 +65,16 @@ def spinner() -> subprocess.Popen:
 
 def run_once(command: str, setting: str, busy: int, cores: int) -> dict:
     """Time one CLI run of ``command`` with ``setting`` beside ``busy`` spinning processes."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    unset = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MOETOOL_GPTQ_THREADS")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env.update({"HF_HUB_OFFLINE": "1", "NO_COLOR": "1"})
     args = list(COMMANDS[command])
     if setting == "omp1":
         env["OMP_NUM_THREADS"] = "1"
-    elif setting == "all-cores":
+    elif setting.startswith("all-cores"):
         args += ["--threads", str(cores)]
+        if setting == "all-cores-gptq":
+            env["MOETOOL_GPTQ_THREADS"] = "0"
     out = Path(tempfile.mkdtemp(prefix="moetool-bench-threads-")) / "out"
     spinners = [spinner() for _ in range(busy)]
     try:
@@ -99,7 +105,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commands", nargs="+", choices=sorted(COMMANDS), default=["quantize", "merge"])
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(DEFAULT_SETTINGS))
     parser.add_argument("--busy", type=int, default=1, help="spinning processes beside each run (0: none)")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--json", action="store_true")

@@ -142,12 +142,6 @@ def idle_cores(sample_seconds: float = SAMPLE_SECONDS) -> float:
         return float(cores)
 
 
-def auto_threads() -> int:
-    """Threads for a run on the CPU: the idle cores, rounded, at least 1."""
-    cores = usable_cores()
-    return max(1, min(cores, int(idle_cores() + 0.5)))
-
-
 def _env_threads() -> int | None:
     value = os.environ.get(ENV_VAR, "").strip()
     try:

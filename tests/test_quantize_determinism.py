@@ -3,7 +3,7 @@
 The model has the example's widths (hidden 160, expert width 256) and two layers: at that size MKL's
 Cholesky, triangular inverse and skinny GEMMs round differently on 2 threads than on 1, and without the
 fixed thread count 16 of this model's 89 tensors differed between the two runs when the test was
-written (GPTQ_CPU_THREADS set to 0, on the project's 2-core machine).
+written (``MOETOOL_GPTQ_THREADS=0``, on the project's 2-core machine).
 """
 
 from __future__ import annotations
@@ -60,9 +60,18 @@ def run(setup, threads: int, name: str) -> dict[str, bytes]:
     return tensor_bytes(out)
 
 
-def test_gptq_bytes_do_not_depend_on_the_thread_count(setup):
+def test_gptq_bytes_do_not_depend_on_the_thread_count(setup, monkeypatch):
+    monkeypatch.delenv("MOETOOL_GPTQ_THREADS", raising=False)
     one = run(setup, 1, "one-thread")
     two = run(setup, 2, "two-threads")
     assert one.keys() == two.keys()
     differ = [name for name in one if one[name] != two[name]]
     assert not differ, f"{len(differ)} of {len(one)} tensors differ, e.g. {differ[:3]}"
+
+
+@pytest.mark.parametrize(("value", "expected"), [("", 1), ("0", 0), ("4", 4), ("x", 1), ("-3", 0)])
+def test_gptq_threads_override(monkeypatch, value, expected):
+    from moetool.quantize.gptq import gptq_cpu_threads
+
+    monkeypatch.setenv("MOETOOL_GPTQ_THREADS", value)
+    assert gptq_cpu_threads() == expected

@@ -24,7 +24,8 @@ across a rounding boundary and, layer after layer, through the calibration input
 (measured on the example, GPTQ 4-bit: 78 of its 318 tensors differed between 1 and 2 threads, the
 first difference in the first layer's Cholesky factor). :func:`reproducible_threads` runs a layer's
 GPTQ (calibration passes, Hessians, factorisations, the column loop) on one thread, so the output is
-the same whatever ``--threads`` says (and whatever ``OMP_NUM_THREADS`` or the idle cores give).
+the same whatever ``--threads`` says (and whatever ``OMP_NUM_THREADS`` or the idle cores give);
+``MOETOOL_GPTQ_THREADS=0`` gives that up for speed on an idle many-core machine.
 """
 
 from __future__ import annotations
@@ -46,10 +47,25 @@ DEFAULT_BLOCK = 128
 #: Threads the CPU runs GPTQ on: fixed, so that the codes do not depend on the machine's load.
 GPTQ_CPU_THREADS = 1
 
+#: Overrides :data:`GPTQ_CPU_THREADS`; 0 lets GPTQ use the command's thread count (faster on an idle
+#: many-core machine, but the bytes then depend on that count).
+ENV_GPTQ_THREADS = "MOETOOL_GPTQ_THREADS"
+
+
+def gptq_cpu_threads() -> int:
+    """The thread count GPTQ runs on, on the CPU (0: the command's)."""
+    import os
+
+    value = os.environ.get(ENV_GPTQ_THREADS, "").strip()
+    try:
+        return max(0, int(value)) if value else GPTQ_CPU_THREADS
+    except ValueError:
+        return GPTQ_CPU_THREADS
+
 
 @contextlib.contextmanager
 def reproducible_threads(device: Any) -> Iterator[None]:
-    """Run GPTQ's CPU work on :data:`GPTQ_CPU_THREADS` threads (see the module docstring); on a GPU,
+    """Run GPTQ's CPU work on :func:`gptq_cpu_threads` threads (see the module docstring); on a GPU,
     change nothing."""
     import torch
 
@@ -58,7 +74,7 @@ def reproducible_threads(device: Any) -> Iterator[None]:
     if torch.device(device).type != "cpu":
         yield
         return
-    with thread_count(GPTQ_CPU_THREADS):
+    with thread_count(gptq_cpu_threads()):
         yield
 
 
