@@ -119,7 +119,7 @@ def main() -> None:
             for setting in args.settings:  # alternating, so that slow phases of the machine hit all settings
                 row = run_once(command, setting, args.busy, cores)
                 runs[setting].append(row)
-                print(f"{command:<9} {setting:<10} {row['threads']} thread(s) {row['wall_s']:7.1f}s", file=sys.stderr)
+                print(f"{command:<9} {setting:<14} {row['threads']} thread(s) {row['wall_s']:7.1f}s", file=sys.stderr)
         for setting, done in runs.items():
             walls = [r["wall_s"] for r in done]
             rows.append(
@@ -136,10 +136,10 @@ def main() -> None:
         print(json.dumps({"cores": cores, "rows": rows}, indent=1))
         return
     print(f"{cores} usable cores, {args.busy} busy process(es), median of {args.runs} run(s)")
-    print(f"{'command':<9} {'setting':<10} {'threads':>8} {'median':>8}  runs")
+    print(f"{'command':<9} {'setting':<14} {'threads':>8} {'median':>8}  runs")
     for row in rows:
         threads = ",".join(map(str, row["threads"]))
-        print(f"{row['command']:<9} {row['setting']:<10} {threads:>8} {row['median_s']:>7.1f}s  {row['runs_s']}")
+        print(f"{row['command']:<9} {row['setting']:<14} {threads:>8} {row['median_s']:>7.1f}s  {row['runs_s']}")
 
 
 if __name__ == "__main__":
