@@ -153,7 +153,8 @@ def update_ops(num_experts: int, top_k: int, rows: int, length: int) -> tuple[in
     indices = logits.topk(top_k, dim=-1).indices
     mask = torch.ones(n, dtype=torch.bool)
     mask[-length // 3 :] = False
-    ctx = BatchContext(mask, torch.arange(rows).repeat_interleave(length), torch.zeros(n, dtype=torch.long), rows)
+    windows = torch.arange(rows).repeat_interleave(length)
+    ctx = BatchContext(mask, windows, torch.zeros(n, dtype=torch.long), rows, tokens=int(mask.sum()))
     acc = LayerAccumulator(num_experts, 1, "cpu")
     acc.update(logits, indices, ctx)  # the batch's first layer derives the shared per-batch tensors
     with profile(activities=[ProfilerActivity.CPU]) as prof:

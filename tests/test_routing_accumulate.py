@@ -95,6 +95,7 @@ def random_batch(generator, num_experts, top_k, rows, length, num_domains, *, sk
         window_ids=torch.arange(rows).repeat_interleave(length).to(device),
         domain_ids=domains.repeat_interleave(length).to(device),
         num_windows=rows,
+        tokens=int(mask.sum()),
     )
     return logits.to(device), indices.to(device), ctx
 
@@ -121,6 +122,7 @@ def test_same_counts_and_metrics_as_reference(num_experts, top_k, num_domains, s
         logits, indices, ctx = random_batch(generator, num_experts, top_k, rows, length, num_domains, skew=skew)
         if rows == 1:
             ctx.mask[:] = False
+            ctx.tokens = 0
         new.update(logits, indices, ctx)
         ref.update(logits, indices, ctx)
     assert new.tokens == ref.tokens and new.assignments == ref.assignments and new.top_k == ref.top_k
@@ -163,10 +165,9 @@ def test_padding_logits_are_ignored_even_when_nan():
     dirty[~ctx.mask] = float("nan")
     garbage = LayerAccumulator(8, 2, "cpu")
     garbage.update(dirty, indices, ctx)
-    snap_a, snap_b = clean.snapshot(), garbage.snapshot()
-    assert torch.equal(snap_a.coactivation, snap_b.coactivation) and torch.equal(snap_a.dropped, snap_b.dropped)
-    assert torch.equal(snap_a.prob_sum, snap_b.prob_sum)
-    assert math.isfinite(snap_b.z_sum) and snap_a.z_sum == snap_b.z_sum
+    assert torch.equal(clean.coactivation, garbage.coactivation) and torch.equal(clean.dropped, garbage.dropped)
+    assert torch.equal(clean.prob_sum, garbage.prob_sum)
+    assert math.isfinite(garbage.z_sum) and clean.z_sum == garbage.z_sum
 
 
 def test_logits_are_not_modified():
@@ -185,6 +186,7 @@ def _meta_batch(num_experts, top_k, rows, length, num_domains):
         window_ids=torch.empty(n, dtype=torch.long, device=meta),
         domain_ids=torch.empty(n, dtype=torch.long, device=meta),
         num_windows=rows,
+        tokens=n - length // 2,  # counted on the host by the caller
     )
     logits = torch.empty(n, num_experts, dtype=torch.bfloat16, device=meta)
     indices = torch.empty(n, top_k, dtype=torch.long, device=meta)
@@ -271,3 +273,44 @@ def test_profiler_sees_no_sync_ops_and_few_operations():
     ref_events = profiled_ops(ref, logits, indices, ctx)
     assert "aten::nonzero" in {e.name for e in ref_events}  # the check sees the reference's syncs
     assert len(kernel_ops(ref_events)) > 2 * len(ops)
+
+
+def test_without_a_host_count_the_mask_is_read_once_per_batch():
+    """A context without ``tokens`` counts them from the mask at the batch's first layer only."""
+    generator = torch.Generator().manual_seed(6)
+    logits, indices, ctx = random_batch(generator, 8, 2, 3, 16, 0)
+    expected, ctx.tokens = ctx.tokens, None
+    layers = [LayerAccumulator(8, 0, "cpu") for _ in range(3)]
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for acc in layers:
+            acc.update(logits, indices, ctx)
+    reads = [e.name for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense")]
+    assert len(reads) <= 2  # one .item() (dispatching to _local_scalar_dense), once
+    assert ctx.tokens == expected and all(acc.tokens == expected for acc in layers)
+
+
+def test_counters_sum_across_processes():
+    """What a multi-process run does (routing/profile.py): each process counts a share of the batches, then
+    every tensor of ``vars(acc)`` and the host integers are summed; the result equals one process counting
+    all batches. The tensors have fixed sizes, whatever the window counts each process saw."""
+    generator = torch.Generator().manual_seed(8)
+    batches = [random_batch(generator, 16, 4, rows, 12, 2, skew=1.0) for rows in (5, 2, 3, 1)]
+    whole, parts = LayerAccumulator(16, 2, "cpu"), [LayerAccumulator(16, 2, "cpu") for _ in range(2)]
+    for i, batch in enumerate(batches):
+        whole.update(*batch)
+        parts[i % 2].update(*batch)
+    summed = parts[0]
+    tensors = [(k, v) for k, v in vars(summed).items() if isinstance(v, torch.Tensor)]
+    assert tensors and all(v.shape == vars(parts[1])[k].shape for k, v in tensors)
+    for key, value in tensors:
+        value += vars(parts[1])[key]
+    summed.tokens += parts[1].tokens
+    summed.assignments += parts[1].assignments
+    summed.top_k = max(summed.top_k, parts[1].top_k)
+    for name in ("counts", "domain_counts", "domain_tokens", "coactivation", "dropped"):
+        assert torch.equal(getattr(summed, name), getattr(whole, name)), name
+    assert (summed.tokens, summed.assignments, summed.top_k) == (whole.tokens, whole.assignments, whole.top_k)
+    assert torch.allclose(summed.prob_sum, whole.prob_sum)
+    assert summed.z_sum == pytest.approx(whole.z_sum)

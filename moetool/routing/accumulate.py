@@ -4,9 +4,9 @@ The update runs inside a forward hook at every router, once per layer per batch,
 the device the model runs on: no host-device synchronisation (no boolean-mask indexing, no ``.item()``,
 no ``bincount``, whose CUDA kernel reads the maximum back to size its output, no shape that depends on
 the data), padding excluded by masking rather than by selecting rows, and every integer counter updated
-by one ``index_add_`` into one buffer. Integer counts are exact; float sums are taken per batch in
-float32 and accumulated across batches in float64. The numbers reach the host only when they are read
-(:meth:`LayerAccumulator.snapshot`, at the end of a run).
+by ``index_add_`` into fixed-size buffers. Integer counts are exact; float sums are taken per batch
+in float32 and accumulated across batches in float64. The numbers reach the host only when they are
+read, at the end of a run. The token count comes from the host (:attr:`BatchContext.tokens`).
 """
 
 from __future__ import annotations
@@ -23,15 +23,27 @@ class BatchContext:
     """Per-token bookkeeping of the batch being run: which tokens are real, their window and domain.
 
     All tensors are flat over ``batch * seq_len`` positions, in the order the router sees them. Every
-    MoE layer of the batch sees the same context: what can be derived from it once (offsets, capacities)
-    is computed at the first layer and reused by the others.
+    MoE layer of the batch sees the same context: what can be derived from it once (offsets, capacities,
+    the token count) is computed at the first layer and reused by the others.
+
+    Attributes:
+        tokens: the number of real tokens, counted on the host by the caller (the attention mask is
+            there before it goes to the device). ``None``: counted from ``mask`` once per context, which
+            on a GPU waits for the device once per batch.
     """
 
     mask: Any  # bool [N]
     window_ids: Any  # long [N]: index of the window (row) in this batch
     domain_ids: Any  # long [N]
     num_windows: int
+    tokens: int | None = None
     _derived: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def real_tokens(self) -> int:
+        """The number of real tokens (see ``tokens``)."""
+        if self.tokens is None:
+            self.tokens = int(self.mask.sum())
+        return self.tokens
 
     def derived(self, num_experts: int, num_domains: int, top_k: int, device: Any) -> _Derived:
         """The per-batch tensors an accumulator of this shape needs (cached per shape and device)."""
@@ -49,17 +61,19 @@ class _Derived:
     Attributes:
         invalid: ``[N, 1]`` padding positions.
         weight: ``[N, 1]`` float32, 1 for real tokens, 0 for padding.
-        bases: ``[N, 2, 1]`` offsets of the token's domain row and window row in the counter buffer.
-        coact_base: ``[N, 1]`` offset of the co-activation matrix in the buffer.
-        (For padding all three point at the dump bin, and the token's experts are replaced by expert 0,
-        so that every key of a padding position is the dump bin.)
+        domain_base: ``[N, 1]`` offset of the token's domain row in the counters.
+        coact_base: ``[N, 1]`` offset of the co-activation matrix in the counters.
+        window_base: ``[N, 1]`` offset of the token's window row in the batch's per-window counts.
+        (For padding these point at the dump bins, and the token's experts are replaced by expert 0,
+        so that every key of a padding position is a dump bin.)
         capacity: ``[factors, windows, 1]`` expert capacity of each window at each capacity factor.
     """
 
     invalid: Any
     weight: Any
-    bases: Any
+    domain_base: Any
     coact_base: Any
+    window_base: Any
     capacity: Any
 
     @classmethod
@@ -69,9 +83,7 @@ class _Derived:
         mask = ctx.mask.to(device=device, dtype=torch.bool).reshape(-1, 1)
         windows = ctx.window_ids.to(device=device, dtype=torch.long).reshape(-1, 1)
         domains = ctx.domain_ids.to(device=device, dtype=torch.long).reshape(-1, 1)
-        layout = _Layout(num_experts, num_domains, ctx.num_windows)
-        dump = layout.dump
-        bases = torch.cat([domains * num_experts, windows * num_experts + layout.window_offset], dim=1)
+        layout = _Layout(num_experts, num_domains)
         window_tokens = torch.zeros(ctx.num_windows, dtype=torch.long, device=device)
         window_tokens.index_add_(0, windows.reshape(-1), mask.reshape(-1).long())
         # Each window is a routing group with room for ceil(C * tokens * k / E) tokens per expert (the
@@ -82,24 +94,21 @@ class _Derived:
         return cls(
             invalid=~mask,
             weight=mask.float(),
-            bases=bases.masked_fill(~mask, dump)[:, :, None],
-            coact_base=torch.full_like(windows, layout.coact_offset).masked_fill_(~mask, dump),
+            domain_base=(domains * num_experts).masked_fill_(~mask, layout.dump),
+            coact_base=torch.full_like(windows, layout.coact_offset).masked_fill_(~mask, layout.dump),
+            window_base=(windows * num_experts).masked_fill_(~mask, ctx.num_windows * num_experts),
             capacity=capacity[:, :, None],
         )
 
 
 @dataclass(frozen=True)
 class _Layout:
-    """Where each integer counter lives in a layer's one int64 buffer.
-
-    ``[domains * E]`` per-domain counts (their sum over domains is the per-expert count), ``[E * E]``
-    co-activation, one dump bin that padding positions are sent to, then ``[windows * E]`` the current
-    batch's per-window counts (for capacity drops; the tail, so that it can grow).
-    """
+    """Where each integer counter lives in a layer's int64 counter vector: ``[domains * E]`` per-domain
+    counts (their sum over domains is the per-expert count), ``[E * E]`` co-activation, and one dump bin
+    that padding positions are sent to."""
 
     num_experts: int
     num_domains: int
-    num_windows: int
 
     @property
     def coact_offset(self) -> int:
@@ -110,53 +119,18 @@ class _Layout:
         return self.coact_offset + self.num_experts * self.num_experts
 
     @property
-    def window_offset(self) -> int:
-        return self.dump + 1
-
-    @property
     def size(self) -> int:
-        return self.window_offset + self.num_windows * self.num_experts
-
-
-@dataclass
-class Snapshot:
-    """An accumulator's counters on the host: CPU tensors and Python numbers.
-
-    Attributes:
-        top_k: experts per token (0 before any real token).
-        tokens: real tokens counted.
-        counts: ``[E]`` int64 assignments per expert.
-        domain_counts: ``[max(domains, 1), E]`` int64 assignments per domain and expert.
-        domain_tokens: ``[max(domains, 1)]`` int64 tokens per domain.
-        coactivation: ``[E, E]`` int64 tokens that chose both experts (the diagonal is ``counts``).
-        dropped: ``[len(CAPACITY_FACTORS)]`` int64 assignments beyond capacity.
-        prob_sum: ``[E]`` float64 router probability mass per expert.
-        z_sum, top1_sum, margin_sum: sums over tokens of logsumexp^2, the top-1 probability and the
-            top-1/top-2 probability margin.
-    """
-
-    top_k: int
-    tokens: int
-    counts: Any
-    domain_counts: Any
-    domain_tokens: Any
-    coactivation: Any
-    dropped: Any
-    prob_sum: Any
-    z_sum: float
-    top1_sum: float
-    margin_sum: float
-
-    @property
-    def assignments(self) -> int:
-        return self.tokens * self.top_k
+        return self.dump + 1
 
 
 class LayerAccumulator:
     """Counters of one MoE layer. Memory is O(experts^2 + domains * experts), independent of tokens.
 
-    Read the results with :meth:`snapshot` (one device-to-host copy); the attributes of the first
-    implementation (``counts``, ``tokens``, ``coactivation``...) remain as properties over it.
+    ``tokens``, ``assignments`` and ``top_k`` are host integers; every other counter is a fixed-size
+    tensor on the device (so a caller may sum the tensors of ``vars(acc)`` across processes), read
+    through properties that copy it to the host: ``counts``, ``domain_counts``, ``domain_tokens``,
+    ``coactivation``, ``dropped``, ``prob_sum`` (CPU tensors) and ``z_sum``, ``top1_sum``,
+    ``margin_sum`` (floats).
     """
 
     def __init__(self, num_experts: int, num_domains: int, device: Any) -> None:
@@ -165,19 +139,20 @@ class LayerAccumulator:
         self.num_experts = num_experts
         self.num_domains = num_domains
         self.device = torch.device(device)
-        self._top_k = 0
-        self._layout = _Layout(num_experts, num_domains, 0)
-        self._bins = torch.zeros(self._layout.size, dtype=torch.int64, device=self.device)
+        self.tokens = 0
+        self.assignments = 0
+        self.top_k = 0
+        self._layout = _Layout(num_experts, num_domains)
+        self._counts = torch.zeros(self._layout.size, dtype=torch.int64, device=self.device)
         self._dropped = torch.zeros(len(CAPACITY_FACTORS), dtype=torch.int64, device=self.device)
         # Float sums: per-expert probability mass, then z (logsumexp^2), top-1 and top-2 probabilities.
         self._sums = torch.zeros(num_experts + 3, dtype=torch.float64, device=self.device)
-        self._version = 0
-        self._snapshot: tuple[int, Snapshot] | None = None
 
     # ------------------------------------------------------------------ hot path
 
     def update(self, logits: Any, indices: Any, ctx: BatchContext) -> None:
-        """Add one router call's tokens (padding excluded). Never waits for the device.
+        """Add one router call's tokens (padding excluded). Never waits for the device (when the context
+        carries its token count).
 
         Args:
             logits: ``[N, E]`` router logits (any float dtype; read, never modified).
@@ -191,13 +166,13 @@ class LayerAccumulator:
             raise RuntimeError(f"router saw {n} tokens but the batch has {ctx.mask.shape[0]} positions")
         if num_experts != self.num_experts:
             raise RuntimeError(f"router has {num_experts} experts, this layer's counters {self.num_experts}")
-        top_k = indices.shape[-1]
-        if self._top_k and top_k != self._top_k:
-            raise RuntimeError(f"top-k changed from {self._top_k} to {top_k} within one layer")
-        self._top_k = top_k
-        if n == 0:
+        tokens = ctx.real_tokens()
+        if tokens == 0:
             return
-        self._version += 1
+        top_k = indices.shape[-1]
+        self.tokens += tokens
+        self.assignments += tokens * top_k
+        self.top_k = top_k
         device = self.device
         logits = logits.to(device, non_blocking=True)
         idx = indices.to(device=device, dtype=torch.long, non_blocking=True)
@@ -206,29 +181,25 @@ class LayerAccumulator:
         self._float_sums(logits, derived)
 
     def _count(self, idx: Any, derived: _Derived, num_windows: int) -> None:
-        """Domain counts, co-activation and per-window counts: one ``index_add_`` of ``2k + k^2`` keys per
-        token into the layer's buffer (every key of a padding position is the dump bin)."""
+        """Domain counts and co-activation: one ``index_add_`` of ``k + k^2`` keys per token into the
+        layer's counters; per-window counts: one into the batch's (every key of padding is a dump bin)."""
         import torch
 
-        if num_windows > self._layout.num_windows:
-            self._grow(num_windows)
-        layout = self._layout
         n, k = idx.shape
         e = self.num_experts
         idx = torch.where(derived.invalid, 0, idx)
-        keys = torch.empty(n, 2 * k + k * k, dtype=torch.long, device=idx.device)
-        # Domain row + expert, window row + expert.
-        torch.add(derived.bases, idx[:, None, :], out=keys[:, : 2 * k].view(n, 2, k))
+        keys = torch.empty(n, k + k * k, dtype=torch.long, device=idx.device)
+        torch.add(derived.domain_base, idx, out=keys[:, :k])
         # Co-activation as sparse pairs: token t adds 1 to (i, j) for every pair of its k experts (the
         # diagonal is the per-expert count): k^2 keys per token instead of an [N, E] one-hot and an
         # E x E matmul.
         rows = torch.add(derived.coact_base, idx, alpha=e)
-        torch.add(rows[:, :, None], idx[:, None, :], out=keys[:, 2 * k :].view(n, k, k))
-        window = self._bins[layout.window_offset :]
-        window.zero_()
-        self._bins.index_add_(0, keys.view(-1), _ones(keys.numel(), idx.device))
+        torch.add(rows[:, :, None], idx[:, None, :], out=keys[:, k:].view(n, k, k))
+        self._counts.index_add_(0, keys.view(-1), _ones(keys.numel(), idx.device))
         # Capacity: assignments beyond each window's capacity are those a capacity-limited
         # implementation would drop.
+        window = torch.zeros(num_windows * e + 1, dtype=torch.long, device=idx.device)
+        window.index_add_(0, (derived.window_base + idx).view(-1), _ones(n * k, idx.device))
         per_window = window[: num_windows * e].view(1, num_windows, e)
         self._dropped += torch.sub(per_window, derived.capacity).clamp_(min=0).sum((1, 2))
 
@@ -259,94 +230,52 @@ class LayerAccumulator:
         torch.mul(lse, lse, out=feats[:, :1]).mul_(total)
         self._sums[e:] += feats.mul_(scale).sum(0)
 
-    def _grow(self, num_windows: int) -> None:
-        """Make room for more windows per batch (the per-window region is the buffer's tail)."""
-        import torch
-
-        layout = _Layout(self.num_experts, self.num_domains, num_windows)
-        bins = torch.zeros(layout.size, dtype=torch.int64, device=self.device)
-        keep = self._layout.window_offset
-        bins[:keep] = self._bins[:keep]
-        self._bins, self._layout = bins, layout
-
-    # ------------------------------------------------------------------ results
-
-    def snapshot(self) -> Snapshot:
-        """The counters on the host (one copy per read after new updates)."""
-        if self._snapshot is not None and self._snapshot[0] == self._version:
-            return self._snapshot[1]
-        e, d = self.num_experts, max(self.num_domains, 1)
-        k = self._top_k
-        bins = self._bins[: self._layout.dump].cpu()
-        domain_counts = bins[: d * e].view(d, e).clone()
-        # Every real token adds exactly k assignments to its domain's row, so tokens follow from the counts.
-        domain_tokens = domain_counts.sum(1) // k if k else domain_counts.sum(1)
-        tokens = int(domain_tokens.sum())
-        sums = self._sums.cpu()
-        scalars = sums[e:].tolist()
-        snap = Snapshot(
-            top_k=k if tokens else 0,
-            tokens=tokens,
-            counts=domain_counts.sum(0),
-            domain_counts=domain_counts,
-            domain_tokens=domain_tokens,
-            coactivation=bins[self._layout.coact_offset : self._layout.dump].view(e, e).clone(),
-            dropped=self._dropped.cpu(),
-            prob_sum=sums[:e].clone(),
-            z_sum=scalars[0],
-            top1_sum=scalars[1],
-            margin_sum=scalars[1] - scalars[2],
-        )
-        self._snapshot = (self._version, snap)
-        return snap
-
-    @property
-    def tokens(self) -> int:
-        return self.snapshot().tokens
-
-    @property
-    def assignments(self) -> int:
-        return self.snapshot().assignments
-
-    @property
-    def top_k(self) -> int:
-        return self.snapshot().top_k
-
-    @property
-    def counts(self) -> Any:
-        return self.snapshot().counts
+    # ------------------------------------------------------------------ results (read at the end: copies)
 
     @property
     def domain_counts(self) -> Any:
-        return self.snapshot().domain_counts
+        """``[max(domains, 1), E]`` int64 assignments per domain and expert (CPU)."""
+        e, d = self.num_experts, max(self.num_domains, 1)
+        return self._counts[: d * e].view(d, e).cpu()
+
+    @property
+    def counts(self) -> Any:
+        """``[E]`` int64 assignments per expert (CPU)."""
+        return self.domain_counts.sum(0)
 
     @property
     def domain_tokens(self) -> Any:
-        return self.snapshot().domain_tokens
+        """``[max(domains, 1)]`` int64 tokens per domain (CPU): each token adds k assignments to its row."""
+        rows = self.domain_counts.sum(1)
+        return rows // self.top_k if self.top_k else rows
 
     @property
     def coactivation(self) -> Any:
-        return self.snapshot().coactivation
+        """``[E, E]`` int64 tokens that chose both experts (CPU; the diagonal is ``counts``)."""
+        e = self.num_experts
+        return self._counts[self._layout.coact_offset : self._layout.dump].view(e, e).cpu()
 
     @property
     def dropped(self) -> Any:
-        return self.snapshot().dropped
+        """``[len(CAPACITY_FACTORS)]`` int64 assignments beyond capacity (CPU)."""
+        return self._dropped.cpu()
 
     @property
     def prob_sum(self) -> Any:
-        return self.snapshot().prob_sum
+        """``[E]`` float64 router probability mass per expert (CPU)."""
+        return self._sums[: self.num_experts].cpu()
 
     @property
     def z_sum(self) -> float:
-        return self.snapshot().z_sum
+        return float(self._sums[self.num_experts])
 
     @property
     def top1_sum(self) -> float:
-        return self.snapshot().top1_sum
+        return float(self._sums[self.num_experts + 1])
 
     @property
     def margin_sum(self) -> float:
-        return self.snapshot().margin_sum
+        return float(self._sums[self.num_experts + 1] - self._sums[self.num_experts + 2])
 
 
 _ONES: dict[tuple[str, int], Any] = {}
