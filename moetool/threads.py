@@ -11,7 +11,8 @@ when it starts, at least one:
 * otherwise ``OMP_NUM_THREADS``, when set, is the user's choice and is kept;
 * otherwise the idle cores: the cores this process may run on (CPU affinity, capped by a cgroup CPU
   quota) less the CPU time other processes used over a short sample (``/proc/stat``, 0.1 s), rounded;
-  where ``/proc/stat`` is missing (not Linux), less the 1-minute load average.
+  where ``/proc/stat`` is missing (not Linux), less the 1-minute load average. Processes started
+  together by a launcher (``LOCAL_WORLD_SIZE``) share them.
 
 Nothing here imports torch at module level (``moetool --help`` must not).
 """
@@ -159,8 +160,15 @@ def choose_threads(requested: int = 0) -> ThreadChoice:
     env = _env_threads()
     if env is not None:
         return ThreadChoice(env, ENV_VAR, cores)
-    idle = idle_cores()
+    # Processes started together on this machine (torchrun, accelerate launch) share the idle cores.
+    idle = idle_cores() / _local_processes()
     return ThreadChoice(max(1, min(cores, int(idle + 0.5))), "idle cores", cores, round(idle, 2))
+
+
+def _local_processes() -> int:
+    """Processes a launcher started on this machine (``LOCAL_WORLD_SIZE``; 1 without a launcher)."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
 _saved: list[int] = []

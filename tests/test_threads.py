@@ -20,6 +20,7 @@ COMMANDS = ("profile-routing", "eval", "upcycle", "merge", "distill", "quantize"
 @pytest.fixture
 def no_env(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
 
 
 def fake_cpu(monkeypatch, *, cores: int, busy_cores: float, quota: float | None = None):
@@ -40,6 +41,12 @@ def test_idle_cores_pick_the_count(monkeypatch, no_env, cores, busy, expected):
     choice = policy.choose_threads(0)
     assert choice.threads == expected and choice.source == "idle cores" and choice.cores == cores
     assert "idle cores" in choice.describe()
+
+
+def test_processes_of_one_launch_share_the_idle_cores(monkeypatch, no_env):
+    fake_cpu(monkeypatch, cores=16, busy_cores=0.0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert policy.choose_threads(0).threads == 4
 
 
 def test_cgroup_quota_caps_the_cores(monkeypatch, no_env):
