@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from moetool.cli._output import debug_enabled, print_json, printable, stderr, warn
 from moetool.errors import EXIT_ERROR, EXIT_INTERRUPTED, MoetoolError, MoetoolWarning
+from moetool.threads import restore_threads
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -86,5 +87,9 @@ def handle_errors(func: F) -> F:
             )
             report_error(error, json_mode=json_mode)
             raise typer.Exit(EXIT_ERROR) from None
+        finally:
+            # A command's --threads applies to that command only (callers in the same process, tests
+            # among them, keep their own setting).
+            restore_threads()
 
     return wrapper  # type: ignore[return-value]

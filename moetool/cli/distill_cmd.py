@@ -286,12 +286,7 @@ def distill_cmd(
             rich_help_panel=_PANEL_TRAIN,
         ),
     ] = "auto",
-    threads: Annotated[
-        int,
-        typer.Option(
-            "--threads", min=0, help="CPU threads (0: as many as there are idle cores).", rich_help_panel=_PANEL_TRAIN
-        ),
-    ] = _DEFAULTS.threads,
+    threads: options.ThreadsOpt = _DEFAULTS.threads,
     whole_model: options.WholeModelOpt = False,
     eval_batch_size: Annotated[
         int,
@@ -462,9 +457,10 @@ def render(result: DistillResult) -> None:
     state = result.state
     curve = state.loss_curve
     resumed = f" (resumed at step {result.session_start_step})" if result.session_start_step else ""
+    threads = f", {result.threads} CPU threads" if result.threads else ""
     console.print(
         f"  trained {result.options.steps} steps{resumed}, {state.tokens:,} tokens in {_minutes(state.elapsed_s)} "
-        f"({result.session_tokens_per_s:,.0f} tok/s)",
+        f"({result.session_tokens_per_s:,.0f} tok/s{threads})",
         highlight=False,
     )
     if curve:

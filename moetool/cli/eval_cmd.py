@@ -13,6 +13,7 @@ from moetool.cli import options
 from moetool.cli._errors import handle_errors
 from moetool.cli._output import print_json, stdout
 from moetool.cli._progress import progress_enabled, status, token_progress
+from moetool.cli._threads import use_threads
 
 if TYPE_CHECKING:
     from moetool.evaluate import EvalResult
@@ -61,6 +62,7 @@ def eval_model(
     device_map: options.DeviceMapOpt = "none",
     whole_model: options.WholeModelOpt = False,
     offload_activations: options.OffloadActivationsOpt = False,
+    threads: options.ThreadsOpt = 0,
     revision: options.RevisionOpt = None,
     reference_revision: ReferenceRevisionOpt = None,
     token: options.TokenOpt = None,
@@ -101,6 +103,7 @@ def eval_model(
 
     show = progress_enabled(json_output)
     offline_flag = offline or None
+    threads_used = use_threads(threads, json_output=json_output)
     with status(f"opening {model}", enabled=show):
         checkpoint = open_checkpoint(model, revision=revision, token=token, offline=offline_flag)
         check_seq_len(checkpoint.config, seq_len, model)
@@ -153,6 +156,7 @@ def eval_model(
     if json_output:
         doc = result.to_json()
         doc["memory"] = memory
+        doc["threads"] = threads_used
         print_json(doc)
         return
     render(result)

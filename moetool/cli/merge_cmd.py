@@ -18,6 +18,7 @@ from moetool.cli._errors import handle_errors
 from moetool.cli._output import human_bytes, human_count, print_json, stderr, stdout, warn
 from moetool.cli._progress import progress_enabled
 from moetool.cli._push import add_push, push_output, push_target, render_push
+from moetool.cli._threads import use_threads
 
 if TYPE_CHECKING:
     from moetool.merge.api import MergeResult
@@ -181,6 +182,7 @@ def merge_cmd(
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
     whole_model: options.WholeModelOpt = False,
+    threads: options.ThreadsOpt = 0,
     revision: options.RevisionOpt = None,
     token: options.TokenOpt = None,
     offline: options.OfflineOpt = False,
@@ -229,6 +231,7 @@ def merge_cmd(
 
     calibration = read(dataset) if dataset is not None else None
     eval_documents = read(eval_dataset) if eval_dataset is not None else None
+    threads_used = use_threads(threads, json_output=json_output)
     with _progress(progress_enabled(json_output)) as advance:
         result = merge(
             model,
@@ -269,7 +272,7 @@ def merge_cmd(
     for message in result.warnings:
         warn(message)
     if json_output:
-        print_json(add_push(result.to_json(), pushed))
+        print_json(add_push({**result.to_json(), "threads": threads_used}, pushed))
         return
     render(result)
     render_push(pushed)

@@ -24,6 +24,14 @@ TokenOpt = Annotated[
     ),
 ]
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never touch the network (same as HF_HUB_OFFLINE=1).")]
+ThreadsOpt = Annotated[
+    int,
+    typer.Option(
+        "--threads",
+        min=0,
+        help="CPU threads for torch (0: OMP_NUM_THREADS if set, else as many as there are idle cores, at least 1).",
+    ),
+]
 
 # ----------------------------------------------------------------------------- datasets and running models
 # Shared by the commands that run a model on text (eval, profile-routing). Defaults are set where each

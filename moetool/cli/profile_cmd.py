@@ -16,6 +16,7 @@ from moetool.cli import options
 from moetool.cli._errors import handle_errors, report_error
 from moetool.cli._output import human_count, print_json, quiet, stderr, stdout, warn
 from moetool.cli._progress import progress_enabled, status, token_progress
+from moetool.cli._threads import use_threads
 
 EXAMPLES = """
 Examples:
@@ -45,6 +46,7 @@ def profile_routing_cmd(
     device_map: options.DeviceMapOpt = "none",
     whole_model: options.WholeModelOpt = False,
     offload_activations: options.OffloadActivationsOpt = False,
+    threads: options.ThreadsOpt = 0,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -107,6 +109,7 @@ def profile_routing_cmd(
     from moetool.cli._runner import memory_plan
     from moetool.runner.open import open_runner
 
+    threads_used = use_threads(threads, json_output=json_output)
     with status(f"opening {model}", enabled=progress_enabled(json_output)):
         opened = open_runner(
             model,
@@ -160,6 +163,7 @@ def profile_routing_cmd(
     if json_output:
         doc = stats.to_json()
         doc["memory"] = memory
+        doc["threads"] = threads_used
         doc["threshold_violations"] = [
             {"layer": v.layer, "metric": v.threshold.metric, "observed": v.observed, "rule": v.threshold.text}
             for v in violations

@@ -13,6 +13,7 @@ from moetool.cli._errors import handle_errors
 from moetool.cli._output import human_bytes, print_json, stderr, stdout, warn
 from moetool.cli._progress import note_printer, progress_enabled
 from moetool.cli._push import add_push, push_output, push_target, render_push
+from moetool.cli._threads import use_threads
 
 if TYPE_CHECKING:
     from moetool.quantize import QuantizeResult
@@ -165,6 +166,7 @@ def quantize_cmd(
         ),
     ] = 0,
     device: options.DeviceOpt = "auto",
+    threads: options.ThreadsOpt = 0,
     dtype: Annotated[
         str,
         typer.Option(
@@ -258,6 +260,7 @@ def quantize_cmd(
             batch_size=batch_size,
         )
     show = progress_enabled(json_output)
+    threads_used = use_threads(threads, json_output=json_output)
 
     status = note_printer(enabled=show)
 
@@ -286,7 +289,7 @@ def quantize_cmd(
         return  # the first process wrote, checked and reports the output
     pushed = push_output(hub, out, command="quantize", json_output=json_output)
     if json_output:
-        print_json(add_push(result.to_json(), pushed))
+        print_json(add_push({**result.to_json(), "threads": threads_used}, pushed))
         return
     for message in result.warnings:
         warn(message)

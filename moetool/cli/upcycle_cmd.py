@@ -17,6 +17,7 @@ from moetool.cli._errors import handle_errors
 from moetool.cli._output import human_bytes, human_count, print_json, stderr, stdout, warn
 from moetool.cli._progress import note_printer, progress_enabled
 from moetool.cli._push import add_push, push_output, push_target, render_push
+from moetool.cli._threads import use_threads
 
 EXAMPLES = """
 Examples:
@@ -135,6 +136,7 @@ def upcycle_cmd(
     ] = 4096,
     seq_len: options.SeqLenOpt = 256,
     device: options.DeviceOpt = "auto",
+    threads: options.ThreadsOpt = 0,
     revision: options.RevisionOpt = None,
     token: options.TokenOpt = None,
     offline: options.OfflineOpt = False,
@@ -181,6 +183,8 @@ def upcycle_cmd(
             device=device,
         )
     show = progress_enabled(json_output)
+    # A dry run only plans (no torch): no threads to set.
+    threads_used = None if dry_run else use_threads(threads, json_output=json_output)
 
     status = note_printer(enabled=show)
 
@@ -204,7 +208,7 @@ def upcycle_cmd(
         )
     pushed = push_output(hub, out, command="upcycle", json_output=json_output)
     if json_output:
-        print_json(add_push(result.to_json(), pushed))
+        print_json(add_push({**result.to_json(), "threads": threads_used}, pushed))
         return
     for message in result.plan.warnings:
         warn(message)

@@ -19,7 +19,6 @@ The flow, one function (:func:`distill`):
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -34,6 +33,7 @@ from moetool.distill.options import DistillOptions
 from moetool.distill.report import SCHEMA_VERSION, DistillResult, Perplexities
 from moetool.distill.train import DistillInterrupted, Progress, device_name
 from moetool.errors import OutputError, UnsupportedArchitectureError, UsageError
+from moetool.threads import choose_threads, thread_count
 
 if TYPE_CHECKING:
     from moetool.data import Document
@@ -128,39 +128,6 @@ def _check_resume(saved: dict[str, Any], wanted: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- runtime helpers
-
-
-@contextlib.contextmanager
-def _threads(count: int | None) -> Iterator[None]:
-    """Run with ``count`` torch CPU threads, restoring the previous number after."""
-    import torch
-
-    if not count:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def auto_threads() -> int:
-    """CPU threads for a run: as many as there are idle cores, at least 1.
-
-    On a machine whose cores are shared with other work, OpenMP threads that wait for each other at every
-    operation stall: two threads on two busy cores trained 5-10x slower than one on this project's machine.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        return cores
-    return max(1, min(cores, int(cores - busy + 0.5)))
 
 
 def _accelerator(device: str, dtype: str) -> Any:
@@ -329,12 +296,12 @@ def distill(
     accelerator = _accelerator(device, options.dtype)
     threads = None
     if accelerator.device.type == "cpu" and accelerator.num_processes == 1:
-        threads = options.threads or auto_threads()
+        threads = choose_threads(options.threads).threads
     from moetool.distill.checkpoint import latest_checkpoint
 
     created = not ckpt_dir.exists()
     try:
-        with _threads(threads):
+        with thread_count(threads):
             return _run(
                 teacher=teacher,
                 checkpoint=checkpoint,

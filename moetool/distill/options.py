@@ -67,7 +67,7 @@ class DistillOptions:
         save_every: steps between checkpoints (a checkpoint is also written at step 0 and on Ctrl-C).
         log_every: steps between loss-curve entries.
         max_train_tokens: read at most this many tokens of training data (None: all).
-        threads: CPU threads for torch (0: as many as there are idle cores, at least 1).
+        threads: CPU threads for torch (0: OMP_NUM_THREADS if set, else the idle cores; see moetool.threads).
         whole_model: load the teacher whole for its evaluations and the top-k cache instead of running it
             one decoder layer at a time (a teacher running beside the student, ``cache_topk`` 0, is always
             loaded whole).

@@ -12,6 +12,7 @@ folder. Any failure, Ctrl-C or failed check leaves nothing at the output path.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -480,6 +481,14 @@ def _quantize_pass(
         ternary_bits=options.ternary_bits if fmt.scheme == "ternary" else 0.0,
         split_gate_up=not any(e.fused for e in layout.experts.values()),
     )
+
+    def fixed_threads() -> Any:
+        if options.method != "gptq":
+            return contextlib.nullcontext()
+        from moetool.quantize.gptq import reproducible_threads
+
+        return reproducible_threads(runner.device)
+
     calib = set(range(len(calibration_batches)))
     probe_original, probe_quantized = len(calibration_batches), len(calibration_batches) + 1
     batches = [*calibration_batches, probe, probe]
@@ -490,36 +499,39 @@ def _quantize_pass(
     seen: set[int] = set()
     with runner.run(batches, logits={probe_original, probe_quantized}) as schedule:
         for step in schedule.steps():
-            layer = layer_index(step.path)
-            step.run(keep=True, only={probe_original})
-            if layer in layout.experts or layer in layout.linears:
-                seen.add(layer)
-                status(f"quantizing layer {layer}")
-                experts = experts_module(step.module, spec, layer) if layer in layout.experts else None
-                linears = _linear_modules(layout, layer, step.module)
-                _check_mapping(runner.checkpoint, layout, layer, experts, linears)
-                inputs = None
-                if calib and options.method == "gptq":
-                    inputs = _StepInputs(step, calib, outcome.calibration_tokens, ranks)
-                layer_result = quantize_layer(
-                    layer,
-                    step.module,
-                    experts,
-                    linears,
-                    grid=grid,
-                    opts=method_opts,
-                    coverage=options.coverage,
-                    inputs=inputs,
-                )
-                if writer is not None:
-                    storage.write_layer(writer, layout, layer, layer_result, fmt)
-                    outcome.digests[layer] = _layer_digests(layout, layer, experts, linears)
-                result.layers.append(layer_result.report)
-                del layer_result
-                if on_layer is not None:
-                    on_layer(result.layers[-1], step.position, total)
-            step.run(keep=True, only=calib)
-            step.run(keep=True, only={probe_quantized})
+            # GPTQ's inputs must not depend on the thread count: every layer run of the pass (also the
+            # layers only passed through) on the fixed thread count of moetool.quantize.gptq.
+            with fixed_threads():
+                layer = layer_index(step.path)
+                step.run(keep=True, only={probe_original})
+                if layer in layout.experts or layer in layout.linears:
+                    seen.add(layer)
+                    status(f"quantizing layer {layer}")
+                    experts = experts_module(step.module, spec, layer) if layer in layout.experts else None
+                    linears = _linear_modules(layout, layer, step.module)
+                    _check_mapping(runner.checkpoint, layout, layer, experts, linears)
+                    inputs = None
+                    if calib and options.method == "gptq":
+                        inputs = _StepInputs(step, calib, outcome.calibration_tokens, ranks)
+                    layer_result = quantize_layer(
+                        layer,
+                        step.module,
+                        experts,
+                        linears,
+                        grid=grid,
+                        opts=method_opts,
+                        coverage=options.coverage,
+                        inputs=inputs,
+                    )
+                    if writer is not None:
+                        storage.write_layer(writer, layout, layer, layer_result, fmt)
+                        outcome.digests[layer] = _layer_digests(layout, layer, experts, linears)
+                    result.layers.append(layer_result.report)
+                    del layer_result
+                    if on_layer is not None:
+                        on_layer(result.layers[-1], step.position, total)
+                step.run(keep=True, only=calib)
+                step.run(keep=True, only={probe_quantized})
         for batch, logits in schedule.logits():
             if batch == probe_original:
                 outcome.original_logits = logits.float().cpu()

@@ -269,9 +269,15 @@ def quantize_layer(
     Returns:
         The codes and a report.
     """
+    import contextlib
+
     import torch
 
-    with torch.no_grad():
+    from moetool.quantize.gptq import reproducible_threads
+
+    device = next(layer_module.parameters()).device
+    fixed = reproducible_threads(device) if opts.method == "gptq" else contextlib.nullcontext()
+    with torch.no_grad(), fixed:
         return _quantize_layer(layer, layer_module, experts, linears, grid, opts, coverage, inputs)
 
 

@@ -69,13 +69,15 @@ def profile_routing(
             domain_ids = torch.tensor(
                 [domain_index.get(d, 0) if d is not None else 0 for d in batch.domains], device=device
             )
+            tokens = int(batch.attention_mask.sum())  # on the host: no device sync per layer
             context = contexts[index] = BatchContext(
                 mask=mask.reshape(-1).bool(),
                 window_ids=torch.arange(rows, device=device).repeat_interleave(length),
                 domain_ids=domain_ids.repeat_interleave(length),
                 num_windows=rows,
+                tokens=tokens,
             )
-            counted.append(int(batch.attention_mask.sum()))
+            counted.append(tokens)
         current["batch"] = context
 
     from moetool.runner.dist import current_ranks
