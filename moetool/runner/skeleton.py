@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from moetool.errors import CheckpointError, ModelLoadError, UnsupportedArchitectureError
+from moetool.runner.heap import release_heap
 
 if TYPE_CHECKING:
     import torch
@@ -371,34 +372,7 @@ class WeightPlan:
             _set_meta(self.model, alias)
             if self._piece_of(provider) not in self.loaded:
                 _set_meta(self.model, provider)
-        return_freed_memory()
-
-
-def return_freed_memory() -> None:
-    """Hand memory freed by a released layer back to the operating system (glibc keeps freed heap pages
-    of mid-sized blocks, such as per-expert tensors, until told otherwise)."""
-    global _TRIM
-    if _TRIM is None:
-        _TRIM = _malloc_trim()
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM: Any = None
-
-
-def _malloc_trim() -> Any:
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
+        release_heap()
 
 
 def _set_meta(model: Any, entry: str) -> None:

@@ -80,8 +80,10 @@ class StreamedModel:
         import torch
 
         from moetool.modeling import check_dtype_name, load_weights, resolve_device, resolve_dtype
+        from moetool.runner.heap import bound_heap
         from moetool.runner.skeleton import WeightPlan, build_skeleton
 
+        bound_heap()  # resident memory follows what is held, layer after layer
         options = options or StreamOptions()
         self.checkpoint = checkpoint
         self.options = options
