@@ -358,6 +358,13 @@ def _search(inputs: _LayerInputs, m: int, rule: RoutingRule, traits: MergeTraits
     return kept, {"output_error": round(error, 6), "search": "exhaustive" if exhaustive else "greedy", "tokens": n}
 
 
+def _needs_sample(method: str, to_dense: bool, refit_router: bool, align: str) -> bool:
+    """Whether the layers' calibration hidden states are used: counting methods without a refit or an
+    activation alignment decide from counts alone, so no per-layer sample (tokens x hidden, for every
+    layer at once) is kept for them."""
+    return to_dense or refit_router or align == "activations" or method not in ("frequency", "soft-frequency")
+
+
 def _decide(
     method: str,
     m: int,
@@ -779,7 +786,7 @@ def merge(
             max_tokens=max_tokens,
             seq_len=seq_len,
             batch_size=batch_size,
-            sample_tokens=sample_tokens,
+            sample_tokens=sample_tokens if _needs_sample(method, dense_spec is not None, refit_router, align) else 0,
             seed=seed,
             device=device,
             dtype=dtype,
