@@ -284,10 +284,11 @@ def test_resume_continues_from_the_same_step_with_identical_weights(setup):
     from moetool.distill.train import DistillInterrupted
 
     _run(setup, "straight", options=_options(save_every=100))
-    stops = []
+    stops, steps = [], []
 
-    def stop_at_3(stage, advance, total, info):
-        if stage == "training" and info["step"] == 3:
+    def stop_at_3(stage, advance=0, total=None, **_):
+        steps.extend([stage] * (stage == "training"))
+        if len(steps) == 3:
             stops.append(3)
             raise KeyboardInterrupt  # what Ctrl-C does, at a step boundary
 
@@ -311,8 +312,11 @@ def test_cached_topk_teacher_trains_and_resumes(setup):
 
     options = _options(cache_topk=8, alpha=1.0, temperature=2.0)
 
-    def stop_at_2(stage, advance, total, info):
-        if stage == "training" and info["step"] == 2:
+    steps = []
+
+    def stop_at_2(stage, advance=0, total=None, **_):
+        steps.extend([stage] * (stage == "training"))
+        if len(steps) == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(DistillInterrupted):
@@ -357,7 +361,7 @@ def test_refusals_before_any_work(setup):
 def test_checkpoint_of_an_earlier_run_needs_resume_and_the_same_settings(setup):
     from moetool.distill.train import DistillInterrupted
 
-    def stop_at_1(stage, advance, total, info):
+    def stop_at_1(stage, advance=0, total=None, **_):
         if stage == "training":
             raise KeyboardInterrupt
 

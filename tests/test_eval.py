@@ -19,7 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 from moetool.cli import app
-from moetool.data import Document, iter_windows
+from moetool.data import DatasetSpec, Document, iter_windows
 from moetool.errors import CheckpointError, DatasetError, ModelLoadError, UnsupportedArchitectureError, UsageError
 from moetool.evaluate import EvalResult, evaluate
 from moetool.modeling import (
@@ -208,10 +208,14 @@ def test_tokenizer_comparison(model_a, models):
 # ----------------------------------------------------------------------------- perplexity
 
 
+def _data(documents, **sizes) -> DatasetSpec:
+    return DatasetSpec.of_documents(documents, **sizes)
+
+
 def test_single_window_matches_transformers_loss(model_a):
     model, tokenizer, _ = model_a
     documents = corpus()
-    result = evaluate(model, tokenizer, documents, seq_len=SEQ_LEN, max_tokens=SEQ_LEN)
+    result = evaluate(model, tokenizer, _data(documents, seq_len=SEQ_LEN, max_tokens=SEQ_LEN))
     [window] = list(iter_windows(tokenizer, documents, seq_len=SEQ_LEN, max_tokens=SEQ_LEN))
     [(loss, n)] = direct_losses(model, [window])
     assert (result.windows, result.tokens, result.input_tokens) == (1, SEQ_LEN - 1, SEQ_LEN) and n == SEQ_LEN - 1
@@ -228,7 +232,7 @@ def test_token_weighted_mean_over_windows(model_a, batch_size):
     assert len(windows) > 6 and len(lengths) > 1  # full windows and shorter per-domain remainders (padding)
     direct = direct_losses(model, windows)
     expected = sum(loss * n for loss, n in direct) / sum(n for _, n in direct)
-    result = evaluate(model, tokenizer, documents, seq_len=SEQ_LEN, batch_size=batch_size)
+    result = evaluate(model, tokenizer, _data(documents, seq_len=SEQ_LEN, batch_size=batch_size))
     assert result.tokens == sum(n for _, n in direct)
     assert result.windows == len(windows)
     assert result.nll == pytest.approx(expected, abs=1e-5)
@@ -244,14 +248,14 @@ def test_reference_itself_and_another(model_a, models):
     model, tokenizer, _ = model_a
     documents = corpus(30)
     same, _, _ = load_model(str(models["a"]), device="cpu")
-    result = evaluate(model, tokenizer, documents, seq_len=SEQ_LEN, batch_size=4, reference_model=same)
+    result = evaluate(model, tokenizer, _data(documents, seq_len=SEQ_LEN, batch_size=4), reference_model=same)
     assert abs(result.kl) < 1e-7
     assert result.top1_agreement == 1.0
     assert all(d["top1_agreement"] == 1.0 for d in result.per_domain.values())
 
     other, other_tokenizer, _ = load_model(str(models["b"]), device="cpu")
     result = evaluate(
-        model, tokenizer, documents, seq_len=SEQ_LEN, max_tokens=SEQ_LEN, reference_model=other,
+        model, tokenizer, _data(documents, seq_len=SEQ_LEN, max_tokens=SEQ_LEN), reference_model=other,
         reference_tokenizer=other_tokenizer,
     )  # fmt: skip
     assert result.kl > 1e-4 and 0.0 <= result.top1_agreement < 1.0
@@ -268,20 +272,20 @@ def test_reference_itself_and_another(model_a, models):
 
     with pytest.raises(ModelLoadError, match="end-of-sequence"):
         no_eos = make_tokenizer(eos=False)
-        evaluate(model, tokenizer, documents, seq_len=SEQ_LEN, reference_model=same, reference_tokenizer=no_eos)
+        evaluate(model, tokenizer, _data(documents, seq_len=SEQ_LEN), reference_model=same, reference_tokenizer=no_eos)
 
 
 def test_evaluate_refusals(model_a):
     model, tokenizer, _ = model_a
     limit = model.config.max_position_embeddings
     with pytest.raises(UsageError, match="max_position_embeddings"):
-        evaluate(model, tokenizer, corpus(), seq_len=limit + 1)
+        evaluate(model, tokenizer, _data(corpus(), seq_len=limit + 1))
     with pytest.raises(DatasetError) as excinfo:
-        evaluate(model, tokenizer, [Document("the")], seq_len=SEQ_LEN, max_tokens=1)
+        evaluate(model, tokenizer, _data([Document("the")], seq_len=SEQ_LEN, max_tokens=1))
     assert excinfo.value.code == "DATASET_EMPTY"
     big = make_tokenizer([f"w{i}" for i in range(200)])
     with pytest.raises(ModelLoadError, match="embeddings"):
-        evaluate(model, big, [Document("w150 w199 w3")], seq_len=SEQ_LEN)
+        evaluate(model, big, _data([Document("w150 w199 w3")], seq_len=SEQ_LEN))
 
 
 def test_result_json_is_finite():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moetool.data import Batch, Document
+from moetool.data import Batch, DatasetSpec, Document
 from moetool.io.checkpoint import Checkpoint
 from moetool.runner import StreamedModel, StreamOptions
 from moetool.runner.stream import WholeModel
@@ -79,8 +79,9 @@ def test_perplexity_and_kl_match(tiny: dict[str, Path], family: str) -> None:
     documents = [Document("the quick brown fox jumps over the lazy dog " * 3, None) for _ in range(6)]
     streamed = StreamedModel(Checkpoint.open(tiny[family]), StreamOptions(device="cpu"))
     reference = StreamedModel(Checkpoint.open(tiny["mixtral"]), StreamOptions(device="cpu"))
-    a = evaluate(streamed, _Tokenizer(), documents, seq_len=24, batch_size=2, reference_model=reference)
-    b = evaluate(_whole(tiny[family]), _Tokenizer(), documents, seq_len=24, batch_size=2,
+    data = DatasetSpec.of_documents(documents, seq_len=24, batch_size=2)
+    a = evaluate(streamed, _Tokenizer(), data, reference_model=reference)
+    b = evaluate(_whole(tiny[family]), _Tokenizer(), data,
                  reference_model=_whole(tiny["mixtral"]))  # fmt: skip
     assert a.tokens == b.tokens > 0
     assert a.perplexity == pytest.approx(b.perplexity, rel=1e-6)

@@ -176,7 +176,7 @@ def test_qwen2_sliding_layers_kept(tmp_path):
 
 def test_dry_run_writes_nothing_and_predicts_the_size(dense, tmp_path):
     source = dense["qwen2"][0]
-    opts = UpcycleOptions(6, 2, granularity=2, shared_experts=1, max_shard_size="40KB")
+    opts = UpcycleOptions(6, 2, granularity=2, shared_experts=1, max_shard_size=40_000)
     planned = upcycle(source, tmp_path / "moe", opts, dry_run=True)
     assert planned.dry_run and not (tmp_path / "moe").exists() and list(tmp_path.iterdir()) == []
     result = upcycle(source, tmp_path / "moe", opts)
@@ -191,7 +191,7 @@ def test_dry_run_writes_nothing_and_predicts_the_size(dense, tmp_path):
 def test_shard_size_and_runs_do_not_change_tensor_bytes(dense, tmp_path):
     source = dense["llama"][0]
     upcycle(source, tmp_path / "one", UpcycleOptions(4, 2, granularity=2), verify=False)
-    upcycle(source, tmp_path / "many", UpcycleOptions(4, 2, granularity=2, max_shard_size="20KB"), verify=False)
+    upcycle(source, tmp_path / "many", UpcycleOptions(4, 2, granularity=2, max_shard_size=20_000), verify=False)
     upcycle(source, tmp_path / "again", UpcycleOptions(4, 2, granularity=2), verify=False)
     one, many = Checkpoint.open(tmp_path / "one"), Checkpoint.open(tmp_path / "many")
     assert len(many.shards) > 3 and list(one.tensors) == list(many.tensors)

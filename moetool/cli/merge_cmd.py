@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from moetool.cli import options
 from moetool.cli._errors import handle_errors
-from moetool.cli._output import human_bytes, human_count, print_json, stderr, stdout, warn
-from moetool.cli._progress import progress_enabled
+from moetool.cli._output import human_bytes, human_count, print_json, stdout, warn
+from moetool.cli._progress import progress_display, progress_enabled
 from moetool.cli._push import add_push, push_output, push_target, render_push
 from moetool.cli._threads import use_threads
 
@@ -49,29 +46,6 @@ MethodOpt = Annotated[
         show_default=False,
     ),
 ]
-
-
-@contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[[str, int, int | None], None]]:
-    """One bar per stage (calibrating / writing / evaluating) on stderr, drawn only for a person watching."""
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed:,.0f}"),
-        TimeElapsedColumn(),
-        console=stderr(),
-        transient=True,
-        disable=not enabled,
-    )
-    tasks: dict[str, int] = {}
-
-    def advance(stage: str, amount: int, total: int | None) -> None:
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(stage, total=total)
-        bar.advance(tasks[stage], amount)
-
-    with bar:
-        yield advance
 
 
 @handle_errors
@@ -196,8 +170,9 @@ def merge_cmd(
     Calibrates on --dataset (one pass through the model) or reads a profile-routing --stats file, then streams the checkpoint layer by layer. The output really has M experts (config, router rows, correction biases, top-k, DeepSeek groups), in the layout the family's checkpoints use; with --dataset it reports perplexity before and after on the text calibration did not read.
     """  # noqa: E501
     from moetool.data import load_documents
+    from moetool.io.sizes import parse_size
     from moetool.io.source import parse_model_ref
-    from moetool.io.writer import check_output_path, parse_size
+    from moetool.io.writer import check_output_path
     from moetool.merge.api import _check_options, merge
     from moetool.modeling import check_device_map, check_device_name, check_dtype_name
     from moetool.validate import preflight
@@ -232,7 +207,7 @@ def merge_cmd(
     calibration = read(dataset) if dataset is not None else None
     eval_documents = read(eval_dataset) if eval_dataset is not None else None
     threads_used = use_threads(threads, json_output=json_output)
-    with _progress(progress_enabled(json_output)) as advance:
+    with progress_display(enabled=progress_enabled(json_output)) as progress:
         result = merge(
             model,
             out,
@@ -266,7 +241,7 @@ def merge_cmd(
             overwrite=overwrite,
             allow_nonfinite=allow_nonfinite,
             command=["moetool", *sys.argv[1:]],
-            progress=advance,
+            progress=progress,
         )
     pushed = push_output(hub, out, command="merge", json_output=json_output)
     for message in result.warnings:

@@ -31,8 +31,10 @@ from typing import TYPE_CHECKING, Any
 from moetool.distill import report
 from moetool.distill.options import DistillOptions
 from moetool.distill.report import SCHEMA_VERSION, DistillResult, Perplexities
-from moetool.distill.train import DistillInterrupted, Progress, device_name
+from moetool.distill.train import DistillInterrupted, device_name
 from moetool.errors import OutputError, UnsupportedArchitectureError, UsageError
+from moetool.io.sizes import DEFAULT_MAX_SHARD_SIZE
+from moetool.progress import TOKENS, Progress
 from moetool.threads import choose_threads, thread_count
 
 if TYPE_CHECKING:
@@ -227,7 +229,7 @@ def distill(
     revision: str | None = None,
     token: str | bool | None = None,
     offline: bool | None = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     command: str | Sequence[str] | None = None,
@@ -251,11 +253,11 @@ def distill(
         device: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda``; under ``accelerate launch`` each
             process takes the GPU accelerate gives it.
         revision / token / offline: Hub access for ``teacher``.
-        max_shard_size: bound on each output shard.
+        max_shard_size: bound on each output shard, in bytes.
         overwrite: replace an existing output folder (still staged and swapped).
         allow_nonfinite: take a teacher holding NaN/Inf (refused otherwise) and publish such a student.
         command: the command line, for the model card and the resume hint.
-        progress: see :data:`moetool.distill.train.Progress`.
+        progress: reports each stage (:mod:`moetool.progress`): ``training`` in steps, with the loss as detail.
 
     Returns:
         The result (on every process; only the main process writes files).
@@ -290,9 +292,6 @@ def distill(
             hint="use concat, top1, average, random, or the path of a dense checkpoint",
             code="OPTION_INVALID",
         )
-    from moetool.io.writer import parse_size
-
-    shard_size = parse_size(max_shard_size)
     accelerator = _accelerator(device, options.dtype)
     threads = None
     if accelerator.device.type == "cpu" and accelerator.num_processes == 1:
@@ -321,7 +320,7 @@ def distill(
                 revision=revision,
                 token=token,
                 offline=offline,
-                shard_size=shard_size,
+                shard_size=max_shard_size,
                 overwrite=overwrite,
                 allow_nonfinite=allow_nonfinite,
                 command=command,
@@ -439,8 +438,8 @@ def _run(
         merge_progress = None
         if progress is not None:
 
-            def merge_progress(stage: str, advance: int, total: int | None) -> None:
-                progress(f"student init: {stage}", advance, total, None)
+            def merge_progress(stage: str, advance: float = 0, total: float | None = None, **kwargs: Any) -> None:
+                progress(f"student init: {stage}", advance, total, **kwargs)
 
         student, info = build_student(
             teacher,
@@ -560,7 +559,7 @@ def _run(
 
         def on_batch(tokens: int) -> None:
             if progress is not None:
-                progress("caching teacher", tokens, None, None)
+                progress("caching teacher", tokens, None, unit=TOKENS)
 
         try:
             tc.fill_cache(

@@ -29,14 +29,12 @@ from moetool.errors import (
     SourceNotFoundError,
     UsageError,
 )
+from moetool.io.names import CONFIG_NAME, INDEX_NAME, PICKLE_SUFFIXES, SINGLE_FILE_NAME
 
 if TYPE_CHECKING:
     from moetool.io.checkpoint import Checkpoint
     from moetool.io.safetensors_header import SafetensorsHeader
 
-CONFIG_NAME = "config.json"
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_FILE_NAME = "model.safetensors"
 
 #: What ``inspect`` needs from a repo besides the shard headers (which are read remotely).
 METADATA_PATTERNS: tuple[str, ...] = (CONFIG_NAME, "*.safetensors.index.json", "generation_config.json")
@@ -56,8 +54,6 @@ TOKENIZER_PATTERNS: tuple[str, ...] = (
     "*.tiktoken",
     "chat_template*",
 )
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 # Mirrors huggingface_hub.utils.validate_repo_id (REPO_ID_REGEX and its extra rules), copied so that
 # classifying a local path never imports huggingface_hub; tests check both agree.

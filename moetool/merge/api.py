@@ -27,9 +27,12 @@ from moetool.arch.dims import Dims, get_path, resolve_dims
 from moetool.arch.registry import family_for_config
 from moetool.arch.spec import FamilySpec, Routing
 from moetool.errors import ConfigError, MoetoolError, UnsupportedArchitectureError, UsageError
-from moetool.io.writer import DEFAULT_MAX_SHARD_SIZE, WriteResult
+from moetool.io.dtypes import FLOAT_DTYPES, torch_dtype
+from moetool.io.jsonfile import json_number
+from moetool.io.shards import WriteResult
+from moetool.io.sizes import DEFAULT_MAX_SHARD_SIZE
 from moetool.merge.calibrate import DEFAULT_SAMPLE_TOKENS, Calibration, LayerCalibration
-from moetool.merge.layout import FLOAT_DTYPES, Experts, LayerTensors, find_prefix, torch_dtype
+from moetool.merge.layout import Experts, LayerTensors, find_prefix
 from moetool.merge.plan import (
     LayerDecision,
     OutputTensor,
@@ -41,6 +44,7 @@ from moetool.merge.plan import (
     reduced_config,
 )
 from moetool.merge.traits import MergeTraits, traits_for
+from moetool.progress import LAYERS, Progress, token_counter
 
 if TYPE_CHECKING:
     import torch
@@ -67,10 +71,6 @@ DEFAULT_DENSE_STRATEGY = "concat"
 # Methods that need calibration hidden states (a --dataset pass, not a stats file).
 NEEDS_SAMPLE = {"reap", "search", "merge-output"}
 
-#: ``progress(stage, advance, total)``: stages ``calibrating`` and ``evaluating`` count tokens,
-#: ``writing`` counts layers.
-Progress = Callable[[str, int, "int | None"], None]
-
 
 @dataclass
 class EvalFigures:
@@ -85,15 +85,13 @@ class EvalFigures:
     seconds: float
 
     def to_json(self) -> dict[str, Any]:
-        from moetool.evaluate import _json_number
-
         return {
             "dataset": self.dataset,
             "tokens": self.tokens,
-            "perplexity_before": _json_number(self.perplexity_before),
-            "perplexity_after": _json_number(self.perplexity_after),
-            "kl": _json_number(self.kl),
-            "top1_agreement": _json_number(self.top1_agreement),
+            "perplexity_before": json_number(self.perplexity_before),
+            "perplexity_after": json_number(self.perplexity_after),
+            "kl": json_number(self.kl),
+            "top1_agreement": json_number(self.top1_agreement),
             "seconds": round(self.seconds, 3),
         }
 
@@ -178,14 +176,12 @@ def open_writer(folder: Path, planned: Sequence[OutputTensor], *, max_shard_size
     """The sharded writer merge writes through: every output tensor is known up front, so shard headers
     are written first and tensor bytes stream straight to disk (nothing buffered).
 
-    It takes the tensors in plan order, each checked against its entry (name, dtype, shape). Switching
-    to the buffering :class:`~moetool.io.writer.ShardedWriter` (which accepts any order) is this one
-    function.
+    It takes the tensors in plan order, each checked against its entry (name, dtype, shape).
     """
-    from moetool.io.planned_writer import PlannedEntry, PlannedShardWriter
+    from moetool.io.shards import PlannedEntry, ShardWriter
 
     entries = [PlannedEntry(t.name, t.dtype, t.shape) for t in planned]
-    return PlannedShardWriter(folder, entries, max_shard_size=max_shard_size)
+    return ShardWriter(folder, entries, max_shard_size=max_shard_size)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -625,7 +621,7 @@ def merge(
         overwrite: replace an existing output folder (still staged and swapped).
         allow_nonfinite: process an input holding NaN/Inf (refused otherwise) and publish such an output.
         command: the command line, for the model card.
-        progress: called as ``progress(stage, advance, total)``.
+        progress: reports ``calibrating`` and ``evaluating`` in tokens, ``writing`` in layers (:mod:`moetool.progress`).
 
     Returns:
         The result; the output folder is complete and published.
@@ -801,7 +797,7 @@ def merge(
                         hint="this is a bug in moetool merge; please report it",
                         code="MERGE_PLAN_MISMATCH",
                     )
-                writer.write(name, tensor)
+                writer.add(name, tensor)
 
             for layer in sources:
                 # Read a layer's unchanged tensors (one shard open at a time), write them in plan order.
@@ -841,7 +837,7 @@ def merge(
                 elif dense_spec is not None:
                     _process_dense_layer(checkpoint, layer, spec, dense_spec, layout, dense_width, expert_dtype, emit)
                 if progress is not None:
-                    progress("writing", 1, len(sources) - 1)
+                    progress("writing", 1, len(sources) - 1, unit=LAYERS)
             for t in zeros:
                 import torch
 
@@ -1091,10 +1087,6 @@ def _calibrate(
     windows = iter_windows(tokenizer, documents, seq_len=seq_len, max_tokens=max_tokens)
     batches = iter_batches(windows, batch_size=batch_size, pad_id=pad_id)
 
-    def on_batch(tokens: float) -> None:
-        if progress is not None:
-            progress("calibrating", tokens, max_tokens)
-
     description = {"dataset": name, "max_tokens": max_tokens, "seq_len": seq_len, "streamed": opened.streamed}
     try:
         return calibrate(
@@ -1103,7 +1095,7 @@ def _calibrate(
             batches,
             sample_tokens=sample_tokens,
             seed=seed,
-            on_batch=on_batch,
+            on_batch=token_counter(progress, "calibrating", max_tokens),
             description=description,
         )
     finally:
@@ -1252,6 +1244,7 @@ def _evaluate(
     progress: Progress | None,
 ) -> EvalFigures:
     """Perplexity of the original and the merged model, KL and top-1 agreement: one pass of each."""
+    from moetool.data import DatasetSpec
     from moetool.evaluate import evaluate
     from moetool.runner.open import open_runner
 
@@ -1260,18 +1253,12 @@ def _evaluate(
     )
     merged = open_runner(str(staging), device=device, dtype=dtype, whole_model=whole_model)
 
-    def advance(tokens: float) -> None:
-        if progress is not None:
-            progress("evaluating", tokens, max_tokens)
-
+    data = DatasetSpec.of_documents(documents, name, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size)
     after = evaluate(
         merged.runner,
         merged.tokenizer,
-        documents,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        max_tokens=max_tokens,
-        progress=advance,
+        data,
+        progress=progress,
         reference_model=original.runner,
         reference_tokenizer=original.tokenizer,
     )

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from moetool.errors import CheckpointError, UsageError
+from moetool.io.sizes import DEFAULT_MAX_SHARD_SIZE
+from moetool.progress import LAYERS, Progress, report
 from moetool.quantize.calibrate import CoverageOptions
 from moetool.quantize.engine import METHODS, LayerReport, MethodOptions
 from moetool.quantize.storage import UNIFORM_BITS, QuantFormat
@@ -53,7 +55,7 @@ class QuantizeOptions:
         device: where calibration and GPTQ run (``auto``: CUDA when available); one decoder layer at a
             time is read from the checkpoint onto it.
         dtype: the compute dtype (``auto``: float32 on the CPU, the checkpoint's dtype on a GPU).
-        max_shard_size: largest output weight file.
+        max_shard_size: largest output weight file, in bytes.
         whole_model: load the whole model first instead of streaming it layer by layer (for comparison).
         offload_activations: keep the calibration activations in CPU memory between layers.
         output_format: ``auto`` (compressed-tensors when the settings fit what servers read, else
@@ -77,7 +79,7 @@ class QuantizeOptions:
     expert_batch: int = 0
     device: str = "auto"
     dtype: str = "auto"
-    max_shard_size: str = "5GB"
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     whole_model: bool = False
     offload_activations: bool = False
     output_format: str = "auto"
@@ -455,7 +457,7 @@ def _quantize_pass(
     writer: Any,
     result: QuantizeResult,
     status: Callable[[str], None],
-    on_layer: Callable[[LayerReport, int, int], None] | None,
+    progress: Progress | None,
     ranks: Any,
     storage: Any,
 ) -> _PassOutcome:
@@ -528,8 +530,10 @@ def _quantize_pass(
                         outcome.digests[layer] = _layer_digests(layout, layer, experts, linears)
                     result.layers.append(layer_result.report)
                     del layer_result
-                    if on_layer is not None:
-                        on_layer(result.layers[-1], step.position, total)
+                    if progress is not None:
+                        done = result.layers[-1]
+                        detail = f"layer {done.layer} done in {done.seconds:.1f}s ({step.position + 1}/{total})"
+                        progress("quantizing", 1, total, unit=LAYERS, detail=detail, log=True)
                 step.run(keep=True, only=calib)
                 step.run(keep=True, only={probe_quantized})
         for batch, logits in schedule.logits():
@@ -561,8 +565,7 @@ def quantize(
     token: str | bool | None = None,
     offline: bool | None = None,
     command: str | Sequence[str] | None = None,
-    on_status: Callable[[str], None] | None = None,
-    on_layer: Callable[[LayerReport, int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> QuantizeResult:
     """Quantize the routed experts (and optionally attention / shared experts) of an MoE checkpoint.
 
@@ -583,8 +586,8 @@ def quantize(
         allow_nonfinite: process an input holding NaN/Inf (refused otherwise) and publish such an output.
         revision / token / offline: Hub access for a repo id.
         command: the command line, for the model card.
-        on_status: progress callback, a line saying what happens now.
-        on_layer: called after each quantized decoder layer with its report, its position and the layer count.
+        progress: reports each step as a status line and ``quantizing`` in decoder layers, each with its time
+            (:mod:`moetool.progress`).
 
     Returns:
         What was written, measured and checked.
@@ -606,7 +609,9 @@ def quantize(
     from moetool.quantize.layout import build_layout
     from moetool.validate import check_input
 
-    status = on_status or (lambda _msg: None)
+    def status(message: str) -> None:
+        report(progress, message)
+
     timings: dict[str, float] = {}
     started = time.perf_counter()
     fmt = options.format()
@@ -686,7 +691,8 @@ def quantize(
     timings["load"] = time.perf_counter() - step
 
     from moetool.io.model_card import write_model_card
-    from moetool.io.writer import ShardedWriter, copy_aux_files, parse_size, staged_output, write_json
+    from moetool.io.shards import ShardWriter
+    from moetool.io.writer import copy_aux_files, staged_output, write_json
 
     result = QuantizeResult(
         source=checkpoint.name,
@@ -722,7 +728,7 @@ def quantize(
     replaced = layout.quantized_names()
     with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite, allow_nonfinite=allow_nonfinite) as staging:
         step = time.perf_counter()
-        with ShardedWriter(staging, max_shard_size=parse_size(options.max_shard_size)) as writer:
+        with ShardWriter(staging, max_shard_size=options.max_shard_size) as writer:
             outcome = _quantize_pass(
                 runner,
                 layout,
@@ -734,7 +740,7 @@ def quantize(
                 writer,
                 result,
                 status,
-                on_layer,
+                progress,
                 ranks,
                 storage,
             )

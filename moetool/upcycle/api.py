@@ -3,7 +3,7 @@
 The steps, each in its own module: open the source (headers only), build and check the plan
 (:mod:`~moetool.upcycle.plan`), optionally compute k-means routers (the only step that loads the dense
 model), then inside a staging folder stream every output tensor (:mod:`~moetool.upcycle.tensors`)
-into planned shards (:class:`~moetool.io.planned_writer.PlannedShardWriter`), write config.json,
+into planned shards (:class:`~moetool.io.shards.ShardWriter` with the plan), write config.json,
 copy tokenizer files, verify (:mod:`~moetool.upcycle.verify`), write the model card, and publish.
 Any failure, Ctrl-C or failed check leaves nothing at the output path.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from moetool.errors import CheckpointError, UsageError
+from moetool.progress import BYTES, Progress, report
 from moetool.upcycle.plan import UpcycleOptions, UpcyclePlan, build_plan
 from moetool.upcycle.verify import Verification
 
@@ -138,9 +139,7 @@ def upcycle(
     token: str | bool | None = None,
     offline: bool | None = None,
     command: str | Sequence[str] | None = None,
-    on_plan: Callable[[UpcyclePlan], None] | None = None,
-    on_bytes: Callable[[int], None] | None = None,
-    on_status: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> UpcycleResult:
     """Upcycle a dense checkpoint into a Mixture-of-Experts checkpoint.
 
@@ -157,9 +156,7 @@ def upcycle(
         kmeans_data: the dataset for ``router_init="kmeans"``.
         revision / token / offline: Hub access for a repo id source.
         command: the command line, recorded in the model card.
-        on_plan: called with the plan once it is built (e.g. to size a progress bar).
-        on_bytes: progress callback, bytes of tensor data written.
-        on_status: progress callback, a line saying what happens now.
+        progress: reports each step as a status line and ``writing`` in bytes (:mod:`moetool.progress`).
 
     Returns:
         What was planned, written and checked.
@@ -171,7 +168,9 @@ def upcycle(
     from moetool.io.writer import check_disk_space, check_output_path
     from moetool.validate import check_input
 
-    status = on_status or (lambda _msg: None)
+    def status(message: str) -> None:
+        report(progress, message)
+
     timings: dict[str, float] = {}
     started = time.perf_counter()
     if options.router_init == "kmeans" and kmeans_data is None:
@@ -187,8 +186,6 @@ def upcycle(
     if out is not None:
         check_output_path(Path(out), [checkpoint.root], overwrite=overwrite)
     timings["plan"] = time.perf_counter() - started
-    if on_plan is not None:
-        on_plan(plan)
     if dry_run:
         timings["total"] = time.perf_counter() - started
         return UpcycleResult(plan=plan, output=None if out is None else str(out), dry_run=True, timings=timings)
@@ -205,7 +202,7 @@ def upcycle(
         timings["kmeans"] = time.perf_counter() - step
 
     from moetool.io.model_card import write_model_card
-    from moetool.io.planned_writer import PlannedShardWriter
+    from moetool.io.shards import ShardWriter
     from moetool.io.writer import copy_aux_files, staged_output, write_json
     from moetool.upcycle.tensors import iter_output_tensors
     from moetool.upcycle.verify import verify as run_verify
@@ -214,9 +211,17 @@ def upcycle(
     with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite, allow_nonfinite=allow_nonfinite) as staging:
         step = time.perf_counter()
         status(f"writing {plan.predicted_bytes / 1e9:.2f} GB")
-        with PlannedShardWriter(staging, plan.entries, max_shard_size=_shard_size(plan), on_bytes=on_bytes) as writer:
+        shard_size = plan.options.max_shard_size
+        on_bytes = None
+        if progress is not None:
+            total = plan.tensor_bytes
+
+            def on_bytes(n: int) -> None:
+                progress("writing", n, total, unit=BYTES)
+
+        with ShardWriter(staging, plan.entries, max_shard_size=shard_size, on_bytes=on_bytes) as writer:
             for name, tensor in iter_output_tensors(plan, checkpoint, routers=routers):
-                writer.write(name, tensor)
+                writer.add(name, tensor)
         write_json(staging / "config.json", plan.config)
         result.copied_aux = copy_aux_files(checkpoint.root, staging)
         timings["write"] = time.perf_counter() - step
@@ -231,12 +236,6 @@ def upcycle(
         status("publishing")
     timings["total"] = time.perf_counter() - started
     return result
-
-
-def _shard_size(plan: UpcyclePlan) -> int:
-    from moetool.io.writer import parse_size
-
-    return parse_size(plan.options.max_shard_size)
 
 
 def _card(plan: UpcyclePlan, result: UpcycleResult, command: str | Sequence[str] | None) -> dict[str, Any]:
