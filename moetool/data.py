@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moetool.errors import DatasetError, MissingDependencyError, UsageError
+from moetool.errors import DatasetError, MissingDependencyError, UsageError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -693,11 +693,6 @@ def _read_saved_dataset(
     yield from _datasets_rows(loaded, f"{shown} ({split})", text_field, domain_field)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 def _read_hub(
     spec: str,
     *,
@@ -718,18 +713,18 @@ def _read_hub(
         raise
     except FileNotFoundError as exc:  # datasets' DatasetNotFoundError is one
         raise DatasetError(
-            f"no dataset {spec!r} on the Hub or in the datasets cache ({_first_line(exc)})",
+            f"no dataset {spec!r} on the Hub or in the datasets cache ({first_line(exc)})",
             hint="check the id (org/name); offline, load it once online first; for a local file check the path",
             code="DATASET_NOT_FOUND",
         ) from None
     except ConnectionError as exc:
         raise DatasetError(
-            f"cannot reach the Hub for the dataset {spec!r}, and it is not cached ({_first_line(exc)})",
+            f"cannot reach the Hub for the dataset {spec!r}, and it is not cached ({first_line(exc)})",
             hint="check the network, or run once online to fill the datasets cache",
             code="DATASET_NOT_FOUND",
         ) from None
     except ValueError as exc:
-        message = _first_line(exc)
+        message = first_line(exc)
         if "split" in message.lower():
             raise DatasetError(
                 f"{spec}: {message}", hint="pass --split with a split the dataset has", code="DATASET_SPLIT"

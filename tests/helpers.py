@@ -133,12 +133,43 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_module(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """``python -m moetool ARGS`` in a child process (the real entry point: exit codes, streams, imports)."""
+# What the installed ``moetool`` console script runs.
+_CONSOLE_ENTRY = "from moetool.cli import main; main()"
+
+
+def cli_env(*, columns: int = 120, offline: bool = True, one_thread: bool = False, **extra: str) -> dict[str, str]:
+    """The environment of a CLI run in a test: this checkout's moetool, no colour, a fixed terminal width, no
+    MOETOOL_DEBUG from the caller's shell (``extra`` may set it), the Hub offline unless ``offline`` is false,
+    and one OpenMP thread with ``one_thread`` (tiny models: a second thread costs more than the work)."""
+    env = subprocess_env(NO_COLOR="1", COLUMNS=str(columns))
+    env.pop("MOETOOL_DEBUG", None)
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    if one_thread:
+        env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str,
+    columns: int = 120,
+    env: dict[str, str] | None = None,
+    offline: bool = True,
+    one_thread: bool = False,
+    module: bool = True,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
+    """Run moetool in a fresh interpreter, as a user would: ``python -m moetool ARGS`` (``module=False``: the
+    console-script entry, ``moetool.cli.main``), output captured as text. ``env`` adds to :func:`cli_env`."""
+    entry = (
+        [sys.executable, "-m", "moetool"] if module else [sys.executable, "-c", "from moetool.cli import main; main()"]
+    )
     return subprocess.run(
-        [sys.executable, "-m", "moetool", *args],
+        [*entry, *args],
         capture_output=True,
         text=True,
-        env=env or subprocess_env(),
-        cwd=cwd,
+        env=cli_env(columns=columns, offline=offline, one_thread=one_thread, **(env or {})),
+        cwd=ROOT,
+        timeout=timeout,
     )

@@ -16,8 +16,7 @@ import torch
 
 from moetool.distill.options import DistillOptions
 from moetool.errors import MoetoolError, UsageError
-from tests.test_data import make_tokenizer
-from tests.test_eval import corpus
+from tests.helpers import corpus, make_tokenizer
 from tests.tiny import build_tiny
 
 SEQ = 16

@@ -14,8 +14,7 @@ from moetool.errors import MoetoolError, UnsupportedArchitectureError, UsageErro
 from moetool.merge import merge
 from moetool.merge.api import METHODS
 from moetool.merge.traits import REFUSED
-from tests.test_data import make_tokenizer
-from tests.test_eval import corpus
+from tests.helpers import corpus, make_tokenizer
 from tests.tiny import MOE_TYPES, build_tiny
 
 SUPPORTED = [t for t in MOE_TYPES if t not in REFUSED]
@@ -260,10 +259,10 @@ def tiny_mixtral(tmp_path_factory):
 
 def test_stats_file_in_place_of_a_dataset(tiny_mixtral, tmp_path):
     from moetool.data import iter_batches, iter_windows
-    from moetool.modeling import load_model
+    from moetool.modeling import load_model_and_tokenizer
     from moetool.routing.profile import profile_routing
 
-    model, tokenizer, _ = load_model(str(tiny_mixtral), device="cpu")
+    model, tokenizer, _ = load_model_and_tokenizer(str(tiny_mixtral), device="cpu")
     windows = iter_windows(tokenizer, documents(), seq_len=16)
     stats = profile_routing(model, iter_batches(windows, batch_size=4), name=str(tiny_mixtral))
     stats_path = tmp_path / "routing-stats.json"

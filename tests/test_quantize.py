@@ -22,22 +22,16 @@ from moetool.quantize import CalibrationData, CoverageOptions, QuantizeOptions, 
 from moetool.quantize.grids import UniformGrid
 from moetool.quantize.modules import QuantizedExperts, QuantizedLinear
 from moetool.quantize.rtn import rtn_quantize
-from tests.test_data import make_tokenizer
-from tests.test_eval import corpus
+from tests.helpers import corpus, make_tokenizer
 from tests.tiny import build_tiny
 
 # transformers initialises a zero-width shared expert (Qwen2-MoE without shared experts) before loading it.
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Initializing zero-element tensors"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "deepseek_v3", "minimax_m2"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ import torch
 from safetensors import safe_open
 
 from moetool.quantize import CalibrationData, QuantizeOptions, quantize
-from tests.test_data import make_tokenizer
-from tests.test_eval import corpus
+from tests.helpers import corpus, make_tokenizer
 from tests.tiny import build_tiny
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")

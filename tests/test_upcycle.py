@@ -19,7 +19,10 @@ from moetool.upcycle import UpcycleOptions, VerificationError, build_plan, upcyc
 from tests.tiny import build_tiny
 
 # transformers initialises a zero-width shared expert (Qwen2-MoE without shared experts) before loading it.
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Initializing zero-element tensors"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 TOKENS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
 EXPERTS_TOPK = [(8, 2), (4, 1), (6, 3)]
@@ -34,16 +37,6 @@ TARGETS = [
     ("llama", "qwen2_moe", 1),
     ("mistral", "qwen2_moe", 1),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: handing work to a second thread costs more than the work, and on a busy 2-core
-    # machine an OpenMP barrier can wait a whole scheduler time slice (x1000 slower matmuls).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def logits(folder: Path) -> tuple[torch.Tensor, dict]:
@@ -263,7 +256,7 @@ def test_zero_router_exact_and_refused_with_granularity(dense, tmp_path):
 
 
 def test_kmeans_router_from_a_dataset(tmp_path):
-    from tests.test_data import make_tokenizer
+    from tests.helpers import make_tokenizer
 
     source = tmp_path / "dense"
     build_tiny("llama", source)

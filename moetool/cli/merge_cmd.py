@@ -173,7 +173,7 @@ def merge_cmd(
     from moetool.io.sizes import parse_size
     from moetool.io.source import parse_model_ref
     from moetool.io.writer import check_output_path
-    from moetool.merge.api import _check_options, merge
+    from moetool.merge.api import check_options, merge
     from moetool.modeling import check_device_map, check_device_name, check_dtype_name
     from moetool.validate import preflight
 
@@ -182,7 +182,7 @@ def merge_cmd(
     check_dtype_name(dtype)
     check_device_map("none")
     shard_size = parse_size(max_shard_size)
-    _check_options(
+    check_options(
         num_experts=num_experts,
         to_dense=to_dense,
         method=method,

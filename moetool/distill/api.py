@@ -337,11 +337,11 @@ def distill(
 
 
 def _resume_command(command: str | Sequence[str] | None, teacher: str, out: Path) -> str:
-    from moetool.io.model_card import _redact_command
+    from moetool.io.model_card import redact_command
 
     if command is None:
         return f"moetool distill {shlex.quote(teacher)} -o {shlex.quote(str(out))} ... --resume"
-    text = _redact_command(command)
+    text = redact_command(command)
     return text if "--resume" in text.split() else f"{text} --resume"
 
 

@@ -208,7 +208,7 @@ def _scaling(spec: FamilySpec, config: dict[str, Any]) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 1.0
 
 
-def _check_options(
+def check_options(
     *,
     num_experts: int | None,
     to_dense: bool,
@@ -640,7 +640,7 @@ def merge(
     started = time.perf_counter()
     timings: dict[str, float] = {}
     warnings: list[str] = []
-    _check_options(
+    check_options(
         num_experts=num_experts,
         to_dense=to_dense,
         method=method,

@@ -25,7 +25,7 @@ from moetool.progress import LAYERS, Progress, report
 from moetool.quantize.calibrate import CoverageOptions
 from moetool.quantize.engine import METHODS, LayerReport, MethodOptions
 from moetool.quantize.storage import UNIFORM_BITS, QuantFormat
-from moetool.quantize.verify import Verification
+from moetool.quantize.verify import Verification, tensor_digest
 
 SCHEMA_VERSION = 1
 
@@ -375,29 +375,13 @@ def _probe_batch(ids: Any) -> Any:
     return Batch(ids, torch.ones_like(ids), [None])
 
 
-def _digest(tensor: Any, hasher: Any = None) -> str:
-    """A fingerprint of a tensor's exact bytes (what the decode-back check compares); ``hasher`` continues
-    one started on earlier parts (the experts of a stack, one at a time, give the stack's fingerprint)."""
-    import hashlib
-
-    import torch
-
-    hasher = hasher or hashlib.sha256()
-    for part in tensor.detach().reshape(-1, *tensor.shape[-2:]) if tensor.dim() > 2 else [tensor.detach()]:
-        if part.is_floating_point():
-            part = part + 0.0  # -0.0 becomes 0.0: the same value, whichever way the decoder computed it
-        data = part.to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        hasher.update(memoryview(data.numpy()))
-    return hasher.hexdigest()
-
-
 def _layer_digests(layout: Any, layer: int, experts: Any, linears: dict[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     if layer in layout.experts and experts is not None:
-        out["gate_up"] = _digest(experts.gate_up_proj)
-        out["down"] = _digest(experts.down_proj)
+        out["gate_up"] = tensor_digest(experts.gate_up_proj)
+        out["down"] = tensor_digest(experts.down_proj)
     for name, module in linears.items():
-        out[name] = _digest(module.weight)
+        out[name] = tensor_digest(module.weight)
     return out
 
 

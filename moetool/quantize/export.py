@@ -85,8 +85,8 @@ def _digests(source: Any, storage: Any, layout: Any, fmt: QuantFormat) -> dict[i
     import torch
     from torch import nn
 
-    from moetool.quantize.api import _digest
     from moetool.quantize.modules import QuantizedExperts, QuantizedLinear
+    from moetool.quantize.verify import tensor_digest
 
     out: dict[int, dict[str, str]] = {}
     for layer in layout.layers:
@@ -97,12 +97,15 @@ def _digests(source: Any, storage: Any, layout: Any, fmt: QuantFormat) -> dict[i
             holder = QuantizedExperts(info.num_experts, info.hidden, info.intermediate, nn.Identity(), fmt)
             holder.load(*decoded.pop("experts"))
             gate_up, down = holder.dequantize()
-            digests["gate_up"], digests["down"] = _digest(gate_up.to(torch.float32)), _digest(down.to(torch.float32))
+            digests["gate_up"], digests["down"] = (
+                tensor_digest(gate_up.to(torch.float32)),
+                tensor_digest(down.to(torch.float32)),
+            )
             del holder, gate_up, down
         for linear in layout.linears.get(layer, []):
             holder = QuantizedLinear(linear.shape[1], linear.shape[0], False, fmt)
             holder.load(decoded[linear.module])
-            digests[linear.module] = _digest(holder.dequantize().to(torch.float32))
+            digests[linear.module] = tensor_digest(holder.dequantize().to(torch.float32))
         out[layer] = digests
     return out
 
