@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from moetool.data import DatasetSpec
 from moetool.errors import MoetoolError, UnsupportedArchitectureError, UsageError
-from moetool.merge import merge
+from moetool.merge import MergeOptions
+from moetool.merge import merge as merge_model
 from moetool.merge.api import METHODS
 from moetool.merge.traits import REFUSED
 from tests.helpers import corpus, make_tokenizer
@@ -37,6 +39,14 @@ RENORM_OVERRIDES = {
 
 def documents(n: int = 40):
     return corpus(n)
+
+
+def merge(model, out, *, calibration=None, stats=None, seq_len=256, batch_size=8, max_tokens=50_000, **options):
+    """merge() with the calibration documents and sizes as these tests give them."""
+    data = None
+    if calibration is not None:
+        data = DatasetSpec.of_documents(calibration, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size)
+    return merge_model(model, out, MergeOptions(**options), calibration=data, stats=stats)
 
 
 def load_hf(path: Path):

@@ -49,7 +49,7 @@ from moetool.progress import LAYERS, Progress, token_counter
 if TYPE_CHECKING:
     import torch
 
-    from moetool.data import Document
+    from moetool.data import DatasetSpec, Document
     from moetool.io.checkpoint import Checkpoint
     from moetool.merge.router import RoutingRule
     from moetool.routing.stats import RoutingStats
@@ -545,47 +545,11 @@ def _dense_layer(
 # ----------------------------------------------------------------------------- the entry point
 
 
-def merge(
-    model: str,
-    out: str | Path,
-    *,
-    num_experts: int | None = None,
-    to_dense: bool = False,
-    method: str | None = None,
-    dense_strategy: str = DEFAULT_DENSE_STRATEGY,
-    intermediate_size: int | None = None,
-    calibration: Iterable[Document] | None = None,
-    calibration_name: str = "",
-    stats: str | Path | RoutingStats | None = None,
-    refit_router: bool = False,
-    refit_down: bool | None = None,
-    align: str = "weights",
-    max_tokens: int | None = 50_000,
-    seq_len: int = 256,
-    batch_size: int = 8,
-    sample_tokens: int = DEFAULT_SAMPLE_TOKENS,
-    seed: int = 0,
-    evaluate: bool = True,
-    eval_documents: Sequence[Document] | None = None,
-    eval_name: str = "",
-    eval_max_tokens: int | None = 20_000,
-    device: str = "auto",
-    dtype: str = "auto",
-    whole_model: bool = False,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    offline: bool | None = None,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-    overwrite: bool = False,
-    allow_nonfinite: bool = False,
-    command: str | Sequence[str] | None = None,
-    progress: Progress | None = None,
-) -> MergeResult:
-    """Reduce an MoE checkpoint to ``num_experts`` experts per MoE layer, or to a dense model.
+@dataclass(frozen=True)
+class MergeOptions:
+    """What ``moetool merge`` does, as one value (the CLI builds it once from the options).
 
-    Args:
-        model: a local checkpoint folder or Hub repo id.
-        out: the output folder (must not exist or be empty, unless ``overwrite``).
+    Attributes:
         num_experts: M, the experts kept per MoE layer (``1 <= M < N``).
         to_dense: write the family's dense architecture instead (one FFN per layer).
         method: ``frequency``, ``soft-frequency``, ``reap``, ``search`` (pruning) or ``merge-frequency``,
@@ -594,30 +558,94 @@ def merge(
             (:func:`default_method`).
         dense_strategy: ``top1``, ``average`` or ``concat`` (``to_dense``).
         intermediate_size: the dense FFN width for ``concat`` (default: top-k experts' worth).
-        calibration: calibration documents (run through the model once).
-        calibration_name: how to name them in the report.
-        stats: a profile-routing stats file (or its loaded :class:`RoutingStats`) instead of
-            ``calibration``; methods that need hidden states refuse it.
         refit_router: fit the new router rows to the old routing on calibration tokens.
         refit_down: ``to_dense``: refit the dense FFN's down projection by least squares to what the
             routed experts output on the calibration tokens (``None``: whenever there are calibration
-            hidden states, i.e. with ``calibration``).
+            hidden states, i.e. with calibration text).
         align: how neurons are matched before experts are averaged: ``weights`` (by their gate, up and
             down weights), ``activations`` (by their activations on calibration tokens) or ``none``.
-        max_tokens: calibration tokens (None: all).
-        seq_len / batch_size: windows for calibration and evaluation.
         sample_tokens: calibration tokens kept per layer for REAP, similarities, refits.
         seed: seeds the token sample.
         evaluate: measure the output against the source when there is text to do it on.
-        eval_documents: held-out documents; default: the calibration documents the calibration pass
-            did not read (when ``calibration`` is a sequence).
-        eval_name: how to name them.
         eval_max_tokens: evaluation tokens (None: all).
         device / dtype: where and in what precision the model runs (calibration and evaluation).
         whole_model: load the model whole for calibration and evaluation instead of streaming it one
             decoder layer at a time.
-        revision / token / offline: Hub access for ``model``.
         max_shard_size: bound on the bytes per output shard.
+    """
+
+    num_experts: int | None = None
+    to_dense: bool = False
+    method: str | None = None
+    dense_strategy: str = DEFAULT_DENSE_STRATEGY
+    intermediate_size: int | None = None
+    refit_router: bool = False
+    refit_down: bool | None = None
+    align: str = "weights"
+    sample_tokens: int = DEFAULT_SAMPLE_TOKENS
+    seed: int = 0
+    evaluate: bool = True
+    eval_max_tokens: int | None = 20_000
+    device: str = "auto"
+    dtype: str = "auto"
+    whole_model: bool = False
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+
+    def check(self, *, have_data: bool, have_stats: bool) -> None:
+        """Refuse options that do not fit together (before anything is read).
+
+        Raises:
+            UsageError: see :func:`check_options`; a bad device or dtype name; a shard size below 1.
+        """
+        from moetool.modeling import check_device_name, check_dtype_name
+
+        check_device_name(self.device)
+        check_dtype_name(self.dtype)
+        if self.max_shard_size < 1:
+            raise UsageError(f"max_shard_size must be positive, not {self.max_shard_size}")
+        check_options(
+            num_experts=self.num_experts,
+            to_dense=self.to_dense,
+            method=self.method,
+            dense_strategy=self.dense_strategy,
+            intermediate_size=self.intermediate_size,
+            have_data=have_data,
+            have_stats=have_stats,
+            refit_router=self.refit_router,
+            refit_down=self.refit_down,
+            align=self.align,
+        )
+
+
+def merge(
+    model: str,
+    out: str | Path,
+    options: MergeOptions,
+    *,
+    calibration: DatasetSpec | None = None,
+    stats: str | Path | RoutingStats | None = None,
+    eval_data: DatasetSpec | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    offline: bool | None = None,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    command: str | Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Reduce an MoE checkpoint to ``options.num_experts`` experts per MoE layer, or to a dense model.
+
+    Args:
+        model: a local checkpoint folder or Hub repo id.
+        out: the output folder (must not exist or be empty, unless ``overwrite``).
+        options: what to do (:class:`MergeOptions`).
+        calibration: the calibration text, run through the model once (its ``max_tokens``, ``seq_len`` and
+            ``batch_size`` set the calibration windows; evaluation uses the same windows).
+        stats: a profile-routing stats file (or its loaded :class:`RoutingStats`) instead of
+            ``calibration``; methods that need hidden states refuse it.
+        eval_data: held-out text; default: the calibration documents the calibration pass did not read.
+            Evaluation reads ``options.eval_max_tokens`` tokens of it.
+        revision / token / offline: Hub access for ``model``.
         overwrite: replace an existing output folder (still staged and swapped).
         allow_nonfinite: process an input holding NaN/Inf (refused otherwise) and publish such an output.
         command: the command line, for the model card.
@@ -632,7 +660,9 @@ def merge(
         OutputError: the output path overlaps the input, exists, or is a symlink.
         MoetoolError: whatever reading the checkpoint, loading the model or the data raises.
     """
+    from moetool.data import DatasetSpec
     from moetool.io.model_card import write_model_card
+    from moetool.io.source import parse_model_ref
     from moetool.io.writer import check_disk_space, check_output_path, copy_aux_files, staged_output, write_json
     from moetool.modeling import open_checkpoint, quant_method_of
     from moetool.validate import check_input
@@ -640,18 +670,26 @@ def merge(
     started = time.perf_counter()
     timings: dict[str, float] = {}
     warnings: list[str] = []
-    check_options(
-        num_experts=num_experts,
-        to_dense=to_dense,
-        method=method,
-        dense_strategy=dense_strategy,
-        intermediate_size=intermediate_size,
-        have_data=calibration is not None,
-        have_stats=stats is not None,
-        refit_router=refit_router,
-        refit_down=refit_down,
-        align=align,
-    )
+    # Cheap checks first: a typo should not cost a dataset read or a model load.
+    options.check(have_data=calibration is not None, have_stats=stats is not None)
+    for data in (calibration, eval_data):
+        if data is not None:
+            data.check()
+    local = parse_model_ref(model, revision=revision).local_path
+    check_output_path(Path(out), [local] if local is not None else [], overwrite=overwrite)
+    calibration_docs = calibration.load() if calibration is not None else None
+    eval_documents = eval_data.load() if eval_data is not None else None
+    windows = calibration or eval_data or DatasetSpec("")
+    num_experts, to_dense, method = options.num_experts, options.to_dense, options.method
+    refit_down = options.refit_down
+    dense_strategy, intermediate_size = options.dense_strategy, options.intermediate_size
+    refit_router = options.refit_router
+    align, sample_tokens, seed = options.align, options.sample_tokens, options.seed
+    device, dtype, whole_model = options.device, options.dtype, options.whole_model
+    max_tokens = calibration.max_tokens if calibration is not None else None
+    seq_len, batch_size = windows.seq_len, windows.batch_size
+    calibration_name = calibration.dataset if calibration is not None else ""
+    eval_name = eval_data.dataset if eval_data is not None else ""
     checkpoint = open_checkpoint(model, revision=revision, token=token, offline=offline)
     check_input(checkpoint, float_weights=True, allow_nonfinite=allow_nonfinite)
     config = checkpoint.config
@@ -750,8 +788,8 @@ def merge(
     if stats is not None:
         cal = _calibration_from_stats(stats, n=n, moe_layers=moe_layers, top_k=top_k)
     else:
-        assert calibration is not None
-        counted = _Counting(calibration)
+        assert calibration_docs is not None
+        counted = _Counting(calibration_docs)
         cal = _calibrate(
             model,
             spec,
@@ -785,7 +823,7 @@ def merge(
         for t in tensors:
             if t.kind == "copy" and t.source is not None:
                 copies_by_layer.setdefault(t.layer, []).append(t.source)
-        with open_writer(staging, tensors, max_shard_size=max_shard_size) as writer:
+        with open_writer(staging, tensors, max_shard_size=options.max_shard_size) as writer:
 
             def emit(name: str, tensor: torch.Tensor) -> None:
                 planned = expected.pop(name, None)
@@ -855,8 +893,8 @@ def merge(
 
         # ---- evaluate
         figures = None
-        if evaluate:
-            documents, name = _eval_documents(eval_documents, eval_name, calibration, calibration_name, counted)
+        if options.evaluate:
+            documents, name = _eval_documents(eval_documents, eval_name, calibration_docs, calibration_name, counted)
             if documents is None:
                 if calibration is not None or eval_documents is not None:
                     warnings.append("no held-out text left for evaluation (calibration read every document)")
@@ -869,7 +907,7 @@ def merge(
                     name=name,
                     seq_len=seq_len,
                     batch_size=batch_size,
-                    max_tokens=eval_max_tokens,
+                    max_tokens=options.eval_max_tokens,
                     device=device,
                     dtype=dtype,
                     whole_model=whole_model,
