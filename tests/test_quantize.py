@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from moetool.data import DatasetSpec
 from moetool.errors import CheckpointError, ConfigError, UnsupportedArchitectureError, UsageError
 from moetool.io.checkpoint import Checkpoint
-from moetool.quantize import CalibrationData, CoverageOptions, QuantizeOptions, quantize
+from moetool.quantize import CoverageOptions, QuantizeOptions, quantize
 from moetool.quantize.grids import UniformGrid
 from moetool.quantize.modules import QuantizedExperts, QuantizedLinear
 from moetool.quantize.rtn import rtn_quantize
@@ -54,8 +55,8 @@ def calib_file(tmp_path_factory) -> Path:
     return path
 
 
-def calibration(path: Path, tokens: int = 1024) -> CalibrationData:
-    return CalibrationData(str(path), max_tokens=tokens, seq_len=32, batch_size=4)
+def calibration(path: Path, tokens: int = 1024) -> DatasetSpec:
+    return DatasetSpec(str(path), max_tokens=tokens, seq_len=32, batch_size=4)
 
 
 def routed_names(folder: Path) -> list[str]:

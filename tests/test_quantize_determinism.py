@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moetool.quantize import CalibrationData, QuantizeOptions, quantize
+from moetool.data import DatasetSpec
+from moetool.quantize import QuantizeOptions, quantize
 from tests.helpers import corpus, make_tokenizer
 from tests.tiny import build_tiny
 
@@ -51,7 +52,7 @@ def run(setup, threads: int, name: str) -> dict[str, bytes]:
             str(setup["moe"]),
             str(out),
             QuantizeOptions(bits=4, group_size=32, device="cpu"),
-            calibration=CalibrationData(dataset=str(setup["data"]), max_tokens=2048, seq_len=64),
+            calibration=DatasetSpec(dataset=str(setup["data"]), max_tokens=2048, seq_len=64),
             verify=False,
         )
     finally:

@@ -94,7 +94,8 @@ def test_perplexity_and_kl_match(tiny: dict[str, Path], family: str) -> None:
 def test_quantized_codes_identical(tiny: dict[str, Path], tmp_path: Path, family: str) -> None:
     from safetensors.torch import load_file
 
-    from moetool.quantize import CalibrationData, QuantizeOptions, quantize
+    from moetool.data import DatasetSpec
+    from moetool.quantize import QuantizeOptions, quantize
 
     data = tmp_path / "calib.jsonl"
     data.write_text("\n".join('{"text": "%s"}' % ("lorem ipsum dolor sit amet " * (i + 3)) for i in range(12)))
@@ -102,7 +103,7 @@ def test_quantized_codes_identical(tiny: dict[str, Path], tmp_path: Path, family
     source = tiny[f"{family}-4k"]
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (source / name).write_bytes((tokenizer_src / name).read_bytes())
-    calibration = CalibrationData(str(data), max_tokens=512, seq_len=32, batch_size=4)
+    calibration = DatasetSpec(str(data), max_tokens=512, seq_len=32, batch_size=4)
     outputs = {}
     for whole in (False, True):
         out = tmp_path / f"q-{whole}"

@@ -264,10 +264,12 @@ def test_kmeans_router_from_a_dataset(tmp_path):
     reference = logits(source)[0]
     data = tmp_path / "data.txt"
     data.write_text("\n\n".join(["the cat sat on a mat", "def sum of two is four", "the dog ran in park"] * 10))
-    from moetool.upcycle import KMeansData
+    from moetool.data import DatasetSpec
 
     opts = UpcycleOptions(4, 2, granularity=2, router_init="kmeans", seed=5)
-    result = upcycle(source, tmp_path / "moe", opts, kmeans_data=KMeansData(str(data), seq_len=16, max_tokens=200))
+    result = upcycle(
+        source, tmp_path / "moe", opts, kmeans_data=DatasetSpec(str(data), seq_len=16, max_tokens=200, batch_size=4)
+    )
     assert result.verification.status == "passed"
     router = Checkpoint.open(tmp_path / "moe").read_tensor("model.layers.0.block_sparse_moe.gate.weight")
     assert torch.equal(router[0], router[1]) and not torch.equal(router[0], router[2])  # rows per copy, per shard

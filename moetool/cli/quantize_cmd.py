@@ -214,7 +214,7 @@ def quantize_cmd(
     # Before torch is imported (below): a malformed input is refused in a fraction of a second.
     preflight(model, revision=revision, token=token, offline=offline or None, float_weights=True)
     from moetool.io.sizes import parse_size
-    from moetool.quantize import CalibrationData, CoverageOptions, QuantizeOptions, quantize
+    from moetool.quantize import CoverageOptions, QuantizeOptions, quantize
 
     opts = QuantizeOptions(
         bits=4 if bits is None and method != "nf4" else bits,
@@ -247,12 +247,12 @@ def quantize_cmd(
     hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline)
     calibration = None
     if dataset is not None:
-        calibration = CalibrationData(
-            dataset=dataset,
+        calibration = options.dataset_spec(
+            dataset,
             text_field=text_field,
             split=split,
-            data_files=tuple(data_files or ()),
-            config_name=dataset_config,
+            data_files=data_files,
+            dataset_config=dataset_config,
             max_tokens=max_tokens,
             seq_len=seq_len,
             batch_size=batch_size,

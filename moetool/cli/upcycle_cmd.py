@@ -131,7 +131,7 @@ def upcycle_cmd(
     memory holds about one layer, whatever the model size.
     """
     from moetool.io.sizes import parse_size
-    from moetool.upcycle import KMeansData, UpcycleOptions, upcycle
+    from moetool.upcycle import UpcycleOptions, upcycle
     from moetool.validate import preflight
 
     preflight(model, revision=revision, token=token, offline=offline or None, float_weights=True)
@@ -152,15 +152,15 @@ def upcycle_cmd(
     hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline, dry_run=dry_run)
     kmeans = None
     if dataset is not None:
-        kmeans = KMeansData(
-            dataset=dataset,
+        kmeans = options.dataset_spec(
+            dataset,
             text_field=text_field,
             split=split,
-            data_files=tuple(data_files or ()),
-            config_name=dataset_config,
+            data_files=data_files,
+            dataset_config=dataset_config,
             max_tokens=max_tokens,
             seq_len=seq_len,
-            device=device,
+            batch_size=4,
         )
     show = progress_enabled(json_output)
     # A dry run only plans (no torch): no threads to set.
@@ -176,6 +176,7 @@ def upcycle_cmd(
             overwrite=overwrite,
             allow_nonfinite=allow_nonfinite,
             kmeans_data=kmeans,
+            device=device,
             revision=revision,
             token=token,
             offline=offline or None,

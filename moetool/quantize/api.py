@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moetool.data import DatasetSpec
 from moetool.errors import CheckpointError, UsageError
 from moetool.io.sizes import DEFAULT_MAX_SHARD_SIZE
 from moetool.progress import LAYERS, Progress, report
@@ -148,20 +149,6 @@ class QuantizeOptions:
             if not self.ternary_bits:
                 details["ternary_scale"] = self.ternary_scale
         return QuantFormat(scheme, bits, self.group_size, self.categories, self.method, details)
-
-
-@dataclass(frozen=True)
-class CalibrationData:
-    """The text GPTQ calibrates on (see :mod:`moetool.data`)."""
-
-    dataset: str
-    text_field: str = "text"
-    split: str = "train"
-    data_files: tuple[str, ...] = ()
-    config_name: str | None = None
-    max_tokens: int = 65536
-    seq_len: int = 512
-    batch_size: int = 8
 
 
 @dataclass
@@ -385,21 +372,13 @@ def _layer_digests(layout: Any, layer: int, experts: Any, linears: dict[str, Any
     return out
 
 
-def _read_calibration(calibration: CalibrationData, status: Callable[[str], None]) -> list[Any]:
-    from moetool.data import load_documents
-
+def _read_calibration(calibration: DatasetSpec, status: Callable[[str], None]) -> list[Any]:
     status(f"reading {calibration.dataset}")
-    return load_documents(
-        calibration.dataset,
-        text_field=calibration.text_field,
-        split=calibration.split,
-        data_files=list(calibration.data_files) or None,
-        config_name=calibration.config_name,
-    )
+    return calibration.load()
 
 
 def _calibration_batches(
-    checkpoint: Any, tokenizer: Any, documents: list[Any], calibration: CalibrationData, warnings: list[str]
+    checkpoint: Any, tokenizer: Any, documents: list[Any], calibration: DatasetSpec, warnings: list[str]
 ) -> tuple[list[Any], int]:
     """The calibration windows, batched; the sequence length actually used."""
     from moetool.data import iter_batches, iter_windows
@@ -540,7 +519,7 @@ def quantize(
     out: Path | str,
     options: QuantizeOptions,
     *,
-    calibration: CalibrationData | None = None,
+    calibration: DatasetSpec | None = None,
     verify: bool = True,
     full_check: bool | None = None,
     overwrite: bool = False,

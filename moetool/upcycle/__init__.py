@@ -9,11 +9,10 @@ torch at module import.
 """
 
 from moetool.errors import VerificationError
-from moetool.upcycle.api import KMeansData, UpcycleResult, upcycle
+from moetool.upcycle.api import UpcycleResult, upcycle
 from moetool.upcycle.plan import UpcycleOptions, UpcyclePlan, build_plan
 
 __all__ = [
-    "KMeansData",
     "UpcycleOptions",
     "UpcyclePlan",
     "UpcycleResult",

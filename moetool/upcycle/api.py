@@ -10,33 +10,20 @@ Any failure, Ctrl-C or failed check leaves nothing at the output path.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moetool.data import DatasetSpec
 from moetool.errors import CheckpointError, UsageError
 from moetool.progress import BYTES, Progress, report
 from moetool.upcycle.plan import UpcycleOptions, UpcyclePlan, build_plan
 from moetool.upcycle.verify import Verification
 
 SCHEMA_VERSION = 1
-
-
-@dataclass(frozen=True)
-class KMeansData:
-    """The text ``--router-init kmeans`` runs the dense model over (see :mod:`moetool.data`)."""
-
-    dataset: str
-    text_field: str = "text"
-    split: str = "train"
-    data_files: tuple[str, ...] = ()
-    config_name: str | None = None
-    max_tokens: int = 4096
-    seq_len: int = 256
-    batch_size: int = 4
-    device: str = "auto"
 
 
 @dataclass
@@ -99,27 +86,21 @@ def _open_source(source: Any, *, revision: str | None, token: str | bool | None,
     return checkpoint
 
 
-def _kmeans(plan: UpcyclePlan, checkpoint: Any, data: KMeansData, on_status: Callable[[str], None]) -> dict:
-    from moetool.data import iter_batches, iter_windows, load_documents
+def _kmeans(
+    plan: UpcyclePlan, checkpoint: Any, data: DatasetSpec, device: str, on_status: Callable[[str], None]
+) -> dict:
     from moetool.runner.open import open_runner
     from moetool.upcycle.router_init import kmeans_routers
 
-    documents = load_documents(
-        data.dataset,
-        text_field=data.text_field,
-        split=data.split,
-        data_files=list(data.data_files) or None,
-        config_name=data.config_name,
-    )
+    documents = data.load()
     on_status(f"opening {checkpoint.name} for k-means router init (one layer at a time)")
-    opened = open_runner(checkpoint, device=data.device, dtype="float32")
+    opened = open_runner(checkpoint, device=device, dtype="float32")
     tokenizer, model = opened.tokenizer, opened.runner
     on_status("collecting hidden states for k-means")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    windows = iter_windows(tokenizer, documents, seq_len=data.seq_len, max_tokens=data.max_tokens)
-    batches = iter_batches(windows, batch_size=data.batch_size, pad_id=pad_id)
+    batches = data.batches(tokenizer, documents)
     try:
-        return kmeans_routers(plan, batches, model=model, max_tokens=data.max_tokens)
+        # max_tokens None: every token of the text.
+        return kmeans_routers(plan, batches, model=model, max_tokens=data.max_tokens or sys.maxsize)
     finally:
         del model
 
@@ -134,7 +115,8 @@ def upcycle(
     full_check: bool | None = None,
     overwrite: bool = False,
     allow_nonfinite: bool = False,
-    kmeans_data: KMeansData | None = None,
+    kmeans_data: DatasetSpec | None = None,
+    device: str = "auto",
     revision: str | None = None,
     token: str | bool | None = None,
     offline: bool | None = None,
@@ -153,7 +135,8 @@ def upcycle(
         full_check: the transformers logits check: ``None`` when the models fit in memory.
         overwrite: replace an existing output folder.
         allow_nonfinite: process an input holding NaN/Inf (refused otherwise) and publish such an output.
-        kmeans_data: the dataset for ``router_init="kmeans"``.
+        kmeans_data: the text for ``router_init="kmeans"`` (its ``max_tokens`` tokens are clustered).
+        device: where the k-means pass runs the dense model.
         revision / token / offline: Hub access for a repo id source.
         command: the command line, recorded in the model card.
         progress: reports each step as a status line and ``writing`` in bytes (:mod:`moetool.progress`).
@@ -198,7 +181,7 @@ def upcycle(
     if options.router_init == "kmeans":
         step = time.perf_counter()
         assert kmeans_data is not None
-        routers = _kmeans(plan, checkpoint, kmeans_data, status)
+        routers = _kmeans(plan, checkpoint, kmeans_data, device, status)
         timings["kmeans"] = time.perf_counter() - step
 
     from moetool.io.model_card import write_model_card
