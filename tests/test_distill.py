@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moetool.data import DatasetSpec
 from moetool.distill.options import DistillOptions
 from moetool.errors import MoetoolError, UsageError
 from tests.helpers import corpus, make_tokenizer
@@ -224,13 +225,11 @@ def _options(**changes) -> DistillOptions:
 def _run(setup, name: str, *, options: DistillOptions | None = None, **kwargs):
     from moetool.distill import distill
 
-    kwargs.setdefault("eval_documents", setup["heldout"])
+    kwargs.setdefault("eval_data", DatasetSpec.of_documents(setup["heldout"], "heldout"))
     return distill(
         str(setup["teacher"]),
         setup["root"] / name,
-        documents=setup["train"],
-        dataset_name="corpus",
-        eval_name="heldout",
+        data=DatasetSpec.of_documents(setup["train"], "corpus"),
         options=options or _options(),
         device="cpu",
         **kwargs,
@@ -341,7 +340,7 @@ def test_refusals_before_any_work(setup):
 
     root = setup["root"]
     with pytest.raises(MoetoolError) as info:
-        distill(str(setup["dense"]), root / "x", documents=setup["train"], dataset_name="c", options=_options())
+        distill(str(setup["dense"]), root / "x", data=DatasetSpec.of_documents(setup["train"], "c"), options=_options())
     assert info.value.code == "NOT_MOE"
     (root / "taken").mkdir()
     (root / "taken" / "file").write_text("x")

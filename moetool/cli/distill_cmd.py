@@ -19,6 +19,7 @@ from moetool.cli._push import add_push, push_output, push_target, render_push
 from moetool.distill.options import DistillOptions
 
 if TYPE_CHECKING:
+    from moetool.data import DatasetSpec
     from moetool.distill.api import DistillResult
 
 EXAMPLES = """
@@ -289,7 +290,6 @@ def distill_cmd(
 
     The student starts from the teacher (attention, norms and embeddings copied, the FFN from the experts), and is trained on KL(teacher || student) at --temperature mixed with cross-entropy by --alpha. Checkpoints go to OUT.partial; Ctrl-C leaves one and --resume continues. At the end the perplexities of the teacher, the student at init and the trained student on held-out text are printed and recorded in the model card. Runs on CPU, one GPU, or several with accelerate launch -m moetool distill.
     """  # noqa: E501
-    from moetool.data import load_documents
     from moetool.io.sizes import parse_size
     from moetool.io.source import parse_model_ref
     from moetool.io.writer import check_output_path
@@ -331,14 +331,12 @@ def distill_cmd(
     preflight(teacher, revision=revision, token=token, offline=offline or None, float_weights=True)
     hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline)
 
-    def read(spec: str):
-        documents = load_documents(
-            spec, text_field=text_field, split=split, data_files=data_files, config_name=dataset_config
+    def text(name: str) -> DatasetSpec:
+        return options.dataset_spec(
+            name, text_field=text_field, split=split, data_files=data_files, dataset_config=dataset_config
         )
-        return list(documents)
 
-    documents = read(dataset)
-    eval_documents = read(eval_dataset) if eval_dataset is not None else None
+    data, eval_data = text(dataset), (text(eval_dataset) if eval_dataset is not None else None)
 
     from moetool.distill.api import distill
 
@@ -349,10 +347,8 @@ def distill_cmd(
         result = distill(
             teacher,
             out,
-            documents=documents,
-            dataset_name=dataset,
-            eval_documents=eval_documents,
-            eval_name=eval_dataset or "",
+            data=data,
+            eval_data=eval_data,
             options=opts,
             checkpoint_dir=checkpoint_dir,
             resume=resume,

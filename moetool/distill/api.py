@@ -38,7 +38,7 @@ from moetool.progress import TOKENS, Progress
 from moetool.threads import choose_threads, thread_count
 
 if TYPE_CHECKING:
-    from moetool.data import Document
+    from moetool.data import DatasetSpec, Document
     from moetool.distill.checkpoint import TrainState
     from moetool.io.checkpoint import Checkpoint
 
@@ -217,10 +217,8 @@ def distill(
     teacher: str,
     out: str | Path,
     *,
-    documents: Sequence[Document],
-    dataset_name: str,
-    eval_documents: Sequence[Document] | None = None,
-    eval_name: str = "",
+    data: DatasetSpec,
+    eval_data: DatasetSpec | None = None,
     options: DistillOptions | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
@@ -240,11 +238,10 @@ def distill(
     Args:
         teacher: a local MoE checkpoint folder or Hub repo id.
         out: the output folder (must not exist or be empty, unless ``overwrite``).
-        documents: the training text (:func:`moetool.data.load_documents`).
-        dataset_name: how to name it in the report.
-        eval_documents: held-out text for the perplexities; default: one document in 20 of ``documents``,
-            left out of training.
-        eval_name: how to name it.
+        data: the training text (read once; the windows come from ``options``: ``seq_len``,
+            ``max_train_tokens``, ``calibration_tokens``).
+        eval_data: held-out text for the perplexities; default: one document in 20 of ``data``, left out
+            of training.
         options: the run's settings (:class:`DistillOptions`; defaults when None).
         checkpoint_dir: where checkpoints go (default ``OUT.partial``); removed after a successful run
             unless ``keep_checkpoint``.
@@ -292,6 +289,8 @@ def distill(
             hint="use concat, top1, average, random, or the path of a dense checkpoint",
             code="OPTION_INVALID",
         )
+    documents = data.load()
+    eval_documents = eval_data.load() if eval_data is not None else None
     accelerator = _accelerator(device, options.dtype)
     threads = None
     if accelerator.device.type == "cpu" and accelerator.num_processes == 1:
@@ -309,9 +308,9 @@ def distill(
                 ckpt_dir=ckpt_dir,
                 inputs=inputs,
                 documents=documents,
-                dataset_name=dataset_name,
+                dataset_name=data.dataset,
                 eval_documents=eval_documents,
-                eval_name=eval_name,
+                eval_name=eval_data.dataset if eval_data is not None else "",
                 options=options,
                 resume=resume,
                 keep_checkpoint=keep_checkpoint,
