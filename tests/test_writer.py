@@ -480,10 +480,10 @@ def test_signal_handlers_restored_after_failure(tmp_path: Path) -> None:
 
 
 def test_model_card_redacts_tokens_but_not_token_counts():
-    from moetool.io.model_card import _redact_command
+    from moetool.io.model_card import redact_command
 
     command = "moetool merge m -o o --max-tokens 5000 --calibration-tokens 10 --token hf_abcdefghijklmnopqrstu"
-    line = _redact_command(command)
+    line = redact_command(command)
     assert "--max-tokens 5000" in line
     assert "--calibration-tokens 10" in line
     assert "hf_abcdefghijklmnopqrstu" not in line
