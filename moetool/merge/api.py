@@ -33,6 +33,8 @@ from moetool.io.shards import WriteResult
 from moetool.io.sizes import DEFAULT_MAX_SHARD_SIZE
 from moetool.merge.calibrate import DEFAULT_SAMPLE_TOKENS, Calibration, LayerCalibration
 from moetool.merge.layout import Experts, LayerTensors, find_prefix
+from moetool.merge.methods import MERGE, PRUNE, LayerInputs, output_similarity
+from moetool.merge.methods import METHODS as METHOD_TABLE
 from moetool.merge.plan import (
     LayerDecision,
     OutputTensor,
@@ -56,8 +58,9 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 
-PRUNING_METHODS = ("frequency", "soft-frequency", "reap", "search")
-MERGING_METHODS = ("merge-frequency", "merge-router", "merge-output")
+# The method registry is moetool.merge.methods; these are views of it.
+PRUNING_METHODS = tuple(name for name, method in METHOD_TABLE.items() if method.kind == PRUNE)
+MERGING_METHODS = tuple(name for name, method in METHOD_TABLE.items() if method.kind == MERGE)
 METHODS = PRUNING_METHODS + MERGING_METHODS
 DENSE_STRATEGIES = ("top1", "average", "concat")
 ALIGN_MODES = ("weights", "activations", "none")
@@ -69,7 +72,7 @@ FALLBACK_METHOD = "frequency"
 DEFAULT_DENSE_STRATEGY = "concat"
 
 # Methods that need calibration hidden states (a --dataset pass, not a stats file).
-NEEDS_SAMPLE = {"reap", "search", "merge-output"}
+NEEDS_SAMPLE = {name for name, method in METHOD_TABLE.items() if method.needs_sample}
 
 
 @dataclass
@@ -284,115 +287,33 @@ class _Counting:
 # ----------------------------------------------------------------------------- per-layer decisions
 
 
-@dataclass
-class _LayerInputs:
-    layer: int
-    experts: Experts
-    router: list[torch.Tensor]  # the router weight, then per-expert vectors
-    calibration: LayerCalibration
-    act: Callable
-
-
-def _similarity_outputs(inputs: _LayerInputs, traits: MergeTraits, tokens: int = 512) -> torch.Tensor:
-    """Cosine similarity of the experts' outputs on (up to ``tokens``) calibration tokens."""
-    import torch
-
-    from moetool.merge.ffn import expert_forward
-    from moetool.merge.grouping import row_similarity
-
-    sample = inputs.calibration.sample
-    assert sample is not None
-    x = sample.x[:tokens].float()
-    outs = [expert_forward(inputs.experts, e, x, inputs.act).reshape(-1) for e in range(inputs.experts.num_experts)]
-    return row_similarity(torch.stack(outs))
-
-
-def _scores(method: str, inputs: _LayerInputs, traits: MergeTraits) -> list[float]:
-    from moetool.merge import scores
-
-    cal = inputs.calibration
-    if method == "soft-frequency":
-        return scores.soft_frequency(cal.prob_mean)
-    if method == "reap":
-        sample = cal.sample
-        assert sample is not None
-        sums, routed = scores.contribution_norms(
-            inputs.experts,
-            sample.x,
-            sample.indices,
-            sample.weights,
-            inputs.act,
-            scales_input=traits.router_scales_input,
-        )
-        return scores.reap(sums, routed)
-    return scores.frequency(cal.counts)
-
-
-def _search(inputs: _LayerInputs, m: int, rule: RoutingRule, traits: MergeTraits) -> tuple[list[int], dict[str, Any]]:
-    """The kept set whose pruned layer reproduces the original output best (see moetool.merge.search)."""
-    import dataclasses
-
-    import torch
-
-    from moetool.merge.combine import routed_output
-    from moetool.merge.ffn import expert_forward
-    from moetool.merge.search import LayerOutputs, best_subset
-
-    sample = inputs.calibration.sample
-    assert sample is not None
-    n_experts, hidden = inputs.experts.num_experts, inputs.experts.gate.shape[-1]
-    n = min(sample.size, max(256, _REFIT_FLOATS // max(n_experts * hidden, 1)))
-    x = sample.x[:n].float()
-    target = routed_output(inputs.experts, x, sample.indices[:n], sample.weights[:n], inputs.act, scales_input=False)
-    outputs = torch.stack([expert_forward(inputs.experts, e, x, inputs.act) for e in range(n_experts)], dim=1)
-    bias = inputs.router[1].float() if len(inputs.router) > 1 and rule.kind == "sigmoid" else None
-    layer = LayerOutputs(outputs, target, sample.logits[:n])
-    kept, error, exhaustive = best_subset(layer, n_experts, m, dataclasses.replace(rule, bias=bias))
-    return kept, {"output_error": round(error, 6), "search": "exhaustive" if exhaustive else "greedy", "tokens": n}
-
-
 def _decide(
-    method: str, m: int, inputs: _LayerInputs, traits: MergeTraits, rule: RoutingRule | None
+    method: str, m: int, inputs: LayerInputs, traits: MergeTraits, rule: RoutingRule | None
 ) -> tuple[LayerDecision, list[int]]:
-    """Groups for one layer, and the refit assignment (old expert -> new expert)."""
-    from moetool.merge.grouping import around_anchors, cluster, column_similarity, row_similarity, top_m, weights_within
+    """Groups for one layer (the method's choice, :mod:`moetool.merge.methods`), and the refit assignment
+    (old expert -> new expert)."""
+    from moetool.merge.grouping import row_similarity, weights_within
 
+    chosen = METHOD_TABLE[method]
     cal = inputs.calibration
     n = inputs.experts.num_experts
-    freq = [float(c) for c in cal.counts]
-    sample = cal.sample
-    if method in PRUNING_METHODS:
-        notes: dict[str, Any] = {}
-        if method == "search":
-            if rule is None:
-                raise UnsupportedArchitectureError(
-                    "--method search models the layer output, which this family's routing (a weight on the "
-                    "expert's input) does not allow",
-                    hint="use --method reap",
-                )
-            kept, notes = _search(inputs, m, rule, traits)
-            importance = [float(c) for c in cal.counts]
-        else:
-            importance = _scores(method, inputs, traits)
-            kept = top_m(importance, m)
+    if chosen.kind == PRUNE:
+        assert chosen.select is not None
+        kept, importance, notes = chosen.select(inputs, m, traits, rule)
         groups = [[e] for e in kept]
         weights = [[1.0] for _ in kept]
         dropped = [e for e in range(n) if e not in kept]
         # For a refit, a dropped expert's tokens go to the kept expert that computes most like it.
-        similarity = _similarity_outputs(inputs, traits) if sample is not None else row_similarity(inputs.router[0])
+        similarity = output_similarity(inputs) if cal.sample is not None else row_similarity(inputs.router[0])
         assignment = [0] * n
         for j, e in enumerate(kept):
             assignment[e] = j
         for e in dropped:
             assignment[e] = max(range(len(kept)), key=lambda j: (float(similarity[e, kept[j]]), -j))
         return LayerDecision(inputs.layer, groups, weights, dropped, importance, notes), assignment
-    if method == "merge-frequency":
-        similarity = column_similarity(sample.logits) if sample is not None else row_similarity(inputs.router[0])
-        groups = around_anchors(similarity, freq, m)
-    elif method == "merge-router":
-        groups = cluster(row_similarity(inputs.router[0]), freq, m)
-    else:  # merge-output
-        groups = cluster(_similarity_outputs(inputs, traits), freq, m)
+    assert chosen.group is not None
+    freq = [float(c) for c in cal.counts]
+    groups = chosen.group(inputs, m, traits)
     weights = weights_within(groups, freq)
     assignment = [0] * n
     for j, members in enumerate(groups):
@@ -405,7 +326,7 @@ def _decide(
 _ALIGN_TOKENS = 2048
 
 
-def _align_tokens(align: str, inputs: _LayerInputs) -> dict[str, Any]:
+def _align_tokens(align: str, inputs: LayerInputs) -> dict[str, Any]:
     sample = inputs.calibration.sample
     if align != "activations" or sample is None:
         return {}
@@ -415,7 +336,7 @@ def _align_tokens(align: str, inputs: _LayerInputs) -> dict[str, Any]:
 def _reduce_layer(
     method: str,
     m: int,
-    inputs: _LayerInputs,
+    inputs: LayerInputs,
     traits: MergeTraits,
     *,
     align: str,
@@ -455,7 +376,7 @@ _REFIT_FLOATS = 2**28
 
 
 def _refit_outputs(
-    inputs: _LayerInputs, experts: Experts, router: list[torch.Tensor], rule: RoutingRule, traits: MergeTraits
+    inputs: LayerInputs, experts: Experts, router: list[torch.Tensor], rule: RoutingRule, traits: MergeTraits
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Refit the reduced router to reproduce the original layer's routed output (see router.refit_to_outputs)."""
     import dataclasses
@@ -483,7 +404,7 @@ def _refit_outputs(
 
 def _dense_layer(
     strategy: str,
-    inputs: _LayerInputs,
+    inputs: LayerInputs,
     *,
     routed_width: int,
     weight_sum: float,
@@ -1174,7 +1095,7 @@ def _process_moe_layer(
     experts = layout.read_experts(checkpoint, layer, n, moe_width(dims, layer))
     router_names = layout.router_names(layer)
     router = [checkpoint.read_tensor(name) for name in router_names]
-    inputs = _LayerInputs(layer, experts, router, cal.layers[layer], act)
+    inputs = LayerInputs(layer, experts, router, cal.layers[layer], act)
     dtype = torch_dtype(expert_dtype)
     if not to_dense:
         decision, merged, new_router = _reduce_layer(
