@@ -41,7 +41,8 @@ MethodOpt = Annotated[
         help="How to choose the experts: pruning by frequency, soft-frequency (mean router probability), reap "
         "(router weight x expert output norm), search (the set of M whose layer output is closest to the "
         "original's, exhaustive when feasible) or ean (sum of expert output norms on its tokens); merging groups "
-        "around the most used experts (merge-frequency), by router-row similarity (merge-router) or by expert-output similarity (merge-output), averaged by frequency "
+        "around the most used experts (merge-frequency), by router-row similarity (merge-router) or by "
+        "expert-output similarity (merge-output), averaged by frequency "
         "after neuron alignment. Default: search with --dataset (frequency with --stats, or where search cannot model "
         "the routing).",
         show_default=False,
