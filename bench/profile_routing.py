@@ -208,7 +208,7 @@ def run_one(args: argparse.Namespace, shape: str, tokens: int) -> dict:
     import torch
 
     from moetool.data import Batch, iter_batches, iter_windows, load_documents
-    from moetool.modeling import load_model
+    from moetool.modeling import load_model_and_tokenizer
     from moetool.routing.profile import profile_routing
     from moetool.threads import apply_threads
 
@@ -218,7 +218,7 @@ def run_one(args: argparse.Namespace, shape: str, tokens: int) -> dict:
     dtype = args.dtype or defaults["dtype"]
     rows, length = defaults["batch"] if args.batch_size is None else (args.batch_size, args.seq_len)
     if shape == "example":
-        model, tokenizer, _ = load_model(str(ROOT / "examples" / "tiny-moe"), device=device, dtype=dtype)
+        model, tokenizer, _ = load_model_and_tokenizer(str(ROOT / "examples" / "tiny-moe"), device=device, dtype=dtype)
         documents = load_documents(str(ROOT / "examples" / "data" / "train.jsonl"), domain_field="domain")
         domains = sorted({d.domain for d in documents if d.domain})
         windows = iter_windows(tokenizer, documents, seq_len=args.seq_len, max_tokens=tokens)

@@ -126,14 +126,15 @@ def end_to_end(device: str) -> dict:
     """Quantize examples/tiny-moe with GPTQ through the library; per-layer wall times."""
     import tempfile
 
-    from moetool.quantize import CalibrationData, QuantizeOptions, quantize
+    from moetool.data import DatasetSpec
+    from moetool.quantize import QuantizeOptions, quantize
 
     with tempfile.TemporaryDirectory() as tmp:
         result = quantize(
             ROOT / "examples" / "tiny-moe",
             Path(tmp) / "out",
             QuantizeOptions(bits=4, group_size=64, device=device),
-            calibration=CalibrationData(str(ROOT / "examples" / "data" / "train.jsonl"), max_tokens=65536, seq_len=256),
+            calibration=DatasetSpec(str(ROOT / "examples" / "data" / "train.jsonl"), max_tokens=65536, seq_len=256),
             verify=False,
         )
     return {

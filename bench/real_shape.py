@@ -95,14 +95,15 @@ def build(out: Path, preset: str, layers: int, *, seed: int = 0, max_shard_size:
     from moetool.arch.dims import resolve_dims
     from moetool.arch.plan import planned_tensors
     from moetool.arch.registry import family_for_config
-    from moetool.io.writer import ShardedWriter, write_json
+    from moetool.io.shards import ShardWriter
+    from moetool.io.writer import write_json
 
     config = config_for(preset, layers)
     spec = family_for_config(config)
     dims = resolve_dims(spec, config)
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
-    with ShardedWriter(out, max_shard_size=max_shard_size) as writer:
+    with ShardWriter(out, max_shard_size=max_shard_size) as writer:
         for tensor in planned_tensors(spec, dims):
             if len(tensor.shape) == 1 and "norm" in tensor.name:
                 value = torch.ones(tensor.shape)

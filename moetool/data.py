@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moetool.errors import DatasetError, MissingDependencyError, UsageError
+from moetool.errors import DatasetError, MissingDependencyError, UsageError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -106,6 +106,90 @@ class Batch:
     input_ids: torch.LongTensor
     attention_mask: torch.LongTensor
     domains: list[str | None]
+
+
+# ----------------------------------------------------------------------------- the dataset spec
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Which text a command reads and how it cuts it: the CLI parses the options into one, once, and every
+    library function takes it (``--dataset``, ``--text-field``, ``--domain-field``, ``--split``,
+    ``--data-files``, ``--dataset-config``, ``--max-tokens``, ``--seq-len``, ``--batch-size``).
+
+    Attributes:
+        dataset: a local file or folder, or a Hub dataset id (see the module docstring).
+        text_field / domain_field: the fields that hold the text and, for per-domain figures, its domain.
+        split: the split of a Hub dataset (or of a ``save_to_disk`` folder holding several).
+        data_files: glob patterns inside a local folder, or ``data_files`` for a Hub dataset.
+        config_name: the configuration of a Hub dataset that has several.
+        max_tokens: tokens to read (``None``: all of it).
+        seq_len: tokens per window (documents are packed).
+        batch_size: windows per forward pass.
+        documents: the documents themselves, for a library caller that has them in memory
+            (:meth:`of_documents`); ``dataset`` then only names them.
+    """
+
+    dataset: str
+    text_field: str = "text"
+    domain_field: str | None = None
+    split: str = "train"
+    data_files: tuple[str, ...] = ()
+    config_name: str | None = None
+    max_tokens: int | None = None
+    seq_len: int = 256
+    batch_size: int = 8
+    documents: tuple[Document, ...] | None = None
+
+    @classmethod
+    def of_documents(cls, documents: Iterable[Document], name: str = "documents", **sizes: Any) -> DatasetSpec:
+        """A spec for documents already in memory (``sizes``: ``max_tokens``, ``seq_len``, ``batch_size``)."""
+        return cls(dataset=name, documents=tuple(documents), **sizes)
+
+    def check(self) -> None:
+        """Refuse sizes and fields that cannot work (before anything is read).
+
+        Raises:
+            UsageError: an empty dataset or field name, ``seq_len`` below 2, ``batch_size`` or ``max_tokens``
+                below 1.
+        """
+        if not self.dataset:
+            raise UsageError("--dataset is empty", hint="pass a local file or folder, or a Hub dataset id")
+        if not self.text_field:
+            raise UsageError("--text-field is empty", hint=HINT_TEXT_FIELD)
+        if self.domain_field == "":
+            raise UsageError("--domain-field is empty", hint=HINT_DOMAIN_FIELD)
+        if self.seq_len < 2:
+            raise UsageError(f"--seq-len must be at least 2, not {self.seq_len}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise UsageError(f"--max-tokens must be at least 1, not {self.max_tokens}")
+
+    def load(self) -> list[Document]:
+        """Every document, read and validated (see :func:`load_documents`)."""
+        if self.documents is not None:
+            return list(self.documents)
+        return load_documents(
+            self.dataset,
+            text_field=self.text_field,
+            domain_field=self.domain_field,
+            split=self.split,
+            data_files=list(self.data_files) or None,
+            config_name=self.config_name,
+        )
+
+    def batches(self, tokenizer: Any, documents: Iterable[Document] | None = None) -> Iterator[Batch]:
+        """The text as padded batches of windows (``documents``: already loaded ones, else :meth:`load`)."""
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        windows = iter_windows(
+            tokenizer, self.load() if documents is None else documents, seq_len=self.seq_len, max_tokens=self.max_tokens
+        )
+        return iter_batches(windows, batch_size=self.batch_size, pad_id=pad_id)
+
+    def describe(self) -> dict[str, Any]:
+        """What the text was, for reports: the dataset and the sizes that decide what was read."""
+        return {"dataset": self.dataset, "max_tokens": self.max_tokens, "seq_len": self.seq_len}
 
 
 # ----------------------------------------------------------------------------- documents
@@ -609,11 +693,6 @@ def _read_saved_dataset(
     yield from _datasets_rows(loaded, f"{shown} ({split})", text_field, domain_field)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 def _read_hub(
     spec: str,
     *,
@@ -634,18 +713,18 @@ def _read_hub(
         raise
     except FileNotFoundError as exc:  # datasets' DatasetNotFoundError is one
         raise DatasetError(
-            f"no dataset {spec!r} on the Hub or in the datasets cache ({_first_line(exc)})",
+            f"no dataset {spec!r} on the Hub or in the datasets cache ({first_line(exc)})",
             hint="check the id (org/name); offline, load it once online first; for a local file check the path",
             code="DATASET_NOT_FOUND",
         ) from None
     except ConnectionError as exc:
         raise DatasetError(
-            f"cannot reach the Hub for the dataset {spec!r}, and it is not cached ({_first_line(exc)})",
+            f"cannot reach the Hub for the dataset {spec!r}, and it is not cached ({first_line(exc)})",
             hint="check the network, or run once online to fill the datasets cache",
             code="DATASET_NOT_FOUND",
         ) from None
     except ValueError as exc:
-        message = _first_line(exc)
+        message = first_line(exc)
         if "split" in message.lower():
             raise DatasetError(
                 f"{spec}: {message}", hint="pass --split with a split the dataset has", code="DATASET_SPLIT"

@@ -117,6 +117,12 @@ class ThresholdFailedError(MoetoolError):
     exit_code = EXIT_THRESHOLD
 
 
+class VerificationError(MoetoolError):
+    """A written output failed a check before publishing (upcycle, merge, quantize, export); nothing was published."""
+
+    default_code = "VERIFY_FAILED"
+
+
 class DatasetError(MoetoolError):
     """A dataset that cannot be used: missing, empty, malformed, or without the requested fields.
 
@@ -148,3 +154,10 @@ class MoetoolWarning(UserWarning):
     """A problem moetool handled on its own and reports (a stale staging folder removed, remote code
     dropped from an output config). The CLI prints each as one ``warning:`` line on stderr; library
     users see them through Python's :mod:`warnings` machinery."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none): what a one-line
+    error message quotes of a third-party exception."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

@@ -19,12 +19,14 @@ torch is imported inside the functions.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from moetool.data import Document, iter_batches, iter_windows
+from moetool.data import DatasetSpec, Document, iter_batches, iter_windows
 from moetool.errors import DatasetError, ModelLoadError, MoetoolError, UsageError
+from moetool.io.jsonfile import json_number
+from moetool.progress import TOKENS, Progress
 
 SCHEMA_VERSION = 1
 
@@ -67,13 +69,6 @@ def _figures(sums: _Sums, with_reference: bool) -> dict[str, Any]:
         figures["top1_agreement"] = sums.agree / sums.tokens if sums.tokens else math.nan
         figures["reference_perplexity"] = _perplexity(sums.ref_nll / sums.tokens) if sums.tokens else math.nan
     return figures
-
-
-def _json_number(value: Any) -> Any:
-    # JSON has no inf/NaN: an overflowing perplexity is written as null.
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 @dataclass
@@ -125,13 +120,13 @@ class EvalResult:
             "windows": self.windows,
             "input_tokens": self.input_tokens,
             "tokens": self.tokens,
-            "nll": _json_number(self.nll),
-            "perplexity": _json_number(self.perplexity),
-            "kl": _json_number(self.kl),
-            "top1_agreement": _json_number(self.top1_agreement),
-            "reference_perplexity": _json_number(self.reference_perplexity),
+            "nll": json_number(self.nll),
+            "perplexity": json_number(self.perplexity),
+            "kl": json_number(self.kl),
+            "top1_agreement": json_number(self.top1_agreement),
+            "reference_perplexity": json_number(self.reference_perplexity),
             "per_domain": {
-                domain: {key: _json_number(value) for key, value in figures.items()}
+                domain: {key: json_number(value) for key, value in figures.items()}
                 for domain, figures in self.per_domain.items()
             },
         }
@@ -176,31 +171,30 @@ def _as_runner(model: Any) -> Any:
 def evaluate(
     model: Any,
     tokenizer: Any,
-    documents: Iterable[Document],
+    data: DatasetSpec,
+    documents: Iterable[Document] | None = None,
     *,
-    seq_len: int = 256,
-    batch_size: int = 8,
-    max_tokens: int | None = None,
     reference_model: Any = None,
     reference_tokenizer: Any = None,
-    progress: Callable[[float], None] | None = None,
+    progress: Progress | None = None,
+    stage: str = "evaluating",
     model_name: str | None = None,
     reference_name: str | None = None,
 ) -> EvalResult:
-    """Perplexity of ``model`` on ``documents``; with ``reference_model``, KL and top-1 agreement too.
+    """Perplexity of ``model`` on a dataset; with ``reference_model``, KL and top-1 agreement too.
 
     Args:
         model: a runner (:class:`moetool.runner.StreamedModel`: one layer at a time;
             :class:`moetool.runner.WholeModel`), or a transformers causal LM in eval mode.
         tokenizer: its tokenizer.
-        documents: the texts (e.g. from :func:`moetool.data.load_documents`); consumed lazily.
-        seq_len: tokens per window.
-        batch_size: windows per forward pass.
-        max_tokens: stop after this many input tokens (``None``: all of them).
+        data: the text and its windows (``seq_len`` tokens, ``batch_size`` per forward pass, at most
+            ``max_tokens`` input tokens).
+        documents: the documents when already read (consumed lazily); default: ``data.load()``.
         reference_model: a second model (or runner) run on the same windows; the result then has
             ``kl`` = mean KL(reference || model) and ``top1_agreement``.
         reference_tokenizer: the reference's tokenizer; when given it must match ``tokenizer``.
-        progress: called with progress in input tokens.
+        progress: reports ``stage`` in input tokens.
+        stage: how progress names the pass.
         model_name: how to name the model in the result (default: its ``name_or_path``).
         reference_name: how to name the reference.
 
@@ -222,8 +216,8 @@ def evaluate(
     reference = _as_runner(reference_model) if reference_model is not None else None
     name = model_name or _model_name(runner.model)
     ref_name = (reference_name or _model_name(reference.model)) if reference is not None else None
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, not {batch_size}")
+    data.check()
+    seq_len = data.seq_len
     check_seq_len(runner.config, seq_len, name)
     if reference is not None:
         check_seq_len(reference.config, seq_len, ref_name or "the reference")
@@ -245,15 +239,17 @@ def evaluate(
 
     def advance(tokens: float) -> None:
         if progress is not None:
-            progress(tokens * share)
+            progress(stage, tokens * share, data.max_tokens, unit=TOKENS)
 
     from moetool.runner.dist import current_ranks
 
     ranks = current_ranks(str(runner.device))
-    windows = iter_windows(tokenizer, documents, seq_len=seq_len, max_tokens=max_tokens)
+    if documents is None:
+        documents = data.load()
+    windows = iter_windows(tokenizer, documents, seq_len=seq_len, max_tokens=data.max_tokens)
     # The runners refuse token ids beyond the vocabulary (TOKENIZER_MISMATCH) before anything runs. With
     # several processes, each scores a share of the batches and the sums are added up below.
-    batches = ranks.shard(iter_batches(windows, batch_size=batch_size, pad_id=pad_id))
+    batches = ranks.shard(iter_batches(windows, batch_size=data.batch_size, pad_id=pad_id))
     sums: dict[str | None, _Sums] = {}
     input_tokens = 0
     if reference is None:

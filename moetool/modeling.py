@@ -29,6 +29,7 @@ from moetool.errors import (
     MoetoolError,
     UnsupportedArchitectureError,
     UsageError,
+    first_line,
 )
 
 if TYPE_CHECKING:
@@ -268,11 +269,6 @@ def quiet_transformers() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 def open_checkpoint(
     spec: str,
     *,
@@ -321,12 +317,12 @@ def load_tokenizer(checkpoint: Checkpoint) -> Any:
             return AutoTokenizer.from_pretrained(str(root), local_files_only=True, trust_remote_code=False)
     except ImportError as exc:
         raise MissingDependencyError(
-            f"the tokenizer of {checkpoint.name} needs a package that is not installed: {_first_line(exc)}",
+            f"the tokenizer of {checkpoint.name} needs a package that is not installed: {first_line(exc)}",
             hint="install the package it names (often: pip install sentencepiece, or tiktoken)",
         ) from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelLoadError(
-            f"cannot load the tokenizer of {checkpoint.name}: {_first_line(exc)}",
+            f"cannot load the tokenizer of {checkpoint.name}: {first_line(exc)}",
             hint="check the tokenizer files; rerun with MOETOOL_DEBUG=1 for details",
             code="TOKENIZER_INVALID",
         ) from None
@@ -446,7 +442,7 @@ def load_weights_transformers(
             )
     except ImportError as exc:
         raise MissingDependencyError(
-            f"loading {checkpoint.name} needs a package that is not installed: {_first_line(exc)}",
+            f"loading {checkpoint.name} needs a package that is not installed: {first_line(exc)}",
             hint="install the package it names",
         ) from None
     except MoetoolError:
@@ -459,7 +455,7 @@ def load_weights_transformers(
         ) from None
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
         raise ModelLoadError(
-            f"transformers cannot load {checkpoint.name}: {_first_line(exc)}",
+            f"transformers cannot load {checkpoint.name}: {first_line(exc)}",
             hint="rerun with MOETOOL_DEBUG=1 for transformers' load report",
             code="MODEL_LOAD_FAILED",
         ) from None
@@ -507,6 +503,41 @@ def load_weights(
 
 
 def load_model(
+    path: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    revision: str | None = None,
+    token: str | bool | None = None,
+    device_map: str | None = None,
+    offline: bool | None = None,
+) -> Any:
+    """Load a checkpoint as a transformers model, including moetool-quantized ones (``moetool.load_model``).
+
+    A checkpoint written by ``moetool quantize`` comes back as the family's transformers model whose
+    quantized experts (and linears) keep their packed codes and dequantize on the fly; any other
+    checkpoint loads through transformers' ``AutoModelForCausalLM``. :func:`load_model_and_tokenizer`
+    loads the tokenizer too.
+
+    Args:
+        path: a local checkpoint folder, or a Hugging Face Hub repo id.
+        device: ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda[:N]``, ``mps``.
+        dtype: ``auto`` (float32 on CPU, the checkpoint's dtype on GPU), ``float32``, ``bfloat16``,
+            ``float16``.
+        revision / token / offline: Hub access for a repo id.
+        device_map: ``None`` or an accelerate strategy such as ``"auto"``.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        moetool.errors.MoetoolError: a missing or invalid checkpoint, a bad option, a failed load.
+    """
+    checkpoint = open_checkpoint(path, revision=revision, token=token, offline=offline)
+    return load_weights(checkpoint, device=device, dtype=dtype, device_map=device_map)
+
+
+def load_model_and_tokenizer(
     spec: str,
     *,
     device: str = "auto",

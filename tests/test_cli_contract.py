@@ -8,25 +8,22 @@ import os
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from tests.test_data import make_tokenizer
-from tests.test_eval import corpus
+from tests import helpers
+from tests.helpers import corpus, make_tokenizer
 from tests.tiny import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["inspect", "profile-routing", "eval", "upcycle", "merge", "distill", "quantize", "verify"]
 
 
-def run_cli(*args: str, columns: int = 200, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    full = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": str(columns), **(env or {})}
-    full.pop("MOETOOL_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "moetool", *args], capture_output=True, text=True, env=full, cwd=ROOT, timeout=300
-    )
+# The one CLI runner (tests/helpers.py), with this file's settings.
+run_cli = partial(helpers.run_cli, columns=200)
 
 
 def help_text(*command: str) -> str:

@@ -3,29 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 
+from tests import helpers
 from tests.tiny import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, env: dict | None = None, module: bool = False) -> subprocess.CompletedProcess:
-    """Run moetool in a fresh interpreter, as a user would."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "120"}
-    full_env.pop("MOETOOL_DEBUG", None)
-    full_env.update(env or {})
-    entry = (
-        [sys.executable, "-m", "moetool"] if module else [sys.executable, "-c", "from moetool.cli import main; main()"]
-    )
-    return subprocess.run([*entry, *args], capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=120)
+# The one CLI runner (tests/helpers.py), with this file's settings.
+run_cli = partial(helpers.run_cli, module=False, timeout=120)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:

@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.test_data import make_tokenizer
-from tests.test_eval import corpus
+from tests import helpers
+from tests.helpers import corpus, make_tokenizer
 from tests.tiny import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "160"}
-    env.pop("MOETOOL_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "moetool", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
-    )
+# The one CLI runner (tests/helpers.py), with this file's settings.
+run_cli = partial(helpers.run_cli, columns=160)
 
 
 @pytest.fixture(scope="module")

@@ -17,35 +17,7 @@ import pytest
 
 from moetool.data import Document, Window, iter_batches, iter_documents, iter_windows, load_documents
 from moetool.errors import DatasetError, MissingDependencyError, UsageError
-
-# Words of the test tokenizer (WordLevel: one token per word). Special tokens first: <pad> 0, <unk> 1, </s> 2.
-WORDS = [
-    *("the", "cat", "sat", "on", "a", "mat", "dog", "ran", "in", "park", "def", "return", "if", "else", "for"),
-    *("while", "sum", "of", "two", "is", "four", "king", "war", "year", "history", "code", "math", "web"),
-    *("one", "three", "five", "six", "seven", "eight", "nine", "ten"),
-]
-SPECIALS = ["<pad>", "<unk>", "</s>"]
-
-
-def make_tokenizer(words: list[str] | tuple[str, ...] = WORDS, *, eos: bool = True, path: Path | None = None):
-    """A tiny word-level tokenizer (one token per word), optionally saved into a model folder.
-
-    Args:
-        words: the vocabulary, in id order after the special tokens.
-        eos: whether the tokenizer has an end-of-sequence token.
-        path: a folder to save the tokenizer files into (e.g. a tiny model from tests/tiny.py).
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate([*SPECIALS, *dict.fromkeys(words)])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    kwargs = {"eos_token": "</s>"} if eos else {}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", **kwargs)
-    if path is not None:
-        tokenizer.save_pretrained(path)
-    return tokenizer
+from tests.helpers import WORDS, make_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from moetool.data import DatasetSpec
 from moetool.distill.options import DistillOptions
 from moetool.errors import MoetoolError, UsageError
-from tests.test_data import make_tokenizer
-from tests.test_eval import corpus
+from tests.helpers import corpus, make_tokenizer
 from tests.tiny import build_tiny
 
 SEQ = 16
@@ -225,13 +225,11 @@ def _options(**changes) -> DistillOptions:
 def _run(setup, name: str, *, options: DistillOptions | None = None, **kwargs):
     from moetool.distill import distill
 
-    kwargs.setdefault("eval_documents", setup["heldout"])
+    kwargs.setdefault("eval_data", DatasetSpec.of_documents(setup["heldout"], "heldout"))
     return distill(
         str(setup["teacher"]),
         setup["root"] / name,
-        documents=setup["train"],
-        dataset_name="corpus",
-        eval_name="heldout",
+        data=DatasetSpec.of_documents(setup["train"], "corpus"),
         options=options or _options(),
         device="cpu",
         **kwargs,
@@ -284,10 +282,11 @@ def test_resume_continues_from_the_same_step_with_identical_weights(setup):
     from moetool.distill.train import DistillInterrupted
 
     _run(setup, "straight", options=_options(save_every=100))
-    stops = []
+    stops, steps = [], []
 
-    def stop_at_3(stage, advance, total, info):
-        if stage == "training" and info["step"] == 3:
+    def stop_at_3(stage, advance=0, total=None, **_):
+        steps.extend([stage] * (stage == "training"))
+        if len(steps) == 3:
             stops.append(3)
             raise KeyboardInterrupt  # what Ctrl-C does, at a step boundary
 
@@ -311,8 +310,11 @@ def test_cached_topk_teacher_trains_and_resumes(setup):
 
     options = _options(cache_topk=8, alpha=1.0, temperature=2.0)
 
-    def stop_at_2(stage, advance, total, info):
-        if stage == "training" and info["step"] == 2:
+    steps = []
+
+    def stop_at_2(stage, advance=0, total=None, **_):
+        steps.extend([stage] * (stage == "training"))
+        if len(steps) == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(DistillInterrupted):
@@ -338,7 +340,7 @@ def test_refusals_before_any_work(setup):
 
     root = setup["root"]
     with pytest.raises(MoetoolError) as info:
-        distill(str(setup["dense"]), root / "x", documents=setup["train"], dataset_name="c", options=_options())
+        distill(str(setup["dense"]), root / "x", data=DatasetSpec.of_documents(setup["train"], "c"), options=_options())
     assert info.value.code == "NOT_MOE"
     (root / "taken").mkdir()
     (root / "taken" / "file").write_text("x")
@@ -357,7 +359,7 @@ def test_refusals_before_any_work(setup):
 def test_checkpoint_of_an_earlier_run_needs_resume_and_the_same_settings(setup):
     from moetool.distill.train import DistillInterrupted
 
-    def stop_at_1(stage, advance, total, info):
+    def stop_at_1(stage, advance=0, total=None, **_):
         if stage == "training":
             raise KeyboardInterrupt
 

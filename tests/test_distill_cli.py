@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.test_data import make_tokenizer
-from tests.test_eval import corpus
+from tests import helpers
+from tests.helpers import corpus, make_tokenizer
 from tests.tiny import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,16 +21,8 @@ FAST = ["--seq-len", "16", "--batch-size", "4", "--calibration-tokens", "300", "
         "--threads", "1"]  # fmt: skip
 
 
-def _env() -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "160"}
-    env.pop("MOETOOL_DEBUG", None)
-    return env
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "moetool", *args], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300
-    )
+# The one CLI runner (tests/helpers.py), with this file's settings.
+run_cli = partial(helpers.run_cli, columns=160)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +122,7 @@ def test_ctrl_c_leaves_a_resumable_checkpoint_and_no_output(setup):
     process = subprocess.Popen(
         [sys.executable, "-m", "moetool", "distill", str(setup["teacher"]), "-o", str(out), "-d",
          str(setup["data"]), "--steps", "100000", "--save-every", "100000", *FAST],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=helpers.cli_env(columns=160), cwd=ROOT,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 240

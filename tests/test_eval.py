@@ -19,33 +19,23 @@ import torch
 from typer.testing import CliRunner
 
 from moetool.cli import app
-from moetool.data import Document, iter_windows
+from moetool.data import DatasetSpec, Document, iter_windows
 from moetool.errors import CheckpointError, DatasetError, ModelLoadError, UnsupportedArchitectureError, UsageError
 from moetool.evaluate import EvalResult, evaluate
 from moetool.modeling import (
     LOADERS,
     check_same_tokenizer,
-    load_model,
+    load_model_and_tokenizer,
     open_checkpoint,
     resolve_device,
     resolve_dtype,
 )
-from tests.test_data import WORDS, make_tokenizer
+from tests.helpers import WORDS, corpus, make_tokenizer
 from tests.tiny import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_TYPE = "qwen2_moe"  # routed + gated shared experts, and a dense layer in between
 SEQ_LEN = 24
-
-
-def corpus(n: int = 60, domains: tuple[str, ...] = ("code", "math", "web")) -> list[Document]:
-    """Deterministic pseudo-text over the tokenizer's words, with domains."""
-    documents = []
-    for i in range(n):
-        length = 4 + (i * 7) % 19
-        words = [WORDS[(i * 5 + j * j + j) % len(WORDS)] for j in range(length)]
-        documents.append(Document(" ".join(words), domains[i % len(domains)]))
-    return documents
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +56,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def model_a(models):
-    return load_model(str(models["a"]), device="cpu")
+    return load_model_and_tokenizer(str(models["a"]), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +101,7 @@ def test_devices_and_dtypes():
         with pytest.raises(UsageError, match="no CUDA"):
             resolve_device("cuda")
     with pytest.raises(UsageError):
-        load_model("unused", device_map="everywhere")
+        load_model_and_tokenizer("unused", device_map="everywhere")
 
 
 def test_missing_tokenizer(models, tmp_path):
@@ -120,7 +110,7 @@ def test_missing_tokenizer(models, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (folder / name).unlink()
     with pytest.raises(ModelLoadError) as excinfo:
-        load_model(str(folder), device="cpu")
+        load_model_and_tokenizer(str(folder), device="cpu")
     assert excinfo.value.code == "TOKENIZER_MISSING"
     assert "tokenizer files" in excinfo.value.hint
 
@@ -131,7 +121,7 @@ def test_no_weights(models, tmp_path):
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(models["a"] / name, folder / name)
     with pytest.raises(CheckpointError) as excinfo:
-        load_model(str(folder), device="cpu")
+        load_model_and_tokenizer(str(folder), device="cpu")
     assert excinfo.value.code == "WEIGHTS_MISSING"
 
 
@@ -145,7 +135,7 @@ def test_weights_not_matching_config(models, tmp_path):
     tensors["model.extra.weight"] = torch.zeros(2)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError) as excinfo:
-        load_model(str(folder), device="cpu")
+        load_model_and_tokenizer(str(folder), device="cpu")
     assert excinfo.value.code == "WEIGHTS_MISMATCH"
     assert "missing model.layers.0.self_attn.q_proj.weight" in excinfo.value.message
     assert "unexpected model.extra.weight" in excinfo.value.message
@@ -169,7 +159,7 @@ def test_families_transformers_cannot_run(models, tmp_path, edit, error, code):
     config.update(edit)
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(error) as excinfo:
-        load_model(str(folder), device="cpu")
+        load_model_and_tokenizer(str(folder), device="cpu")
     assert excinfo.value.code == code
 
 
@@ -186,7 +176,7 @@ def test_quantized_loader_hook(models, tmp_path, monkeypatch):
         return "the model"
 
     monkeypatch.setitem(LOADERS, "moetool-test", loader)
-    model, _, _ = load_model(str(folder), device="cpu")
+    model, _, _ = load_model_and_tokenizer(str(folder), device="cpu")
     assert model == "the model"
     assert calls == [(folder, torch.float32, torch.device("cpu"), None)]
 
@@ -208,10 +198,14 @@ def test_tokenizer_comparison(model_a, models):
 # ----------------------------------------------------------------------------- perplexity
 
 
+def _data(documents, **sizes) -> DatasetSpec:
+    return DatasetSpec.of_documents(documents, **sizes)
+
+
 def test_single_window_matches_transformers_loss(model_a):
     model, tokenizer, _ = model_a
     documents = corpus()
-    result = evaluate(model, tokenizer, documents, seq_len=SEQ_LEN, max_tokens=SEQ_LEN)
+    result = evaluate(model, tokenizer, _data(documents, seq_len=SEQ_LEN, max_tokens=SEQ_LEN))
     [window] = list(iter_windows(tokenizer, documents, seq_len=SEQ_LEN, max_tokens=SEQ_LEN))
     [(loss, n)] = direct_losses(model, [window])
     assert (result.windows, result.tokens, result.input_tokens) == (1, SEQ_LEN - 1, SEQ_LEN) and n == SEQ_LEN - 1
@@ -228,7 +222,7 @@ def test_token_weighted_mean_over_windows(model_a, batch_size):
     assert len(windows) > 6 and len(lengths) > 1  # full windows and shorter per-domain remainders (padding)
     direct = direct_losses(model, windows)
     expected = sum(loss * n for loss, n in direct) / sum(n for _, n in direct)
-    result = evaluate(model, tokenizer, documents, seq_len=SEQ_LEN, batch_size=batch_size)
+    result = evaluate(model, tokenizer, _data(documents, seq_len=SEQ_LEN, batch_size=batch_size))
     assert result.tokens == sum(n for _, n in direct)
     assert result.windows == len(windows)
     assert result.nll == pytest.approx(expected, abs=1e-5)
@@ -243,15 +237,15 @@ def test_token_weighted_mean_over_windows(model_a, batch_size):
 def test_reference_itself_and_another(model_a, models):
     model, tokenizer, _ = model_a
     documents = corpus(30)
-    same, _, _ = load_model(str(models["a"]), device="cpu")
-    result = evaluate(model, tokenizer, documents, seq_len=SEQ_LEN, batch_size=4, reference_model=same)
+    same, _, _ = load_model_and_tokenizer(str(models["a"]), device="cpu")
+    result = evaluate(model, tokenizer, _data(documents, seq_len=SEQ_LEN, batch_size=4), reference_model=same)
     assert abs(result.kl) < 1e-7
     assert result.top1_agreement == 1.0
     assert all(d["top1_agreement"] == 1.0 for d in result.per_domain.values())
 
-    other, other_tokenizer, _ = load_model(str(models["b"]), device="cpu")
+    other, other_tokenizer, _ = load_model_and_tokenizer(str(models["b"]), device="cpu")
     result = evaluate(
-        model, tokenizer, documents, seq_len=SEQ_LEN, max_tokens=SEQ_LEN, reference_model=other,
+        model, tokenizer, _data(documents, seq_len=SEQ_LEN, max_tokens=SEQ_LEN), reference_model=other,
         reference_tokenizer=other_tokenizer,
     )  # fmt: skip
     assert result.kl > 1e-4 and 0.0 <= result.top1_agreement < 1.0
@@ -268,20 +262,20 @@ def test_reference_itself_and_another(model_a, models):
 
     with pytest.raises(ModelLoadError, match="end-of-sequence"):
         no_eos = make_tokenizer(eos=False)
-        evaluate(model, tokenizer, documents, seq_len=SEQ_LEN, reference_model=same, reference_tokenizer=no_eos)
+        evaluate(model, tokenizer, _data(documents, seq_len=SEQ_LEN), reference_model=same, reference_tokenizer=no_eos)
 
 
 def test_evaluate_refusals(model_a):
     model, tokenizer, _ = model_a
     limit = model.config.max_position_embeddings
     with pytest.raises(UsageError, match="max_position_embeddings"):
-        evaluate(model, tokenizer, corpus(), seq_len=limit + 1)
+        evaluate(model, tokenizer, _data(corpus(), seq_len=limit + 1))
     with pytest.raises(DatasetError) as excinfo:
-        evaluate(model, tokenizer, [Document("the")], seq_len=SEQ_LEN, max_tokens=1)
+        evaluate(model, tokenizer, _data([Document("the")], seq_len=SEQ_LEN, max_tokens=1))
     assert excinfo.value.code == "DATASET_EMPTY"
     big = make_tokenizer([f"w{i}" for i in range(200)])
     with pytest.raises(ModelLoadError, match="embeddings"):
-        evaluate(model, big, [Document("w150 w199 w3")], seq_len=SEQ_LEN)
+        evaluate(model, big, _data([Document("w150 w199 w3")], seq_len=SEQ_LEN))
 
 
 def test_result_json_is_finite():

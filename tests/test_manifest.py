@@ -6,8 +6,7 @@ import hashlib
 import json
 import os
 import stat
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,16 +16,13 @@ from safetensors.torch import save_file
 from moetool.io.manifest import MANIFEST_NAME, ManifestError, read_manifest, verify_folder, write_manifest
 from moetool.io.permissions import apply_umask_modes, umask_modes
 from moetool.io.writer import staged_output
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "120"}
-    env.pop("MOETOOL_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "moetool", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
-    )
+# The one CLI runner (tests/helpers.py), with this file's settings.
+run_cli = partial(helpers.run_cli, offline=False, timeout=120)
 
 
 @pytest.fixture

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from moetool.data import DatasetSpec
 from moetool.errors import MoetoolError, UnsupportedArchitectureError, UsageError
-from moetool.merge import merge
+from moetool.merge import MergeOptions
+from moetool.merge import merge as merge_model
 from moetool.merge.api import METHODS
 from moetool.merge.traits import REFUSED
-from tests.test_data import make_tokenizer
-from tests.test_eval import corpus
+from tests.helpers import corpus, make_tokenizer
 from tests.tiny import MOE_TYPES, build_tiny
 
 SUPPORTED = [t for t in MOE_TYPES if t not in REFUSED]
@@ -38,6 +39,14 @@ RENORM_OVERRIDES = {
 
 def documents(n: int = 40):
     return corpus(n)
+
+
+def merge(model, out, *, calibration=None, stats=None, seq_len=256, batch_size=8, max_tokens=50_000, **options):
+    """merge() with the calibration documents and sizes as these tests give them."""
+    data = None
+    if calibration is not None:
+        data = DatasetSpec.of_documents(calibration, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size)
+    return merge_model(model, out, MergeOptions(**options), calibration=data, stats=stats)
 
 
 def load_hf(path: Path):
@@ -260,10 +269,10 @@ def tiny_mixtral(tmp_path_factory):
 
 def test_stats_file_in_place_of_a_dataset(tiny_mixtral, tmp_path):
     from moetool.data import iter_batches, iter_windows
-    from moetool.modeling import load_model
+    from moetool.modeling import load_model_and_tokenizer
     from moetool.routing.profile import profile_routing
 
-    model, tokenizer, _ = load_model(str(tiny_mixtral), device="cpu")
+    model, tokenizer, _ = load_model_and_tokenizer(str(tiny_mixtral), device="cpu")
     windows = iter_windows(tokenizer, documents(), seq_len=16)
     stats = profile_routing(model, iter_batches(windows, batch_size=4), name=str(tiny_mixtral))
     stats_path = tmp_path / "routing-stats.json"

@@ -103,6 +103,21 @@ def test_contribution_norms_on_hand_made_experts():
     # Llama-4 style: the weight scales the input, so the contribution is E(w x), not w E(x).
     sums_in, _ = scores.contribution_norms(experts, x, indices, weights, silu, scales_input=True)
     assert sums_in[0] == pytest.approx(value(0.5) + value(0.5), rel=1e-5)
+    # EAN: the same norms without the routing weight, summed (every routed token counts fully).
+    norms, _ = scores.contribution_norms(experts, x, indices, weights, silu, weighted=False)
+    expected = [value(1.0) + value(2.0) + value(1.0), 3 * (value(1.0) + value(2.0) + value(1.0))]
+    assert scores.ean(norms) == pytest.approx(expected, rel=1e-5)
+
+
+def test_method_registry_drives_the_options():
+    from moetool.merge.api import METHODS, NEEDS_SAMPLE, PRUNING_METHODS
+    from moetool.merge.methods import METHODS as REGISTRY
+    from moetool.merge.methods import PRUNE
+
+    assert set(REGISTRY) == set(METHODS)
+    assert "ean" in PRUNING_METHODS and REGISTRY["ean"].kind == PRUNE and "ean" in NEEDS_SAMPLE
+    for method in REGISTRY.values():
+        assert (method.select is None) != (method.group is None), method.name
 
 
 # ----------------------------------------------------------------------------- grouping

@@ -22,20 +22,13 @@ from typer.testing import CliRunner
 from moetool.cli import app
 from moetool.io.manifest import MANIFEST_NAME, verify_folder
 from moetool.io.model_card import validate_model_card
-from tests.test_data import make_tokenizer
-from tests.test_eval import corpus
+from tests.helpers import corpus, make_tokenizer
 from tests.tiny import build_tiny
 
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second thread costs more than the work on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Initializing zero-element tensors"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @pytest.fixture(scope="module")

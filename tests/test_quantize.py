@@ -16,28 +16,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from moetool.data import DatasetSpec
 from moetool.errors import CheckpointError, ConfigError, UnsupportedArchitectureError, UsageError
 from moetool.io.checkpoint import Checkpoint
-from moetool.quantize import CalibrationData, CoverageOptions, QuantizeOptions, quantize
+from moetool.quantize import CoverageOptions, QuantizeOptions, quantize
 from moetool.quantize.grids import UniformGrid
 from moetool.quantize.modules import QuantizedExperts, QuantizedLinear
 from moetool.quantize.rtn import rtn_quantize
-from tests.test_data import make_tokenizer
-from tests.test_eval import corpus
+from tests.helpers import corpus, make_tokenizer
 from tests.tiny import build_tiny
 
 # transformers initialises a zero-width shared expert (Qwen2-MoE without shared experts) before loading it.
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Initializing zero-element tensors"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "deepseek_v3", "minimax_m2"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +55,8 @@ def calib_file(tmp_path_factory) -> Path:
     return path
 
 
-def calibration(path: Path, tokens: int = 1024) -> CalibrationData:
-    return CalibrationData(str(path), max_tokens=tokens, seq_len=32, batch_size=4)
+def calibration(path: Path, tokens: int = 1024) -> DatasetSpec:
+    return DatasetSpec(str(path), max_tokens=tokens, seq_len=32, batch_size=4)
 
 
 def routed_names(folder: Path) -> list[str]:

@@ -8,42 +8,32 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from tests.test_data import make_tokenizer
-from tests.test_eval import corpus
+from tests import helpers
+from tests.helpers import corpus, make_tokenizer
 from tests.tiny import build_tiny
 
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Initializing zero-element tensors"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    """Run moetool in a fresh interpreter, as a user would."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "120", "OMP_NUM_THREADS": "1"}
-    env.pop("MOETOOL_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "moetool", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
-    )
+# The one CLI runner (tests/helpers.py), with this file's settings.
+run_cli = partial(helpers.run_cli, one_thread=True)
 
 
 def invoke(*args: str):
     from moetool.cli import app
 
     return CliRunner().invoke(app, list(args))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

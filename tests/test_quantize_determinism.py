@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moetool.quantize import CalibrationData, QuantizeOptions, quantize
-from tests.test_data import make_tokenizer
-from tests.test_eval import corpus
+from moetool.data import DatasetSpec
+from moetool.quantize import QuantizeOptions, quantize
+from tests.helpers import corpus, make_tokenizer
 from tests.tiny import build_tiny
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
@@ -52,7 +52,7 @@ def run(setup, threads: int, name: str) -> dict[str, bytes]:
             str(setup["moe"]),
             str(out),
             QuantizeOptions(bits=4, group_size=32, device="cpu"),
-            calibration=CalibrationData(dataset=str(setup["data"]), max_tokens=2048, seq_len=64),
+            calibration=DatasetSpec(dataset=str(setup["data"]), max_tokens=2048, seq_len=64),
             verify=False,
         )
     finally:

@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,13 @@ from moetool.quantize.formats.ct_pack import pack_int32, pack_int32_rows, unpack
 from moetool.quantize.grids import SymmetricGrid, dequantize_groups
 from moetool.quantize.modules import QuantizedExperts
 from moetool.quantize.rtn import rtn_quantize
+from tests import helpers
 from tests.tiny import build_tiny
 
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Initializing zero-element tensors"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ["mixtral", "qwen3_moe", "deepseek_v3", "granitemoe"]
@@ -43,14 +48,6 @@ try:
 except ImportError:  # the dev extra installs it; the tests that need it say so
     HAVE_CT = False
 needs_ct = pytest.mark.skipif(not HAVE_CT, reason="needs the compressed-tensors package (pip install -e '.[dev]')")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -412,12 +409,8 @@ def test_export_refusals(tiny, tmp_path, ct_outputs):
 # ----------------------------------------------------------------------------- CLI
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "120", "OMP_NUM_THREADS": "1"}
-    env.pop("MOETOOL_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "moetool", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
-    )
+# The one CLI runner (tests/helpers.py), with this file's settings.
+run_cli = partial(helpers.run_cli, one_thread=True)
 
 
 def invoke(*args: str):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moetool.data import Batch, Document
+from moetool.data import Batch, DatasetSpec, Document
 from moetool.io.checkpoint import Checkpoint
 from moetool.runner import StreamedModel, StreamOptions
 from moetool.runner.stream import WholeModel
@@ -79,8 +79,9 @@ def test_perplexity_and_kl_match(tiny: dict[str, Path], family: str) -> None:
     documents = [Document("the quick brown fox jumps over the lazy dog " * 3, None) for _ in range(6)]
     streamed = StreamedModel(Checkpoint.open(tiny[family]), StreamOptions(device="cpu"))
     reference = StreamedModel(Checkpoint.open(tiny["mixtral"]), StreamOptions(device="cpu"))
-    a = evaluate(streamed, _Tokenizer(), documents, seq_len=24, batch_size=2, reference_model=reference)
-    b = evaluate(_whole(tiny[family]), _Tokenizer(), documents, seq_len=24, batch_size=2,
+    data = DatasetSpec.of_documents(documents, seq_len=24, batch_size=2)
+    a = evaluate(streamed, _Tokenizer(), data, reference_model=reference)
+    b = evaluate(_whole(tiny[family]), _Tokenizer(), data,
                  reference_model=_whole(tiny["mixtral"]))  # fmt: skip
     assert a.tokens == b.tokens > 0
     assert a.perplexity == pytest.approx(b.perplexity, rel=1e-6)
@@ -93,7 +94,8 @@ def test_perplexity_and_kl_match(tiny: dict[str, Path], family: str) -> None:
 def test_quantized_codes_identical(tiny: dict[str, Path], tmp_path: Path, family: str) -> None:
     from safetensors.torch import load_file
 
-    from moetool.quantize import CalibrationData, QuantizeOptions, quantize
+    from moetool.data import DatasetSpec
+    from moetool.quantize import QuantizeOptions, quantize
 
     data = tmp_path / "calib.jsonl"
     data.write_text("\n".join('{"text": "%s"}' % ("lorem ipsum dolor sit amet " * (i + 3)) for i in range(12)))
@@ -101,7 +103,7 @@ def test_quantized_codes_identical(tiny: dict[str, Path], tmp_path: Path, family
     source = tiny[f"{family}-4k"]
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (source / name).write_bytes((tokenizer_src / name).read_bytes())
-    calibration = CalibrationData(str(data), max_tokens=512, seq_len=32, batch_size=4)
+    calibration = DatasetSpec(str(data), max_tokens=512, seq_len=32, batch_size=4)
     outputs = {}
     for whole in (False, True):
         out = tmp_path / f"q-{whole}"

@@ -10,8 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from moetool import threads as policy
-from tests.test_data import make_tokenizer
-from tests.test_eval import corpus
+from tests.helpers import corpus, make_tokenizer
 from tests.tiny import build_tiny
 
 COMMANDS = ("profile-routing", "eval", "upcycle", "merge", "distill", "quantize")

@@ -19,7 +19,10 @@ from moetool.upcycle import UpcycleOptions, VerificationError, build_plan, upcyc
 from tests.tiny import build_tiny
 
 # transformers initialises a zero-width shared expert (Qwen2-MoE without shared experts) before loading it.
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Initializing zero-element tensors"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 TOKENS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
 EXPERTS_TOPK = [(8, 2), (4, 1), (6, 3)]
@@ -34,16 +37,6 @@ TARGETS = [
     ("llama", "qwen2_moe", 1),
     ("mistral", "qwen2_moe", 1),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: handing work to a second thread costs more than the work, and on a busy 2-core
-    # machine an OpenMP barrier can wait a whole scheduler time slice (x1000 slower matmuls).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def logits(folder: Path) -> tuple[torch.Tensor, dict]:
@@ -176,7 +169,7 @@ def test_qwen2_sliding_layers_kept(tmp_path):
 
 def test_dry_run_writes_nothing_and_predicts_the_size(dense, tmp_path):
     source = dense["qwen2"][0]
-    opts = UpcycleOptions(6, 2, granularity=2, shared_experts=1, max_shard_size="40KB")
+    opts = UpcycleOptions(6, 2, granularity=2, shared_experts=1, max_shard_size=40_000)
     planned = upcycle(source, tmp_path / "moe", opts, dry_run=True)
     assert planned.dry_run and not (tmp_path / "moe").exists() and list(tmp_path.iterdir()) == []
     result = upcycle(source, tmp_path / "moe", opts)
@@ -191,7 +184,7 @@ def test_dry_run_writes_nothing_and_predicts_the_size(dense, tmp_path):
 def test_shard_size_and_runs_do_not_change_tensor_bytes(dense, tmp_path):
     source = dense["llama"][0]
     upcycle(source, tmp_path / "one", UpcycleOptions(4, 2, granularity=2), verify=False)
-    upcycle(source, tmp_path / "many", UpcycleOptions(4, 2, granularity=2, max_shard_size="20KB"), verify=False)
+    upcycle(source, tmp_path / "many", UpcycleOptions(4, 2, granularity=2, max_shard_size=20_000), verify=False)
     upcycle(source, tmp_path / "again", UpcycleOptions(4, 2, granularity=2), verify=False)
     one, many = Checkpoint.open(tmp_path / "one"), Checkpoint.open(tmp_path / "many")
     assert len(many.shards) > 3 and list(one.tensors) == list(many.tensors)
@@ -263,7 +256,7 @@ def test_zero_router_exact_and_refused_with_granularity(dense, tmp_path):
 
 
 def test_kmeans_router_from_a_dataset(tmp_path):
-    from tests.test_data import make_tokenizer
+    from tests.helpers import make_tokenizer
 
     source = tmp_path / "dense"
     build_tiny("llama", source)
@@ -271,10 +264,12 @@ def test_kmeans_router_from_a_dataset(tmp_path):
     reference = logits(source)[0]
     data = tmp_path / "data.txt"
     data.write_text("\n\n".join(["the cat sat on a mat", "def sum of two is four", "the dog ran in park"] * 10))
-    from moetool.upcycle import KMeansData
+    from moetool.data import DatasetSpec
 
     opts = UpcycleOptions(4, 2, granularity=2, router_init="kmeans", seed=5)
-    result = upcycle(source, tmp_path / "moe", opts, kmeans_data=KMeansData(str(data), seq_len=16, max_tokens=200))
+    result = upcycle(
+        source, tmp_path / "moe", opts, kmeans_data=DatasetSpec(str(data), seq_len=16, max_tokens=200, batch_size=4)
+    )
     assert result.verification.status == "passed"
     router = Checkpoint.open(tmp_path / "moe").read_tensor("model.layers.0.block_sparse_moe.gate.weight")
     assert torch.equal(router[0], router[1]) and not torch.equal(router[0], router[2])  # rows per copy, per shard

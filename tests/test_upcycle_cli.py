@@ -5,38 +5,26 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
+from tests import helpers
 from tests.tiny import build_tiny
 
 # transformers initialises a zero-width shared expert (Qwen2-MoE without shared experts) before loading it.
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Initializing zero-element tensors"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    """Run moetool in a fresh interpreter, as a user would."""
-    # One thread: the models are tiny, and thread hand-offs dominate on a busy 2-core machine.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "120", "OMP_NUM_THREADS": "1"}
-    env.pop("MOETOOL_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "moetool", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
-    )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second thread costs more than the work on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The one CLI runner (tests/helpers.py), with this file's settings.
+run_cli = partial(helpers.run_cli, one_thread=True)
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import os
 import select
 import signal
@@ -14,78 +12,26 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
-from moetool.errors import MoetoolError, OutputError, UnsafePathError, UsageError
+from moetool.errors import OutputError, UnsafePathError
 from moetool.io import writer as writer_mod
 from moetool.io.model_card import render_model_card, write_model_card
+from moetool.io.names import INDEX_NAME
+from moetool.io.shards import ShardWriter
 from moetool.io.writer import (
-    INDEX_NAME,
-    DiskFullError,
-    DuplicateTensorError,
-    ShardedWriter,
-    WriteResult,
-    check_disk_space,
     check_output_path,
     copy_aux_files,
-    parse_size,
     staged_output,
     stale_staging_dirs,
     write_json,
 )
+from tests.helpers import make_tensors, subprocess_env, write_weights
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------------------------------
 # helpers
-
-
-def make_tensors() -> dict[str, torch.Tensor]:
-    """Ten small tensors of mixed dtypes with deterministic, non-trivial values."""
-    gen = torch.Generator().manual_seed(0)
-    return {
-        "model.embed_tokens.weight": torch.randn(8, 4, generator=gen),
-        "model.layers.0.mlp.gate.weight": torch.randn(4, 4, generator=gen).to(torch.bfloat16),
-        "model.layers.0.mlp.experts.0.w1.weight": torch.randn(6, 4, generator=gen).half(),
-        "model.layers.0.mlp.experts.1.w1.weight": torch.randn(6, 4, generator=gen).half(),
-        "model.layers.0.self_attn.q_proj.weight": torch.randn(4, 4, generator=gen),
-        "model.layers.0.input_layernorm.weight": torch.ones(4),
-        "model.norm.weight": torch.linspace(-1, 1, 4, dtype=torch.float64),
-        "lm_head.weight": torch.randn(8, 4, generator=gen),
-        "buffers.position_ids": torch.arange(12, dtype=torch.int64),
-        "buffers.mask": torch.tensor([True, False, True]),
-    }
-
-
-def nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def write_all(folder: Path, tensors: dict[str, torch.Tensor], **kwargs) -> WriteResult:
-    with ShardedWriter(folder, **kwargs) as w:
-        for name, t in tensors.items():
-            w.add(name, t)
-    assert w.result is not None
-    return w.result
-
-
-def load_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
-    """Read a folder the way transformers does: the index if present, else model.safetensors."""
-    index_path = folder / INDEX_NAME
-    if not index_path.exists():
-        return load_file(folder / "model.safetensors")
-    index = json.loads(index_path.read_text())
-    loaded: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        part = load_file(folder / shard)
-        for name in part:
-            assert index["weight_map"][name] == shard
-        loaded.update(part)
-    assert set(loaded) == set(index["weight_map"])
-    return loaded
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -96,229 +42,6 @@ def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-# --------------------------------------------------------------------------------------------------
-# ShardedWriter
-
-
-def test_round_trip_several_shards(tmp_path: Path) -> None:
-    tensors = make_tensors()
-    result = write_all(tmp_path, tensors, max_shard_size=128)
-
-    shards = [f for f in result.files if f != INDEX_NAME]
-    assert len(shards) >= 3
-    n = len(shards)
-    assert shards == [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
-    assert result.files[-1] == INDEX_NAME
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(result.files)
-
-    index = json.loads((tmp_path / INDEX_NAME).read_text())
-    assert index["metadata"]["total_size"] == sum(nbytes(t) for t in tensors.values())
-    assert result.total_size == index["metadata"]["total_size"]
-    assert result.num_tensors == len(tensors)
-    assert list(index["weight_map"]) == sorted(tensors)
-
-    loaded = load_checkpoint(tmp_path)
-    assert set(loaded) == set(tensors)
-    for name, t in tensors.items():
-        assert loaded[name].dtype == t.dtype, name
-        assert torch.equal(loaded[name], t), name
-    for shard in shards:
-        with safe_open(tmp_path / shard, "pt") as f:
-            assert f.metadata()["format"] == "pt"
-
-
-def test_transformers_from_pretrained_loads_sharded_output(tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    out = tmp_path / "out"
-    with staged_output(out) as stage:
-        with ShardedWriter(stage, max_shard_size=4000) as w:
-            for name, t in model.state_dict().items():
-                w.add(name, t)
-        config.save_pretrained(stage)
-    assert w.result is not None and len(w.result.files) > 3
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
-    reference = model.state_dict()
-    for name, t in loaded.state_dict().items():
-        assert torch.equal(t, reference[name]), name
-
-
-def test_shards_respect_bound_and_order(tmp_path: Path) -> None:
-    tensors = make_tensors()
-    write_all(tmp_path, tensors, max_shard_size=128)
-    index = json.loads((tmp_path / INDEX_NAME).read_text())
-    # Shards follow the order tensors were added in, and stay within the bound unless one tensor alone
-    # is bigger.
-    order = [index["weight_map"][name] for name in tensors]
-    assert order == sorted(order)
-    per_shard: dict[str, list[int]] = {}
-    for name, shard in index["weight_map"].items():
-        per_shard.setdefault(shard, []).append(nbytes(tensors[name]))
-    for sizes in per_shard.values():
-        assert sum(sizes) <= 128 or len(sizes) == 1
-
-
-def test_oversized_tensor_gets_its_own_shard(tmp_path: Path) -> None:
-    tensors = {"a": torch.zeros(2), "big": torch.zeros(100), "b": torch.zeros(2)}
-    result = write_all(tmp_path, tensors, max_shard_size=64)
-    index = json.loads((tmp_path / INDEX_NAME).read_text())
-    assert len(result.files) == 4  # three shards + index
-    assert len({index["weight_map"][k] for k in tensors}) == 3
-
-
-def test_single_shard_is_model_safetensors_without_index(tmp_path: Path) -> None:
-    tensors = make_tensors()
-    result = write_all(tmp_path, tensors)
-    assert result.files == ["model.safetensors"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
-    loaded = load_checkpoint(tmp_path)
-    for name, t in tensors.items():
-        assert torch.equal(loaded[name], t) and loaded[name].dtype == t.dtype
-
-
-def test_deterministic_bytes(tmp_path: Path) -> None:
-    metadata = {"moetool": "0.1.0", "a": "1", "b": "2", "c": "3", "d": "4"}
-    for run in ("one", "two"):
-        write_all(tmp_path / run, make_tensors(), max_shard_size=128, metadata=metadata)
-    files = sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "two").iterdir())
-    for name in files:
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
-    with safe_open(tmp_path / "one" / files[0], "pt") as f:
-        assert f.metadata() == {**metadata, "format": "pt"}
-
-
-def test_shard_size_does_not_change_tensor_bytes(tmp_path: Path) -> None:
-    write_all(tmp_path / "small", make_tensors(), max_shard_size=100)
-    write_all(tmp_path / "large", make_tensors(), max_shard_size=10**9)
-    small = load_checkpoint(tmp_path / "small")
-    large = load_checkpoint(tmp_path / "large")
-    assert set(small) == set(large)
-
-    def digest(t: torch.Tensor) -> str:
-        return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-    for name in small:
-        assert small[name].dtype == large[name].dtype
-        assert digest(small[name]) == digest(large[name]), name
-
-
-def test_views_and_non_contiguous_tensors(tmp_path: Path) -> None:
-    fused = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
-    tensors = {
-        "expert0": fused[0],  # slices of one storage: would be refused by safetensors as shared
-        "expert1": fused[1],
-        "transposed": fused[0].t(),
-        "tied_a": fused,
-        "tied_b": fused,
-    }
-    write_all(tmp_path, tensors)
-    loaded = load_checkpoint(tmp_path)
-    for name, t in tensors.items():
-        assert torch.equal(loaded[name], t), name
-
-
-def test_duplicate_name_refused(tmp_path: Path) -> None:
-    w = ShardedWriter(tmp_path)
-    w.add("x", torch.zeros(1))
-    with pytest.raises(DuplicateTensorError) as info:
-        w.add("x", torch.ones(1))
-    assert isinstance(info.value, ValueError) and isinstance(info.value, MoetoolError)
-    assert info.value.code == "DUPLICATE_TENSOR"
-
-
-def test_add_after_finalize_and_empty_finalize(tmp_path: Path) -> None:
-    w = ShardedWriter(tmp_path / "a")
-    with pytest.raises(MoetoolError, match="no tensors"):
-        w.finalize()
-    w = ShardedWriter(tmp_path / "b")
-    w.add("x", torch.zeros(1))
-    w.finalize()
-    with pytest.raises(MoetoolError, match="finalized"):
-        w.add("y", torch.zeros(1))
-
-
-def test_context_manager_error_removes_partial_shards(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError), ShardedWriter(tmp_path, max_shard_size=8) as w:
-        for i in range(4):
-            w.add(f"t{i}", torch.zeros(4))
-        raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_disk_full_while_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import shutil
-
-    def full(source, target, length=0):
-        target.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(shutil, "copyfileobj", full)
-    w = ShardedWriter(tmp_path)
-    w.add("x", torch.zeros(4))
-    with pytest.raises(DiskFullError) as info:
-        w.finalize()
-    assert info.value.code == "DISK_FULL"
-    assert "bytes" in info.value.message and "free" in info.value.message
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_check_disk_space(tmp_path: Path) -> None:
-    check_disk_space(tmp_path / "not-yet", 1)
-    with pytest.raises(DiskFullError, match="needs"):
-        check_disk_space(tmp_path, 10**20)
-
-
-# --------------------------------------------------------------------------------------------------
-# parse_size
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("5GB", 5 * 10**9),
-        ("5gb", 5 * 10**9),
-        ("5GiB", 5 * 2**30),
-        ("5gib", 5 * 2**30),
-        ("500M", 500 * 10**6),
-        ("500MB", 500 * 10**6),
-        ("2KiB", 2048),
-        ("1TB", 10**12),
-        ("1.5GB", 1_500_000_000),
-        ("123", 123),
-        ("10B", 10),
-        (" 7 MB ", 7 * 10**6),
-        (4096, 4096),
-    ],
-)
-def test_parse_size(text: str | int, expected: int) -> None:
-    assert parse_size(text) == expected
-
-
-@pytest.mark.parametrize("bad", ["", "GB", "-5GB", "0", "0GB", "5XB", "5 G B", "five", "5iB", "1e9", 0, -1, True])
-def test_parse_size_refuses(bad: object) -> None:
-    with pytest.raises(UsageError) as info:
-        parse_size(bad)  # type: ignore[arg-type]
-    assert info.value.exit_code == 2
-    assert info.value.hint
 
 
 # --------------------------------------------------------------------------------------------------
@@ -431,7 +154,7 @@ def test_staged_output_publishes(tmp_path: Path, model_dir: Path) -> None:
         assert stage.name.startswith(f".moetool-tmp-out-{os.getpid()}-")
         assert (out.parent / ".moetool-lock-out").exists()
         assert not out.exists()
-        write_all(stage, make_tensors(), max_shard_size=128)
+        write_weights(stage, make_tensors(), max_shard_size=128)
         write_json(stage / "config.json", {"model_type": "x"})
     assert signal.getsignal(signal.SIGTERM) is before
     assert (out / INDEX_NAME).exists() and (out / "config.json").exists()
@@ -456,7 +179,7 @@ def test_overwrite_replaces_old_content(tmp_path: Path, model_dir: Path) -> None
 def test_exception_leaves_nothing(tmp_path: Path, model_dir: Path, exc: BaseException) -> None:
     out = tmp_path / "out"
     with pytest.raises(type(exc)), staged_output(out, inputs=[model_dir]) as stage:
-        write_all(stage, make_tensors(), max_shard_size=128)
+        write_weights(stage, make_tensors(), max_shard_size=128)
         raise exc
     assert not out.exists()
     assert leftovers(tmp_path) == []
@@ -527,10 +250,11 @@ _INTERRUPTED_SCRIPT = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import torch
-    from moetool.io.writer import ShardedWriter, staged_output
+    from moetool.io.shards import ShardWriter
+    from moetool.io.writer import staged_output
 
     with staged_output(Path(sys.argv[1]), inputs=[Path(sys.argv[2])]) as stage:
-        writer = ShardedWriter(stage, max_shard_size=64)
+        writer = ShardWriter(stage, max_shard_size=64)
         for i in range(6):
             writer.add(f"t{i}", torch.full((10,), float(i)))
         (stage / "config.json").write_text("{}")
@@ -744,7 +468,7 @@ def test_staged_output_leaves_no_temp_on_publish_failure(tmp_path: Path, monkeyp
 def test_writer_refuses_folder_with_old_weights(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors.index.json").write_text("{}")
     with pytest.raises(OutputError) as info:
-        ShardedWriter(tmp_path)
+        ShardWriter(tmp_path)
     assert info.value.code == "OUTPUT_EXISTS"
 
 
@@ -756,10 +480,10 @@ def test_signal_handlers_restored_after_failure(tmp_path: Path) -> None:
 
 
 def test_model_card_redacts_tokens_but_not_token_counts():
-    from moetool.io.model_card import _redact_command
+    from moetool.io.model_card import redact_command
 
     command = "moetool merge m -o o --max-tokens 5000 --calibration-tokens 10 --token hf_abcdefghijklmnopqrstu"
-    line = _redact_command(command)
+    line = redact_command(command)
     assert "--max-tokens 5000" in line
     assert "--calibration-tokens 10" in line
     assert "hf_abcdefghijklmnopqrstu" not in line

@@ -1,26 +1,31 @@
-"""Progress display shared by the commands that run a model: a token bar and a loading spinner."""
+"""The one progress renderer: draws :class:`moetool.progress.Progress` calls on stderr with rich.
+
+:func:`progress_display` yields the callback every command passes to its library function: one transient
+bar per stage that has a unit (tokens, bytes, layers, steps), with its count, speed, time and detail; a
+dim line for a status call (a stage without a unit). It draws only for a person watching (not with
+``--json`` or ``-q``, not when stderr is not a terminal); with ``log=True`` a run without a terminal gets
+plain lines instead: each stage once, and the details the library marks as log lines. :func:`status` is a
+spinner for CLI-side waits (loading a model, hashing files).
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from rich import filesize
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
 from moetool.cli._output import quiet, stderr
+from moetool.progress import BYTES, TOKENS
 
 if TYPE_CHECKING:
     from rich.progress import Task
 
-
-class _TokensPerSecond(ProgressColumn):
-    """Throughput in tokens per second (rich's speed columns speak bytes)."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.0f} tok/s" if speed else "- tok/s", style="progress.data.speed")
+    from moetool.progress import Progress as ProgressCallback
 
 
 def progress_enabled(json_output: bool) -> bool:
@@ -28,33 +33,89 @@ def progress_enabled(json_output: bool) -> bool:
     return not json_output and not quiet() and stderr().is_terminal
 
 
+class _Count(ProgressColumn):
+    """How much of the stage is done, in its unit (bytes in decimal units, as --max-shard-size counts them)."""
+
+    def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit", "")
+        if unit == BYTES:
+            done = filesize.decimal(int(task.completed))
+            text = f"{done}/{filesize.decimal(int(task.total))}" if task.total else done
+        elif task.total and unit != TOKENS:
+            text = f"{task.completed:,.0f}/{task.total:,.0f} {unit}"
+        else:
+            text = f"{task.completed:,.0f} {unit}"
+        return Text(text, style="progress.download")
+
+
+class _Speed(ProgressColumn):
+    """Throughput for tokens and bytes (the stages where it means something)."""
+
+    def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit", "")
+        speed = task.finished_speed or task.speed
+        if unit == TOKENS:
+            return Text(f"{speed:,.0f} tok/s" if speed else "- tok/s", style="progress.data.speed")
+        if unit == BYTES:
+            return Text(f"{filesize.decimal(int(speed))}/s" if speed else "", style="progress.data.speed")
+        return Text("")
+
+
+class _Detail(ProgressColumn):
+    """The library's detail line for the stage (distill's loss and learning rate)."""
+
+    def render(self, task: Task) -> Text:
+        return Text(str(task.fields.get("detail") or ""), style="progress.data.speed")
+
+
 @contextlib.contextmanager
-def token_progress(description: str, total: int | None, *, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A transient progress bar on stderr counting tokens; yields ``advance(n_tokens)``.
+def progress_display(*, enabled: bool, log: bool = False) -> Iterator[ProgressCallback]:
+    """Render library progress on stderr; yields the :class:`moetool.progress.Progress` callback.
 
     Args:
-        description: what is being done.
-        total: the expected number of tokens (``None``: unknown; the bar then only counts).
-        enabled: False draws nothing (``--json``, or stderr not a terminal).
+        enabled: draw bars and status lines (:func:`progress_enabled`).
+        log: when not ``enabled`` and not quiet, print plain lines instead (for runs logged to a file).
     """
-    progress = Progress(
+    plain = log and not enabled and not quiet()  # lines for a log file instead of bars
+    bars = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed:,.0f} tokens"),
-        _TokensPerSecond(),
+        _Count(),
+        _Speed(),
+        _Detail(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=stderr(),
         transient=True,
         disable=not enabled,
     )
-    with progress:
-        task = progress.add_task(description, total=total)
+    tasks: dict[str, int] = {}
 
-        def advance(tokens: int) -> None:
-            progress.advance(task, tokens)
+    def progress(
+        stage: str,
+        advance: float = 0,
+        total: float | None = None,
+        *,
+        unit: str = "",
+        detail: str | None = None,
+        log: bool = False,
+    ) -> None:
+        if not unit:
+            if enabled:
+                bars.console.print(f"[dim]{escape(stage)}[/dim]", highlight=False)
+            elif plain:
+                stderr().print(stage, highlight=False, markup=False)
+            return
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total, unit=unit, detail=detail)
+            if plain and not detail:  # a stage with details logs those instead
+                stderr().print(f"{stage} ...", highlight=False, markup=False)
+        bars.update(tasks[stage], advance=advance, total=total, detail=detail)
+        if plain and log and detail:
+            stderr().print(detail, highlight=False, markup=False)
 
-        yield advance
+    with bars:
+        yield progress
 
 
 @contextlib.contextmanager
@@ -65,13 +126,3 @@ def status(message: str, *, enabled: bool) -> Iterator[None]:
         return
     with stderr().status(message):
         yield
-
-
-def note_printer(*, enabled: bool) -> Callable[[str], None]:
-    """A function printing one dim progress line on stderr per stage (nothing when ``enabled`` is false)."""
-
-    def note(message: str) -> None:
-        if enabled:
-            stderr().print(f"[dim]{message}[/dim]", highlight=False)
-
-    return note

@@ -4,27 +4,22 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-from rich.text import Text
 
 from moetool.cli import options
 from moetool.cli._errors import handle_errors
-from moetool.cli._output import human_count, print_json, quiet, stderr, stdout, warn
-from moetool.cli._progress import progress_enabled
+from moetool.cli._output import human_count, print_json, stdout, warn
+from moetool.cli._progress import progress_display, progress_enabled
 from moetool.cli._push import add_push, push_output, push_target, render_push
 from moetool.distill.options import DistillOptions
 
 if TYPE_CHECKING:
-    from rich.progress import Task
-
+    from moetool.data import DatasetSpec
     from moetool.distill.api import DistillResult
 
 EXAMPLES = """
@@ -55,51 +50,6 @@ def _is_main_process() -> bool:
         return int(os.environ.get("RANK", "0")) == 0
     except ValueError:
         return True
-
-
-class _Fields(ProgressColumn):
-    """Free text per task (loss and tokens/s for training, a token count for the other stages)."""
-
-    def render(self, task: Task) -> Text:
-        return Text(str(task.fields.get("text", "")), style="progress.data.speed")
-
-
-@contextmanager
-def _progress(enabled: bool, log_lines: bool, log_every: int) -> Iterator[Callable[..., None]]:
-    """One bar per stage on stderr; without a terminal, one log line per ``log_every`` training steps."""
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        _Fields(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=stderr(),
-        transient=True,
-        disable=not enabled,
-    )
-    tasks: dict[str, Any] = {}
-    counts: dict[str, int] = {}
-
-    def advance(stage: str, amount: int, total: int | None, info: dict[str, Any] | None) -> None:
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(stage, total=total, text="")
-            counts[stage] = 0
-            if log_lines and stage != "training":
-                stderr().print(f"{stage} ...", highlight=False)
-        counts[stage] += amount
-        if info is None:
-            bar.update(tasks[stage], advance=amount, text=f"{counts[stage]:,} tokens")
-            return
-        text = (
-            f"step {info['step']}/{total}  loss {info['loss']:.4f} (kd {info['kd']:.4f}, ce {info['ce']:.4f})  "
-            f"lr {info['lr']:.2e}  {info['tokens_per_s']:,.0f} tok/s"
-        )
-        bar.update(tasks[stage], advance=amount, total=total, text=text)
-        if log_lines and (info["step"] % log_every == 0 or info["step"] == total):
-            stderr().print(text, highlight=False)
-
-    with bar:
-        yield advance
 
 
 @handle_errors
@@ -340,9 +290,9 @@ def distill_cmd(
 
     The student starts from the teacher (attention, norms and embeddings copied, the FFN from the experts), and is trained on KL(teacher || student) at --temperature mixed with cross-entropy by --alpha. Checkpoints go to OUT.partial; Ctrl-C leaves one and --resume continues. At the end the perplexities of the teacher, the student at init and the trained student on held-out text are printed and recorded in the model card. Runs on CPU, one GPU, or several with accelerate launch -m moetool distill.
     """  # noqa: E501
-    from moetool.data import load_documents
+    from moetool.io.sizes import parse_size
     from moetool.io.source import parse_model_ref
-    from moetool.io.writer import check_output_path, parse_size
+    from moetool.io.writer import check_output_path
     from moetool.validate import preflight
 
     opts = DistillOptions(
@@ -375,34 +325,30 @@ def distill_cmd(
     )
     # Cheap checks first: a typo should not cost a dataset read or a model load.
     opts.check()
-    parse_size(max_shard_size)
+    shard_size = parse_size(max_shard_size)
     local = parse_model_ref(teacher, revision=revision).local_path
     check_output_path(out, [local] if local is not None else [], overwrite=overwrite)
     preflight(teacher, revision=revision, token=token, offline=offline or None, float_weights=True)
     hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline)
 
-    def read(spec: str):
-        documents = load_documents(
-            spec, text_field=text_field, split=split, data_files=data_files, config_name=dataset_config
+    def text(name: str) -> DatasetSpec:
+        return options.dataset_spec(
+            name, text_field=text_field, split=split, data_files=data_files, dataset_config=dataset_config
         )
-        return list(documents)
 
-    documents = read(dataset)
-    eval_documents = read(eval_dataset) if eval_dataset is not None else None
+    data, eval_data = text(dataset), (text(eval_dataset) if eval_dataset is not None else None)
 
     from moetool.distill.api import distill
 
     main = _is_main_process()
     show = main and progress_enabled(json_output)
-    log_lines = main and not json_output and not show and not quiet()
-    with _progress(show, log_lines, log_every) as advance:
+    # Without a terminal: plain lines (each stage once, the loss every --log-every steps) for a log file.
+    with progress_display(enabled=show, log=main and not json_output) as advance:
         result = distill(
             teacher,
             out,
-            documents=documents,
-            dataset_name=dataset,
-            eval_documents=eval_documents,
-            eval_name=eval_dataset or "",
+            data=data,
+            eval_data=eval_data,
             options=opts,
             checkpoint_dir=checkpoint_dir,
             resume=resume,
@@ -411,7 +357,7 @@ def distill_cmd(
             revision=revision,
             token=token,
             offline=offline or None,
-            max_shard_size=max_shard_size,
+            max_shard_size=shard_size,
             overwrite=overwrite,
             allow_nonfinite=allow_nonfinite,
             command=["moetool", *sys.argv[1:]],

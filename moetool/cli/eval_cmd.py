@@ -12,7 +12,7 @@ from rich.text import Text
 from moetool.cli import options
 from moetool.cli._errors import handle_errors
 from moetool.cli._output import print_json, stdout
-from moetool.cli._progress import progress_enabled, status, token_progress
+from moetool.cli._progress import progress_display, progress_enabled, status
 from moetool.cli._threads import use_threads
 
 if TYPE_CHECKING:
@@ -75,11 +75,21 @@ def eval_model(
     scored. The dataset is checked before any model is loaded. Models run one decoder layer at a time (memory: one
     layer plus the activations, whatever the model size), logits one batch at a time.
     """
-    from moetool.data import load_documents
     from moetool.modeling import check_device_map, check_device_name, check_dtype_name
     from moetool.validate import preflight
 
     # Cheap checks first (no torch): a typo should not cost a model load.
+    data = options.dataset_spec(
+        dataset,
+        text_field=text_field,
+        domain_field=domain_field,
+        split=split,
+        data_files=data_files,
+        dataset_config=dataset_config,
+        max_tokens=max_tokens,
+        seq_len=seq_len,
+        batch_size=batch_size,
+    )
     check_device_name(device)
     check_dtype_name(dtype)
     check_device_map(device_map)
@@ -87,14 +97,7 @@ def eval_model(
     preflight(model, revision=revision, token=token, offline=offline or None)
     if reference is not None:
         preflight(reference, revision=reference_revision, token=token, offline=offline or None)
-    documents = load_documents(
-        dataset,
-        text_field=text_field,
-        domain_field=domain_field,
-        split=split,
-        data_files=data_files,
-        config_name=dataset_config,
-    )
+    documents = data.load()
 
     from moetool.cli._runner import memory_plan
     from moetool.evaluate import check_seq_len, evaluate
@@ -132,17 +135,14 @@ def eval_model(
         with status(f"loading {reference}", enabled=show):
             ref_runner = open_runner(ref_checkpoint, **run_options).runner
 
-    limit = max_tokens or None
-    with token_progress("evaluating", limit, enabled=show) as advance:
+    with progress_display(enabled=show) as progress:
         result = evaluate(
             opened.runner,
             tokenizer,
+            data,
             documents,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            max_tokens=limit,
             reference_model=ref_runner,
-            progress=advance,
+            progress=progress,
             model_name=model,
             reference_name=reference,
         )

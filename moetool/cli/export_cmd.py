@@ -10,7 +10,7 @@ import typer
 from moetool.cli import options
 from moetool.cli._errors import handle_errors
 from moetool.cli._output import human_bytes, print_json, stdout
-from moetool.cli._progress import note_printer, progress_enabled
+from moetool.cli._progress import progress_display, progress_enabled
 
 if TYPE_CHECKING:
     from moetool.quantize.export import ExportResult
@@ -52,23 +52,24 @@ def export_cmd(
     convert: symmetric (quantized with --sym), 4 or 8 bits, groups of equal size; anything else is refused with
     the reason.
     """
-    from moetool.io.writer import parse_size
+    from moetool.io.sizes import parse_size
     from moetool.quantize.export import export
 
-    parse_size(max_shard_size)
-    result = export(
-        model,
-        out,
-        to=to,
-        verify=verify,
-        overwrite=overwrite,
-        revision=revision,
-        token=token,
-        offline=offline or None,
-        command=["moetool", *sys.argv[1:]],
-        max_shard_size=max_shard_size,
-        on_status=note_printer(enabled=progress_enabled(json_output)),
-    )
+    shard_size = parse_size(max_shard_size)
+    with progress_display(enabled=progress_enabled(json_output)) as progress:
+        result = export(
+            model,
+            out,
+            to=to,
+            verify=verify,
+            overwrite=overwrite,
+            revision=revision,
+            token=token,
+            offline=offline or None,
+            command=["moetool", *sys.argv[1:]],
+            max_shard_size=shard_size,
+            progress=progress,
+        )
     if json_output:
         print_json(result.to_json())
         return

@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from moetool.cli import options
 from moetool.cli._errors import handle_errors
-from moetool.cli._output import human_bytes, human_count, print_json, stderr, stdout, warn
-from moetool.cli._progress import progress_enabled
+from moetool.cli._output import human_bytes, human_count, print_json, stdout, warn
+from moetool.cli._progress import progress_display, progress_enabled
 from moetool.cli._push import add_push, push_output, push_target, render_push
 from moetool.cli._threads import use_threads
 
 if TYPE_CHECKING:
+    from moetool.data import DatasetSpec
     from moetool.merge.api import MergeResult
 
 EXAMPLES = """
@@ -41,37 +39,15 @@ MethodOpt = Annotated[
         "--method",
         "-m",
         help="How to choose the experts: pruning by frequency, soft-frequency (mean router probability), reap "
-        "(router weight x expert output norm) or search (the set of M whose layer output is closest to the "
-        "original's, exhaustive when feasible); merging groups around the most used experts (merge-frequency), by "
-        "router-row similarity (merge-router) or by expert-output similarity (merge-output), averaged by frequency "
+        "(router weight x expert output norm), search (the set of M whose layer output is closest to the "
+        "original's, exhaustive when feasible) or ean (sum of expert output norms on its tokens); merging groups "
+        "around the most used experts (merge-frequency), by router-row similarity (merge-router) or by "
+        "expert-output similarity (merge-output), averaged by frequency "
         "after neuron alignment. Default: search with --dataset (frequency with --stats, or where search cannot model "
         "the routing).",
         show_default=False,
     ),
 ]
-
-
-@contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[[str, int, int | None], None]]:
-    """One bar per stage (calibrating / writing / evaluating) on stderr, drawn only for a person watching."""
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed:,.0f}"),
-        TimeElapsedColumn(),
-        console=stderr(),
-        transient=True,
-        disable=not enabled,
-    )
-    tasks: dict[str, int] = {}
-
-    def advance(stage: str, amount: int, total: int | None) -> None:
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(stage, total=total)
-        bar.advance(tasks[stage], amount)
-
-    with bar:
-        yield advance
 
 
 @handle_errors
@@ -195,78 +171,63 @@ def merge_cmd(
 
     Calibrates on --dataset (one pass through the model) or reads a profile-routing --stats file, then streams the checkpoint layer by layer. The output really has M experts (config, router rows, correction biases, top-k, DeepSeek groups), in the layout the family's checkpoints use; with --dataset it reports perplexity before and after on the text calibration did not read.
     """  # noqa: E501
-    from moetool.data import load_documents
-    from moetool.io.source import parse_model_ref
-    from moetool.io.writer import check_output_path, parse_size
-    from moetool.merge.api import _check_options, merge
-    from moetool.modeling import check_device_map, check_device_name, check_dtype_name
+    from moetool.io.sizes import parse_size
+    from moetool.merge.api import MergeOptions, merge
     from moetool.validate import preflight
 
-    # Cheap checks first: a typo should not cost a model load or a dataset read.
-    check_device_name(device)
-    check_dtype_name(dtype)
-    check_device_map("none")
-    shard_size = parse_size(max_shard_size)
-    _check_options(
+    # Parsed once here; merge() checks them before it reads anything (a typo costs no model load).
+    opts = MergeOptions(
         num_experts=num_experts,
         to_dense=to_dense,
         method=method,
         dense_strategy=dense_strategy,
         intermediate_size=intermediate_size,
-        have_data=dataset is not None,
-        have_stats=stats is not None,
         refit_router=refit_router,
         refit_down=refit_down,
         align=align,
+        sample_tokens=sample_tokens,
+        seed=seed,
+        evaluate=not no_eval,
+        eval_max_tokens=eval_max_tokens or None,
+        device=device,
+        dtype=dtype,
+        whole_model=whole_model,
+        max_shard_size=parse_size(max_shard_size),
     )
-    local = parse_model_ref(model, revision=revision).local_path
-    check_output_path(out, [local] if local is not None else [], overwrite=overwrite)
-    preflight(model, revision=revision, token=token, offline=offline or None, float_weights=True)
-    hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline)
 
-    def read(spec: str):
-        return load_documents(
-            spec, text_field=text_field, split=split, data_files=data_files, config_name=dataset_config
+    def data(name: str | None) -> DatasetSpec | None:
+        if name is None:
+            return None
+        return options.dataset_spec(
+            name,
+            text_field=text_field,
+            split=split,
+            data_files=data_files,
+            dataset_config=dataset_config,
+            max_tokens=max_tokens,
+            seq_len=seq_len,
+            batch_size=batch_size,
         )
 
-    calibration = read(dataset) if dataset is not None else None
-    eval_documents = read(eval_dataset) if eval_dataset is not None else None
+    calibration, eval_data = data(dataset), data(eval_dataset)
+    preflight(model, revision=revision, token=token, offline=offline or None, float_weights=True)
+    hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline)
     threads_used = use_threads(threads, json_output=json_output)
-    with _progress(progress_enabled(json_output)) as advance:
+    with progress_display(enabled=progress_enabled(json_output)) as progress:
         result = merge(
             model,
             out,
-            num_experts=num_experts,
-            to_dense=to_dense,
-            method=method,
-            dense_strategy=dense_strategy,
-            intermediate_size=intermediate_size,
+            opts,
             calibration=calibration,
-            calibration_name=dataset or "",
             stats=stats,
-            refit_router=refit_router,
-            refit_down=refit_down,
-            align=align,
-            max_tokens=max_tokens or None,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            sample_tokens=sample_tokens,
-            seed=seed,
-            evaluate=not no_eval,
-            eval_documents=eval_documents,
-            eval_name=eval_dataset or "",
-            eval_max_tokens=eval_max_tokens or None,
-            device=device,
-            dtype=dtype,
-            whole_model=whole_model,
+            eval_data=eval_data,
             revision=revision,
             token=token,
             offline=offline or None,
-            max_shard_size=shard_size,
             overwrite=overwrite,
             allow_nonfinite=allow_nonfinite,
             command=["moetool", *sys.argv[1:]],
-            progress=advance,
+            progress=progress,
         )
     pushed = push_output(hub, out, command="merge", json_output=json_output)
     for message in result.warnings:

@@ -1,10 +1,13 @@
-"""Option declarations shared by every command (one place, one spelling)."""
+"""Option declarations shared by every command (one place, one spelling), and the values built from them once."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from moetool.data import DatasetSpec
 
 ModelArg = Annotated[
     str,
@@ -134,3 +137,40 @@ PrivateOpt = Annotated[bool, typer.Option("--private", help="--push-to-hub: crea
 CreatePrOpt = Annotated[
     bool, typer.Option("--create-pr", help="--push-to-hub: open a pull request instead of committing to main.")
 ]
+
+
+# ----------------------------------------------------------------------------- parsed once
+
+
+def dataset_spec(
+    dataset: str,
+    *,
+    text_field: str = "text",
+    domain_field: str | None = None,
+    split: str = "train",
+    data_files: list[str] | None = None,
+    dataset_config: str | None = None,
+    max_tokens: int = 0,
+    seq_len: int = 256,
+    batch_size: int = 8,
+) -> DatasetSpec:
+    """The dataset options of a command as the one object its library function takes (``--max-tokens 0``: all).
+
+    Raises:
+        UsageError: sizes or fields that cannot work (checked before anything is read).
+    """
+    from moetool.data import DatasetSpec
+
+    spec = DatasetSpec(
+        dataset=dataset,
+        text_field=text_field,
+        domain_field=domain_field,
+        split=split,
+        data_files=tuple(data_files or ()),
+        config_name=dataset_config,
+        max_tokens=max_tokens or None,
+        seq_len=seq_len,
+        batch_size=batch_size,
+    )
+    spec.check()
+    return spec

@@ -15,7 +15,7 @@ from rich.text import Text
 from moetool.cli import options
 from moetool.cli._errors import handle_errors, report_error
 from moetool.cli._output import human_count, print_json, quiet, stderr, stdout, warn
-from moetool.cli._progress import progress_enabled, status, token_progress
+from moetool.cli._progress import progress_display, progress_enabled, status
 from moetool.cli._threads import use_threads
 
 EXAMPLES = """
@@ -77,7 +77,7 @@ def profile_routing_cmd(
     activations, whatever the model size); hooks at each router record exactly the experts the model
     itself chooses. Per-domain breakdowns with --domain-field.
     """
-    from moetool.data import iter_batches, iter_windows, load_documents, split_applies
+    from moetool.data import split_applies
     from moetool.errors import ThresholdFailedError
     from moetool.modeling import check_device_map, check_device_name, check_dtype_name
     from moetool.routing.profile import profile_routing
@@ -85,6 +85,17 @@ def profile_routing_cmd(
     from moetool.validate import preflight
 
     thresholds = [parse_threshold(text) for text in fail_if or []]
+    data = options.dataset_spec(
+        dataset,
+        text_field=text_field,
+        domain_field=domain_field,
+        split=split,
+        data_files=data_files,
+        dataset_config=dataset_config,
+        max_tokens=max_tokens,
+        seq_len=seq_len,
+        batch_size=batch_size,
+    )
     check_device_name(device)
     check_dtype_name(dtype)
     check_device_map(device_map)
@@ -97,14 +108,7 @@ def profile_routing_cmd(
         inputs = [local] if local is not None else []
         check_output_path(out, inputs, overwrite=overwrite)
     preflight(model, revision=revision)
-    documents = load_documents(
-        dataset,
-        text_field=text_field,
-        domain_field=domain_field,
-        split=split,
-        data_files=data_files,
-        config_name=dataset_config,
-    )
+    documents = data.load()
     domains = sorted({d.domain for d in documents if d.domain is not None})
     from moetool.cli._runner import memory_plan
     from moetool.runner.open import open_runner
@@ -125,9 +129,7 @@ def profile_routing_cmd(
         )
     tokenizer, checkpoint = opened.tokenizer, opened.checkpoint
     memory = memory_plan(opened, tokens=max_tokens or batch_size * seq_len, enabled=progress_enabled(json_output))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    windows = iter_windows(tokenizer, documents, seq_len=seq_len, max_tokens=max_tokens or None)
-    batches = iter_batches(windows, batch_size=batch_size, pad_id=pad_id)
+    batches = data.batches(tokenizer, documents)
     description = {
         "dataset": dataset,
         # A split is a Hub dataset's (or a saved DatasetDict's); a local file has none.
@@ -138,9 +140,15 @@ def profile_routing_cmd(
         "max_tokens": max_tokens,
         "documents": len(documents),
     }
-    with token_progress("routing", max_tokens or None, enabled=progress_enabled(json_output)) as advance:
+    with progress_display(enabled=progress_enabled(json_output)) as progress:
         stats = profile_routing(
-            opened.runner, batches, domains=domains, name=model, dataset=description, on_batch=advance
+            opened.runner,
+            batches,
+            domains=domains,
+            name=model,
+            dataset=description,
+            progress=progress,
+            expected_tokens=data.max_tokens,
         )
     stats.revision = checkpoint.revision
     from moetool.runner.dist import current_ranks

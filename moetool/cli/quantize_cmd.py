@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from moetool.cli import options
 from moetool.cli._errors import handle_errors
-from moetool.cli._output import human_bytes, print_json, stderr, stdout, warn
-from moetool.cli._progress import note_printer, progress_enabled
+from moetool.cli._output import human_bytes, print_json, stdout, warn
+from moetool.cli._progress import progress_display, progress_enabled
 from moetool.cli._push import add_push, push_output, push_target, render_push
 from moetool.cli._threads import use_threads
 
@@ -213,7 +213,8 @@ def quantize_cmd(
         raise UsageError("--bits and --ternary exclude each other", hint="ternary codes are -1/0/+1")
     # Before torch is imported (below): a malformed input is refused in a fraction of a second.
     preflight(model, revision=revision, token=token, offline=offline or None, float_weights=True)
-    from moetool.quantize import CalibrationData, CoverageOptions, QuantizeOptions, quantize
+    from moetool.io.sizes import parse_size
+    from moetool.quantize import CoverageOptions, QuantizeOptions, quantize
 
     opts = QuantizeOptions(
         bits=4 if bits is None and method != "nf4" else bits,
@@ -236,25 +237,22 @@ def quantize_cmd(
         expert_batch=expert_batch,
         device=device,
         dtype=dtype,
-        max_shard_size=max_shard_size,
+        max_shard_size=parse_size(max_shard_size),
         whole_model=whole_model,
         offload_activations=offload_activations,
         output_format=output_format,
         symmetric=symmetric,
     )
     opts.format()  # option errors before anything is opened
-    from moetool.io.writer import parse_size
-
-    parse_size(max_shard_size)
     hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline)
     calibration = None
     if dataset is not None:
-        calibration = CalibrationData(
-            dataset=dataset,
+        calibration = options.dataset_spec(
+            dataset,
             text_field=text_field,
             split=split,
-            data_files=tuple(data_files or ()),
-            config_name=dataset_config,
+            data_files=data_files,
+            dataset_config=dataset_config,
             max_tokens=max_tokens,
             seq_len=seq_len,
             batch_size=batch_size,
@@ -262,27 +260,21 @@ def quantize_cmd(
     show = progress_enabled(json_output)
     threads_used = use_threads(threads, json_output=json_output)
 
-    status = note_printer(enabled=show)
-
-    def layer_done(report: Any, position: int, total: int) -> None:
-        if show:
-            stderr().print(f"[dim]layer {report.layer} done in {report.seconds:.1f}s ({position + 1}/{total})[/dim]")
-
-    result = quantize(
-        model,
-        out,
-        opts,
-        calibration=calibration,
-        verify=verify,
-        overwrite=overwrite,
-        allow_nonfinite=allow_nonfinite,
-        revision=revision,
-        token=token,
-        offline=offline or None,
-        command=["moetool", *sys.argv[1:]],
-        on_status=status,
-        on_layer=layer_done,
-    )
+    with progress_display(enabled=show) as progress:
+        result = quantize(
+            model,
+            out,
+            opts,
+            calibration=calibration,
+            verify=verify,
+            overwrite=overwrite,
+            allow_nonfinite=allow_nonfinite,
+            revision=revision,
+            token=token,
+            offline=offline or None,
+            command=["moetool", *sys.argv[1:]],
+            progress=progress,
+        )
     from moetool.runner.dist import current_ranks
 
     if not current_ranks(device).is_main:

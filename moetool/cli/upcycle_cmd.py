@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from moetool.cli import options
 from moetool.cli._errors import handle_errors
-from moetool.cli._output import human_bytes, human_count, print_json, stderr, stdout, warn
-from moetool.cli._progress import note_printer, progress_enabled
+from moetool.cli._output import human_bytes, human_count, print_json, stdout, warn
+from moetool.cli._progress import progress_display, progress_enabled
 from moetool.cli._push import add_push, push_output, push_target, render_push
 from moetool.cli._threads import use_threads
 
@@ -30,24 +27,6 @@ Examples:
 
   moetool upcycle ./mistral -o ./moe -e 8 -k 2 --router-init kmeans --dataset corpus.jsonl
 """
-
-
-@contextlib.contextmanager
-def _bytes_progress(*, enabled: bool) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
-    """A transient bytes bar on stderr; yields ``(set_total, advance)``."""
-    progress = Progress(
-        TextColumn("writing"),
-        BarColumn(),
-        DownloadColumn(binary_units=False),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=stderr(),
-        transient=True,
-        disable=not enabled,
-    )
-    with progress:
-        task = progress.add_task("writing", total=None)
-        yield (lambda total: progress.update(task, total=total)), (lambda n: progress.advance(task, n))
 
 
 @handle_errors
@@ -151,7 +130,8 @@ def upcycle_cmd(
     reproduces the dense one; the result is checked before it is published. Tensors are streamed:
     memory holds about one layer, whatever the model size.
     """
-    from moetool.upcycle import KMeansData, UpcycleOptions, upcycle
+    from moetool.io.sizes import parse_size
+    from moetool.upcycle import UpcycleOptions, upcycle
     from moetool.validate import preflight
 
     preflight(model, revision=revision, token=token, offline=offline or None, float_weights=True)
@@ -167,28 +147,26 @@ def upcycle_cmd(
         reinit_ratio=reinit_ratio,
         seed=seed,
         dtype=dtype,
-        max_shard_size=max_shard_size,
+        max_shard_size=parse_size(max_shard_size),
     )
     hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline, dry_run=dry_run)
     kmeans = None
     if dataset is not None:
-        kmeans = KMeansData(
-            dataset=dataset,
+        kmeans = options.dataset_spec(
+            dataset,
             text_field=text_field,
             split=split,
-            data_files=tuple(data_files or ()),
-            config_name=dataset_config,
+            data_files=data_files,
+            dataset_config=dataset_config,
             max_tokens=max_tokens,
             seq_len=seq_len,
-            device=device,
+            batch_size=4,
         )
     show = progress_enabled(json_output)
     # A dry run only plans (no torch): no threads to set.
     threads_used = None if dry_run else use_threads(threads, json_output=json_output)
 
-    status = note_printer(enabled=show)
-
-    with _bytes_progress(enabled=show and not dry_run) as (set_total, advance):
+    with progress_display(enabled=show) as progress:
         result = upcycle(
             model,
             out,
@@ -198,13 +176,12 @@ def upcycle_cmd(
             overwrite=overwrite,
             allow_nonfinite=allow_nonfinite,
             kmeans_data=kmeans,
+            device=device,
             revision=revision,
             token=token,
             offline=offline or None,
             command=["moetool", *sys.argv[1:]],
-            on_plan=lambda plan: set_total(plan.tensor_bytes),
-            on_bytes=advance,
-            on_status=status,
+            progress=progress,
         )
     pushed = push_output(hub, out, command="upcycle", json_output=json_output)
     if json_output:

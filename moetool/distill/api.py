@@ -31,12 +31,14 @@ from typing import TYPE_CHECKING, Any
 from moetool.distill import report
 from moetool.distill.options import DistillOptions
 from moetool.distill.report import SCHEMA_VERSION, DistillResult, Perplexities
-from moetool.distill.train import DistillInterrupted, Progress, device_name
+from moetool.distill.train import DistillInterrupted, device_name
 from moetool.errors import OutputError, UnsupportedArchitectureError, UsageError
+from moetool.io.sizes import DEFAULT_MAX_SHARD_SIZE
+from moetool.progress import TOKENS, Progress
 from moetool.threads import choose_threads, thread_count
 
 if TYPE_CHECKING:
-    from moetool.data import Document
+    from moetool.data import DatasetSpec, Document
     from moetool.distill.checkpoint import TrainState
     from moetool.io.checkpoint import Checkpoint
 
@@ -215,10 +217,8 @@ def distill(
     teacher: str,
     out: str | Path,
     *,
-    documents: Sequence[Document],
-    dataset_name: str,
-    eval_documents: Sequence[Document] | None = None,
-    eval_name: str = "",
+    data: DatasetSpec,
+    eval_data: DatasetSpec | None = None,
     options: DistillOptions | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
@@ -227,7 +227,7 @@ def distill(
     revision: str | None = None,
     token: str | bool | None = None,
     offline: bool | None = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     command: str | Sequence[str] | None = None,
@@ -238,11 +238,10 @@ def distill(
     Args:
         teacher: a local MoE checkpoint folder or Hub repo id.
         out: the output folder (must not exist or be empty, unless ``overwrite``).
-        documents: the training text (:func:`moetool.data.load_documents`).
-        dataset_name: how to name it in the report.
-        eval_documents: held-out text for the perplexities; default: one document in 20 of ``documents``,
-            left out of training.
-        eval_name: how to name it.
+        data: the training text (read once; the windows come from ``options``: ``seq_len``,
+            ``max_train_tokens``, ``calibration_tokens``).
+        eval_data: held-out text for the perplexities; default: one document in 20 of ``data``, left out
+            of training.
         options: the run's settings (:class:`DistillOptions`; defaults when None).
         checkpoint_dir: where checkpoints go (default ``OUT.partial``); removed after a successful run
             unless ``keep_checkpoint``.
@@ -251,11 +250,11 @@ def distill(
         device: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda``; under ``accelerate launch`` each
             process takes the GPU accelerate gives it.
         revision / token / offline: Hub access for ``teacher``.
-        max_shard_size: bound on each output shard.
+        max_shard_size: bound on each output shard, in bytes.
         overwrite: replace an existing output folder (still staged and swapped).
         allow_nonfinite: take a teacher holding NaN/Inf (refused otherwise) and publish such a student.
         command: the command line, for the model card and the resume hint.
-        progress: see :data:`moetool.distill.train.Progress`.
+        progress: reports each stage (:mod:`moetool.progress`): ``training`` in steps, with the loss as detail.
 
     Returns:
         The result (on every process; only the main process writes files).
@@ -290,9 +289,8 @@ def distill(
             hint="use concat, top1, average, random, or the path of a dense checkpoint",
             code="OPTION_INVALID",
         )
-    from moetool.io.writer import parse_size
-
-    shard_size = parse_size(max_shard_size)
+    documents = data.load()
+    eval_documents = eval_data.load() if eval_data is not None else None
     accelerator = _accelerator(device, options.dtype)
     threads = None
     if accelerator.device.type == "cpu" and accelerator.num_processes == 1:
@@ -310,9 +308,9 @@ def distill(
                 ckpt_dir=ckpt_dir,
                 inputs=inputs,
                 documents=documents,
-                dataset_name=dataset_name,
+                dataset_name=data.dataset,
                 eval_documents=eval_documents,
-                eval_name=eval_name,
+                eval_name=eval_data.dataset if eval_data is not None else "",
                 options=options,
                 resume=resume,
                 keep_checkpoint=keep_checkpoint,
@@ -321,7 +319,7 @@ def distill(
                 revision=revision,
                 token=token,
                 offline=offline,
-                shard_size=shard_size,
+                shard_size=max_shard_size,
                 overwrite=overwrite,
                 allow_nonfinite=allow_nonfinite,
                 command=command,
@@ -338,11 +336,11 @@ def distill(
 
 
 def _resume_command(command: str | Sequence[str] | None, teacher: str, out: Path) -> str:
-    from moetool.io.model_card import _redact_command
+    from moetool.io.model_card import redact_command
 
     if command is None:
         return f"moetool distill {shlex.quote(teacher)} -o {shlex.quote(str(out))} ... --resume"
-    text = _redact_command(command)
+    text = redact_command(command)
     return text if "--resume" in text.split() else f"{text} --resume"
 
 
@@ -439,8 +437,8 @@ def _run(
         merge_progress = None
         if progress is not None:
 
-            def merge_progress(stage: str, advance: int, total: int | None) -> None:
-                progress(f"student init: {stage}", advance, total, None)
+            def merge_progress(stage: str, advance: float = 0, total: float | None = None, **kwargs: Any) -> None:
+                progress(f"student init: {stage}", advance, total, **kwargs)
 
         student, info = build_student(
             teacher,
@@ -560,7 +558,7 @@ def _run(
 
         def on_batch(tokens: int) -> None:
             if progress is not None:
-                progress("caching teacher", tokens, None, None)
+                progress("caching teacher", tokens, None, unit=TOKENS)
 
         try:
             tc.fill_cache(

@@ -5,7 +5,8 @@ A checkpoint is a folder ``checkpoint/`` inside the run's checkpoint folder:
 * ``state.json``: the step, the number of windows consumed (the data position), tokens trained on, the
   loss curve, the measurements taken before training (teacher and student-at-init perplexities), the
   student's description and the settings fingerprint a resumed run must match;
-* ``student.safetensors``: the student's float32 weights (tied tensors once);
+* ``student.safetensors``: the student's float32 weights (tied tensors once), written like every output
+  (:class:`moetool.io.shards.ShardWriter`);
 * ``optimizer.safetensors`` + the optimizer's hyper-parameters in ``state.json``: AdamW's moments and step
   counts; the learning-rate schedule is a function of the step (:mod:`moetool.distill.schedule`), so it
   needs no state of its own;
@@ -24,7 +25,8 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,10 +71,16 @@ class TrainState:
     sessions: list[int] = field(default_factory=list)
 
 
-def _tensors_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
+def _tensors_file(path: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """One safetensors file ``path`` (never sharded), tensor by tensor; no file when there is no tensor (an
+    optimizer before its first step has no state)."""
+    from moetool.io.shards import ShardWriter
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    with ShardWriter(path.parent, stem=path.name.removesuffix(".safetensors"), max_shard_size=sys.maxsize) as writer:
+        for name, tensor in tensors:
+            writer.add(name, tensor)
+        if not writer.num_tensors:
+            writer.abort()
 
 
 def _optimizer_parts(optimizer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -133,8 +141,7 @@ def save_checkpoint(
     Returns:
         The checkpoint folder.
     """
-    from safetensors.torch import save_model
-
+    from moetool.io.shards import unique_state_tensors
     from moetool.io.writer import write_json
 
     tmp = folder / f"{CHECKPOINT}.tmp"
@@ -143,12 +150,12 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier()
     rng_tensors, rng_json = _rng_parts()
-    _tensors_file(tmp / f"rng-rank{rank}.safetensors", rng_tensors)
+    _tensors_file(tmp / f"rng-rank{rank}.safetensors", rng_tensors.items())
     write_json(tmp / f"rng-rank{rank}.json", rng_json)
     if rank == 0:
-        save_model(model, str(tmp / MODEL_NAME), metadata={"format": "pt"})
+        _tensors_file(tmp / MODEL_NAME, unique_state_tensors(model))
         opt_tensors, opt_json = _optimizer_parts(optimizer)
-        _tensors_file(tmp / OPTIMIZER_NAME, opt_tensors)
+        _tensors_file(tmp / OPTIMIZER_NAME, opt_tensors.items())
         document = {"format": FORMAT, "version": VERSION, "world_size": world_size, **asdict(state)}
         document["optimizer"] = opt_json
         write_json(tmp / STATE_NAME, document)
@@ -207,7 +214,8 @@ def load_checkpoint(checkpoint: Path, *, model: Any, optimizer: Any | None, rank
     try:
         load_model(model, str(checkpoint / MODEL_NAME), strict=True)
         if optimizer is not None:
-            tensors = load_file(str(checkpoint / OPTIMIZER_NAME))
+            optimizer_file = checkpoint / OPTIMIZER_NAME
+            tensors = load_file(str(optimizer_file)) if optimizer_file.is_file() else {}
             saved = rest["optimizer"]
             per_param: dict[int, dict[str, Any]] = {}
             for key, value in tensors.items():

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moetool.distill.options import DistillOptions
-from moetool.distill.train import Progress, device_name
+from moetool.distill.train import device_name
+from moetool.io.jsonfile import json_number
+from moetool.progress import Progress
 
 if TYPE_CHECKING:
     from moetool.data import Document
@@ -40,20 +42,18 @@ class Perplexities:
     top1: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        from moetool.evaluate import _json_number
-
         ratio = self.student / self.teacher if self.student is not None and self.teacher else None
         return {
             "dataset": self.dataset,
             "tokens": self.tokens,
-            "teacher_perplexity": _json_number(self.teacher),
-            "student_init_perplexity": _json_number(self.student_init),
-            "student_perplexity": _json_number(self.student),
-            "student_over_teacher": _json_number(ratio),
-            "student_init_kl": _json_number(self.init_kl),
-            "student_init_top1_agreement": _json_number(self.init_top1),
-            "student_kl": _json_number(self.kl),
-            "student_top1_agreement": _json_number(self.top1),
+            "teacher_perplexity": json_number(self.teacher),
+            "student_init_perplexity": json_number(self.student_init),
+            "student_perplexity": json_number(self.student),
+            "student_over_teacher": json_number(ratio),
+            "student_init_kl": json_number(self.init_kl),
+            "student_init_top1_agreement": json_number(self.init_top1),
+            "student_kl": json_number(self.kl),
+            "student_top1_agreement": json_number(self.top1),
         }
 
 
@@ -218,7 +218,7 @@ def checkpoint_params(checkpoint: Checkpoint) -> int:
 
 def out_dtype(checkpoint: Checkpoint) -> str:
     """The dtype the student is written in: the teacher's stored float dtype (float32 when unknown)."""
-    from moetool.merge.layout import FLOAT_DTYPES
+    from moetool.io.dtypes import FLOAT_DTYPES
 
     for info in checkpoint.tensors.values():
         if info.dtype in FLOAT_DTYPES:
@@ -236,11 +236,12 @@ def evaluate_on(
     stage: str,
     progress: Progress | None,
 ) -> Any:
+    from moetool.data import DatasetSpec
     from moetool.evaluate import evaluate
 
-    def advance(tokens: int) -> None:
-        if progress is not None:
-            progress(stage, tokens, options.eval_max_tokens, None)
+    data = DatasetSpec.of_documents(
+        documents, max_tokens=options.eval_max_tokens, seq_len=options.seq_len, batch_size=options.eval_batch_size
+    )
 
     was_training = bool(getattr(model, "training", False))  # a streamed runner has no train mode
     if was_training:
@@ -249,16 +250,42 @@ def evaluate_on(
         return evaluate(
             model,
             tokenizer,
-            documents,
-            seq_len=options.seq_len,
-            batch_size=options.eval_batch_size,
-            max_tokens=options.eval_max_tokens,
+            data,
             reference_model=reference,
-            progress=advance,
+            progress=progress,
+            stage=stage,
         )
     finally:
         if was_training:
             model.train()
+
+
+def write_student(folder: Path, model: Any, *, dtype: str, max_shard_size: int) -> None:
+    """The student as a standard checkpoint: config.json (and generation_config.json) as ``save_pretrained``
+    writes them, the weights in ``dtype`` streamed tensor by tensor through the one shard writer (the names
+    ``save_pretrained`` would write: tied weights once)."""
+    import torch
+
+    from moetool.io.shards import ShardWriter, unique_state_tensors
+    from moetool.io.writer import write_json
+    from moetool.modeling import quiet_transformers
+
+    target = getattr(torch, dtype)
+    with ShardWriter(folder, max_shard_size=max_shard_size) as writer:
+        for name, tensor in unique_state_tensors(model):
+            writer.add(name, tensor.detach().to(target))
+    with quiet_transformers():
+        # What save_pretrained records besides the config itself.
+        model.config.dtype = str(model.dtype).removeprefix("torch.")
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(folder)
+        if model.can_generate():
+            model.generation_config.save_pretrained(folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["dtype"] = dtype
+    config.pop("torch_dtype", None)
+    write_json(config_path, config)
 
 
 def publish(
@@ -277,25 +304,15 @@ def publish(
     allow_nonfinite: bool = False,
 ) -> None:
     """Write the student through a staging folder, measure it as loaded back, write the card, publish."""
-    import torch
 
     from moetool.io.model_card import write_model_card
-    from moetool.io.writer import copy_aux_files, staged_output, write_json
-    from moetool.modeling import load_weights, open_checkpoint, quiet_transformers
+    from moetool.io.writer import copy_aux_files, staged_output
+    from moetool.modeling import load_weights, open_checkpoint
 
-    dtype_name = out_dtype(checkpoint)
     with staged_output(
         Path(result.output), inputs=inputs, overwrite=overwrite, allow_nonfinite=allow_nonfinite
     ) as staging:
-        state_dict = {k: v.detach().to(getattr(torch, dtype_name)) for k, v in unwrapped.state_dict().items()}
-        with quiet_transformers():
-            unwrapped.save_pretrained(staging, state_dict=state_dict, max_shard_size=shard_size)
-        del state_dict
-        config_path = staging / "config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        config["dtype"] = dtype_name
-        config.pop("torch_dtype", None)
-        write_json(config_path, config)
+        write_student(staging, unwrapped, dtype=out_dtype(checkpoint), max_shard_size=shard_size)
         if checkpoint.root is not None:
             copy_aux_files(checkpoint.root, staging)
         if heldout and result.evaluation is not None:

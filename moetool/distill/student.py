@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moetool.errors import UnsupportedArchitectureError
+from moetool.progress import Progress
 
 if TYPE_CHECKING:
     from moetool.data import Document
@@ -117,7 +118,7 @@ def build_student(
     offline: bool | None = None,
     is_main: bool = True,
     barrier: Callable[[], None] = lambda: None,
-    progress: Callable[[str, int, int | None], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[Any, StudentInit]:
     """Build the student (float32, on the CPU, train mode) as ``options.init`` says.
 
@@ -147,26 +148,33 @@ def build_student(
     from moetool.modeling import check_same_tokenizer, load_tokenizer, load_weights, open_checkpoint
 
     if options.init_from_teacher:
-        from moetool.merge import merge
+        from moetool.data import DatasetSpec
+        from moetool.merge import MergeOptions, merge
 
         folder = work_dir / INIT_FOLDER
         summary: dict[str, Any] = {}
         if is_main:
-            result = merge(
-                teacher,
-                folder,
+            merge_options = MergeOptions(
                 to_dense=True,
                 dense_strategy=options.init,
                 intermediate_size=options.intermediate_size if options.init == "concat" else None,
-                calibration=calibration,
-                calibration_name=calibration_name,
-                max_tokens=options.calibration_tokens,
-                seq_len=options.seq_len,
-                batch_size=options.eval_batch_size,
                 seed=options.seed,
                 evaluate=False,
                 device=device,
                 dtype="auto",
+            )
+            text = DatasetSpec.of_documents(
+                calibration,
+                calibration_name,
+                max_tokens=options.calibration_tokens,
+                seq_len=options.seq_len,
+                batch_size=options.eval_batch_size,
+            )
+            result = merge(
+                teacher,
+                folder,
+                merge_options,
+                calibration=text,
                 revision=revision,
                 token=token,
                 offline=offline,

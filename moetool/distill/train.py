@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moetool.errors import EXIT_INTERRUPTED, MoetoolError
+from moetool.progress import STEPS, Progress
 
 if TYPE_CHECKING:
     import torch
@@ -35,10 +36,6 @@ if TYPE_CHECKING:
     from moetool.distill.data import TrainData
     from moetool.distill.options import DistillOptions
     from moetool.distill.teacher_cache import TeacherCache
-
-#: ``progress(stage, advance, total, info)``: ``training`` advances by steps and carries ``info`` with
-#: ``step``, ``loss``, ``kd``, ``ce``, ``lr`` and ``tokens_per_s``; other stages count tokens.
-Progress = Callable[[str, int, "int | None", "dict[str, Any] | None"], None]
 
 
 class DistillInterrupted(MoetoolError):
@@ -261,14 +258,7 @@ def run_training(
                 for key, value in zip(("loss", "kd", "ce"), sums, strict=True):
                     window_sums[key] += value
                 window_sums["steps"] += 1
-                info = {
-                    "step": state.step,
-                    "loss": sums[0],
-                    "kd": sums[1],
-                    "ce": sums[2],
-                    "lr": lr,
-                    "tokens_per_s": per_step * seq_len / elapsed if elapsed > 0 else 0.0,
-                }
+                tokens_per_s = per_step * seq_len / elapsed if elapsed > 0 else 0.0
                 if state.step % options.log_every == 0 or state.step == options.steps:
                     # Mean over the processes and over the steps since the last entry.
                     means = torch.tensor([window_sums["loss"], window_sums["kd"], window_sums["ce"]], device=device)
@@ -288,7 +278,12 @@ def run_training(
                     window_start, window_tokens = time.perf_counter(), 0
                 if progress is not None:
                     try:
-                        progress("training", 1, options.steps, info)
+                        detail = (
+                            f"step {state.step}/{options.steps}  loss {sums[0]:.4f} (kd {sums[1]:.4f}, "
+                            f"ce {sums[2]:.4f})  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s"
+                        )
+                        log = state.step % options.log_every == 0 or state.step == options.steps
+                        progress("training", 1, options.steps, unit=STEPS, detail=detail, log=log)
                     except KeyboardInterrupt:  # raised by a caller's callback: a stop request like Ctrl-C
                         stop.requested = True
                 if _stop_everywhere(accelerator, stop.requested):

@@ -24,6 +24,7 @@ from moetool.errors import (
     UnsafePathError,
 )
 from moetool.io.jsonfile import load_json_file
+from moetool.io.names import CONFIG_NAME, INDEX_NAME, PICKLE_SUFFIXES, SINGLE_FILE_NAME
 from moetool.io.safetensors_header import (
     HINT_REDOWNLOAD,
     SafetensorsHeader,
@@ -35,10 +36,6 @@ from moetool.io.safetensors_header import (
 if TYPE_CHECKING:
     import torch
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-INDEX_NAME = "model.safetensors.index.json"
-CONFIG_NAME = "config.json"
-SINGLE_FILE_NAME = "model.safetensors"
 
 # How many offending names an error message lists before it only gives the count.
 _LIST_LIMIT = 5

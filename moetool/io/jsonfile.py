@@ -1,4 +1,5 @@
-"""Strict JSON reading for files that come from users (config.json, index files, headers).
+"""Strict JSON reading for files that come from users (config.json, index files, headers), and the one rule
+for numbers in moetool's own JSON documents (:func:`json_number`).
 
 Python's ``json`` accepts duplicate keys (the last one wins), ``NaN``/``Infinity`` literals, and
 raises ``RecursionError`` on deeply nested input: each of these is refused here with one clear line.
@@ -7,10 +8,19 @@ raises ``RecursionError`` on deeply nested input: each of these is refused here 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from moetool.errors import MoetoolError
+
+
+def json_number(value: Any) -> Any:
+    """A figure for a ``--json`` document: JSON has no inf/NaN, so a non-finite float (an overflowing
+    perplexity) is written as null; anything else passes unchanged."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _reject_constant(name: str) -> Any:

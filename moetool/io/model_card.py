@@ -41,6 +41,7 @@ __all__ = [
     "CardError",
     "hub_id_of",
     "hub_relation",
+    "redact_command",
     "render_model_card",
     "validate_model_card",
     "write_model_card",
@@ -125,7 +126,7 @@ def hub_relation(relation: str) -> str | None:
     return _RELATION_OF.get(relation.strip().lower())
 
 
-def _redact_command(command: str | Sequence[str]) -> str:
+def redact_command(command: str | Sequence[str]) -> str:
     """The command line as one string, with secret option values and Hub tokens masked.
 
     A string is kept as typed (only masked); a word list is joined with shell quoting.
@@ -278,7 +279,7 @@ def render_model_card(
     if not sources:
         body.append("- (none recorded)")
 
-    command_line = _redact_command(command)
+    command_line = redact_command(command)
     fence = _fence(command_line)
     body += ["", "## How it was made", "", f"{fence}sh", command_line, fence, ""]
     body += ["### Options", ""]

@@ -1,4 +1,6 @@
-"""Output sizes known before anything is computed, for the free-space preflight of writing commands.
+"""Sizes: ``--max-shard-size`` parsed once, and output sizes known before anything is computed.
+
+:func:`parse_size` turns a size the user typed into bytes (the CLI calls it once; libraries take ints).
 
 merge and upcycle plan every output tensor up front, so they know their size exactly. quantize does
 not plan its packed tensors before it runs, but their size follows from the shapes and the format:
@@ -9,8 +11,14 @@ disk that cannot hold the result is refused before the model is even loaded.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection
 from typing import Any
+
+from moetool.errors import UsageError
+
+# The hub and mergekit convention: many 5 GB shards stream and resume better than a few huge ones.
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 
 # Headers, the index, config and tokenizer files: a little on top of the tensor data.
 _SLACK_BYTES = 1 << 20
@@ -47,3 +55,49 @@ def estimate_quantized_bytes(checkpoint: Any, quantized: Collection[str], fmt: A
         if zero_point:
             total += rows * math.ceil(groups * bits / 8)
     return total + int(total * _SLACK_RATIO) + _SLACK_BYTES
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_size(value: str | int) -> int:
+    """Parse a size such as ``"5GB"``, ``"500MiB"``, ``"500M"`` or ``1000000`` into bytes.
+
+    Decimal units (KB, MB, GB, TB, and the bare K, M, G, T) are powers of 1000, as in
+    ``huggingface_hub``; binary units (KiB, MiB, GiB, TiB) are powers of 1024. Case does not matter.
+
+    Args:
+        value: an integer number of bytes, or a string with an optional unit.
+
+    Returns:
+        The size in bytes, always positive.
+
+    Raises:
+        UsageError: the value is not a size, or is zero or negative.
+    """
+    hint = 'use a positive size such as "5GB", "500MB" or "2GiB"'
+    if isinstance(value, bool):  # bool is an int subclass; True is not a size
+        raise UsageError(f"invalid size {value!r}", hint=hint)
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if not match:
+            raise UsageError(f"invalid size {value!r}", hint=hint)
+        number, prefix, binary, _ = match.groups()
+        if binary and not prefix:  # "5iB" is not a unit
+            raise UsageError(f"invalid size {value!r}", hint=hint)
+        base = 1024 if binary else 1000
+        multiplier = base ** _SIZE_POWERS[prefix.lower()]
+        # Decimal numbers are allowed ("1.5GB") but the result must be whole bytes.
+        if "." in number:
+            whole, frac = number.split(".")
+            size = int(whole) * multiplier + (int(frac) * multiplier) // (10 ** len(frac))
+        else:
+            size = int(number) * multiplier
+    else:
+        raise UsageError(f"invalid size {value!r}", hint=hint)
+    if size <= 0:
+        raise UsageError(f"size must be positive, got {value!r}", hint=hint)
+    return size

@@ -28,15 +28,14 @@ from moetool.errors import (
     PickleRefusedError,
     SourceNotFoundError,
     UsageError,
+    first_line,
 )
+from moetool.io.names import CONFIG_NAME, INDEX_NAME, PICKLE_SUFFIXES, SINGLE_FILE_NAME
 
 if TYPE_CHECKING:
     from moetool.io.checkpoint import Checkpoint
     from moetool.io.safetensors_header import SafetensorsHeader
 
-CONFIG_NAME = "config.json"
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_FILE_NAME = "model.safetensors"
 
 #: What ``inspect`` needs from a repo besides the shard headers (which are read remotely).
 METADATA_PATTERNS: tuple[str, ...] = (CONFIG_NAME, "*.safetensors.index.json", "generation_config.json")
@@ -56,8 +55,6 @@ TOKENIZER_PATTERNS: tuple[str, ...] = (
     "*.tiktoken",
     "chat_template*",
 )
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 # Mirrors huggingface_hub.utils.validate_repo_id (REPO_ID_REGEX and its extra rules), copied so that
 # classifying a local path never imports huggingface_hub; tests check both agree.
@@ -190,11 +187,6 @@ def _env_offline() -> bool:
     return constants.is_offline_mode() or true("HF_HUB_OFFLINE") or true("TRANSFORMERS_OFFLINE")
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 def _status(exc: Any) -> int | None:
     response = getattr(exc, "response", None)
     return getattr(response, "status_code", None)
@@ -243,7 +235,7 @@ def _hub_errors(repo_id: str, revision: str | None, *, offline: bool) -> Iterato
         ) from None
     except hf.RemoteEntryNotFoundError as exc:
         raise SourceNotFoundError(
-            f"{repo_id}{_at(revision)}: a file is missing on the Hub ({_first_line(exc)})",
+            f"{repo_id}{_at(revision)}: a file is missing on the Hub ({first_line(exc)})",
             hint="check the repository's files on its model page",
             code="FILE_NOT_FOUND",
         ) from None
@@ -266,7 +258,7 @@ def _hub_errors(repo_id: str, revision: str | None, *, offline: bool) -> Iterato
         ):
             # Online, but the Hub did not answer and the cache could not stand in for it.
             raise SourceNotFoundError(
-                f"cannot reach the Hub for {repo_id} ({_first_line(cause)}), and it is not in the cache",
+                f"cannot reach the Hub for {repo_id} ({first_line(cause)}), and it is not in the cache",
                 hint=HINT_UNREACHABLE,
                 code="HUB_UNREACHABLE",
             ) from None
@@ -279,18 +271,18 @@ def _hub_errors(repo_id: str, revision: str | None, *, offline: bool) -> Iterato
         status = _status(exc)
         if status in (401, 403):
             raise SourceNotFoundError(
-                f"the Hub refused access to {repo_id} (HTTP {status}): {_first_line(exc)}",
+                f"the Hub refused access to {repo_id} (HTTP {status}): {first_line(exc)}",
                 hint="check HF_TOKEN or run `hf auth login` again (the token is invalid or lacks rights)",
                 code="AUTH_FAILED",
             ) from None
         raise SourceNotFoundError(
-            f"the Hub answered HTTP {status} for {repo_id}: {_first_line(exc)}",
+            f"the Hub answered HTTP {status} for {repo_id}: {first_line(exc)}",
             hint=HINT_UNREACHABLE,
             code="HUB_UNREACHABLE",
         ) from None
     except (httpx2.TransportError, ConnectionError, TimeoutError) as exc:
         raise SourceNotFoundError(
-            f"cannot reach the Hub for {repo_id}: {type(exc).__name__}: {_first_line(exc)}",
+            f"cannot reach the Hub for {repo_id}: {type(exc).__name__}: {first_line(exc)}",
             hint=HINT_UNREACHABLE,
             code="HUB_UNREACHABLE",
         ) from None
@@ -302,18 +294,18 @@ def _hub_errors(repo_id: str, revision: str | None, *, offline: bool) -> Iterato
         ) from None
     except hf.SafetensorsParsingError as exc:
         raise CheckpointError(
-            f"{repo_id}{_at(revision)}: a safetensors header on the Hub is invalid ({_first_line(exc)})",
+            f"{repo_id}{_at(revision)}: a safetensors header on the Hub is invalid ({first_line(exc)})",
             hint="report it to the repository owner; moetool cannot read this checkpoint",
             code="HEADER_INVALID_JSON",
         ) from None
     except hf.HFValidationError as exc:
-        raise UsageError(f"{repo_id!r} is not a valid Hub repo id: {_first_line(exc)}") from None
+        raise UsageError(f"{repo_id!r} is not a valid Hub repo id: {first_line(exc)}") from None
     except OSError as exc:
         # Last: the Hub's own errors above are OSErrors too. What is left is the local cache failing
         # (read-only folder, disk full, a file where a folder should be).
         where = f" ({exc.filename})" if exc.filename else ""
         raise MoetoolError(
-            f"cannot use the Hugging Face cache for {repo_id}: {exc.strerror or _first_line(exc)}{where}",
+            f"cannot use the Hugging Face cache for {repo_id}: {exc.strerror or first_line(exc)}{where}",
             hint="check that HF_HUB_CACHE / HF_HOME (or --cache-dir) is a writable folder with free space",
             code="CACHE_UNUSABLE",
         ) from None

@@ -1,6 +1,6 @@
-"""Safe, streaming output: checked paths, a staged folder published atomically, size-bounded shards.
+"""Safe output: checked paths, a staged folder published atomically, small files written without symlinks.
 
-Every command that writes a model (upcycle, merge, quantize, distill) goes through this module:
+Every command that writes a model (upcycle, merge, quantize, export, distill) goes through this module:
 
 * :func:`check_output_path` refuses an output that overlaps an input, is a symlink, or already holds
   something (unless ``--overwrite``), before any compute starts.
@@ -8,8 +8,7 @@ Every command that writes a model (upcycle, merge, quantize, distill) goes throu
   cannot race for the same output, and publishes with a rename only when the block finishes; on any
   exception, Ctrl-C or SIGTERM it removes everything it created, so the output is either complete or
   absent and the input is never touched.
-* :class:`ShardedWriter` writes tensors into safetensors shards as they arrive, keeping about one
-  shard in memory, and names shards and the index the way ``save_pretrained`` does.
+* the weights themselves go through :class:`moetool.io.shards.ShardWriter` into the staging folder.
 
 torch and safetensors are imported inside the functions that need them, so ``moetool --help`` stays
 free of them.
@@ -31,9 +30,8 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from moetool.errors import (
     InputChangedError,
@@ -42,42 +40,27 @@ from moetool.errors import (
     NonfiniteError,
     OutputError,
     UnsafePathError,
-    UsageError,
 )
-
-if TYPE_CHECKING:  # pragma: no cover - typing only, keeps torch out of the import graph
-    import torch
 
 __all__ = [
     "AUX_FILE_PATTERNS",
-    "DEFAULT_MAX_SHARD_SIZE",
-    "INDEX_NAME",
-    "SINGLE_SHARD_NAME",
     "DiskFullError",
-    "DuplicateTensorError",
-    "ShardedWriter",
     "Terminated",
-    "WriteResult",
     "abandon_active_outputs",
     "check_disk_space",
     "check_output_path",
     "copy_aux_files",
-    "parse_size",
+    "is_disk_full",
+    "open_new_for_write",
     "staged_output",
     "stale_staging_dirs",
     "write_json",
     "write_text",
 ]
 
-# The hub and mergekit convention: many 5 GB shards stream and resume better than a few huge ones.
-DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
-SINGLE_SHARD_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-
 STAGING_PREFIX = ".moetool-tmp-"
 OLD_PREFIX = ".moetool-old-"
 LOCK_PREFIX = ".moetool-lock-"
-_SHARD_TMP_PREFIX = ".moetool-shard-"
 
 # Files a user needs beside the weights to run the model. config.json is written by each command
 # itself (it changes), weights are rewritten, and README.md is replaced by moetool's own model card.
@@ -99,12 +82,6 @@ AUX_FILE_PATTERNS: tuple[str, ...] = (
 )
 
 
-class DuplicateTensorError(MoetoolError, ValueError):
-    """The same tensor name was given to :meth:`ShardedWriter.add` twice (a bug in the caller)."""
-
-    default_code = "DUPLICATE_TENSOR"
-
-
 class DiskFullError(MoetoolError):
     """The output's file system has no room for what is about to be written."""
 
@@ -117,56 +94,6 @@ class Terminated(KeyboardInterrupt):
     It is a :class:`KeyboardInterrupt` so that every ``except Exception`` lets it through and the CLI
     treats it like Ctrl-C (cleanup, exit code 130).
     """
-
-
-# --------------------------------------------------------------------------------------------------
-# Sizes
-
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
-_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
-
-
-def parse_size(value: str | int) -> int:
-    """Parse a size such as ``"5GB"``, ``"500MiB"``, ``"500M"`` or ``1000000`` into bytes.
-
-    Decimal units (KB, MB, GB, TB, and the bare K, M, G, T) are powers of 1000, as in
-    ``huggingface_hub``; binary units (KiB, MiB, GiB, TiB) are powers of 1024. Case does not matter.
-
-    Args:
-        value: an integer number of bytes, or a string with an optional unit.
-
-    Returns:
-        The size in bytes, always positive.
-
-    Raises:
-        UsageError: the value is not a size, or is zero or negative.
-    """
-    hint = 'use a positive size such as "5GB", "500MB" or "2GiB"'
-    if isinstance(value, bool):  # bool is an int subclass; True is not a size
-        raise UsageError(f"invalid size {value!r}", hint=hint)
-    if isinstance(value, int):
-        size = value
-    elif isinstance(value, str):
-        match = _SIZE_RE.match(value)
-        if not match:
-            raise UsageError(f"invalid size {value!r}", hint=hint)
-        number, prefix, binary, _ = match.groups()
-        if binary and not prefix:  # "5iB" is not a unit
-            raise UsageError(f"invalid size {value!r}", hint=hint)
-        base = 1024 if binary else 1000
-        multiplier = base ** _SIZE_POWERS[prefix.lower()]
-        # Decimal numbers are allowed ("1.5GB") but the result must be whole bytes.
-        if "." in number:
-            whole, frac = number.split(".")
-            size = int(whole) * multiplier + (int(frac) * multiplier) // (10 ** len(frac))
-        else:
-            size = int(number) * multiplier
-    else:
-        raise UsageError(f"invalid size {value!r}", hint=hint)
-    if size <= 0:
-        raise UsageError(f"size must be positive, got {value!r}", hint=hint)
-    return size
 
 
 # --------------------------------------------------------------------------------------------------
@@ -737,7 +664,7 @@ def staged_output(
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        if _is_disk_full(exc):
+        if is_disk_full(exc):
             raise _disk_full(out) from None
         raise OutputError(
             f"cannot create the output's parent folder {parent}: {exc.strerror}",
@@ -747,7 +674,7 @@ def staged_output(
     try:
         lock = _acquire_lock(parent, out.name)
     except OSError as exc:  # permission denied, read-only file system, full disk
-        if _is_disk_full(exc):
+        if is_disk_full(exc):
             raise _disk_full(out) from None
         raise OutputError(
             f"cannot write in {parent}: {exc.strerror}",
@@ -781,7 +708,7 @@ def staged_output(
                 _remove_tree(staging)
                 _release_lock(lock)
                 _ACTIVE.pop(staging, None)
-            if isinstance(exc, Exception) and not isinstance(exc, MoetoolError) and _is_disk_full(exc):
+            if isinstance(exc, Exception) and not isinstance(exc, MoetoolError) and is_disk_full(exc):
                 raise _disk_full(out, written=written) from None
             raise
 
@@ -835,8 +762,8 @@ def stale_staging_dirs(parent: Path) -> list[Path]:
 # Small files
 
 
-def _open_new_for_write(path: Path, *, exclusive: bool = False) -> int:
-    """Open ``path`` for writing without following a symlink planted there."""
+def open_new_for_write(path: Path, *, exclusive: bool = False) -> int:
+    """Open ``path`` for writing without following a symlink planted there; returns the file descriptor."""
     flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
     flags |= os.O_EXCL if exclusive else os.O_TRUNC
     try:
@@ -873,7 +800,7 @@ def write_text(path: Path, text: str) -> None:
     Raises:
         OutputError: ``path`` is a symlink (code ``OUTPUT_IS_SYMLINK``).
     """
-    fd = _open_new_for_write(Path(path))
+    fd = open_new_for_write(Path(path))
     with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
         handle.write(text)
 
@@ -923,290 +850,17 @@ def copy_aux_files(src: Path, dst: Path) -> list[str]:
         destination = dst / name
         if destination.exists() or destination.is_symlink():
             continue
-        fd = _open_new_for_write(destination, exclusive=True)
+        fd = open_new_for_write(destination, exclusive=True)
         with open(target, "rb") as reader, os.fdopen(fd, "wb") as writer:
             shutil.copyfileobj(reader, writer, length=1 << 20)
         copied.append(name)
     return copied
 
 
-# --------------------------------------------------------------------------------------------------
-# Sharded safetensors writing
-
-
-@dataclass(frozen=True)
-class WriteResult:
-    """What :meth:`ShardedWriter.finalize` wrote.
-
-    Attributes:
-        files: the weight files and, when sharded, the index, in the order written.
-        total_size: bytes of tensor data (the index's ``metadata.total_size``).
-        num_tensors: number of tensors written.
-    """
-
-    files: list[str] = field(default_factory=list)
-    total_size: int = 0
-    num_tensors: int = 0
-
-
-def _is_disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an exception means the file system is full (ENOSPC, EDQUOT, or safetensors' message for it)."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
         return True
     # safetensors reports Rust I/O errors as SafetensorError with the OS message inside.
     text = str(exc)
     return "No space left" in text or "os error 28" in text or "StorageFull" in text
-
-
-def _normalize_header_order(path: Path) -> None:
-    """Rewrite a safetensors header with ``__metadata__`` keys sorted, in place.
-
-    safetensors serialises the metadata from a Rust ``HashMap``, whose order changes from process to
-    process; with more than one key the same tensors would give different bytes. The rewritten header
-    holds the same keys and values, so it has the same length and the tensor data does not move.
-    """
-    with open(path, "r+b") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        raw = handle.read(length)
-        header = json.loads(raw.decode("utf-8"))
-        metadata = header.pop("__metadata__", None)
-        if not metadata or len(metadata) < 2:
-            return
-        ordered = {"__metadata__": dict(sorted(metadata.items())), **header}
-        new = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        if len(new) > length:  # differing escapes; never move data, keep the valid original
-            return
-        handle.seek(8)
-        handle.write(new + b" " * (length - len(new)))
-
-
-#: safetensors dtype names of torch dtypes (``str(torch.float32)`` -> ``"F32"``).
-SAFETENSORS_DTYPES = {
-    "torch.float64": "F64",
-    "torch.float32": "F32",
-    "torch.bfloat16": "BF16",
-    "torch.float16": "F16",
-    "torch.float8_e4m3fn": "F8_E4M3",
-    "torch.float8_e5m2": "F8_E5M2",
-    "torch.int64": "I64",
-    "torch.int32": "I32",
-    "torch.int16": "I16",
-    "torch.int8": "I8",
-    "torch.uint64": "U64",
-    "torch.uint32": "U32",
-    "torch.uint16": "U16",
-    "torch.uint8": "U8",
-    "torch.bool": "BOOL",
-}
-
-
-class ShardedWriter:
-    """Writes tensors into size-bounded safetensors shards as they arrive, then the index.
-
-    Each tensor's bytes go to disk when it is added (into a data file beside the shard being filled),
-    so memory holds no tensor data, whatever the shard size. When the next tensor would push the shard
-    past ``max_shard_size``, the shard is closed: its header is written and the data copied after it
-    (a kernel-side copy). A tensor larger than ``max_shard_size`` gets a shard of its own. Tensors keep
-    the order they were added in, so the same input gives byte-identical shards. :meth:`finalize` names
-    the files like ``save_pretrained``: ``model.safetensors`` when there is one shard, otherwise
-    ``model-00001-of-0000N.safetensors`` plus ``model.safetensors.index.json``.
-
-    Use it inside :func:`staged_output`. As a context manager it finalizes on a normal exit (the
-    result is then in :attr:`result`) and removes its partial shards on an exception.
-
-    Args:
-        folder: where to write (created if missing).
-        max_shard_size: bound on the tensor bytes per shard.
-        metadata: extra string metadata for every shard header (``format: pt`` is always set).
-    """
-
-    def __init__(
-        self,
-        folder: Path,
-        *,
-        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-        metadata: dict[str, str] | None = None,
-    ) -> None:
-        if max_shard_size <= 0:
-            raise UsageError(f"max shard size must be positive, got {max_shard_size}")
-        metadata = dict(metadata or {})
-        for key, value in metadata.items():
-            if not isinstance(key, str) or not isinstance(value, str):
-                raise TypeError(f"safetensors metadata must map str to str, got {key!r}: {value!r}")
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        # Old weights or an old index beside the new ones would be loaded instead of (or mixed with)
-        # them; the writer expects a fresh folder, normally the one from staged_output.
-        existing = sorted(p.name for p in self.folder.glob("model*.safetensors*"))
-        if existing:
-            raise OutputError(
-                f"{self.folder} already holds weight files ({', '.join(existing[:3])})",
-                hint="write into an empty folder",
-                code="OUTPUT_EXISTS",
-            )
-        self.max_shard_size = int(max_shard_size)
-        # transformers refuses to load shards whose format is not "pt"; it cannot be overridden.
-        self.metadata = dict(sorted({**metadata, "format": "pt"}.items()))
-        self.result: WriteResult | None = None
-        # The shard being filled: its data file, and (name, dtype, shape, start, end) per tensor.
-        self._data: Any = None
-        self._data_path: Path | None = None
-        self._entries: list[tuple[str, str, list[int], int, int]] = []
-        self._pending_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self._names: set[str] = set()
-        self._total_size = 0
-        self._closed = False
-
-    def __enter__(self) -> ShardedWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            if not self._closed:
-                self.finalize()
-        else:
-            self.abort()
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one tensor's bytes, closing the current shard first if this tensor would overflow it.
-
-        Args:
-            name: the tensor's name in the checkpoint.
-            tensor: any dense tensor (moved to CPU; nothing of it is kept after the call).
-
-        Raises:
-            DuplicateTensorError: ``name`` was already added.
-            MoetoolError: the writer was finalized, the tensor is on the meta device, or of a dtype
-                safetensors cannot store.
-            DiskFullError: writing ran out of space.
-        """
-        import torch
-
-        if self._closed:
-            raise MoetoolError("the writer is already finalized", code="WRITER_CLOSED")
-        if not isinstance(name, str) or not name or name == "__metadata__":
-            raise MoetoolError(f"invalid tensor name {name!r}", code="INVALID_TENSOR_NAME")
-        if name in self._names:
-            raise DuplicateTensorError(f"tensor {name!r} was written twice")
-        t = tensor.detach()
-        if t.device.type == "meta":
-            raise MoetoolError(f"tensor {name!r} has no data (meta device)", code="META_TENSOR")
-        dtype = SAFETENSORS_DTYPES.get(str(t.dtype))
-        if dtype is None:
-            raise MoetoolError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store", code="DTYPE")
-        if t.device.type != "cpu":
-            t = t.to("cpu")
-        t = t.contiguous()
-        nbytes = t.numel() * t.element_size()
-        if self._entries and self._pending_bytes + nbytes > self.max_shard_size:
-            self._flush()
-        if self._data is None:
-            self._data_path = self.folder / f"{_SHARD_TMP_PREFIX}{len(self._shards) + 1:05d}.data"
-            self._data = open(self._data_path, "wb")  # noqa: SIM115 - closed in _flush / abort
-        start = self._pending_bytes
-        if nbytes:
-            raw = t.reshape(-1).view(torch.uint8).numpy()
-            self._write(self._data, memoryview(raw), nbytes)
-        self._entries.append((name, dtype, [int(d) for d in t.shape], start, start + nbytes))
-        self._names.add(name)
-        self._pending_bytes += nbytes
-        self._total_size += nbytes
-
-    def _write(self, handle: Any, data: Any, nbytes: int) -> None:
-        try:
-            handle.write(data)
-        except OSError as exc:
-            if _is_disk_full(exc):
-                raise self._disk_full(nbytes) from None
-            raise
-
-    def _disk_full(self, nbytes: int) -> DiskFullError:
-        free = shutil.disk_usage(self.folder).free
-        return DiskFullError(
-            f"disk full while writing shards in {self.folder}: needs {nbytes:,} more bytes, {free:,} free",
-            hint="free some space or choose -o on another disk",
-        )
-
-    def _flush(self) -> None:
-        """Close the shard being filled: header, then its data (copied from the data file)."""
-        if self._data is None:
-            return
-        assert self._data_path is not None
-        data_path, handle = self._data_path, self._data
-        self._data = self._data_path = None
-        handle.close()
-        header: dict[str, Any] = {"__metadata__": self.metadata}
-        for name, dtype, shape, start, end in self._entries:
-            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
-        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
-        path = self.folder / f"{_SHARD_TMP_PREFIX}{len(self._shards) + 1:05d}.safetensors"
-        try:
-            with open(path, "wb") as out, open(data_path, "rb") as source:
-                self._write(out, len(raw).to_bytes(8, "little") + raw, len(raw) + 8)
-                try:
-                    shutil.copyfileobj(source, out, 16 * 2**20)
-                except OSError as exc:
-                    if _is_disk_full(exc):
-                        raise self._disk_full(self._pending_bytes) from None
-                    raise
-        except BaseException:
-            path.unlink(missing_ok=True)
-            data_path.unlink(missing_ok=True)
-            raise
-        data_path.unlink(missing_ok=True)
-        self._shards.append((path, [entry[0] for entry in self._entries]))
-        self._entries = []
-        self._pending_bytes = 0
-
-    def finalize(self) -> WriteResult:
-        """Write the last shard, give shards their final names and write the index when sharded.
-
-        Returns:
-            The files written, the total tensor bytes and the number of tensors.
-
-        Raises:
-            MoetoolError: no tensor was added (``NOTHING_TO_WRITE``) or already finalized.
-        """
-        if self._closed:
-            raise MoetoolError("the writer is already finalized", code="WRITER_CLOSED")
-        if not self._names:
-            raise MoetoolError("no tensors were given to the writer", code="NOTHING_TO_WRITE")
-        self._flush()
-        self._closed = True
-        count = len(self._shards)
-        if count == 1:
-            final = self.folder / SINGLE_SHARD_NAME
-            os.replace(self._shards[0][0], final)
-            files = [SINGLE_SHARD_NAME]
-        else:
-            weight_map: dict[str, str] = {}
-            files = []
-            for number, (path, names) in enumerate(self._shards, start=1):
-                filename = f"model-{number:05d}-of-{count:05d}.safetensors"
-                os.replace(path, self.folder / filename)
-                files.append(filename)
-                for tensor_name in names:
-                    weight_map[tensor_name] = filename
-            index = {
-                "metadata": {"total_size": self._total_size},
-                "weight_map": dict(sorted(weight_map.items())),
-            }
-            write_json(self.folder / INDEX_NAME, index)
-            files.append(INDEX_NAME)
-        self.result = WriteResult(files=files, total_size=self._total_size, num_tensors=len(self._names))
-        return self.result
-
-    def abort(self) -> None:
-        """Drop the shard being filled and delete the shards written so far (idempotent)."""
-        self._closed = True
-        if self._data is not None:
-            self._data.close()
-            self._data = None
-        if self._data_path is not None:
-            self._data_path.unlink(missing_ok=True)
-            self._data_path = None
-        self._entries = []
-        for path, _names in self._shards:
-            path.unlink(missing_ok=True)
-        self._shards = []

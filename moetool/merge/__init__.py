@@ -9,6 +9,6 @@ family's on-disk layout), :mod:`~moetool.merge.calibrate` (one pass over calibra
 :mod:`~moetool.merge.api` (:func:`~moetool.merge.api.merge`, the entry point).
 """
 
-from moetool.merge.api import DENSE_STRATEGIES, METHODS, MergeResult, merge
+from moetool.merge.api import DENSE_STRATEGIES, METHODS, MergeOptions, MergeResult, merge
 
-__all__ = ["DENSE_STRATEGIES", "METHODS", "MergeResult", "merge"]
+__all__ = ["DENSE_STRATEGIES", "METHODS", "MergeOptions", "MergeResult", "merge"]

@@ -27,9 +27,14 @@ from moetool.arch.dims import Dims, get_path, resolve_dims
 from moetool.arch.registry import family_for_config
 from moetool.arch.spec import FamilySpec, Routing
 from moetool.errors import ConfigError, MoetoolError, UnsupportedArchitectureError, UsageError
-from moetool.io.writer import DEFAULT_MAX_SHARD_SIZE, WriteResult
+from moetool.io.dtypes import FLOAT_DTYPES, torch_dtype
+from moetool.io.jsonfile import json_number
+from moetool.io.shards import WriteResult
+from moetool.io.sizes import DEFAULT_MAX_SHARD_SIZE
 from moetool.merge.calibrate import DEFAULT_SAMPLE_TOKENS, Calibration, LayerCalibration
-from moetool.merge.layout import FLOAT_DTYPES, Experts, LayerTensors, find_prefix, torch_dtype
+from moetool.merge.layout import Experts, LayerTensors, find_prefix
+from moetool.merge.methods import MERGE, PRUNE, LayerInputs, output_similarity
+from moetool.merge.methods import METHODS as METHOD_TABLE
 from moetool.merge.plan import (
     LayerDecision,
     OutputTensor,
@@ -41,19 +46,21 @@ from moetool.merge.plan import (
     reduced_config,
 )
 from moetool.merge.traits import MergeTraits, traits_for
+from moetool.progress import LAYERS, Progress, token_counter
 
 if TYPE_CHECKING:
     import torch
 
-    from moetool.data import Document
+    from moetool.data import DatasetSpec, Document
     from moetool.io.checkpoint import Checkpoint
     from moetool.merge.router import RoutingRule
     from moetool.routing.stats import RoutingStats
 
 SCHEMA_VERSION = 1
 
-PRUNING_METHODS = ("frequency", "soft-frequency", "reap", "search")
-MERGING_METHODS = ("merge-frequency", "merge-router", "merge-output")
+# The method registry is moetool.merge.methods; these are views of it.
+PRUNING_METHODS = tuple(name for name, method in METHOD_TABLE.items() if method.kind == PRUNE)
+MERGING_METHODS = tuple(name for name, method in METHOD_TABLE.items() if method.kind == MERGE)
 METHODS = PRUNING_METHODS + MERGING_METHODS
 DENSE_STRATEGIES = ("top1", "average", "concat")
 ALIGN_MODES = ("weights", "activations", "none")
@@ -65,11 +72,7 @@ FALLBACK_METHOD = "frequency"
 DEFAULT_DENSE_STRATEGY = "concat"
 
 # Methods that need calibration hidden states (a --dataset pass, not a stats file).
-NEEDS_SAMPLE = {"reap", "search", "merge-output"}
-
-#: ``progress(stage, advance, total)``: stages ``calibrating`` and ``evaluating`` count tokens,
-#: ``writing`` counts layers.
-Progress = Callable[[str, int, "int | None"], None]
+NEEDS_SAMPLE = {name for name, method in METHOD_TABLE.items() if method.needs_sample}
 
 
 @dataclass
@@ -85,15 +88,13 @@ class EvalFigures:
     seconds: float
 
     def to_json(self) -> dict[str, Any]:
-        from moetool.evaluate import _json_number
-
         return {
             "dataset": self.dataset,
             "tokens": self.tokens,
-            "perplexity_before": _json_number(self.perplexity_before),
-            "perplexity_after": _json_number(self.perplexity_after),
-            "kl": _json_number(self.kl),
-            "top1_agreement": _json_number(self.top1_agreement),
+            "perplexity_before": json_number(self.perplexity_before),
+            "perplexity_after": json_number(self.perplexity_after),
+            "kl": json_number(self.kl),
+            "top1_agreement": json_number(self.top1_agreement),
             "seconds": round(self.seconds, 3),
         }
 
@@ -178,14 +179,12 @@ def open_writer(folder: Path, planned: Sequence[OutputTensor], *, max_shard_size
     """The sharded writer merge writes through: every output tensor is known up front, so shard headers
     are written first and tensor bytes stream straight to disk (nothing buffered).
 
-    It takes the tensors in plan order, each checked against its entry (name, dtype, shape). Switching
-    to the buffering :class:`~moetool.io.writer.ShardedWriter` (which accepts any order) is this one
-    function.
+    It takes the tensors in plan order, each checked against its entry (name, dtype, shape).
     """
-    from moetool.io.planned_writer import PlannedEntry, PlannedShardWriter
+    from moetool.io.shards import PlannedEntry, ShardWriter
 
     entries = [PlannedEntry(t.name, t.dtype, t.shape) for t in planned]
-    return PlannedShardWriter(folder, entries, max_shard_size=max_shard_size)
+    return ShardWriter(folder, entries, max_shard_size=max_shard_size)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -212,7 +211,7 @@ def _scaling(spec: FamilySpec, config: dict[str, Any]) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 1.0
 
 
-def _check_options(
+def check_options(
     *,
     num_experts: int | None,
     to_dense: bool,
@@ -288,76 +287,6 @@ class _Counting:
 # ----------------------------------------------------------------------------- per-layer decisions
 
 
-@dataclass
-class _LayerInputs:
-    layer: int
-    experts: Experts
-    router: list[torch.Tensor]  # the router weight, then per-expert vectors
-    calibration: LayerCalibration
-    act: Callable
-
-
-def _similarity_outputs(inputs: _LayerInputs, traits: MergeTraits, tokens: int = 512) -> torch.Tensor:
-    """Cosine similarity of the experts' outputs on (up to ``tokens``) calibration tokens."""
-    import torch
-
-    from moetool.merge.ffn import expert_forward
-    from moetool.merge.grouping import row_similarity
-
-    sample = inputs.calibration.sample
-    assert sample is not None
-    x = sample.x[:tokens].float()
-    n = inputs.experts.num_experts
-    outs = torch.empty((n, x.shape[0] * inputs.experts.down.shape[1]), dtype=torch.float32)
-    for e in range(n):  # filled in place: one expert's output exists at a time besides the stack
-        outs[e] = expert_forward(inputs.experts, e, x, inputs.act).reshape(-1)
-    return row_similarity(outs)
-
-
-def _scores(method: str, inputs: _LayerInputs, traits: MergeTraits) -> list[float]:
-    from moetool.merge import scores
-
-    cal = inputs.calibration
-    if method == "soft-frequency":
-        return scores.soft_frequency(cal.prob_mean)
-    if method == "reap":
-        sample = cal.sample
-        assert sample is not None
-        sums, routed = scores.contribution_norms(
-            inputs.experts,
-            sample.x,
-            sample.indices,
-            sample.weights,
-            inputs.act,
-            scales_input=traits.router_scales_input,
-        )
-        return scores.reap(sums, routed)
-    return scores.frequency(cal.counts)
-
-
-def _search(inputs: _LayerInputs, m: int, rule: RoutingRule, traits: MergeTraits) -> tuple[list[int], dict[str, Any]]:
-    """The kept set whose pruned layer reproduces the original output best (see moetool.merge.search)."""
-    import dataclasses
-
-    import torch
-
-    from moetool.merge.combine import routed_output
-    from moetool.merge.ffn import expert_forward
-    from moetool.merge.search import LayerOutputs, best_subset
-
-    sample = inputs.calibration.sample
-    assert sample is not None
-    n_experts, hidden = inputs.experts.num_experts, inputs.experts.gate.shape[-1]
-    n = min(sample.size, max(256, _REFIT_FLOATS // max(n_experts * hidden, 1)))
-    x = sample.x[:n].float()
-    target = routed_output(inputs.experts, x, sample.indices[:n], sample.weights[:n], inputs.act, scales_input=False)
-    outputs = torch.stack([expert_forward(inputs.experts, e, x, inputs.act) for e in range(n_experts)], dim=1)
-    bias = inputs.router[1].float() if len(inputs.router) > 1 and rule.kind == "sigmoid" else None
-    layer = LayerOutputs(outputs, target, sample.logits[:n])
-    kept, error, exhaustive = best_subset(layer, n_experts, m, dataclasses.replace(rule, bias=bias))
-    return kept, {"output_error": round(error, 6), "search": "exhaustive" if exhaustive else "greedy", "tokens": n}
-
-
 def _needs_sample(method: str, to_dense: bool, refit_router: bool, align: str) -> bool:
     """Whether the layers' calibration hidden states are used: counting methods without a refit or an
     activation alignment decide from counts alone, so no per-layer sample (tokens x hidden, for every
@@ -368,37 +297,26 @@ def _needs_sample(method: str, to_dense: bool, refit_router: bool, align: str) -
 def _decide(
     method: str,
     m: int,
-    inputs: _LayerInputs,
+    inputs: LayerInputs,
     traits: MergeTraits,
     rule: RoutingRule | None,
     *,
     need_assignment: bool = True,
 ) -> tuple[LayerDecision, list[int]]:
-    """Groups for one layer, and the refit assignment (old expert -> new expert).
+    """Groups for one layer (the method's choice, :mod:`moetool.merge.methods`), and the refit assignment
+    (old expert -> new expert).
 
     ``need_assignment=False`` (no routing refit follows) skips what only the assignment of a pruning
     needs: every expert's outputs on the calibration sample, the largest temporary of a layer.
     """
-    from moetool.merge.grouping import around_anchors, cluster, column_similarity, row_similarity, top_m, weights_within
+    from moetool.merge.grouping import row_similarity, weights_within
 
+    chosen = METHOD_TABLE[method]
     cal = inputs.calibration
     n = inputs.experts.num_experts
-    freq = [float(c) for c in cal.counts]
-    sample = cal.sample
-    if method in PRUNING_METHODS:
-        notes: dict[str, Any] = {}
-        if method == "search":
-            if rule is None:
-                raise UnsupportedArchitectureError(
-                    "--method search models the layer output, which this family's routing (a weight on the "
-                    "expert's input) does not allow",
-                    hint="use --method reap",
-                )
-            kept, notes = _search(inputs, m, rule, traits)
-            importance = [float(c) for c in cal.counts]
-        else:
-            importance = _scores(method, inputs, traits)
-            kept = top_m(importance, m)
+    if chosen.kind == PRUNE:
+        assert chosen.select is not None
+        kept, importance, notes = chosen.select(inputs, m, traits, rule)
         groups = [[e] for e in kept]
         weights = [[1.0] for _ in kept]
         dropped = [e for e in range(n) if e not in kept]
@@ -408,17 +326,13 @@ def _decide(
         if not need_assignment:
             return LayerDecision(inputs.layer, groups, weights, dropped, importance, notes), assignment
         # For a refit, a dropped expert's tokens go to the kept expert that computes most like it.
-        similarity = _similarity_outputs(inputs, traits) if sample is not None else row_similarity(inputs.router[0])
+        similarity = output_similarity(inputs) if cal.sample is not None else row_similarity(inputs.router[0])
         for e in dropped:
             assignment[e] = max(range(len(kept)), key=lambda j: (float(similarity[e, kept[j]]), -j))
         return LayerDecision(inputs.layer, groups, weights, dropped, importance, notes), assignment
-    if method == "merge-frequency":
-        similarity = column_similarity(sample.logits) if sample is not None else row_similarity(inputs.router[0])
-        groups = around_anchors(similarity, freq, m)
-    elif method == "merge-router":
-        groups = cluster(row_similarity(inputs.router[0]), freq, m)
-    else:  # merge-output
-        groups = cluster(_similarity_outputs(inputs, traits), freq, m)
+    assert chosen.group is not None
+    freq = [float(c) for c in cal.counts]
+    groups = chosen.group(inputs, m, traits)
     weights = weights_within(groups, freq)
     assignment = [0] * n
     for j, members in enumerate(groups):
@@ -431,7 +345,7 @@ def _decide(
 _ALIGN_TOKENS = 2048
 
 
-def _align_tokens(align: str, inputs: _LayerInputs) -> dict[str, Any]:
+def _align_tokens(align: str, inputs: LayerInputs) -> dict[str, Any]:
     sample = inputs.calibration.sample
     if align != "activations" or sample is None:
         return {}
@@ -441,7 +355,7 @@ def _align_tokens(align: str, inputs: _LayerInputs) -> dict[str, Any]:
 def _reduce_layer(
     method: str,
     m: int,
-    inputs: _LayerInputs,
+    inputs: LayerInputs,
     traits: MergeTraits,
     *,
     align: str,
@@ -481,7 +395,7 @@ _REFIT_FLOATS = 2**28
 
 
 def _refit_outputs(
-    inputs: _LayerInputs, experts: Experts, router: list[torch.Tensor], rule: RoutingRule, traits: MergeTraits
+    inputs: LayerInputs, experts: Experts, router: list[torch.Tensor], rule: RoutingRule, traits: MergeTraits
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Refit the reduced router to reproduce the original layer's routed output (see router.refit_to_outputs)."""
     import dataclasses
@@ -509,7 +423,7 @@ def _refit_outputs(
 
 def _dense_layer(
     strategy: str,
-    inputs: _LayerInputs,
+    inputs: LayerInputs,
     *,
     routed_width: int,
     weight_sum: float,
@@ -571,47 +485,11 @@ def _dense_layer(
 # ----------------------------------------------------------------------------- the entry point
 
 
-def merge(
-    model: str,
-    out: str | Path,
-    *,
-    num_experts: int | None = None,
-    to_dense: bool = False,
-    method: str | None = None,
-    dense_strategy: str = DEFAULT_DENSE_STRATEGY,
-    intermediate_size: int | None = None,
-    calibration: Iterable[Document] | None = None,
-    calibration_name: str = "",
-    stats: str | Path | RoutingStats | None = None,
-    refit_router: bool = False,
-    refit_down: bool | None = None,
-    align: str = "weights",
-    max_tokens: int | None = 50_000,
-    seq_len: int = 256,
-    batch_size: int = 8,
-    sample_tokens: int = DEFAULT_SAMPLE_TOKENS,
-    seed: int = 0,
-    evaluate: bool = True,
-    eval_documents: Sequence[Document] | None = None,
-    eval_name: str = "",
-    eval_max_tokens: int | None = 20_000,
-    device: str = "auto",
-    dtype: str = "auto",
-    whole_model: bool = False,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    offline: bool | None = None,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-    overwrite: bool = False,
-    allow_nonfinite: bool = False,
-    command: str | Sequence[str] | None = None,
-    progress: Progress | None = None,
-) -> MergeResult:
-    """Reduce an MoE checkpoint to ``num_experts`` experts per MoE layer, or to a dense model.
+@dataclass(frozen=True)
+class MergeOptions:
+    """What ``moetool merge`` does, as one value (the CLI builds it once from the options).
 
-    Args:
-        model: a local checkpoint folder or Hub repo id.
-        out: the output folder (must not exist or be empty, unless ``overwrite``).
+    Attributes:
         num_experts: M, the experts kept per MoE layer (``1 <= M < N``).
         to_dense: write the family's dense architecture instead (one FFN per layer).
         method: ``frequency``, ``soft-frequency``, ``reap``, ``search`` (pruning) or ``merge-frequency``,
@@ -620,34 +498,98 @@ def merge(
             (:func:`default_method`).
         dense_strategy: ``top1``, ``average`` or ``concat`` (``to_dense``).
         intermediate_size: the dense FFN width for ``concat`` (default: top-k experts' worth).
-        calibration: calibration documents (run through the model once).
-        calibration_name: how to name them in the report.
-        stats: a profile-routing stats file (or its loaded :class:`RoutingStats`) instead of
-            ``calibration``; methods that need hidden states refuse it.
         refit_router: fit the new router rows to the old routing on calibration tokens.
         refit_down: ``to_dense``: refit the dense FFN's down projection by least squares to what the
             routed experts output on the calibration tokens (``None``: whenever there are calibration
-            hidden states, i.e. with ``calibration``).
+            hidden states, i.e. with calibration text).
         align: how neurons are matched before experts are averaged: ``weights`` (by their gate, up and
             down weights), ``activations`` (by their activations on calibration tokens) or ``none``.
-        max_tokens: calibration tokens (None: all).
-        seq_len / batch_size: windows for calibration and evaluation.
         sample_tokens: calibration tokens kept per layer for REAP, similarities, refits.
         seed: seeds the token sample.
         evaluate: measure the output against the source when there is text to do it on.
-        eval_documents: held-out documents; default: the calibration documents the calibration pass
-            did not read (when ``calibration`` is a sequence).
-        eval_name: how to name them.
         eval_max_tokens: evaluation tokens (None: all).
         device / dtype: where and in what precision the model runs (calibration and evaluation).
         whole_model: load the model whole for calibration and evaluation instead of streaming it one
             decoder layer at a time.
-        revision / token / offline: Hub access for ``model``.
         max_shard_size: bound on the bytes per output shard.
+    """
+
+    num_experts: int | None = None
+    to_dense: bool = False
+    method: str | None = None
+    dense_strategy: str = DEFAULT_DENSE_STRATEGY
+    intermediate_size: int | None = None
+    refit_router: bool = False
+    refit_down: bool | None = None
+    align: str = "weights"
+    sample_tokens: int = DEFAULT_SAMPLE_TOKENS
+    seed: int = 0
+    evaluate: bool = True
+    eval_max_tokens: int | None = 20_000
+    device: str = "auto"
+    dtype: str = "auto"
+    whole_model: bool = False
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+
+    def check(self, *, have_data: bool, have_stats: bool) -> None:
+        """Refuse options that do not fit together (before anything is read).
+
+        Raises:
+            UsageError: see :func:`check_options`; a bad device or dtype name; a shard size below 1.
+        """
+        from moetool.modeling import check_device_name, check_dtype_name
+
+        check_device_name(self.device)
+        check_dtype_name(self.dtype)
+        if self.max_shard_size < 1:
+            raise UsageError(f"max_shard_size must be positive, not {self.max_shard_size}")
+        check_options(
+            num_experts=self.num_experts,
+            to_dense=self.to_dense,
+            method=self.method,
+            dense_strategy=self.dense_strategy,
+            intermediate_size=self.intermediate_size,
+            have_data=have_data,
+            have_stats=have_stats,
+            refit_router=self.refit_router,
+            refit_down=self.refit_down,
+            align=self.align,
+        )
+
+
+def merge(
+    model: str,
+    out: str | Path,
+    options: MergeOptions,
+    *,
+    calibration: DatasetSpec | None = None,
+    stats: str | Path | RoutingStats | None = None,
+    eval_data: DatasetSpec | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    offline: bool | None = None,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    command: str | Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Reduce an MoE checkpoint to ``options.num_experts`` experts per MoE layer, or to a dense model.
+
+    Args:
+        model: a local checkpoint folder or Hub repo id.
+        out: the output folder (must not exist or be empty, unless ``overwrite``).
+        options: what to do (:class:`MergeOptions`).
+        calibration: the calibration text, run through the model once (its ``max_tokens``, ``seq_len`` and
+            ``batch_size`` set the calibration windows; evaluation uses the same windows).
+        stats: a profile-routing stats file (or its loaded :class:`RoutingStats`) instead of
+            ``calibration``; methods that need hidden states refuse it.
+        eval_data: held-out text; default: the calibration documents the calibration pass did not read.
+            Evaluation reads ``options.eval_max_tokens`` tokens of it.
+        revision / token / offline: Hub access for ``model``.
         overwrite: replace an existing output folder (still staged and swapped).
         allow_nonfinite: process an input holding NaN/Inf (refused otherwise) and publish such an output.
         command: the command line, for the model card.
-        progress: called as ``progress(stage, advance, total)``.
+        progress: reports ``calibrating`` and ``evaluating`` in tokens, ``writing`` in layers (:mod:`moetool.progress`).
 
     Returns:
         The result; the output folder is complete and published.
@@ -658,7 +600,9 @@ def merge(
         OutputError: the output path overlaps the input, exists, or is a symlink.
         MoetoolError: whatever reading the checkpoint, loading the model or the data raises.
     """
+    from moetool.data import DatasetSpec
     from moetool.io.model_card import write_model_card
+    from moetool.io.source import parse_model_ref
     from moetool.io.writer import check_disk_space, check_output_path, copy_aux_files, staged_output, write_json
     from moetool.modeling import open_checkpoint, quant_method_of
     from moetool.validate import check_input
@@ -666,18 +610,26 @@ def merge(
     started = time.perf_counter()
     timings: dict[str, float] = {}
     warnings: list[str] = []
-    _check_options(
-        num_experts=num_experts,
-        to_dense=to_dense,
-        method=method,
-        dense_strategy=dense_strategy,
-        intermediate_size=intermediate_size,
-        have_data=calibration is not None,
-        have_stats=stats is not None,
-        refit_router=refit_router,
-        refit_down=refit_down,
-        align=align,
-    )
+    # Cheap checks first: a typo should not cost a dataset read or a model load.
+    options.check(have_data=calibration is not None, have_stats=stats is not None)
+    for data in (calibration, eval_data):
+        if data is not None:
+            data.check()
+    local = parse_model_ref(model, revision=revision).local_path
+    check_output_path(Path(out), [local] if local is not None else [], overwrite=overwrite)
+    calibration_docs = calibration.load() if calibration is not None else None
+    eval_documents = eval_data.load() if eval_data is not None else None
+    windows = calibration or eval_data or DatasetSpec("")
+    num_experts, to_dense, method = options.num_experts, options.to_dense, options.method
+    refit_down = options.refit_down
+    dense_strategy, intermediate_size = options.dense_strategy, options.intermediate_size
+    refit_router = options.refit_router
+    align, sample_tokens, seed = options.align, options.sample_tokens, options.seed
+    device, dtype, whole_model = options.device, options.dtype, options.whole_model
+    max_tokens = calibration.max_tokens if calibration is not None else None
+    seq_len, batch_size = windows.seq_len, windows.batch_size
+    calibration_name = calibration.dataset if calibration is not None else ""
+    eval_name = eval_data.dataset if eval_data is not None else ""
     checkpoint = open_checkpoint(model, revision=revision, token=token, offline=offline)
     check_input(checkpoint, float_weights=True, allow_nonfinite=allow_nonfinite)
     config = checkpoint.config
@@ -776,8 +728,8 @@ def merge(
     if stats is not None:
         cal = _calibration_from_stats(stats, n=n, moe_layers=moe_layers, top_k=top_k)
     else:
-        assert calibration is not None
-        counted = _Counting(calibration)
+        assert calibration_docs is not None
+        counted = _Counting(calibration_docs)
         cal = _calibrate(
             model,
             spec,
@@ -811,7 +763,7 @@ def merge(
         for t in tensors:
             if t.kind == "copy" and t.source is not None:
                 copies_by_layer.setdefault(t.layer, []).append(t.source)
-        with open_writer(staging, tensors, max_shard_size=max_shard_size) as writer:
+        with open_writer(staging, tensors, max_shard_size=options.max_shard_size) as writer:
 
             def emit(name: str, tensor: torch.Tensor) -> None:
                 planned = expected.pop(name, None)
@@ -823,7 +775,7 @@ def merge(
                         hint="this is a bug in moetool merge; please report it",
                         code="MERGE_PLAN_MISMATCH",
                     )
-                writer.write(name, tensor)
+                writer.add(name, tensor)
 
             for layer in sources:
                 # Read a layer's unchanged tensors (one shard open at a time), write them in plan order.
@@ -863,7 +815,7 @@ def merge(
                 elif dense_spec is not None:
                     _process_dense_layer(checkpoint, layer, spec, dense_spec, layout, dense_width, expert_dtype, emit)
                 if progress is not None:
-                    progress("writing", 1, len(sources) - 1)
+                    progress("writing", 1, len(sources) - 1, unit=LAYERS)
             for t in zeros:
                 import torch
 
@@ -881,8 +833,8 @@ def merge(
 
         # ---- evaluate
         figures = None
-        if evaluate:
-            documents, name = _eval_documents(eval_documents, eval_name, calibration, calibration_name, counted)
+        if options.evaluate:
+            documents, name = _eval_documents(eval_documents, eval_name, calibration_docs, calibration_name, counted)
             if documents is None:
                 if calibration is not None or eval_documents is not None:
                     warnings.append("no held-out text left for evaluation (calibration read every document)")
@@ -895,7 +847,7 @@ def merge(
                     name=name,
                     seq_len=seq_len,
                     batch_size=batch_size,
-                    max_tokens=eval_max_tokens,
+                    max_tokens=options.eval_max_tokens,
                     device=device,
                     dtype=dtype,
                     whole_model=whole_model,
@@ -1113,10 +1065,6 @@ def _calibrate(
     windows = iter_windows(tokenizer, documents, seq_len=seq_len, max_tokens=max_tokens)
     batches = iter_batches(windows, batch_size=batch_size, pad_id=pad_id)
 
-    def on_batch(tokens: float) -> None:
-        if progress is not None:
-            progress("calibrating", tokens, max_tokens)
-
     description = {"dataset": name, "max_tokens": max_tokens, "seq_len": seq_len, "streamed": opened.streamed}
     try:
         return calibrate(
@@ -1125,7 +1073,7 @@ def _calibrate(
             batches,
             sample_tokens=sample_tokens,
             seed=seed,
-            on_batch=on_batch,
+            on_batch=token_counter(progress, "calibrating", max_tokens),
             description=description,
         )
     finally:
@@ -1166,7 +1114,7 @@ def _process_moe_layer(
     experts = layout.read_experts(checkpoint, layer, n, moe_width(dims, layer))
     router_names = layout.router_names(layer)
     router = [checkpoint.read_tensor(name) for name in router_names]
-    inputs = _LayerInputs(layer, experts, router, cal.layers[layer], act)
+    inputs = LayerInputs(layer, experts, router, cal.layers[layer], act)
     dtype = torch_dtype(expert_dtype)
     if not to_dense:
         decision, merged, new_router = _reduce_layer(
@@ -1276,6 +1224,7 @@ def _evaluate(
     progress: Progress | None,
 ) -> EvalFigures:
     """Perplexity of the original and the merged model, KL and top-1 agreement: one pass of each."""
+    from moetool.data import DatasetSpec
     from moetool.evaluate import evaluate
     from moetool.runner.open import open_runner
 
@@ -1284,18 +1233,12 @@ def _evaluate(
     )
     merged = open_runner(str(staging), device=device, dtype=dtype, whole_model=whole_model)
 
-    def advance(tokens: float) -> None:
-        if progress is not None:
-            progress("evaluating", tokens, max_tokens)
-
+    data = DatasetSpec.of_documents(documents, name, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size)
     after = evaluate(
         merged.runner,
         merged.tokenizer,
-        documents,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        max_tokens=max_tokens,
-        progress=advance,
+        data,
+        progress=progress,
         reference_model=original.runner,
         reference_tokenizer=original.tokenizer,
     )

@@ -22,13 +22,13 @@ from moetool.arch.dims import Dims, eval_dim, template_applies
 from moetool.arch.spec import ExpertLayout, FamilySpec, T
 from moetool.errors import CheckpointError, ShapeMismatchError, UnsupportedArchitectureError
 
+# Dtypes merge reads and writes; anything else (FP8, packed integers) needs dequantizing first.
+from moetool.io.dtypes import FLOAT_DTYPES
+
 if TYPE_CHECKING:
     import torch
 
     from moetool.io.checkpoint import Checkpoint
-
-#: Dtypes merge reads and writes; anything else (FP8, packed integers) needs dequantizing first.
-FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 @dataclass
@@ -288,13 +288,6 @@ def _check_float(checkpoint: Checkpoint, names: list[str]) -> None:
                 hint="dequantize the checkpoint first (FP8, packed integer and MXFP4 experts are not merged)",
                 code="UNSUPPORTED_DTYPE",
             )
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype string (float types only)."""
-    import torch
-
-    return getattr(torch, FLOAT_DTYPES[name])
 
 
 def find_prefix(spec: FamilySpec, names: Iterable[str], first_moe_layer: int) -> str:

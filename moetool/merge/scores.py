@@ -5,7 +5,10 @@
 * ``reap``: Router-weighted Expert Activation Pruning (Lasby et al., 2025), the mean over the tokens
   routed to an expert of the norm of what it adds to the layer output, ``g(x) * ||E(x)||`` (or
   ``||E(g(x) x)||`` where the router weight scales the input, as in Llama-4). Unlike frequency it keeps
-  a rarely chosen expert whose contribution is large, and drops a popular one that adds little.
+  a rarely chosen expert whose contribution is large, and drops a popular one that adds little;
+* ``ean``: Expert Activation Norm, the sum over the tokens routed to an expert of the norm of its output
+  ``||E(x)||`` (router weight left out): how much an expert computes on the tokens it gets, which favours
+  both frequent and strong experts.
 """
 
 from __future__ import annotations
@@ -42,6 +45,15 @@ def reap(norm_sums: Sequence[float], routed: Sequence[float]) -> list[float]:
     return [float(s) / float(n) if n else 0.0 for s, n in zip(norm_sums, routed, strict=True)]
 
 
+def ean(norm_sums: Sequence[float]) -> list[float]:
+    """EAN importance: per expert, the sum over the tokens routed to it of ``||E(x)||``.
+
+    Args:
+        norm_sums: from :func:`contribution_norms` with ``weighted=False``.
+    """
+    return [float(s) for s in norm_sums]
+
+
 def contribution_norms(
     experts: Experts,
     x: torch.Tensor,
@@ -50,6 +62,7 @@ def contribution_norms(
     act: Callable,
     *,
     scales_input: bool = False,
+    weighted: bool = True,
 ) -> tuple[list[float], list[int]]:
     """Sums of ``||g(x) E(x)||`` per expert over the tokens routed to it, and their counts.
 
@@ -60,6 +73,7 @@ def contribution_norms(
         weights: ``[n, k]`` their routing weights, as the model applies them.
         act: the activation.
         scales_input: the weight multiplies the expert's input (Llama-4) instead of its output.
+        weighted: ``False`` leaves the routing weight out: sums of ``||E(x)||`` (EAN).
 
     Returns:
         ``(norm_sums, routed_counts)``, one entry per expert.
@@ -75,10 +89,15 @@ def contribution_norms(
         if not rows.numel():
             sums.append(0.0)
             continue
-        w = weights[rows, slots].float()[:, None]
         tokens = x[rows].float()
-        out = (
-            expert_forward(experts, e, tokens * w, act) if scales_input else w * expert_forward(experts, e, tokens, act)
-        )
+        if not weighted:
+            out = expert_forward(experts, e, tokens, act)
+        else:
+            w = weights[rows, slots].float()[:, None]
+            out = (
+                expert_forward(experts, e, tokens * w, act)
+                if scales_input
+                else w * expert_forward(experts, e, tokens, act)
+            )
         sums.append(float(out.norm(dim=-1).double().sum()))
     return sums, counts

@@ -20,13 +20,12 @@ transformers and torch; the ``moetool`` command line imports this package only w
 
 import contextlib
 
-from moetool.quantize.api import CalibrationData, QuantizeOptions, QuantizeResult, quantize
+from moetool.errors import VerificationError
+from moetool.quantize.api import QuantizeOptions, QuantizeResult, quantize
 from moetool.quantize.calibrate import CoverageOptions
 from moetool.quantize.storage import QuantFormat
-from moetool.quantize.verify import VerificationError
 
 __all__ = [
-    "CalibrationData",
     "CoverageOptions",
     "QuantFormat",
     "QuantizeOptions",

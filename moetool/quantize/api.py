@@ -19,11 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moetool.data import DatasetSpec
 from moetool.errors import CheckpointError, UsageError
+from moetool.io.sizes import DEFAULT_MAX_SHARD_SIZE
+from moetool.progress import LAYERS, Progress, report
 from moetool.quantize.calibrate import CoverageOptions
 from moetool.quantize.engine import METHODS, LayerReport, MethodOptions
 from moetool.quantize.storage import UNIFORM_BITS, QuantFormat
-from moetool.quantize.verify import Verification
+from moetool.quantize.verify import Verification, tensor_digest
 
 SCHEMA_VERSION = 1
 
@@ -53,7 +56,7 @@ class QuantizeOptions:
         device: where calibration and GPTQ run (``auto``: CUDA when available); one decoder layer at a
             time is read from the checkpoint onto it.
         dtype: the compute dtype (``auto``: float32 on the CPU, the checkpoint's dtype on a GPU).
-        max_shard_size: largest output weight file.
+        max_shard_size: largest output weight file, in bytes.
         whole_model: load the whole model first instead of streaming it layer by layer (for comparison).
         offload_activations: keep the calibration activations in CPU memory between layers.
         output_format: ``auto`` (compressed-tensors when the settings fit what servers read, else
@@ -77,7 +80,7 @@ class QuantizeOptions:
     expert_batch: int = 0
     device: str = "auto"
     dtype: str = "auto"
-    max_shard_size: str = "5GB"
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     whole_model: bool = False
     offload_activations: bool = False
     output_format: str = "auto"
@@ -146,20 +149,6 @@ class QuantizeOptions:
             if not self.ternary_bits:
                 details["ternary_scale"] = self.ternary_scale
         return QuantFormat(scheme, bits, self.group_size, self.categories, self.method, details)
-
-
-@dataclass(frozen=True)
-class CalibrationData:
-    """The text GPTQ calibrates on (see :mod:`moetool.data`)."""
-
-    dataset: str
-    text_field: str = "text"
-    split: str = "train"
-    data_files: tuple[str, ...] = ()
-    config_name: str | None = None
-    max_tokens: int = 65536
-    seq_len: int = 512
-    batch_size: int = 8
 
 
 @dataclass
@@ -373,47 +362,23 @@ def _probe_batch(ids: Any) -> Any:
     return Batch(ids, torch.ones_like(ids), [None])
 
 
-def _digest(tensor: Any, hasher: Any = None) -> str:
-    """A fingerprint of a tensor's exact bytes (what the decode-back check compares); ``hasher`` continues
-    one started on earlier parts (the experts of a stack, one at a time, give the stack's fingerprint)."""
-    import hashlib
-
-    import torch
-
-    hasher = hasher or hashlib.sha256()
-    for part in tensor.detach().reshape(-1, *tensor.shape[-2:]) if tensor.dim() > 2 else [tensor.detach()]:
-        if part.is_floating_point():
-            part = part + 0.0  # -0.0 becomes 0.0: the same value, whichever way the decoder computed it
-        data = part.to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        hasher.update(memoryview(data.numpy()))
-    return hasher.hexdigest()
-
-
 def _layer_digests(layout: Any, layer: int, experts: Any, linears: dict[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     if layer in layout.experts and experts is not None:
-        out["gate_up"] = _digest(experts.gate_up_proj)
-        out["down"] = _digest(experts.down_proj)
+        out["gate_up"] = tensor_digest(experts.gate_up_proj)
+        out["down"] = tensor_digest(experts.down_proj)
     for name, module in linears.items():
-        out[name] = _digest(module.weight)
+        out[name] = tensor_digest(module.weight)
     return out
 
 
-def _read_calibration(calibration: CalibrationData, status: Callable[[str], None]) -> list[Any]:
-    from moetool.data import load_documents
-
+def _read_calibration(calibration: DatasetSpec, status: Callable[[str], None]) -> list[Any]:
     status(f"reading {calibration.dataset}")
-    return load_documents(
-        calibration.dataset,
-        text_field=calibration.text_field,
-        split=calibration.split,
-        data_files=list(calibration.data_files) or None,
-        config_name=calibration.config_name,
-    )
+    return calibration.load()
 
 
 def _calibration_batches(
-    checkpoint: Any, tokenizer: Any, documents: list[Any], calibration: CalibrationData, warnings: list[str]
+    checkpoint: Any, tokenizer: Any, documents: list[Any], calibration: DatasetSpec, warnings: list[str]
 ) -> tuple[list[Any], int]:
     """The calibration windows, batched; the sequence length actually used."""
     from moetool.data import iter_batches, iter_windows
@@ -455,7 +420,7 @@ def _quantize_pass(
     writer: Any,
     result: QuantizeResult,
     status: Callable[[str], None],
-    on_layer: Callable[[LayerReport, int, int], None] | None,
+    progress: Progress | None,
     ranks: Any,
     storage: Any,
 ) -> _PassOutcome:
@@ -528,8 +493,10 @@ def _quantize_pass(
                         outcome.digests[layer] = _layer_digests(layout, layer, experts, linears)
                     result.layers.append(layer_result.report)
                     del layer_result
-                    if on_layer is not None:
-                        on_layer(result.layers[-1], step.position, total)
+                    if progress is not None:
+                        done = result.layers[-1]
+                        detail = f"layer {done.layer} done in {done.seconds:.1f}s ({step.position + 1}/{total})"
+                        progress("quantizing", 1, total, unit=LAYERS, detail=detail, log=True)
                 step.run(keep=True, only=calib)
                 step.run(keep=True, only={probe_quantized})
         for batch, logits in schedule.logits():
@@ -552,7 +519,7 @@ def quantize(
     out: Path | str,
     options: QuantizeOptions,
     *,
-    calibration: CalibrationData | None = None,
+    calibration: DatasetSpec | None = None,
     verify: bool = True,
     full_check: bool | None = None,
     overwrite: bool = False,
@@ -561,8 +528,7 @@ def quantize(
     token: str | bool | None = None,
     offline: bool | None = None,
     command: str | Sequence[str] | None = None,
-    on_status: Callable[[str], None] | None = None,
-    on_layer: Callable[[LayerReport, int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> QuantizeResult:
     """Quantize the routed experts (and optionally attention / shared experts) of an MoE checkpoint.
 
@@ -583,8 +549,8 @@ def quantize(
         allow_nonfinite: process an input holding NaN/Inf (refused otherwise) and publish such an output.
         revision / token / offline: Hub access for a repo id.
         command: the command line, for the model card.
-        on_status: progress callback, a line saying what happens now.
-        on_layer: called after each quantized decoder layer with its report, its position and the layer count.
+        progress: reports each step as a status line and ``quantizing`` in decoder layers, each with its time
+            (:mod:`moetool.progress`).
 
     Returns:
         What was written, measured and checked.
@@ -606,7 +572,9 @@ def quantize(
     from moetool.quantize.layout import build_layout
     from moetool.validate import check_input
 
-    status = on_status or (lambda _msg: None)
+    def status(message: str) -> None:
+        report(progress, message)
+
     timings: dict[str, float] = {}
     started = time.perf_counter()
     fmt = options.format()
@@ -686,7 +654,8 @@ def quantize(
     timings["load"] = time.perf_counter() - step
 
     from moetool.io.model_card import write_model_card
-    from moetool.io.writer import ShardedWriter, copy_aux_files, parse_size, staged_output, write_json
+    from moetool.io.shards import ShardWriter
+    from moetool.io.writer import copy_aux_files, staged_output, write_json
 
     result = QuantizeResult(
         source=checkpoint.name,
@@ -722,7 +691,7 @@ def quantize(
     replaced = layout.quantized_names()
     with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite, allow_nonfinite=allow_nonfinite) as staging:
         step = time.perf_counter()
-        with ShardedWriter(staging, max_shard_size=parse_size(options.max_shard_size)) as writer:
+        with ShardWriter(staging, max_shard_size=options.max_shard_size) as writer:
             outcome = _quantize_pass(
                 runner,
                 layout,
@@ -734,7 +703,7 @@ def quantize(
                 writer,
                 result,
                 status,
-                on_layer,
+                progress,
                 ranks,
                 storage,
             )

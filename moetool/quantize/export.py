@@ -18,12 +18,14 @@ map the family, gives the source's logits.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from moetool.errors import CheckpointError
+from moetool.io.sizes import DEFAULT_MAX_SHARD_SIZE
+from moetool.progress import Progress, report
 from moetool.quantize.storage import QuantFormat
 from moetool.quantize.verify import CategoryStorage, Verification
 
@@ -83,8 +85,8 @@ def _digests(source: Any, storage: Any, layout: Any, fmt: QuantFormat) -> dict[i
     import torch
     from torch import nn
 
-    from moetool.quantize.api import _digest
     from moetool.quantize.modules import QuantizedExperts, QuantizedLinear
+    from moetool.quantize.verify import tensor_digest
 
     out: dict[int, dict[str, str]] = {}
     for layer in layout.layers:
@@ -95,12 +97,15 @@ def _digests(source: Any, storage: Any, layout: Any, fmt: QuantFormat) -> dict[i
             holder = QuantizedExperts(info.num_experts, info.hidden, info.intermediate, nn.Identity(), fmt)
             holder.load(*decoded.pop("experts"))
             gate_up, down = holder.dequantize()
-            digests["gate_up"], digests["down"] = _digest(gate_up.to(torch.float32)), _digest(down.to(torch.float32))
+            digests["gate_up"], digests["down"] = (
+                tensor_digest(gate_up.to(torch.float32)),
+                tensor_digest(down.to(torch.float32)),
+            )
             del holder, gate_up, down
         for linear in layout.linears.get(layer, []):
             holder = QuantizedLinear(linear.shape[1], linear.shape[0], False, fmt)
             holder.load(decoded[linear.module])
-            digests[linear.module] = _digest(holder.dequantize().to(torch.float32))
+            digests[linear.module] = tensor_digest(holder.dequantize().to(torch.float32))
         out[layer] = digests
     return out
 
@@ -126,8 +131,8 @@ def export(
     token: str | bool | None = None,
     offline: bool | None = None,
     command: str | Sequence[str] | None = None,
-    max_shard_size: str = "5GB",
-    on_status: Callable[[str], None] | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    progress: Progress | None = None,
 ) -> ExportResult:
     """Rewrite a moetool-format quantized checkpoint in compressed-tensors (the same codes and scales).
 
@@ -140,8 +145,8 @@ def export(
         overwrite: replace an existing output folder.
         revision / token / offline: Hub access for a repo id.
         command: the command line, for the model card.
-        max_shard_size: largest output weight file.
-        on_status: progress callback.
+        max_shard_size: largest output weight file, in bytes.
+        progress: reports each step as a status line (:mod:`moetool.progress`).
 
     Returns:
         What was written and checked.
@@ -158,14 +163,8 @@ def export(
     from moetool.errors import UsageError
     from moetool.io.checkpoint import Checkpoint
     from moetool.io.model_card import write_model_card
-    from moetool.io.writer import (
-        ShardedWriter,
-        check_output_path,
-        copy_aux_files,
-        parse_size,
-        staged_output,
-        write_json,
-    )
+    from moetool.io.shards import ShardWriter
+    from moetool.io.writer import check_output_path, copy_aux_files, staged_output, write_json
     from moetool.modeling import open_checkpoint, quant_method_of
     from moetool.quantize.engine import LayerReport, LayerResult
     from moetool.quantize.formats import FORMATS, VerifyContext
@@ -173,7 +172,9 @@ def export(
     from moetool.quantize.layout import build_layout
     from moetool.quantize.verify import check_coverage, measure_storage
 
-    status = on_status or (lambda _msg: None)
+    def status(message: str) -> None:
+        report(progress, message)
+
     started = time.perf_counter()
     if to != "compressed-tensors":
         raise UsageError(
@@ -211,13 +212,12 @@ def export(
     target = replace(fmt, storage=ct.name, scale_dtype="float32", value_dtype="float32")
     out = Path(out)
     check_output_path(out, [checkpoint.root], overwrite=overwrite)
-    shard_size = parse_size(max_shard_size)
     timings: dict[str, float] = {}
     result = ExportResult(source=checkpoint.name, output=str(out), family=spec.name, format=target)
     own_stored = {s.name for s in own.stored(layout, fmt)}
     with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite) as staging:
         step = time.perf_counter()
-        with ShardedWriter(staging, max_shard_size=shard_size) as writer:
+        with ShardWriter(staging, max_shard_size=max_shard_size) as writer:
             for layer in layout.layers:
                 status(f"converting layer {layer}")
                 decoded = own.read_layer(checkpoint, layout, fmt, layer)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moetool.errors import MoetoolError
+from moetool.errors import VerificationError
 
 if TYPE_CHECKING:
     from moetool.io.checkpoint import Checkpoint
@@ -34,12 +34,6 @@ if TYPE_CHECKING:
     from moetool.quantize.storage import QuantFormat
 
 RELOAD_TOLERANCE = 1e-4
-
-
-class VerificationError(MoetoolError):
-    """The written checkpoint failed a check; nothing was published."""
-
-    default_code = "VERIFY_FAILED"
 
 
 @dataclass
@@ -180,7 +174,6 @@ def check_decoded(
 
     from torch import nn
 
-    from moetool.quantize.api import _digest
     from moetool.quantize.loader import read_packed_layer
     from moetool.quantize.modules import QuantizedExperts, QuantizedLinear
 
@@ -200,7 +193,7 @@ def check_decoded(
                 hasher = hashlib.sha256()
                 for expert in range(info.num_experts):
                     weight = experts._weight(what, expert).to(dtype)
-                    _digest(weight, hasher)
+                    tensor_digest(weight, hasher)
                     compared += weight.numel()
                 got[what] = hasher.hexdigest()
             del experts
@@ -210,7 +203,7 @@ def check_decoded(
             linear = QuantizedLinear(in_features, out_features, False, fmt)
             linear.load(weight)
             dequantized = linear.dequantize().to(dtype)
-            got[name] = _digest(dequantized)
+            got[name] = tensor_digest(dequantized)
             compared += dequantized.numel()
         for what, digest in expected.items():
             if got.get(what) != digest:
@@ -288,3 +281,19 @@ def check_reload(folder: Path, want: Any, input_ids: Any, dtype: Any) -> Check:
     return Check(
         "reload", True, f"moetool.load_model (transformers from_pretrained): logits max abs diff {diff:.2e}", diff
     )
+
+
+def tensor_digest(tensor: Any, hasher: Any = None) -> str:
+    """A fingerprint of a tensor's exact bytes (what the decode-back check compares); ``hasher`` continues
+    one started on earlier parts (the experts of a stack, one at a time, give the stack's fingerprint)."""
+    import hashlib
+
+    import torch
+
+    hasher = hasher or hashlib.sha256()
+    for part in tensor.detach().reshape(-1, *tensor.shape[-2:]) if tensor.dim() > 2 else [tensor.detach()]:
+        if part.is_floating_point():
+            part = part + 0.0  # -0.0 becomes 0.0: the same value, whichever way the decoder computed it
+        data = part.to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        hasher.update(memoryview(data.numpy()))
+    return hasher.hexdigest()

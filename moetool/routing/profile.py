@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from moetool.arch.registry import family_for_config
 from moetool.errors import UnsupportedArchitectureError
+from moetool.progress import Progress, token_counter
 from moetool.routing.accumulate import BatchContext, LayerAccumulator
 from moetool.routing.observe import RouterEvent, RouterObserver
 from moetool.routing.stats import RoutingStats, layer_stats_from
@@ -20,7 +21,8 @@ def profile_routing(
     domains: list[str] | None = None,
     name: str = "",
     dataset: dict[str, Any] | None = None,
-    on_batch: Callable[[float], None] | None = None,
+    progress: Progress | None = None,
+    expected_tokens: int | None = None,
 ) -> RoutingStats:
     """Profile the expert choices a model makes on ``batches``.
 
@@ -31,7 +33,8 @@ def profile_routing(
         domains: the domain names that batches may carry, for the per-domain breakdown.
         name: how to name the model in the result.
         dataset: a description of the data, stored in the result.
-        on_batch: called with progress in tokens (a streamed run reports each layer's share).
+        progress: reports ``routing`` in tokens (a streamed run reports each layer's share).
+        expected_tokens: the tokens ``batches`` hold, when known (the progress total).
 
     Raises:
         UnsupportedArchitectureError: the model is not an MoE of a registered family.
@@ -87,7 +90,10 @@ def profile_routing(
     start = time.perf_counter()
     with RouterObserver(runner.model, spec, on_router) as observer:
         runner.forward_batches(
-            ranks.shard(batches), before_batch=before_batch, on_tokens=on_batch, after_segment=contexts.clear
+            ranks.shard(batches),
+            before_batch=before_batch,
+            on_tokens=token_counter(progress, "routing", expected_tokens),
+            after_segment=contexts.clear,
         )
         layers = observer.layers
     elapsed = time.perf_counter() - start

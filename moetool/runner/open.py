@@ -71,7 +71,7 @@ def open_runner(
 
     Raises:
         UsageError, ModelLoadError, UnsupportedArchitectureError, CheckpointError: as
-        :func:`moetool.modeling.load_model`.
+        :func:`moetool.modeling.load_model_and_tokenizer`.
         InsufficientMemoryError: with ``pass_tokens``, when not even one layer and its activations fit.
     """
     from moetool.io.checkpoint import Checkpoint

@@ -58,7 +58,8 @@ def build_skeleton(checkpoint: Checkpoint, dtype: torch.dtype) -> Any:
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from moetool.modeling import _first_line, auto_model_class, check_transformers_support, quiet_transformers
+    from moetool.errors import first_line
+    from moetool.modeling import auto_model_class, check_transformers_support, quiet_transformers
 
     check_transformers_support(checkpoint)
     try:
@@ -69,7 +70,7 @@ def build_skeleton(checkpoint: Checkpoint, dtype: torch.dtype) -> Any:
                 model = auto_model_class(checkpoint.config).from_config(config, dtype=dtype, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
         raise ModelLoadError(
-            f"transformers cannot build the model of {checkpoint.name}: {_first_line(exc)}",
+            f"transformers cannot build the model of {checkpoint.name}: {first_line(exc)}",
             hint="rerun with MOETOOL_DEBUG=1 for details",
             code="MODEL_LOAD_FAILED",
         ) from None

@@ -8,12 +8,11 @@ against the dense model) and :mod:`~moetool.upcycle.api` (:func:`upcycle`). Noth
 torch at module import.
 """
 
-from moetool.upcycle.api import KMeansData, UpcycleResult, upcycle
+from moetool.errors import VerificationError
+from moetool.upcycle.api import UpcycleResult, upcycle
 from moetool.upcycle.plan import UpcycleOptions, UpcyclePlan, build_plan
-from moetool.upcycle.verify import VerificationError
 
 __all__ = [
-    "KMeansData",
     "UpcycleOptions",
     "UpcyclePlan",
     "UpcycleResult",

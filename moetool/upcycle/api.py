@@ -3,39 +3,27 @@
 The steps, each in its own module: open the source (headers only), build and check the plan
 (:mod:`~moetool.upcycle.plan`), optionally compute k-means routers (the only step that loads the dense
 model), then inside a staging folder stream every output tensor (:mod:`~moetool.upcycle.tensors`)
-into planned shards (:class:`~moetool.io.planned_writer.PlannedShardWriter`), write config.json,
+into planned shards (:class:`~moetool.io.shards.ShardWriter` with the plan), write config.json,
 copy tokenizer files, verify (:mod:`~moetool.upcycle.verify`), write the model card, and publish.
 Any failure, Ctrl-C or failed check leaves nothing at the output path.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moetool.data import DatasetSpec
 from moetool.errors import CheckpointError, UsageError
+from moetool.progress import BYTES, Progress, report
 from moetool.upcycle.plan import UpcycleOptions, UpcyclePlan, build_plan
 from moetool.upcycle.verify import Verification
 
 SCHEMA_VERSION = 1
-
-
-@dataclass(frozen=True)
-class KMeansData:
-    """The text ``--router-init kmeans`` runs the dense model over (see :mod:`moetool.data`)."""
-
-    dataset: str
-    text_field: str = "text"
-    split: str = "train"
-    data_files: tuple[str, ...] = ()
-    config_name: str | None = None
-    max_tokens: int = 4096
-    seq_len: int = 256
-    batch_size: int = 4
-    device: str = "auto"
 
 
 @dataclass
@@ -98,27 +86,21 @@ def _open_source(source: Any, *, revision: str | None, token: str | bool | None,
     return checkpoint
 
 
-def _kmeans(plan: UpcyclePlan, checkpoint: Any, data: KMeansData, on_status: Callable[[str], None]) -> dict:
-    from moetool.data import iter_batches, iter_windows, load_documents
+def _kmeans(
+    plan: UpcyclePlan, checkpoint: Any, data: DatasetSpec, device: str, on_status: Callable[[str], None]
+) -> dict:
     from moetool.runner.open import open_runner
     from moetool.upcycle.router_init import kmeans_routers
 
-    documents = load_documents(
-        data.dataset,
-        text_field=data.text_field,
-        split=data.split,
-        data_files=list(data.data_files) or None,
-        config_name=data.config_name,
-    )
+    documents = data.load()
     on_status(f"opening {checkpoint.name} for k-means router init (one layer at a time)")
-    opened = open_runner(checkpoint, device=data.device, dtype="float32")
+    opened = open_runner(checkpoint, device=device, dtype="float32")
     tokenizer, model = opened.tokenizer, opened.runner
     on_status("collecting hidden states for k-means")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    windows = iter_windows(tokenizer, documents, seq_len=data.seq_len, max_tokens=data.max_tokens)
-    batches = iter_batches(windows, batch_size=data.batch_size, pad_id=pad_id)
+    batches = data.batches(tokenizer, documents)
     try:
-        return kmeans_routers(plan, batches, model=model, max_tokens=data.max_tokens)
+        # max_tokens None: every token of the text.
+        return kmeans_routers(plan, batches, model=model, max_tokens=data.max_tokens or sys.maxsize)
     finally:
         del model
 
@@ -133,14 +115,13 @@ def upcycle(
     full_check: bool | None = None,
     overwrite: bool = False,
     allow_nonfinite: bool = False,
-    kmeans_data: KMeansData | None = None,
+    kmeans_data: DatasetSpec | None = None,
+    device: str = "auto",
     revision: str | None = None,
     token: str | bool | None = None,
     offline: bool | None = None,
     command: str | Sequence[str] | None = None,
-    on_plan: Callable[[UpcyclePlan], None] | None = None,
-    on_bytes: Callable[[int], None] | None = None,
-    on_status: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> UpcycleResult:
     """Upcycle a dense checkpoint into a Mixture-of-Experts checkpoint.
 
@@ -154,12 +135,11 @@ def upcycle(
         full_check: the transformers logits check: ``None`` when the models fit in memory.
         overwrite: replace an existing output folder.
         allow_nonfinite: process an input holding NaN/Inf (refused otherwise) and publish such an output.
-        kmeans_data: the dataset for ``router_init="kmeans"``.
+        kmeans_data: the text for ``router_init="kmeans"`` (its ``max_tokens`` tokens are clustered).
+        device: where the k-means pass runs the dense model.
         revision / token / offline: Hub access for a repo id source.
         command: the command line, recorded in the model card.
-        on_plan: called with the plan once it is built (e.g. to size a progress bar).
-        on_bytes: progress callback, bytes of tensor data written.
-        on_status: progress callback, a line saying what happens now.
+        progress: reports each step as a status line and ``writing`` in bytes (:mod:`moetool.progress`).
 
     Returns:
         What was planned, written and checked.
@@ -171,7 +151,9 @@ def upcycle(
     from moetool.io.writer import check_disk_space, check_output_path
     from moetool.validate import check_input
 
-    status = on_status or (lambda _msg: None)
+    def status(message: str) -> None:
+        report(progress, message)
+
     timings: dict[str, float] = {}
     started = time.perf_counter()
     if options.router_init == "kmeans" and kmeans_data is None:
@@ -187,8 +169,6 @@ def upcycle(
     if out is not None:
         check_output_path(Path(out), [checkpoint.root], overwrite=overwrite)
     timings["plan"] = time.perf_counter() - started
-    if on_plan is not None:
-        on_plan(plan)
     if dry_run:
         timings["total"] = time.perf_counter() - started
         return UpcycleResult(plan=plan, output=None if out is None else str(out), dry_run=True, timings=timings)
@@ -201,11 +181,11 @@ def upcycle(
     if options.router_init == "kmeans":
         step = time.perf_counter()
         assert kmeans_data is not None
-        routers = _kmeans(plan, checkpoint, kmeans_data, status)
+        routers = _kmeans(plan, checkpoint, kmeans_data, device, status)
         timings["kmeans"] = time.perf_counter() - step
 
     from moetool.io.model_card import write_model_card
-    from moetool.io.planned_writer import PlannedShardWriter
+    from moetool.io.shards import ShardWriter
     from moetool.io.writer import copy_aux_files, staged_output, write_json
     from moetool.upcycle.tensors import iter_output_tensors
     from moetool.upcycle.verify import verify as run_verify
@@ -214,9 +194,17 @@ def upcycle(
     with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite, allow_nonfinite=allow_nonfinite) as staging:
         step = time.perf_counter()
         status(f"writing {plan.predicted_bytes / 1e9:.2f} GB")
-        with PlannedShardWriter(staging, plan.entries, max_shard_size=_shard_size(plan), on_bytes=on_bytes) as writer:
+        shard_size = plan.options.max_shard_size
+        on_bytes = None
+        if progress is not None:
+            total = plan.tensor_bytes
+
+            def on_bytes(n: int) -> None:
+                progress("writing", n, total, unit=BYTES)
+
+        with ShardWriter(staging, plan.entries, max_shard_size=shard_size, on_bytes=on_bytes) as writer:
             for name, tensor in iter_output_tensors(plan, checkpoint, routers=routers):
-                writer.write(name, tensor)
+                writer.add(name, tensor)
         write_json(staging / "config.json", plan.config)
         result.copied_aux = copy_aux_files(checkpoint.root, staging)
         timings["write"] = time.perf_counter() - step
@@ -231,12 +219,6 @@ def upcycle(
         status("publishing")
     timings["total"] = time.perf_counter() - started
     return result
-
-
-def _shard_size(plan: UpcyclePlan) -> int:
-    from moetool.io.writer import parse_size
-
-    return parse_size(plan.options.max_shard_size)
 
 
 def _card(plan: UpcyclePlan, result: UpcycleResult, command: str | Sequence[str] | None) -> dict[str, Any]:

@@ -27,15 +27,15 @@ from moetool.arch.registry import family_for_config, get_family
 from moetool.arch.spec import ExpertLayout, FamilySpec, Routing, T
 from moetool.errors import CheckpointError, MoetoolError, ShapeMismatchError, UnsupportedArchitectureError, UsageError
 from moetool.io.checkpoint import Checkpoint
-from moetool.io.planned_writer import PlannedEntry, ShardLayout, plan_shards
-from moetool.io.writer import parse_size
+from moetool.io.dtypes import FLOAT_DTYPES
+from moetool.io.shards import PlannedEntry, ShardLayout, plan_shards
+from moetool.io.sizes import DEFAULT_MAX_SHARD_SIZE
 from moetool.upcycle.config import target_config, upcyclable_families
 
 ROUTER_INITS = ("random", "zeros", "kmeans")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _TORCH_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
-_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 # Roles of a gated MLP's tensors, in the order the registry's swiglu() templates list them.
 ROLES = ("gate", "up", "down")
@@ -59,7 +59,8 @@ class UpcycleOptions:
         reinit_ratio: Drop-Upcycling: fraction of each copy's intermediate neurons re-initialised.
         seed: seed of every random choice.
         dtype: ``auto`` (keep the source dtypes), ``float32``, ``bfloat16`` or ``float16``.
-        max_shard_size: bound on tensor bytes per output shard (``"5GB"`` or bytes).
+        max_shard_size: bound on tensor bytes per output shard (parsed by the caller:
+            :func:`moetool.io.sizes.parse_size`).
     """
 
     num_experts: int
@@ -74,7 +75,7 @@ class UpcycleOptions:
     reinit_ratio: float = 0.0
     seed: int = 0
     dtype: str = "auto"
-    max_shard_size: int | str = "5GB"
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
 
     @property
     def breaks_symmetry(self) -> bool:
@@ -232,7 +233,7 @@ class UpcyclePlan:
             "tensor_bytes": self.tensor_bytes,
             "predicted_bytes": self.predicted_bytes,
             "files": [{"name": s.filename, "bytes": s.file_bytes, "tensors": len(s.entries)} for s in self.shards],
-            "max_shard_size": parse_size(opts.max_shard_size),
+            "max_shard_size": opts.max_shard_size,
             "exact": self.exact,
             "symmetry_breaking": self.symmetry_breaking(),
             "options": {k: v for k, v in asdict(opts).items()},
@@ -333,7 +334,10 @@ def _check_numbers(options: UpcycleOptions, dense_width: int) -> None:
         raise UsageError(f"the router std must be positive, not {options.router_std}")
     if options.dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {options.dtype!r}", hint=f"use {', '.join(DTYPES)}")
-    parse_size(options.max_shard_size)
+    if isinstance(options.max_shard_size, bool) or not isinstance(options.max_shard_size, int):
+        raise UsageError(f"max_shard_size must be a number of bytes, not {options.max_shard_size!r}")
+    if options.max_shard_size <= 0:
+        raise UsageError(f"max_shard_size must be positive, not {options.max_shard_size}")
 
 
 def _alternatives(source: FamilySpec, wanted: str) -> str:
@@ -356,7 +360,7 @@ def _source_dtype(checkpoint: Checkpoint) -> str:
         if isinstance(value, str) and value in _DTYPE_NAMES:
             return value
     by_dtype = checkpoint.dtype_bytes()
-    floats = {d: b for d, b in by_dtype.items() if d in _FLOAT_DTYPES}
+    floats = {d: b for d, b in by_dtype.items() if d in FLOAT_DTYPES}
     if floats:
         return _TORCH_NAMES[max(floats, key=lambda d: floats[d])]
     return "float32"
@@ -508,7 +512,7 @@ def build_plan(checkpoint: Checkpoint, options: UpcycleOptions) -> UpcyclePlan:
 
     report = count_from_config(tconfig)
     source_report = count_from_config(config)
-    shards = plan_shards(entries, parse_size(options.max_shard_size))
+    shards = plan_shards(entries, options.max_shard_size)
     router_std = options.router_std
     if router_std is None:
         init = config.get("initializer_range")
@@ -607,7 +611,7 @@ def _check_source_tensors(checkpoint: Checkpoint, source: FamilySpec, dims: Dims
 
 
 def _entry_dtype(source_dtype: str, requested: str) -> str:
-    if requested == "auto" or source_dtype not in _FLOAT_DTYPES:
+    if requested == "auto" or source_dtype not in FLOAT_DTYPES:
         return source_dtype
     return _DTYPE_NAMES[requested]
 

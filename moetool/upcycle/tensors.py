@@ -14,7 +14,8 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from moetool.io.checkpoint import Checkpoint
-from moetool.io.planned_writer import PlannedEntry, torch_dtype
+from moetool.io.dtypes import torch_dtype
+from moetool.io.shards import PlannedEntry
 from moetool.upcycle.plan import Recipe, UpcyclePlan
 from moetool.upcycle.router_init import router_rows
 from moetool.upcycle.symmetry import perturb_copy

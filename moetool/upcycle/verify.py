@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moetool.errors import MoetoolError
+from moetool.errors import VerificationError
 from moetool.upcycle.symmetry import generator
 
 if TYPE_CHECKING:
@@ -47,12 +47,6 @@ LOGITS_ATOL = 1e-4
 LOGITS_RTOL = {"float32": 0.0, "bfloat16": 2e-2, "float16": 5e-3}
 VERIFY_TOKENS = 16
 FULL_CHECK_MEMORY_FRACTION = 0.4
-
-
-class VerificationError(MoetoolError):
-    """The upcycled model does not reproduce the dense one (exit 1; nothing is published)."""
-
-    default_code = "VERIFY_FAILED"
 
 
 @dataclass

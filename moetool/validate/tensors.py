@@ -11,6 +11,7 @@ from moetool.arch.dims import Dims, lookup
 from moetool.arch.plan import planned_tensors
 from moetool.arch.spec import FamilySpec, T
 from moetool.errors import MoetoolError
+from moetool.io.dtypes import FLOAT_DTYPES
 from moetool.validate.config import config_findings, config_prefix, dims_fields
 from moetool.validate.findings import (
     FATAL,
@@ -25,8 +26,6 @@ from moetool.validate.findings import (
     show,
     summary,
 )
-
-_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 _DTYPE_NAMES = {
     "F8_E4M3": "FP8",
@@ -90,7 +89,7 @@ def _stored_tensors(checkpoint: Any, spec: FamilySpec, dims: Dims) -> dict[str, 
     plain = scheme.method is None
     out: dict[str, _Stored] = {}
     for info in checkpoint.tensors.values():
-        if plain and info.dtype in _FLOAT_DTYPES:
+        if plain and info.dtype in FLOAT_DTYPES:
             name, comparable = info.name, True  # the common case, without the packing rules
         else:
             logical = logical_tensor(info, scheme)
@@ -206,7 +205,7 @@ def _float_findings(checkpoint: Any, spec: FamilySpec, dims: Dims) -> list[Findi
     classifier = TensorClassifier(spec, dims)
     bad: list[Any] = []
     for info in checkpoint.tensors.values():
-        if info.dtype in _FLOAT_DTYPES:
+        if info.dtype in FLOAT_DTYPES:
             continue
         placement = classifier.classify(info.name)
         if placement.category in ("routed_experts", "shared_experts", "attention", "dense_mlp", "router"):

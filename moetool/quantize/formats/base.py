@@ -54,7 +54,7 @@ class VerifyContext:
         layout / fmt: what was quantized, and how.
         digests: per decoder layer, the SHA-256 of each quantized weight as the quantizer left it in the
             compute dtype: ``{"gate_up": ..., "down": ..., "<linear module>": ...}``, experts in order
-            (see :func:`moetool.quantize.api._digest`).
+            (see :func:`moetool.quantize.verify.tensor_digest`).
         want_logits: the quantized model's logits on ``sample_ids`` (from the streamed pass).
         sample_ids: the probe token ids.
         dtype: the compute dtype the quantizer held the weights in.

@@ -58,8 +58,8 @@ def check_library(ctx: VerifyContext) -> Check:
     """
     import hashlib
 
-    from moetool.quantize.api import _digest
     from moetool.quantize.formats.compressed_tensors import PACKED, SCALE, SHAPE, ZERO, expert_bases, stored_base
+    from moetool.quantize.verify import tensor_digest
 
     version = library_version()
     if version is None:
@@ -92,7 +92,7 @@ def check_library(ctx: VerifyContext) -> Check:
             hasher = hashlib.sha256()
             for base in bases:
                 got = _decompress(scheme, {s: tensors[f"{base}.{s}"] for s in suffixes}).to(ctx.dtype)
-                _digest(got, hasher)
+                tensor_digest(got, hasher)
                 compared += got.numel()
             if hasher.hexdigest() != ctx.digests.get(layer, {}).get(what):
                 raise VerificationError(
@@ -119,8 +119,8 @@ def _logits_diff(want: Any, loaded: Any, input_ids: Any) -> tuple[float, float]:
 
 def _check_loaded_weights(ctx: VerifyContext, loaded: Any, who: str) -> None:
     """Every quantized weight transformers loaded equals moetool's, value for value (by fingerprint)."""
-    from moetool.quantize.api import _digest
     from moetool.quantize.loader import decoder_layers
+    from moetool.quantize.verify import tensor_digest
 
     layers = decoder_layers(loaded)
     for layer in ctx.layout.layers:
@@ -131,7 +131,7 @@ def _check_loaded_weights(ctx: VerifyContext, loaded: Any, who: str) -> None:
             pairs += [("gate_up", experts.gate_up_proj), ("down", experts.down_proj)]
         pairs += [(lin.module, module.get_submodule(lin.module).weight) for lin in ctx.layout.linears.get(layer, [])]
         for name, got in pairs:
-            if _digest(got.detach().to(ctx.dtype)) != ctx.digests.get(layer, {}).get(name):
+            if tensor_digest(got.detach().to(ctx.dtype)) != ctx.digests.get(layer, {}).get(name):
                 raise VerificationError(
                     f"{who} loads other weights than moetool's for layer {layer} {name}",
                     hint="this is a bug in moetool quantize; please report it",
