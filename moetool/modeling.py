@@ -332,10 +332,9 @@ def check_transformers_support(checkpoint: Checkpoint) -> None:
         UnsupportedArchitectureError: any other model_type transformers cannot run as a causal LM.
     """
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = checkpoint.config.get("model_type")
-    if isinstance(model_type, str) and MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type):
+    if isinstance(model_type, str) and auto_model_class(model_type) is not None:
         return
     if "auto_map" in checkpoint.config:
         raise ModelLoadError(
@@ -351,6 +350,23 @@ def check_transformers_support(checkpoint: Checkpoint) -> None:
         hint="moetool runs models through transformers' AutoModelForCausalLM; upgrade transformers, or use a "
         "supported family",
     )
+
+
+def auto_model_class(model_type: str) -> Any:
+    """The transformers auto class a checkpoint of this model type loads with: causal LM, else
+    sequence-to-sequence LM (Switch Transformers, NLLB-MoE), else image-text-to-text (multimodal
+    wrappers around an MoE language model); None when transformers has none of them."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    for mapping, auto in (
+        ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM"),
+        ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "AutoModelForSeq2SeqLM"),
+        ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "AutoModelForImageTextToText"),
+    ):
+        if getattr(modeling_auto, mapping, {}).get(model_type):
+            return getattr(transformers, auto)
+    return None
 
 
 def _listing(names: set[Any] | list[Any]) -> str:
@@ -382,9 +398,9 @@ def load_weights_transformers(
         ModelLoadError: any other failure of transformers.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     check_transformers_support(checkpoint)
+    auto = auto_model_class(checkpoint.config["model_type"])
     kwargs: dict[str, Any] = {}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -396,7 +412,7 @@ def load_weights_transformers(
         kwargs["device_map"] = {"": device}
     try:
         with quiet_transformers():
-            model, info = AutoModelForCausalLM.from_pretrained(
+            model, info = auto.from_pretrained(
                 str(checkpoint.root),
                 dtype=dtype,
                 local_files_only=True,

@@ -149,3 +149,48 @@ def stored_numel(model) -> int:
         seen.add(key)
         total += tensor.numel()
     return total
+
+
+# ----------------------------------------------------------------------------- derived families
+
+
+def derived_entries() -> dict[str, dict[str, Any]]:
+    """The generated registry entries (moetool/arch/data/derived_families.json), by model type."""
+    from moetool.arch.derived import load_table
+
+    return {entry["model_type"]: entry for entry in load_table()["families"]}
+
+
+def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def derived_tiny_config(model_type: str, **overrides: Any):
+    """The tiny config the generator recorded for a derived family (class defaults + its changes)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    tiny = _deep_merge(derived_entries()[model_type]["tiny"], overrides)
+    return cls.from_dict(_deep_merge(cls().to_dict(), tiny))
+
+
+def build_tiny_derived(model_type: str, path: Path | None = None, *, seed: int = 0, **overrides: Any):
+    """Build (and save, when ``path`` is given) a tiny random model of a derived family."""
+    import torch
+    import transformers
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    config = derived_tiny_config(model_type, **overrides)
+    cls = getattr(transformers, derived_entries()[model_type]["model_class"])
+    model = cls._from_config(config).eval()
+    if path is not None:
+        model.save_pretrained(path)
+    return model

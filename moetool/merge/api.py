@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moetool.arch.dims import Dims, get_path, resolve_dims
-from moetool.arch.registry import family_for_config
+from moetool.arch.registry import family_for_config, require_capability
 from moetool.arch.spec import FamilySpec, Routing
 from moetool.errors import ConfigError, MoetoolError, UnsupportedArchitectureError, UsageError
 from moetool.io.writer import DEFAULT_MAX_SHARD_SIZE, WriteResult
@@ -653,6 +653,7 @@ def merge(
     checkpoint = open_checkpoint(model, revision=revision, token=token, offline=offline)
     config = checkpoint.config
     spec = family_for_config(config)
+    require_capability(spec, "merge")
     traits = traits_for(spec)
     if quant_method_of(config):
         raise MoetoolError(

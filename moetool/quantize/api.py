@@ -349,7 +349,7 @@ def quantize(
     import torch
 
     from moetool.arch.dims import resolve_dims
-    from moetool.arch.registry import family_for_config
+    from moetool.arch.registry import family_for_config, require_capability
     from moetool.io.checkpoint import Checkpoint
     from moetool.io.writer import check_output_path
     from moetool.modeling import check_device_name, check_dtype_name, open_checkpoint, resolve_device
@@ -375,6 +375,7 @@ def quantize(
     )
     _refuse_quantized(checkpoint)
     spec = family_for_config(checkpoint.config)
+    require_capability(spec, "quantize")
     dims = resolve_dims(spec, checkpoint.config)
     layout = build_layout(spec, dims, checkpoint, options.categories)
     out = Path(out)

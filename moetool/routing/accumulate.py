@@ -43,9 +43,19 @@ class LayerAccumulator:
         self.z_sum = torch.zeros((), dtype=f64, device=device)
         self.top1_sum = torch.zeros((), dtype=f64, device=device)
         self.margin_sum = torch.zeros((), dtype=f64, device=device)
+        # Capacity-limited families (Switch, NLLB-MoE): the assignments the model itself processed.
+        self.kept: Any = None
 
-    def update(self, logits: Any, indices: Any, ctx: BatchContext) -> None:
-        """Add one router call's tokens (padding excluded)."""
+    def update(self, logits: Any, indices: Any, ctx: BatchContext, kept: Any = None) -> None:
+        """Add one router call's tokens (padding excluded).
+
+        Args:
+            logits: [positions, choices] router logits.
+            indices: [positions, top_k] chosen experts.
+            ctx: the batch's bookkeeping.
+            kept: [positions, top_k] bool, for models that drop assignments beyond an expert capacity:
+                which of the chosen assignments the model processed.
+        """
         import torch
 
         num_experts = self.num_experts
@@ -64,6 +74,10 @@ class LayerAccumulator:
         self.top_k = top_k
         flat = indices.reshape(-1)
         self.counts += torch.bincount(flat, minlength=num_experts)
+        if kept is not None:
+            if self.kept is None:
+                self.kept = torch.zeros(num_experts, dtype=torch.int64, device=self.counts.device)
+            self.kept += torch.bincount(indices[kept[mask].bool()].reshape(-1), minlength=num_experts)
 
         probs = torch.softmax(logits, dim=-1)
         self.prob_sum += probs.sum(0, dtype=torch.float64)

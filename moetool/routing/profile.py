@@ -6,10 +6,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from moetool.arch.registry import family_for_config
+from moetool.arch.registry import family_for_config, require_capability
 from moetool.errors import UnsupportedArchitectureError
 from moetool.routing.accumulate import BatchContext, LayerAccumulator
-from moetool.routing.observe import RouterEvent, RouterObserver
+from moetool.routing.observe import RouterEvent, RouterObserver, capacity_info, decoder_inputs
 from moetool.routing.stats import RoutingStats, layer_stats_from
 
 
@@ -39,6 +39,7 @@ def profile_routing(
 
     config = model.config.to_dict()
     spec = family_for_config(config)
+    require_capability(spec, "profile-routing")
     if not spec.is_moe:
         raise UnsupportedArchitectureError(
             f"{name or 'the model'} is a dense {spec.name} model: it has no router to profile",
@@ -54,7 +55,7 @@ def profile_routing(
         acc = accumulators.get(event.layer)
         if acc is None:
             acc = accumulators[event.layer] = LayerAccumulator(event.logits.shape[-1], len(domain_names), device)
-        acc.update(event.logits, event.indices, context["batch"])
+        acc.update(event.logits, event.indices, context["batch"], event.kept)
 
     tokens = 0
     start = time.perf_counter()
@@ -72,7 +73,7 @@ def profile_routing(
                 domain_ids=domain_ids.repeat_interleave(length),
                 num_windows=rows,
             )
-            model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            model(input_ids=input_ids, attention_mask=mask, use_cache=False, **decoder_inputs(model, input_ids, mask))
             batch_tokens = int(mask.sum())
             tokens += batch_tokens
             if on_batch is not None:
@@ -99,4 +100,5 @@ def profile_routing(
         domain_tokens=domain_tokens,
         dataset=dict(dataset or {}),
         wall_seconds=elapsed,
+        capacity=capacity_info(spec, model.config),
     )

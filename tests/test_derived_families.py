@@ -1,0 +1,272 @@
+"""Every MoE model type of the installed transformers is supported or refused with a reason, and the
+derived families count and route exactly on tiny random checkpoints built with stock transformers.
+
+The default run checks a representative subset (:data:`FAST`: hybrid, multimodal, MLA, fused and
+shared-expert layouts); ``-m slow`` checks every derived family.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from moetool.arch.derived import load_table, refused_model_types
+from tests.tiny import build_tiny_derived, derived_entries, stored_numel
+
+ENTRIES = derived_entries()
+DERIVED = sorted(ENTRIES)
+#: One family per structural feature, run by default; the others run with -m slow.
+FAST = [
+    t
+    for t in (
+        "glm4_moe",  # dense layers first (first_k_dense_replace), shared experts, sigmoid routing
+        "qwen3_5_moe",  # multimodal wrapper, hybrid linear attention
+        "jamba",  # Mamba layers, experts every other layer
+        "ernie4_5_moe",  # per-layer interval schedule
+        "deepseek_v32",  # MLA with an indexer
+        "granitemoehybrid",  # Mamba hybrid, fused experts
+    )
+    if t in ENTRIES
+]
+
+
+def _params(types: list[str]) -> list:
+    return [pytest.param(t, marks=() if t in FAST else pytest.mark.slow) for t in types]
+
+
+# ----------------------------------------------------------------------------- coverage
+
+
+def test_table_is_for_the_installed_transformers():
+    import transformers
+
+    assert load_table()["transformers"] == transformers.__version__, (
+        "the derived family table was generated with another transformers: run python -m moetool.arch.derive"
+    )
+
+
+def test_every_moe_model_type_is_supported_or_refused():
+    """A new transformers release with a new MoE family fails here instead of passing silently."""
+    from moetool.arch.derive.enumerate import moe_model_types
+    from moetool.arch.registry import supported_model_types
+
+    found = moe_model_types()
+    supported = set(supported_model_types())
+    refused = refused_model_types()
+    unaccounted = sorted(t for t in found if t not in supported and t not in refused)
+    assert not unaccounted, f"MoE model types neither supported nor refused: {unaccounted}"
+    for model_type, reason in refused.items():
+        assert len(reason) > 20, f"{model_type}: refusal without a real reason: {reason!r}"
+    checkpoint_types = [t for t, is_checkpoint in found.items() if is_checkpoint]
+    covered = [t for t in checkpoint_types if t in supported]
+    assert len(covered) >= 0.9 * len(checkpoint_types), (
+        f"{len(covered)} of {len(checkpoint_types)} MoE checkpoint types supported; refused: "
+        + ", ".join(sorted(t for t in checkpoint_types if t not in supported))
+    )
+
+
+def test_refused_type_says_why():
+    from moetool.arch.registry import family_for_config
+    from moetool.errors import UnsupportedArchitectureError
+
+    refused = refused_model_types()
+    if not refused:
+        pytest.skip("nothing refused")
+    model_type, reason = next(iter(refused.items()))
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        family_for_config({"model_type": model_type})
+    assert reason in info.value.message
+
+
+# ----------------------------------------------------------------------------- tiny checkpoints
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """Each derived family's tiny checkpoint, built once per module on first use."""
+    cache: dict[str, tuple] = {}
+
+    def get(model_type: str):
+        if model_type not in cache:
+            path = tmp_path_factory.mktemp(model_type)
+            model = build_tiny_derived(model_type, path)
+            cache[model_type] = (path, model)
+        return cache[model_type]
+
+    return get
+
+
+def _experts_params(model, spec) -> dict[int, int]:
+    """Parameters of the modules transformers routes tokens to, per layer (no moetool templates)."""
+    from moetool.routing.observe import find_modules
+
+    return {
+        layer: sum(p.numel() for p in module.parameters())
+        for layer, module in find_modules(model, spec, "experts" if spec.stacks else spec.experts_module).items()
+    }
+
+
+@pytest.mark.parametrize("model_type", _params(DERIVED))
+def test_header_config_and_model_agree(tiny_models, model_type):
+    from moetool.arch.registry import family_for_config
+    from moetool.count.params import count_from_checkpoint, count_from_config
+    from moetool.io.checkpoint import Checkpoint
+
+    path, model = tiny_models(model_type)
+    checkpoint = Checkpoint.open(path)
+    from_headers = count_from_checkpoint(checkpoint)
+    from_config = count_from_config(checkpoint.config)
+    assert from_headers.family == model_type
+    assert from_headers.total_params == stored_numel(model) == from_config.total_params
+    for category, count in from_headers.categories.items():
+        assert count.total == from_config.categories[category].total, category
+        assert count.active == from_config.categories[category].active, category
+    assert [layer.to_dict() for layer in from_headers.layers] == [layer.to_dict() for layer in from_config.layers]
+    assert not any("heuristics" in w for w in from_headers.warnings), from_headers.warnings
+    assert not any("experts, config says" in w for w in from_headers.warnings), from_headers.warnings
+
+    # Routed experts = the parameters of the modules transformers routes tokens to, layer by layer;
+    # active = everything else + top-k / num_experts of them.
+    spec = family_for_config(checkpoint.config)
+    routed = _experts_params(model, spec)
+    counted = {
+        layer.index: layer.categories["routed_experts"].total for layer in from_headers.layers if layer.kind == "moe"
+    }
+    assert counted == routed
+    expected_active = from_headers.total_params - sum(routed.values())
+    for layer in from_headers.layers:
+        if layer.kind == "moe":
+            expected_active += routed[layer.index] * layer.top_k // layer.num_experts
+    assert from_headers.active_params == expected_active
+
+
+def _ground_truth_counts(model, spec, batch) -> dict[int, list[int]]:
+    """Tokens per expert, per layer, found by perturbing each expert's weights and seeing which tokens'
+    experts-module outputs change (no router hooks, no routing rule)."""
+    import torch
+
+    from moetool.routing.observe import decoder_inputs, find_modules
+
+    experts = find_modules(model, spec, "experts" if spec.stacks else spec.experts_module)
+    mask = batch.attention_mask.reshape(-1).bool()
+    extra = decoder_inputs(model, batch.input_ids, batch.attention_mask)
+
+    class Stop(Exception):
+        pass
+
+    def output_of(layer: int):
+        captured = {}
+
+        def hook(_m, _a, out):
+            captured["out"] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+            raise Stop
+
+        handle = experts[layer].register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **extra)
+        except Stop:
+            pass
+        finally:
+            handle.remove()
+        return captured["out"].reshape(mask.shape[0], -1)
+
+    counts = {}
+    for layer, module in experts.items():
+        base = output_of(layer)
+        num = None
+        per_expert = []
+        params = list(module.named_parameters())
+        stacked = [p for _, p in params if p.dim() >= 2]
+        num = max((p.shape[0] for p in stacked), default=0)
+        children = [n for n, _ in module.named_children()]
+        if len(children) > 1 and all(c.isdigit() or c.startswith("expert_") for c in children):
+            num = len(children)
+        for expert in range(num):
+            with torch.no_grad():
+                touched = []
+                if len(children) == num and len(children) > 1:
+                    for p in getattr(module, children[expert]).parameters():
+                        p.add_(1.0)
+                        touched.append((p, None))
+                else:
+                    for _, p in params:
+                        if p.dim() >= 1 and p.shape[0] == num:
+                            p[expert].add_(1.0)
+                            touched.append((p, expert))
+                changed = (output_of(layer) - base).abs().amax(dim=-1) > 1e-6
+                for p, index in touched:
+                    if index is None:
+                        p.sub_(1.0)
+                    else:
+                        p[index].sub_(1.0)
+            per_expert.append(int((changed & mask).sum()))
+        counts[layer] = per_expert
+    return counts
+
+
+@pytest.mark.parametrize("model_type", _params(DERIVED))
+def test_profile_counts_equal_the_models_choices(tiny_models, model_type):
+    import torch
+
+    from moetool.arch.registry import family_for_config
+    from moetool.routing.profile import profile_routing
+    from tests.test_routing import FakeBatch
+
+    _, model = tiny_models(model_type)
+    spec = family_for_config(model.config.to_dict())
+    generator = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(0, 128, (2, 9), generator=generator)
+    mask = torch.ones_like(input_ids)
+    mask[-1, -3:] = 0
+    batch = FakeBatch(input_ids, mask, [None, None])
+    stats = profile_routing(model, [batch], name=model_type)
+    expected = _ground_truth_counts(model, spec, batch)
+    assert sorted(expected) == [layer.layer for layer in stats.layers]
+    tokens = int(mask.sum())
+    for layer in stats.layers:
+        # Capacity-limited models (Switch, NLLB-MoE) process only the assignments within capacity.
+        processed = layer.model_kept if layer.model_kept is not None else layer.counts
+        assert processed[: len(expected[layer.layer])] == expected[layer.layer], layer.layer
+        assert sum(layer.counts) == tokens * layer.top_k
+
+
+# ----------------------------------------------------------------------------- capacity drops
+
+# Capacities small enough that the tiny batch overflows them: Switch Transformers' per-sequence
+# expert_capacity (tokens), NLLB-MoE's eval capacity as a fraction of the batch's tokens.
+CAPACITY = [
+    pytest.param("switch_transformers", {"expert_capacity": 2}, id="switch_transformers"),
+    pytest.param("nllb-moe", {"moe_eval_capacity_token_fraction": 0.15}, id="nllb-moe"),
+]
+
+
+@pytest.mark.parametrize(("model_type", "overrides"), CAPACITY)
+def test_capacity_drops_equal_what_the_model_drops(model_type, overrides):
+    import torch
+
+    from moetool.arch.registry import family_for_config
+    from moetool.routing.profile import profile_routing
+    from tests.test_routing import FakeBatch
+
+    if model_type not in ENTRIES:
+        pytest.skip(f"{model_type} is not in the derived table")
+    model = build_tiny_derived(model_type, **overrides)
+    spec = family_for_config(model.config.to_dict())
+    generator = torch.Generator().manual_seed(5)
+    input_ids = torch.randint(4, 128, (2, 12), generator=generator)
+    mask = torch.ones_like(input_ids)
+    mask[-1, -4:] = 0
+    batch = FakeBatch(input_ids, mask, [None, None])
+    stats = profile_routing(model, [batch], name=model_type)
+    expected = _ground_truth_counts(model, spec, batch)
+    tokens = int(mask.sum())
+    assert stats.capacity is not None and stats.capacity["top_k"] == stats.top_k
+    dropped_somewhere = False
+    for layer in stats.layers:
+        assert layer.model_kept == expected[layer.layer], layer.layer
+        assert sum(layer.counts) == tokens * layer.top_k  # the router's choices, before the drop
+        assert layer.model_dropped == pytest.approx(1 - sum(layer.model_kept) / (tokens * layer.top_k))
+        dropped_somewhere |= layer.model_dropped > 0
+    assert dropped_somewhere, "the capacity was meant to overflow on this batch"
+    doc = stats.to_json()
+    assert "capacity" in doc and "model_dropped" in doc["layers"][0]
