@@ -369,6 +369,20 @@ def auto_model_class(model_type: str) -> Any:
     return None
 
 
+def _registry_class(config: dict[str, Any]) -> Any:
+    """The exact class the derived registry recorded for this model type (a multimodal wrapper loads
+    as its image-text-to-text class, where the registry found its routers), else None."""
+    import transformers
+
+    from moetool.arch.registry import family_for_config
+
+    try:
+        name = family_for_config(config).model_class
+    except MoetoolError:
+        return None
+    return getattr(transformers, name, None) if name else None
+
+
 def _listing(names: set[Any] | list[Any]) -> str:
     names = sorted(str(n[0] if isinstance(n, tuple) else n) for n in names)
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
@@ -400,7 +414,7 @@ def load_weights_transformers(
     import torch
 
     check_transformers_support(checkpoint)
-    auto = auto_model_class(checkpoint.config["model_type"])
+    auto = _registry_class(checkpoint.config) or auto_model_class(checkpoint.config["model_type"])
     kwargs: dict[str, Any] = {}
     if device_map is not None:
         kwargs["device_map"] = device_map

@@ -96,6 +96,7 @@ def family_from_entry(entry: Mapping[str, Any]) -> FamilySpec:
         mtp_prefixes=tuple(entry.get("mtp_prefixes") or ()),
         model_class=entry.get("model_class"),
         stacks=stacks,
+        tie_from_root=bool(entry.get("tie_from_root")),
         capabilities=dict(entry.get("capabilities") or {}),
         **{field: tuple(ts) for field, ts in layers.items()},
     )

@@ -120,11 +120,22 @@ def lookup(
 
 
 def _int_field(
-    config: Mapping[str, Any], keys: tuple[str, ...], default: Any = _MISSING, root: Mapping[str, Any] | None = None
+    config: Mapping[str, Any],
+    keys: tuple[str, ...],
+    default: Any = _MISSING,
+    root: Mapping[str, Any] | None = None,
+    *,
+    real: bool = False,
 ) -> Any:
     value, key = lookup(config, keys, root)
     if value is _MISSING:
         return default
+    if real and isinstance(value, float) and not isinstance(value, bool):
+        # Derived families: a ratio such as a projector's downsample_ratio (0.5) enters an expression;
+        # eval_dim requires the dimension, not the field, to be whole.
+        if value < 0:
+            raise ConfigError(f"config.json field {key!r} must not be negative, got {value}")
+        return value
     if isinstance(value, list):  # per-layer lists (Hunyuan) are resolved per layer by the family
         return [_as_int(v, f"{key}[{i}]") for i, v in enumerate(value)]
     return _as_int(value, key or "?")
@@ -179,7 +190,7 @@ def resolve_dims(spec: FamilySpec, config: Mapping[str, Any]) -> Dims:
         fields[symbol] = tuple(dict.fromkeys(fields.get(symbol, ()) + aliases))
     values: dict[str, Any] = {}
     for symbol, keys in fields.items():
-        value = _int_field(cfg, keys, spec.defaults.get(symbol, _MISSING), config)
+        value = _int_field(cfg, keys, spec.defaults.get(symbol, _MISSING), config, real=spec.derived)
         if value is not _MISSING:
             values[symbol] = value
     # Defaults that transformers' config class computes from other fields (head_dim = hidden // heads).
@@ -223,7 +234,7 @@ def resolve_dims(spec: FamilySpec, config: Mapping[str, Any]) -> Dims:
     num_experts = values.get("E", 0) if spec.is_moe else 0
     if isinstance(num_experts, list):
         raise ConfigError("config.json gives the expert count as a list; moetool expects one number")
-    tied_raw = get_path(cfg, "tie_word_embeddings")
+    tied_raw = get_path(config if spec.tie_from_root else cfg, "tie_word_embeddings")
     if tied_raw is _MISSING:
         tied_raw = get_path(config, "tie_word_embeddings")
     tied = bool(spec.defaults.get("tie_word_embeddings", False)) if tied_raw is _MISSING else bool(tied_raw)

@@ -141,7 +141,10 @@ def _atom(atom: str, cfg: Mapping[str, Any], num_layers: int) -> list[bool]:
         wanted = set(values.split("|"))
         seq = cfg.get(key)
         if seq is None:
-            return [False] * num_layers
+            raise ConfigError(
+                f"config.json lacks {key!r}, the per-layer list that says which layers have which tensors",
+                hint=f"add {key!r} (one entry per layer), as transformers writes it",
+            )
         if not isinstance(seq, (list, str)) or len(seq) < num_layers:
             raise ConfigError(
                 f"config.json field {key!r} must give one entry per layer ({num_layers}), got {seq!r}"[:300]

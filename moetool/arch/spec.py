@@ -203,6 +203,8 @@ class FamilySpec:
             where routers and experts modules are looked up (default: any ``layers``/``blocks`` list).
         stacks: the layer stacks of an encoder-decoder family, layers numbered across them (encoder
             first); empty for a decoder-only family (its one stack is ``layer_prefix``/``schedule``).
+        tie_from_root: a multimodal wrapper whose own ``tie_word_embeddings`` (not its text config's)
+            decides whether the head is tied.
         capabilities: per command, ``None`` (supported) or the reason it is not (see
             :func:`moetool.arch.registry.require_capability`).
     """
@@ -250,6 +252,7 @@ class FamilySpec:
     layer_other: tuple[T, ...] = ()
     layers_module: str | None = None
     stacks: tuple[Stack, ...] = ()
+    tie_from_root: bool = False
 
     def layer_templates(self) -> dict[str, tuple[T, ...]]:
         """Per-layer templates by category (MoE and dense parts both listed)."""

@@ -68,7 +68,12 @@ def _with(tree: Mapping[str, Any], dotted: str, value: Any) -> dict[str, Any]:
 
 
 def _resize(seq: Any, n: int) -> Any:
-    items = [seq[i % len(seq)] for i in range(n)]
+    """A per-layer list repeated (or cut) to ``n`` layers; a list of layer indices (each layer's
+    source layer) is repeated with its indices shifted, so each block points into itself."""
+    size = len(seq)
+    if isinstance(seq, list) and seq and all(isinstance(v, int) and not isinstance(v, bool) for v in seq):
+        return [seq[i % size] + (i // size) * size for i in range(n)]
+    items = [seq[i % size] for i in range(n)]
     return "".join(items) if isinstance(seq, str) else items
 
 
@@ -89,8 +94,20 @@ def apply_change(kwargs: Mapping[str, Any], name: str, value: Any) -> dict[str, 
     new_node[leaf] = value
     if leaf in LAYER_FIELDS and isinstance(old, int) and isinstance(value, int):
         for key, seq in node.items():
-            if isinstance(seq, (list, str)) and len(seq) == old and key != leaf and old > 1:
+            # Per-layer lists, and pattern strings (one character per layer); not any string that
+            # happens to be as long (model_type "phimoe" has six characters).
+            per_layer = isinstance(seq, list) or (isinstance(seq, str) and "pattern" in key)
+            if per_layer and len(seq) == old and key != leaf and old > 1:
                 new_node[key] = _resize(seq, value)
+            elif isinstance(seq, Mapping) and seq and all(isinstance(k, str) and k.isdigit() for k in seq):
+                # Per-layer overrides keyed by layer index ("05": {...}): repeat them block by block.
+                width = len(next(iter(seq)))
+                new_node[key] = {
+                    str(int(k) + block * old).zfill(width): v
+                    for block in range(-(-value // old))
+                    for k, v in seq.items()
+                    if int(k) + block * old < value
+                }
     return _with(kwargs, parent, new_node) if parent else new_node
 
 
@@ -167,6 +184,19 @@ class Prober:
         else:
             result = self.base
         self._cache[changed] = result
+        return result
+
+    def get_scaled(self, names: frozenset[str], factor: int) -> Probe | None:
+        """A probe with every field in ``names`` multiplied by ``factor`` (an off-corner check point)."""
+        key = frozenset(f"{name}*{factor}" for name in names)
+        if key in self._cache:
+            return self._cache[key]
+        kwargs = self.base_kwargs
+        for name in sorted(names):
+            value = self.base.fields[name]
+            kwargs = apply_change(kwargs, name, value * factor if value else factor)
+        result = self._build(key, kwargs)
+        self._cache[key] = result
         return result
 
 
@@ -352,8 +382,14 @@ def analyze(model_type: str, overrides: Mapping[str, Any], *, text_prefix: str =
             targets = {}
             for p in probes:
                 layers: set[int] = set()
+                experts = p.fields.get(expert_field)
                 for key, by_layer in instances[p.changed].items():
-                    if key.startswith(f"@{index}@") and _looks_routed(key.split("@", 2)[2]):
+                    if not key.startswith(f"@{index}@"):
+                        continue
+                    name = key.split("@", 2)[2]
+                    # Routed experts: by name, or stacked on the first axis of a 3-D tensor (fused).
+                    stacked = any(len(s) >= 3 and s[0] == experts for s in by_layer.values())
+                    if _looks_routed(name) or (stacked and "shared" not in name):
                         layers.update(layer for layer in by_layer if layer is not None)
                 targets[p.changed] = layers
             if any(targets.values()):
@@ -459,10 +495,22 @@ def _per_layer_variants(
     base_layers = instances[frozenset()][key]
     # Layers whose shapes agree in every probe form one variant (two attention kinds may give equal
     # shapes at the base and different ones once a field of only one of them changes).
+    # (A layer without the tensor in some probe, a dense layer there, does not split a group.)
     groups: dict[tuple[Any, ...], set[int]] = {}
+    signatures: dict[Any, dict[frozenset[str], tuple[int, ...]]] = {}
     for layer in base_layers:
-        signature = tuple((tuple(sorted(p.changed)), instances[p.changed].get(key, {}).get(layer)) for p in probes)
-        groups.setdefault(signature, set()).add(layer)  # type: ignore[arg-type]
+        signatures[layer] = {
+            p.changed: shape for p in probes if (shape := instances[p.changed].get(key, {}).get(layer)) is not None
+        }
+    for layer in sorted(base_layers, key=lambda ly: ly if ly is not None else -1):
+        mine = signatures[layer]
+        for representative, members in groups.items():
+            theirs = signatures[representative[0]]
+            if all(theirs[k] == v for k, v in mine.items() if k in theirs):
+                members.add(layer)  # type: ignore[arg-type]
+                break
+        else:
+            groups[(layer,)] = {layer}  # type: ignore[arg-type]
     out = []
     if len(groups) == 1:
         targets = {p.changed: {ly for ly in instances[p.changed].get(key, {}) if ly is not None} for p in probes}
@@ -574,6 +622,22 @@ def _fit_axis(
             return None if shape is None or len(shape) <= axis else (probe_.fields, shape[axis])
 
         expr = fit.fit_multilinear(support, corner)
+        if expr is None:
+            # A field the dimension falls with (a head count dividing the width) may enter as 1/x.
+            inverse = frozenset(f for f, (field_ratio, ratio) in ratios.items() if (field_ratio > 1) != (ratio > 1))
+            if inverse:
+                expr = fit.fit_multilinear(support, corner, inverse)
+        if expr is not None and len(support) > 1:
+            # 2**n corners fit any multilinear form exactly: check one point off the corners.
+            for factor in (3, 5):
+                off = prober.get_scaled(frozenset(support), factor)
+                if off is None:
+                    continue
+                collect(off)
+                shape = _variant_shape(variant, off.changed, instances, configs, layer_count)
+                if shape is not None and len(shape) > axis and expr.value(off.fields) != shape[axis]:
+                    return None
+                break
     if expr is None:
         return None
     # Check the fit against every probe that has this tensor.

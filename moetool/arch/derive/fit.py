@@ -118,12 +118,14 @@ def fit_monomial(
 def fit_multilinear(
     support: list[str],
     corner_value: Callable[[frozenset[str]], tuple[Mapping[str, float], int] | None],
+    inverse: frozenset[str] = frozenset(),
 ) -> Expr | None:
     """A multilinear polynomial in ``support`` from its values at the 2**n corners.
 
     ``corner_value(changed)`` gives the field values and the dimension of the probe that changed the
     fields in ``changed`` (None: that probe could not be built). The polynomial
     p(x) = sum over subsets S of c_S prod_{f in S} x_f is solved exactly from the corner values.
+    Fields in ``inverse`` enter as ``1/x`` (``hidden_size*num_key_value_heads/num_attention_heads``).
     """
     if len(support) > MAX_SUPPORT:
         return None
@@ -135,7 +137,7 @@ def fit_multilinear(
         if got is None:
             continue
         fields, value = got
-        point = {f: Fraction(fields[f]) for f in support}
+        point = {f: (1 / Fraction(fields[f]) if f in inverse else Fraction(fields[f])) for f in support}
         rows.append([_prod(point, s) for s in subsets])
         rhs.append(Fraction(value))
     solution = _solve(rows, rhs, len(subsets))
@@ -147,7 +149,7 @@ def fit_multilinear(
             continue
         if not _nice(coef):
             return None
-        terms.append(Term(coef, tuple((f, 1) for f in sorted(subset))))
+        terms.append(Term(coef, tuple((f, -1 if f in inverse else 1) for f in sorted(subset))))
     terms.sort(key=lambda t: (-len(t.powers), t.powers))
     return Expr(tuple(terms))
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 import traceback
@@ -67,9 +68,16 @@ HIDDEN_FIELDS = ("hidden_size", "d_model", "n_embd", "dim")
 OVERRIDES: dict[str, dict[str, Any]] = {
     "doge": {"is_moe": True, "num_experts": 64, "num_experts_per_tok": 4},
     "dots1": {"n_routed_experts": 128, "num_experts_per_tok": 6, "n_shared_experts": 2},
+    # LFM2-MoE needs its per-layer mixer list (short convolutions and attention), as its configs give it.
+    "lfm2_moe": {
+        "num_hidden_layers": 6,
+        "layer_types": ["conv", "conv", "full_attention", "conv", "conv", "full_attention"],
+    },
+    # Gemma-4's MoE block is a config switch (its dense checkpoints leave it off).
     "gemma4": {
         "text_config": {"enable_moe_block": True, "num_experts": 8, "top_k_experts": 2, "moe_intermediate_size": 256}
     },
+    "gemma4_text": {"enable_moe_block": True, "num_experts": 8, "top_k_experts": 2, "moe_intermediate_size": 256},
 }
 
 
@@ -250,16 +258,28 @@ def _defaults(entry: dict[str, Any], model_type: str, text_prefix: str, material
         full = (dotted if key.startswith("^") else text_prefix + dotted) if "len:" not in dotted else None
         if full is None:
             continue
-        # Does the class compute this default from other fields? Change each other field alone.
+        # Does the class compute this default from other fields? Leave the key out of the default
+        # config (as a config.json may) and change each other field of the same (sub-)config alone.
         points = []
         support = []
+        scope = full.rsplit(".", 1)[0] + "." if "." in full else ""
+        without = _without(default, full)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                with quiet():
+                    value = get_path(cls.from_dict(without).to_dict(), full)
+            except Exception:
+                value = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             for other, other_value in base_fields.items():
-                if other == full or "len:" in other or not isinstance(other_value, int) or other_value < 2:
+                in_scope = other.startswith(scope) and "." not in other[len(scope) :]
+                if other == full or not in_scope or "len:" in other or not isinstance(other_value, int):
+                    continue
+                if other_value < 2:
                     continue
                 try:
                     with quiet():
-                        changed = cls(**_nested({other: other_value * 2})).to_dict()
+                        changed = cls.from_dict(apply_change(without, other, other_value * 2)).to_dict()
                 except Exception:
                     continue
                 new = get_path(changed, full)
@@ -269,11 +289,14 @@ def _defaults(entry: dict[str, Any], model_type: str, text_prefix: str, material
         if support:
             expr = fit.fit_rounded(support, [(base_fields, value), *points], base_fields)
             if expr is None:
-                raise Refused(
-                    f"the default of {key!r} depends on {', '.join(support)} in a way the generator cannot fit"
-                )
-            for field in support:
-                expr = expr.replace(field, _symbol_for(entry, field, text_prefix))
+                expr = _linear_default(support, value, points, base_fields)
+            if expr is None:
+                # No default then: a config.json without this key is refused by inspect (it says which
+                # key it lacks) rather than counted with a guess.
+                entry.setdefault("required", []).append(key)
+                continue
+            for field in sorted(support, key=len, reverse=True):
+                expr = re.sub(rf"(?<![\w.^]){re.escape(field)}(?![\w.])", _symbol_for(entry, field, text_prefix), expr)
             exprs[symbol] = expr
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             defaults[symbol] = value
@@ -284,6 +307,41 @@ def _defaults(entry: dict[str, Any], model_type: str, text_prefix: str, material
             exprs[symbol] = expr
     entry["defaults"] = defaults
     entry["default_exprs"] = exprs
+
+
+def _without(tree: Mapping[str, Any], dotted: str) -> dict[str, Any]:
+    """A copy of a nested dict without one (dotted) key."""
+    head, _, rest = dotted.partition(".")
+    out = dict(tree)
+    if rest and isinstance(out.get(head), Mapping):
+        out[head] = _without(out[head], rest)
+    elif not rest:
+        out.pop(head, None)
+    return out
+
+
+def _linear_default(
+    support: list[str], value: float, points: list[tuple[dict[str, float], Any]], base: Mapping[str, float]
+) -> str | None:
+    """``a*f + b*g + c`` through every point (``qk_head_dim = qk_nope_head_dim + qk_rope_head_dim``)."""
+    from fractions import Fraction
+
+    coefficients = {}
+    for name in support:
+        point = next(((f, v) for f, v in points if f[name] != base[name]), None)
+        if point is None:
+            return None
+        coefficients[name] = Fraction(point[1] - value) / Fraction(point[0][name] - base[name])
+    constant = Fraction(value) - sum(c * Fraction(base[n]) for n, c in coefficients.items())
+    for fields, got in points:
+        if constant + sum(c * Fraction(fields[n]) for n, c in coefficients.items()) != got:
+            return None
+    if any(c.denominator != 1 for c in coefficients.values()) or constant.denominator != 1:
+        return None
+    parts = [f"{c}*{n}" if c != 1 else n for n, c in coefficients.items() if c]
+    if constant:
+        parts.append(str(constant))
+    return "+".join(parts).replace("+-", "-")
 
 
 def _symbol_for(entry: dict[str, Any], field: str, text_prefix: str) -> str:
@@ -376,6 +434,17 @@ def _list_fallbacks(entry: dict[str, Any], analysis: Analysis, text_prefix: str)
         stack[2] = rewrite(stack[2])
 
 
+def _drop_fallbacks(entry: dict[str, Any]) -> None:
+    def strip(condition: str) -> str:
+        return "&".join(part.split("??")[0] for part in condition.split("&"))
+
+    entry["schedule"] = strip(entry["schedule"])
+    for item in entry["layers"]:
+        item[3] = strip(item[3])
+    for stack in entry.get("stacks", []):
+        stack[2] = strip(stack[2])
+
+
 # ----------------------------------------------------------------------------- tiny config
 
 
@@ -385,6 +454,9 @@ def _saved_numel(model_type: str, kwargs: Mapping[str, Any]) -> int | None:
     except Exception:
         return None
     return sum(math.prod(s.shape) for s in saved.values())
+
+
+_LAST_RUN_ERROR: list[str] = [""]
 
 
 def _runs(model_type: str, kwargs: Mapping[str, Any]) -> bool:
@@ -398,7 +470,10 @@ def _runs(model_type: str, kwargs: Mapping[str, Any]) -> bool:
             vocab = getattr(config.get_text_config(), "vocab_size", 128) or 128
             with torch.no_grad():
                 model(input_ids=torch.randint(0, min(vocab, 128), (1, 5)), **_decoder_inputs(model))
-    except Exception:
+    except Exception as exc:
+        _LAST_RUN_ERROR[0] = (
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"
+        )
         return False
     return True
 
@@ -514,16 +589,19 @@ def _tiny_kwargs(analysis: Analysis, text_prefix: str, top_k: int, entry: Mappin
     kwargs = shrink(kwargs, current, history)
     if not _runs(model_type, kwargs):
         for index in range(len(history) - 2, -1, -1):
+            size = estimate(history[index][1]) or 0
+            if size > 100 * TINY_PARAMS:
+                break  # too big to build for real: give up rather than allocate gigabytes
             if _runs(model_type, history[index][1]):
                 frozen.add(history[index + 1][0])
                 kwargs = history[index][1]
                 break
         else:
-            raise Refused("no small config of it runs a forward pass")
+            raise Refused(f"no small config of it runs a forward pass ({_LAST_RUN_ERROR[0]})")
         check_runs = True
         kwargs = shrink(kwargs, estimate(kwargs) or current, [])
     if not _runs(model_type, kwargs):
-        raise Refused("no small config of it runs a forward pass")
+        raise Refused(f"no small config of it runs a forward pass ({_LAST_RUN_ERROR[0]})")
     return kwargs
 
 
@@ -658,7 +736,7 @@ def derive(model_type: str, log: Any = None) -> dict[str, Any]:
 
     top_k_field = _top_k_field(analysis, text_prefix)
     symbols = Symbols(analysis, text_prefix, top_k_field)
-    tied_lm_head = _tied_lm_head(analysis, model_type, text_prefix, symbols)
+    tied_lm_head, tie_source = _tied_lm_head(analysis, model_type, text_prefix, symbols)
     entry = _entry(analysis, symbols, model_type, text_prefix, tied_lm_head, {})
     if top_k_field is None and model_type not in FIXED_TOP_K:
         raise Refused("found no top-k field in its config")
@@ -673,6 +751,9 @@ def derive(model_type: str, log: Any = None) -> dict[str, Any]:
     mtp = [symbols.key(text_prefix + k) for k in MTP_FIELDS if text_prefix + k in analysis.prober.base.fields]
     if mtp:
         entry["mtp_fields"] = mtp
+        # Hub checkpoints store the MTP modules either as extra decoder layers (DeepSeek, GLM) or
+        # under their own prefix (Qwen3-Next, Qwen3.5): both count as "mtp", outside total_params.
+        entry["mtp_prefixes"] = ["mtp.", "model.mtp.", "model.language_model.mtp."]
     if len(analysis.stacks) > 1:
         entry["stacks"] = [
             [
@@ -686,6 +767,12 @@ def derive(model_type: str, log: Any = None) -> dict[str, Any]:
             for stack in analysis.stacks
         ]
     _defaults(entry, model_type, text_prefix, materialized)
+    if text_prefix and tie_source == "root":
+        entry["tie_from_root"] = True
+    with quiet():
+        class_default = cls().to_dict()
+    tie_node = class_default if tie_source == "root" or not text_prefix else get_path(class_default, text_prefix[:-1])
+    entry["defaults"]["tie_word_embeddings"] = bool(tie_node.get("tie_word_embeddings", False))
     _list_fallbacks(entry, analysis, text_prefix)
     if top_k_field is None:
         entry["defaults"]["K"] = FIXED_TOP_K[model_type]
@@ -706,7 +793,12 @@ def derive(model_type: str, log: Any = None) -> dict[str, Any]:
         node = get_path(full_default, text_prefix.rstrip(".")) if text_prefix else full_default
         stripped_text = {k: v for k, v in node.items() if k.lstrip("!") not in listed}
         stripped = {**full_default, text_prefix.rstrip("."): stripped_text} if text_prefix else stripped_text
-        check_prediction(entry, model_type, stripped, "the class's default config without per-layer lists")
+        try:
+            check_prediction(entry, model_type, stripped, "the class's default config without per-layer lists")
+        except Refused as exc:
+            # The fallback rules do not reproduce the class: require the lists in config.json instead.
+            log(f"  dropping per-layer list fallbacks: {exc}")
+            _drop_fallbacks(entry)
 
     protocol = MASK_ROUTERS.get(model_type)
     info = _tiny_run(model_type, tiny, num_experts, protocol)
@@ -746,17 +838,21 @@ def _top_k_field(analysis: Analysis, text_prefix: str) -> str | None:
     return None
 
 
-def _tied_lm_head(analysis: Analysis, model_type: str, text_prefix: str, symbols: Symbols) -> set[str]:
+def _tied_lm_head(analysis: Analysis, model_type: str, text_prefix: str, symbols: Symbols) -> tuple[set[str], str]:
     """The global templates that disappear when the embeddings are tied (the head, and the per-stack
-    embedding copies of encoder-decoder models)."""
-    kwargs = apply_change(analysis.prober.base_kwargs, "tie_word_embeddings", True)
-    if text_prefix:
-        kwargs = apply_change(kwargs, text_prefix + "tie_word_embeddings", True)
-    try:
-        _, saved = probe(model_type, kwargs)
-    except Exception:
-        return set()
-    return set(analysis.prober.base.saved) - set(saved)
+    embedding copies of encoder-decoder models), and which flag ties them: the wrapper's own
+    ``tie_word_embeddings`` (``"root"``) or its text config's (``"text"``)."""
+    keys = ["tie_word_embeddings"] + ([text_prefix + "tie_word_embeddings"] if text_prefix else [])
+    for key in keys:
+        kwargs = apply_change(analysis.prober.base_kwargs, key, True)
+        try:
+            _, saved = probe(model_type, kwargs)
+        except Exception:
+            continue
+        gone = set(analysis.prober.base.saved) - set(saved)
+        if gone:
+            return gone, "root" if key == "tie_word_embeddings" else "text"
+    return set(), "text"
 
 
 def _routing_rule(text_config: Mapping[str, Any]) -> str:

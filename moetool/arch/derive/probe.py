@@ -49,10 +49,16 @@ def config_class(model_type: str) -> Any:
 
 
 def model_class_name(model_type: str) -> str | None:
-    """The class a checkpoint of this model type loads as (causal LM first, then seq2seq, then multimodal)."""
+    """The class a checkpoint of this model type loads as: causal LM first, then seq2seq, then
+    multimodal; a multimodal wrapper (a config with a ``text_config`` and another sub-config) loads as
+    its image-text-to-text class, which holds every tensor its checkpoints store."""
     from transformers.models.auto import modeling_auto
 
-    for mapping in _AUTO_MAPPINGS:
+    mappings = _AUTO_MAPPINGS
+    sub_configs = getattr(config_class(model_type), "sub_configs", None) or {}
+    if "text_config" in sub_configs and len(sub_configs) > 1:
+        mappings = ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", *_AUTO_MAPPINGS)
+    for mapping in mappings:
         names = getattr(modeling_auto, mapping, {})
         name = names.get(model_type)
         if name:
