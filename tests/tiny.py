@@ -164,7 +164,10 @@ def derived_entries() -> dict[str, dict[str, Any]]:
 def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        # A dict keyed by layer index (Gemma-4's per_layer_config) is a whole value: the class
+        # default's entries for layers past the tiny depth must not survive.
+        per_layer = isinstance(value, dict) and value and all(str(k).isdigit() for k in value)
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not per_layer:
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = value

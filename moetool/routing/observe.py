@@ -223,10 +223,15 @@ class RouterObserver:
 
         def on_router(_module: Any, _inputs: Any, output: Any) -> None:
             pending["logits"] = router_logits(output)
+            # The router's own top-k indices when it returns them: the experts module may receive
+            # remapped ones (LongCat-Flash sends its zero-compute choices to real experts at weight 0).
+            pending["indices"] = experts_indices(tuple(output) if isinstance(output, (tuple, list)) else (output,), {})
 
         def on_experts(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             logits = pending.pop("logits", None)
-            indices = experts_indices(args, kwargs)
+            indices = pending.pop("indices", None)
+            if indices is None:
+                indices = experts_indices(args, kwargs)
             if logits is None or indices is None:
                 raise RuntimeError(f"layer {layer}: could not read the router logits or the experts' top-k indices")
             self.callback(

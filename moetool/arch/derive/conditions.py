@@ -37,7 +37,7 @@ def candidates(config: Mapping[str, Any], num_layers: int, layers: set[int], pre
         if values and not any(seq[ly] in values for ly in range(num_layers) if ly not in layers):
             atoms.append(f"in:{key}:{'|'.join(sorted(values))}")
     atoms += [f"rule:{name}" for name in RULES]
-    atoms.append("first")
+    atoms += ["first", "!first"]
     for key, value in config.items():
         if isinstance(value, int) and not isinstance(value, bool) and any(w in key for w in _STEP_WORDS):
             atoms += [f"every:{key}", f"every1:{key}"]

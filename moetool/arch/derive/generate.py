@@ -64,6 +64,14 @@ MTP_FIELDS = ("num_nextn_predict_layers", "mtp_num_hidden_layers", "num_mtp_laye
 #: Hidden-size and vocabulary keys, renamed to the registry's symbols H and V.
 HIDDEN_FIELDS = ("hidden_size", "d_model", "n_embd", "dim")
 
+_QWEN4_INDEXER = {
+    "indexer_n_heads": 8,
+    "indexer_kv_heads": 1,
+    "indexer_head_dim": 128,
+    "indexer_budget": 2048,
+    "indexer_compress_ratio": 4,
+}
+
 #: Hand-written data: config arguments a model type needs for a useful base probe (MoE switched on).
 OVERRIDES: dict[str, dict[str, Any]] = {
     "doge": {"is_moe": True, "num_experts": 64, "num_experts_per_tok": 4},
@@ -78,6 +86,16 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "text_config": {"enable_moe_block": True, "num_experts": 8, "top_k_experts": 2, "moe_intermediate_size": 256}
     },
     "gemma4_text": {"enable_moe_block": True, "num_experts": 8, "top_k_experts": 2, "moe_intermediate_size": 256},
+    # Qwen4-Exp's sparse-attention indexer has no defaults; any consistent values build it.
+    "qwen4_exp_text": _QWEN4_INDEXER,
+    "qwen4_exp": {"text_config": _QWEN4_INDEXER},
+    # GLM-4.5V's class defaults leave head_dim to hidden_size // heads (42), which its rotary sections
+    # (summing to half of 128) do not fit: its checkpoints set 128.
+    "glm4v_moe": {"text_config": {"head_dim": 128}},
+    # DeepSeek-OCR-2's language model needs its per-layer dense/sparse list.
+    "deepseek_ocr2": {
+        "text_config": {"num_hidden_layers": 6, "mlp_layer_types": ["dense"] + ["sparse"] * 5, "num_experts_per_tok": 6}
+    },
 }
 
 
@@ -597,7 +615,17 @@ def _tiny_kwargs(analysis: Analysis, text_prefix: str, top_k: int, entry: Mappin
                 kwargs = history[index][1]
                 break
         else:
-            raise Refused(f"no small config of it runs a forward pass ({_LAST_RUN_ERROR[0]})")
+            # The culprit was halved while the model was still big (a width another setting must
+            # match, such as a rotary section list): give each shrunk field back its base value alone.
+            base_fields = numeric_fields(prober.base_kwargs)
+            for name in dict.fromkeys(name for name, _ in history[1:]):
+                trial = apply_change(kwargs, name, base_fields[name])
+                if (estimate(trial) or 0) <= 100 * TINY_PARAMS and _runs(model_type, trial):
+                    frozen.add(name)
+                    kwargs = trial
+                    break
+            else:
+                raise Refused(f"no small config of it runs a forward pass ({_LAST_RUN_ERROR[0]})")
         check_runs = True
         kwargs = shrink(kwargs, estimate(kwargs) or current, [])
     if not _runs(model_type, kwargs):

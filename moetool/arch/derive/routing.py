@@ -152,7 +152,8 @@ def _router_before(
         for item in items:
             shape = getattr(item, "shape", None)
             floating = getattr(item, "is_floating_point", lambda: False)()
-            if floating and shape is not None and len(shape) >= 2 and num_experts <= shape[-1] < 4 * num_experts + 8:
+            # Within the MoE block: the scores over the experts, plus any zero-compute slots.
+            if floating and shape is not None and len(shape) >= 2 and num_experts <= shape[-1] <= 64 * num_experts:
                 candidates.append((name, int(shape[-1])))
                 break
     else:
