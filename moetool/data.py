@@ -186,6 +186,7 @@ def iter_documents(
     path = Path(spec).expanduser()
     patterns = [data_files] if isinstance(data_files, str) else list(data_files or [])
     if path.is_file():
+        _refuse_split(split, spec, "a local file")
         if patterns:
             raise UsageError(
                 f"--data-files cannot be used with the file {spec}",
@@ -211,6 +212,27 @@ def iter_documents(
             data_files=data_files,
             config_name=config_name,
         )
+
+
+def _refuse_split(split: str, shown: str, what: str) -> None:
+    """A split other than the default names nothing in local files: silently reading them all would
+    evaluate on data the user meant to exclude."""
+    if split != "train":
+        raise UsageError(
+            f"--split {split} cannot be used with {shown}: it is {what}, which has no splits",
+            hint="pass the file that holds that split (e.g. validation.jsonl), or drop --split",
+        )
+
+
+def split_applies(spec: str) -> bool:
+    """Whether ``--split`` means anything for this dataset: a Hub dataset or a saved ``DatasetDict``.
+
+    A local file, or a folder of files, has no splits (what it holds is read whole).
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return (path / "dataset_dict.json").is_file()
+    return not path.exists() and not _looks_like_local_path(spec)
 
 
 def _is_plain_text(spec: str) -> bool:
@@ -265,6 +287,7 @@ def _read_folder(
     if saved_split or (folder / "dataset_dict.json").is_file():
         yield from _read_saved_dataset(folder, shown, text_field, domain_field, split=split)
         return
+    _refuse_split(split, shown, "a folder of data files")
     if patterns:
         chosen = {p for pattern in patterns for p in folder.glob(pattern) if p.is_file()}
         if not chosen:

@@ -90,6 +90,19 @@ class ShapeMismatchError(CheckpointError):
     default_code = "SHAPE_MISMATCH"
 
 
+class NonfiniteError(CheckpointError):
+    """Weights hold NaN or infinite values: an input (``NONFINITE_WEIGHTS``) or an output about to be
+    published (``NONFINITE_OUTPUT``)."""
+
+    default_code = "NONFINITE_WEIGHTS"
+
+
+class InputChangedError(CheckpointError):
+    """An input file changed (shrank, was replaced or truncated) while moetool was reading it."""
+
+    default_code = "INPUT_CHANGED"
+
+
 class OutputError(MoetoolError):
     """The output path is unusable: it exists, overlaps the input, or is a symlink (exit code 2)."""
 
@@ -129,3 +142,9 @@ class ModelLoadError(MoetoolError):
     """
 
     default_code = "MODEL_LOAD_FAILED"
+
+
+class MoetoolWarning(UserWarning):
+    """A problem moetool handled on its own and reports (a stale staging folder removed, remote code
+    dropped from an output config). The CLI prints each as one ``warning:`` line on stderr; library
+    users see them through Python's :mod:`warnings` machinery."""

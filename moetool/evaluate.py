@@ -38,6 +38,7 @@ class _Sums:
     nll: float = 0.0
     kl: float = 0.0
     agree: int = 0
+    ref_nll: float = 0.0
 
     def add(self, other: _Sums) -> None:
         self.tokens += other.tokens
@@ -45,6 +46,7 @@ class _Sums:
         self.nll += other.nll
         self.kl += other.kl
         self.agree += other.agree
+        self.ref_nll += other.ref_nll
 
 
 def _perplexity(nll: float) -> float:
@@ -63,6 +65,7 @@ def _figures(sums: _Sums, with_reference: bool) -> dict[str, Any]:
     if with_reference:
         figures["kl"] = sums.kl / sums.tokens if sums.tokens else math.nan
         figures["top1_agreement"] = sums.agree / sums.tokens if sums.tokens else math.nan
+        figures["reference_perplexity"] = _perplexity(sums.ref_nll / sums.tokens) if sums.tokens else math.nan
     return figures
 
 
@@ -86,6 +89,7 @@ class EvalResult:
         reference: the reference model's name, when there is one.
         kl: mean KL(reference || model) per scored token, in nats.
         top1_agreement: fraction of scored positions where both models' top-1 next token agree.
+        reference_perplexity: the reference's own perplexity on the same tokens (from the same pass).
         per_domain: for each domain (when documents have one): tokens, windows, nll, perplexity, and
             kl / top1_agreement with a reference.
         input_tokens: tokens fed to the model (scored tokens plus one per window).
@@ -102,6 +106,7 @@ class EvalResult:
     reference: str | None = None
     kl: float | None = None
     top1_agreement: float | None = None
+    reference_perplexity: float | None = None
     per_domain: dict[str, dict[str, Any]] = field(default_factory=dict)
     input_tokens: int = 0
     seq_len: int | None = None
@@ -124,6 +129,7 @@ class EvalResult:
             "perplexity": _json_number(self.perplexity),
             "kl": _json_number(self.kl),
             "top1_agreement": _json_number(self.top1_agreement),
+            "reference_perplexity": _json_number(self.reference_perplexity),
             "per_domain": {
                 domain: {key: _json_number(value) for key, value in figures.items()}
                 for domain, figures in self.per_domain.items()
@@ -157,30 +163,14 @@ def check_seq_len(config: Any, seq_len: int, name: str) -> None:
         )
 
 
-def _forward(model: Any, input_ids: Any, attention_mask: Any) -> Any:
-    from moetool.modeling import model_device
-
-    device = model_device(model)
-    output = model(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        use_cache=False,
-    )
-    return output.logits
-
-
-def _check_ids(batch_ids: Any, vocab: int, name: str) -> None:
-    largest = int(batch_ids.max())
-    if largest >= vocab:
-        raise ModelLoadError(
-            f"the tokenizer produced token id {largest}, but {name} has only {vocab} embeddings",
-            hint="the tokenizer files do not belong to this model",
-            code="TOKENIZER_MISMATCH",
-        )
-
-
 def _vocab_rows(model: Any) -> int:
     return int(model.get_input_embeddings().weight.shape[0])
+
+
+def _as_runner(model: Any) -> Any:
+    from moetool.runner.stream import StreamedModel, WholeModel
+
+    return model if isinstance(model, (StreamedModel, WholeModel)) else WholeModel(model)
 
 
 def evaluate(
@@ -193,23 +183,24 @@ def evaluate(
     max_tokens: int | None = None,
     reference_model: Any = None,
     reference_tokenizer: Any = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[float], None] | None = None,
     model_name: str | None = None,
     reference_name: str | None = None,
 ) -> EvalResult:
     """Perplexity of ``model`` on ``documents``; with ``reference_model``, KL and top-1 agreement too.
 
     Args:
-        model: a transformers causal LM in eval mode (e.g. from :func:`moetool.modeling.load_model`).
+        model: a runner (:class:`moetool.runner.StreamedModel`: one layer at a time;
+            :class:`moetool.runner.WholeModel`), or a transformers causal LM in eval mode.
         tokenizer: its tokenizer.
         documents: the texts (e.g. from :func:`moetool.data.load_documents`); consumed lazily.
         seq_len: tokens per window.
         batch_size: windows per forward pass.
         max_tokens: stop after this many input tokens (``None``: all of them).
-        reference_model: a second model run on the same windows; the result then has ``kl`` =
-            mean KL(reference || model) and ``top1_agreement``.
+        reference_model: a second model (or runner) run on the same windows; the result then has
+            ``kl`` = mean KL(reference || model) and ``top1_agreement``.
         reference_tokenizer: the reference's tokenizer; when given it must match ``tokenizer``.
-        progress: called after each batch with the number of input tokens it held.
+        progress: called with progress in input tokens.
         model_name: how to name the model in the result (default: its ``name_or_path``).
         reference_name: how to name the reference.
 
@@ -223,56 +214,89 @@ def evaluate(
         DatasetError: ``DATASET_EMPTY`` when the documents give no token to score.
         MoetoolError: ``NON_FINITE`` when a model's logits are NaN or infinite.
     """
-    import torch
+    import itertools
 
     from moetool.modeling import check_same_tokenizer
 
-    name = model_name or _model_name(model)
-    ref_name = (reference_name or _model_name(reference_model)) if reference_model is not None else None
+    runner = _as_runner(model)
+    reference = _as_runner(reference_model) if reference_model is not None else None
+    name = model_name or _model_name(runner.model)
+    ref_name = (reference_name or _model_name(reference.model)) if reference is not None else None
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, not {batch_size}")
-    check_seq_len(model.config, seq_len, name)
-    if reference_model is not None:
-        check_seq_len(reference_model.config, seq_len, ref_name or "the reference")
+    check_seq_len(runner.config, seq_len, name)
+    if reference is not None:
+        check_seq_len(reference.config, seq_len, ref_name or "the reference")
         if reference_tokenizer is not None:
             check_same_tokenizer(tokenizer, reference_tokenizer, names=(name, ref_name or "the reference"))
-    vocab = _vocab_rows(model)
+        if _vocab_rows(reference.model) != _vocab_rows(runner.model):
+            raise ModelLoadError(
+                f"{name} has {_vocab_rows(runner.model)} token embeddings and {ref_name} "
+                f"{_vocab_rows(reference.model)}: their vocabularies differ",
+                hint="compare models that share a tokenizer and vocabulary",
+                code="TOKENIZER_MISMATCH",
+            )
+    vocab = _vocab_rows(runner.model)
     pad_id = tokenizer.pad_token_id
     if not isinstance(pad_id, int) or not 0 <= pad_id < vocab:
         pad_id = 0  # any id will do: padding is masked out and never scored
 
+    share = 0.5 if reference is not None else 1.0
+
+    def advance(tokens: float) -> None:
+        if progress is not None:
+            progress(tokens * share)
+
+    from moetool.runner.dist import current_ranks
+
+    ranks = current_ranks(str(runner.device))
+    windows = iter_windows(tokenizer, documents, seq_len=seq_len, max_tokens=max_tokens)
+    # The runners refuse token ids beyond the vocabulary (TOKENIZER_MISMATCH) before anything runs. With
+    # several processes, each scores a share of the batches and the sums are added up below.
+    batches = ranks.shard(iter_batches(windows, batch_size=batch_size, pad_id=pad_id))
     sums: dict[str | None, _Sums] = {}
     input_tokens = 0
-    windows = iter_windows(tokenizer, documents, seq_len=seq_len, max_tokens=max_tokens)
-    with torch.inference_mode():
-        for batch in iter_batches(windows, batch_size=batch_size, pad_id=pad_id):
-            _check_ids(batch.input_ids, vocab, name)
-            logits = _forward(model, batch.input_ids, batch.attention_mask)
-            ref_logits = None
-            if reference_model is not None:
-                ref_logits = _forward(reference_model, batch.input_ids, batch.attention_mask)
-                if ref_logits.shape[-1] != logits.shape[-1]:
-                    raise ModelLoadError(
-                        f"{name} predicts over {logits.shape[-1]} tokens and {ref_name} over "
-                        f"{ref_logits.shape[-1]}: their vocabularies differ",
-                        hint="compare models that share a tokenizer and vocabulary",
-                        code="TOKENIZER_MISMATCH",
-                    )
-            lengths = batch.attention_mask.sum(dim=1).tolist()
-            batch_tokens = 0
-            for row, (length, domain) in enumerate(zip(lengths, batch.domains, strict=True)):
-                batch_tokens += length
-                window = _score_window(
-                    logits[row, : length - 1],
-                    batch.input_ids[row, 1:length],
-                    None if ref_logits is None else ref_logits[row, : length - 1],
-                )
-                _check_finite(window, name, ref_name)
-                sums.setdefault(domain, _Sums()).add(window)
-            input_tokens += batch_tokens
-            if progress is not None:
-                progress(batch_tokens)
+    if reference is None:
+        pairs = (
+            (index, batch, logits, None) for index, batch, logits in runner.logits_batches(batches, on_tokens=advance)
+        )
+    else:
+        mine, theirs = itertools.tee(batches)
+        pairs = (
+            (index, batch, logits, ref_logits)
+            for (index, batch, logits), (_, _, ref_logits) in zip(
+                runner.logits_batches(mine, on_tokens=advance),
+                reference.logits_batches(theirs, on_tokens=advance),
+                strict=True,
+            )
+        )
+    for _index, batch, logits, ref_logits in pairs:
+        if ref_logits is not None and ref_logits.shape[-1] != logits.shape[-1]:
+            raise ModelLoadError(
+                f"{name} predicts over {logits.shape[-1]} tokens and {ref_name} over "
+                f"{ref_logits.shape[-1]}: their vocabularies differ",
+                hint="compare models that share a tokenizer and vocabulary",
+                code="TOKENIZER_MISMATCH",
+            )
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        for row, (length, domain) in enumerate(zip(lengths, batch.domains, strict=True)):
+            input_tokens += length
+            window = _score_window(
+                logits[row, : length - 1],
+                batch.input_ids[row, 1:length],
+                None if ref_logits is None else ref_logits[row, : length - 1],
+            )
+            _check_finite(window, name, ref_name)
+            sums.setdefault(domain, _Sums()).add(window)
+        del logits, ref_logits
 
+    if ranks.world > 1:
+        merged: dict[str | None, _Sums] = {}
+        for part in ranks.gather(sums):
+            for domain, figures in part.items():
+                merged.setdefault(domain, _Sums()).add(figures)
+        sums = merged
+        input_tokens = sum(ranks.gather(input_tokens))
     total = _Sums()
     for part in sums.values():
         total.add(part)
@@ -282,7 +306,7 @@ def evaluate(
             hint="use a dataset with more text, or a larger --max-tokens",
             code="DATASET_EMPTY",
         )
-    with_reference = reference_model is not None
+    with_reference = reference is not None
     figures = _figures(total, with_reference)
     per_domain = {
         domain: _figures(part, with_reference) for domain, part in sums.items() if domain is not None and part.tokens
@@ -296,6 +320,7 @@ def evaluate(
         reference=ref_name,
         kl=figures.get("kl"),
         top1_agreement=figures.get("top1_agreement"),
+        reference_perplexity=figures.get("reference_perplexity"),
         per_domain=per_domain,
         input_tokens=input_tokens,
         seq_len=seq_len,
@@ -337,4 +362,5 @@ def _score_window(logits: Any, targets: Any, ref_logits: Any | None) -> _Sums:
         kl = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(dim=-1)
         sums.kl = float(kl.double().sum())
         sums.agree = int((log_q.argmax(dim=-1) == log_p.argmax(dim=-1)).sum())
+        sums.ref_nll = float(-log_q.gather(-1, targets[:, None]).squeeze(-1).double().sum())
     return sums

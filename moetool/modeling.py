@@ -74,7 +74,10 @@ LOADERS: dict[str, Loader] = {}
 
 #: Loaders that live in moetool's own subpackages: quant_method -> (module, function), imported on
 #: first use so that importing this module stays light.
-BUILTIN_LOADERS: dict[str, tuple[str, str]] = {"moetool": ("moetool.quantize.loader", "load_quantized")}
+BUILTIN_LOADERS: dict[str, tuple[str, str]] = {
+    "moetool": ("moetool.quantize.loader", "load_quantized"),
+    "compressed-tensors": ("moetool.quantize.loader", "load_compressed_tensors"),
+}
 
 
 def register_loader(quant_method: str, loader: Loader) -> None:
@@ -171,7 +174,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 
     name = check_device_name(device)
     if name == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
+        # One process per GPU (accelerate launch / torchrun): each takes its own.
+        name = f"cuda:{int(os.environ['LOCAL_RANK']) % max(1, torch.cuda.device_count())}"
     resolved = torch.device(name)
     kind = resolved.type
     if kind == "cuda":
@@ -281,8 +287,10 @@ def open_checkpoint(
             checkpoint has no safetensors weights.
     """
     from moetool.io.source import open_model
+    from moetool.validate import check_transformers_config
 
     checkpoint = open_model(spec, revision=revision, token=token, offline=offline, need_weights=True)
+    check_transformers_config(checkpoint)  # its strict config classes: one line, not a traceback
     if checkpoint.root is None or not checkpoint.shards:
         raise CheckpointError(
             f"{checkpoint.name} has no safetensors weights to run",
@@ -324,17 +332,69 @@ def load_tokenizer(checkpoint: Checkpoint) -> Any:
         ) from None
 
 
+def auto_model_class(config: dict[str, Any]) -> Any:
+    """The transformers class that runs a config.json: the exact class the registry recorded for a
+    derived family (a multimodal wrapper loads as its image-text-to-text class, where the registry found
+    its routers), else causal LM, else sequence-to-sequence LM for encoder-decoder models (Switch
+    Transformers, NLLB-MoE), else image-text-to-text; causal LM when transformers names none of them."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    registered = _registry_class(config)
+    if registered is not None:
+        return registered
+    model_type = config.get("model_type")
+    if _mapped(model_type, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"):
+        return AutoModelForCausalLM
+    if config.get("is_encoder_decoder") or _seq2seq_class(model_type):
+        return AutoModelForSeq2SeqLM
+    if _mapped(model_type, "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"):
+        return transformers.AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
+def _mapped(model_type: Any, mapping: str) -> str | None:
+    from transformers.models.auto import modeling_auto
+
+    return getattr(modeling_auto, mapping, {}).get(model_type) if isinstance(model_type, str) else None
+
+
+def _seq2seq_class(model_type: Any) -> str | None:
+    return _mapped(model_type, "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES")
+
+
+def _registry_class(config: dict[str, Any]) -> Any:
+    """The exact class the derived registry recorded for this model type, else None."""
+    import transformers
+
+    from moetool.arch.registry import family_for_config
+
+    try:
+        name = family_for_config(config).model_class
+    except MoetoolError:
+        return None
+    return getattr(transformers, name, None) if name else None
+
+
 def check_transformers_support(checkpoint: Checkpoint) -> None:
-    """Refuse, before reading weights, a model_type transformers has no causal-LM class for.
+    """Refuse, before reading weights, a model_type transformers has no language-model class for.
 
     Raises:
         ModelLoadError: ``REMOTE_CODE_REFUSED`` for a checkpoint that needs its own Python code.
-        UnsupportedArchitectureError: any other model_type transformers cannot run as a causal LM.
+        UnsupportedArchitectureError: any other model_type transformers cannot run as a causal or
+            sequence-to-sequence LM.
     """
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = checkpoint.config.get("model_type")
-    if isinstance(model_type, str) and auto_model_class(model_type) is not None:
+    if any(
+        _mapped(model_type, m)
+        for m in (
+            "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+            "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+            "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+        )
+    ):
         return
     if "auto_map" in checkpoint.config:
         raise ModelLoadError(
@@ -352,37 +412,6 @@ def check_transformers_support(checkpoint: Checkpoint) -> None:
     )
 
 
-def auto_model_class(model_type: str) -> Any:
-    """The transformers auto class a checkpoint of this model type loads with: causal LM, else
-    sequence-to-sequence LM (Switch Transformers, NLLB-MoE), else image-text-to-text (multimodal
-    wrappers around an MoE language model); None when transformers has none of them."""
-    import transformers
-    from transformers.models.auto import modeling_auto
-
-    for mapping, auto in (
-        ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM"),
-        ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "AutoModelForSeq2SeqLM"),
-        ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "AutoModelForImageTextToText"),
-    ):
-        if getattr(modeling_auto, mapping, {}).get(model_type):
-            return getattr(transformers, auto)
-    return None
-
-
-def _registry_class(config: dict[str, Any]) -> Any:
-    """The exact class the derived registry recorded for this model type (a multimodal wrapper loads
-    as its image-text-to-text class, where the registry found its routers), else None."""
-    import transformers
-
-    from moetool.arch.registry import family_for_config
-
-    try:
-        name = family_for_config(config).model_class
-    except MoetoolError:
-        return None
-    return getattr(transformers, name, None) if name else None
-
-
 def _listing(names: set[Any] | list[Any]) -> str:
     names = sorted(str(n[0] if isinstance(n, tuple) else n) for n in names)
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
@@ -394,6 +423,7 @@ def load_weights_transformers(
     dtype: Any,
     device: torch.device,
     device_map: str | None = None,
+    config: Any = None,
 ) -> Any:
     """Build the model with ``AutoModelForCausalLM.from_pretrained`` from a local checkpoint folder.
 
@@ -402,6 +432,7 @@ def load_weights_transformers(
         dtype: a torch dtype or ``"auto"`` (see :func:`resolve_dtype`).
         device: the device to put the model on (ignored with ``device_map``).
         device_map: None (the whole model on ``device``) or an accelerate strategy such as ``auto``.
+        config: a transformers config to use instead of the folder's config.json (quantized loaders).
 
     Returns:
         The model, in eval mode.
@@ -414,8 +445,7 @@ def load_weights_transformers(
     import torch
 
     check_transformers_support(checkpoint)
-    auto = _registry_class(checkpoint.config) or auto_model_class(checkpoint.config["model_type"])
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {} if config is None else {"config": config}
     if device_map is not None:
         kwargs["device_map"] = device_map
     elif device.type != "cpu":
@@ -426,7 +456,7 @@ def load_weights_transformers(
         kwargs["device_map"] = {"": device}
     try:
         with quiet_transformers():
-            model, info = auto.from_pretrained(
+            model, info = auto_model_class(checkpoint.config).from_pretrained(
                 str(checkpoint.root),
                 dtype=dtype,
                 local_files_only=True,
@@ -436,6 +466,10 @@ def load_weights_transformers(
                 # Mis-shaped tensors are then reported in `info` (and refused below) instead of raising
                 # an error that only points at a log record.
                 ignore_mismatched_sizes=True,
+                # transformers 5.25 turns hub kernels on by default on CUDA, which needs the `kernels`
+                # package and the network ("Kernels are not available" offline): moetool loads models
+                # the same way everywhere, with transformers' own implementations.
+                use_kernels=False,
                 **kwargs,
             )
     except ImportError as exc:

@@ -82,7 +82,8 @@ def test_every_routed_expert_quantized_rtn(tiny, tmp_path, family):
     out = tmp_path / "q"
     result = quantize(source, out, QuantizeOptions(bits=4, method="rtn", group_size=16))
     assert result.verification is not None and result.verification.routed_fraction == 1.0
-    assert [c.passed for c in result.verification.checks] == [True, True, True]  # coverage, exact, reload
+    checks = [(c.name, c.passed) for c in result.verification.checks]
+    assert checks == [("coverage", True), ("exact", True), ("logits", True), ("reload", True)]
 
     src = Checkpoint.open(source)
     dst = Checkpoint.open(out)
@@ -156,7 +157,7 @@ def test_gptq_coverage_adds_up_and_beats_rtn(tiny, calib_file, tmp_path):
         for weight in ("gate_up", "down"):
             figures = layer.proxy_error[weight]
             assert figures["gptq"] < figures["rtn"], (layer.layer, weight, figures)
-    assert [c.passed for c in result.verification.checks] == [True, True, True]
+    assert [c.passed for c in result.verification.checks] == [True, True, True, True]
 
 
 def test_coverage_options(tiny, calib_file, tmp_path):
@@ -228,7 +229,7 @@ def test_attention_and_shared_experts_by_flag(tiny, calib_file, tmp_path):
     assert storage["attention"].params - storage["attention"].quantized_params == 3 * (12 + 16)
     for category in ("router", "embedding", "norms"):
         assert storage[category].quantized_params == 0
-    assert [c.passed for c in result.verification.checks] == [True, True, True]
+    assert [c.passed for c in result.verification.checks] == [True, True, True, True]
     import moetool
 
     model = moetool.load_model(str(tmp_path / "q"), device="cpu")

@@ -301,9 +301,15 @@ def test_quant_format_config_round_trip_and_validation():
     back = QuantFormat.from_config(config)
     assert back == fmt
     assert QuantFormat.from_config(QuantFormat("ternary", None, 0).to_config()).codec == "lzma2-base3"
+    symmetric = QuantFormat("uniform", 4, 32, symmetric=True)
+    sym_config = symmetric.to_config()
+    assert sym_config["format_version"] == 2 and sym_config["zero_point"] is False
+    assert QuantFormat.from_config(sym_config) == symmetric
     for broken in (
         {**config, "bits": 5},
-        {**config, "format_version": 2},
+        {**config, "format_version": 3},
+        {**config, "symmetric": True},  # symmetric codes are format_version 2 and have no zero point
+        {**config, "format_version": 2, "symmetric": True},
         {**config, "scheme": "fp4"},
         {**config, "group_size": -1},
         {**config, "quant_method": "gptq"},

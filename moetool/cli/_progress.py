@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from moetool.cli._output import stderr
+from moetool.cli._output import quiet, stderr
 
 if TYPE_CHECKING:
     from rich.progress import Task
@@ -24,8 +24,8 @@ class _TokensPerSecond(ProgressColumn):
 
 
 def progress_enabled(json_output: bool) -> bool:
-    """Progress is drawn only for a person watching: not with --json, not when stderr is not a terminal."""
-    return not json_output and stderr().is_terminal
+    """Progress is drawn only for a person watching: not with --json or -q, not when stderr is not a terminal."""
+    return not json_output and not quiet() and stderr().is_terminal
 
 
 @contextlib.contextmanager

@@ -17,8 +17,9 @@ from rich.text import Text
 
 from moetool.cli import options
 from moetool.cli._errors import handle_errors
-from moetool.cli._output import human_count, print_json, stderr, stdout, warn
+from moetool.cli._output import human_count, print_json, quiet, stderr, stdout, warn
 from moetool.cli._progress import progress_enabled
+from moetool.cli._push import add_push, push_output, push_target, render_push
 from moetool.distill.options import DistillOptions
 
 if TYPE_CHECKING:
@@ -208,6 +209,14 @@ def distill_cmd(
     weight_decay: Annotated[
         float, typer.Option("--weight-decay", help="AdamW weight decay on matrices.", rich_help_panel=_PANEL_TRAIN)
     ] = _DEFAULTS.weight_decay,
+    optimizer: Annotated[
+        str,
+        typer.Option(
+            "--optimizer",
+            help="adamw, or adamw8bit (bitsandbytes' 8-bit AdamW: a quarter of the optimizer memory; CUDA only).",
+            rich_help_panel=_PANEL_TRAIN,
+        ),
+    ] = _DEFAULTS.optimizer,
     max_grad_norm: Annotated[
         float, typer.Option("--max-grad-norm", help="Gradient clipping (0: off).", rich_help_panel=_PANEL_TRAIN)
     ] = _DEFAULTS.max_grad_norm,
@@ -277,12 +286,8 @@ def distill_cmd(
             rich_help_panel=_PANEL_TRAIN,
         ),
     ] = "auto",
-    threads: Annotated[
-        int,
-        typer.Option(
-            "--threads", min=0, help="CPU threads (0: as many as there are idle cores).", rich_help_panel=_PANEL_TRAIN
-        ),
-    ] = _DEFAULTS.threads,
+    threads: options.ThreadsOpt = _DEFAULTS.threads,
+    whole_model: options.WholeModelOpt = False,
     eval_batch_size: Annotated[
         int,
         typer.Option(
@@ -322,9 +327,13 @@ def distill_cmd(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing output folder.", rich_help_panel=_PANEL_OUT)
     ] = False,
+    allow_nonfinite: options.AllowNonfiniteOpt = False,
     revision: options.RevisionOpt = None,
     token: options.TokenOpt = None,
     offline: options.OfflineOpt = False,
+    push_to_hub: options.PushToHubOpt = None,
+    private: options.PrivateOpt = False,
+    create_pr: options.CreatePrOpt = False,
     json_output: options.JsonOpt = False,
 ) -> None:
     """Distill an MoE TEACHER into a dense student of its family and write it as a standard checkpoint.
@@ -334,6 +343,7 @@ def distill_cmd(
     from moetool.data import load_documents
     from moetool.io.source import parse_model_ref
     from moetool.io.writer import check_output_path, parse_size
+    from moetool.validate import preflight
 
     opts = DistillOptions(
         init=init,
@@ -344,6 +354,7 @@ def distill_cmd(
         schedule=schedule,
         min_lr_ratio=min_lr_ratio,
         weight_decay=weight_decay,
+        optimizer=optimizer,
         max_grad_norm=max_grad_norm,
         batch_size=batch_size,
         grad_accum=grad_accum,
@@ -360,12 +371,15 @@ def distill_cmd(
         log_every=log_every,
         max_train_tokens=max_train_tokens or None,
         threads=threads,
+        whole_model=whole_model,
     )
     # Cheap checks first: a typo should not cost a dataset read or a model load.
     opts.check()
     parse_size(max_shard_size)
     local = parse_model_ref(teacher, revision=revision).local_path
     check_output_path(out, [local] if local is not None else [], overwrite=overwrite)
+    preflight(teacher, revision=revision, token=token, offline=offline or None, float_weights=True)
+    hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline)
 
     def read(spec: str):
         documents = load_documents(
@@ -380,7 +394,7 @@ def distill_cmd(
 
     main = _is_main_process()
     show = main and progress_enabled(json_output)
-    log_lines = main and not json_output and not show
+    log_lines = main and not json_output and not show and not quiet()
     with _progress(show, log_lines, log_every) as advance:
         result = distill(
             teacher,
@@ -399,17 +413,20 @@ def distill_cmd(
             offline=offline or None,
             max_shard_size=max_shard_size,
             overwrite=overwrite,
+            allow_nonfinite=allow_nonfinite,
             command=["moetool", *sys.argv[1:]],
             progress=advance,
         )
     if not main:
         return
+    pushed = push_output(hub, out, command="distill", json_output=json_output)
     for message in result.warnings:
         warn(message)
     if json_output:
-        print_json(result.to_json())
+        print_json(add_push(result.to_json(), pushed))
         return
     render(result)
+    render_push(pushed)
 
 
 def _minutes(seconds: float) -> str:
@@ -440,9 +457,10 @@ def render(result: DistillResult) -> None:
     state = result.state
     curve = state.loss_curve
     resumed = f" (resumed at step {result.session_start_step})" if result.session_start_step else ""
+    threads = f", {result.threads} CPU threads" if result.threads else ""
     console.print(
         f"  trained {result.options.steps} steps{resumed}, {state.tokens:,} tokens in {_minutes(state.elapsed_s)} "
-        f"({result.session_tokens_per_s:,.0f} tok/s)",
+        f"({result.session_tokens_per_s:,.0f} tok/s{threads})",
         highlight=False,
     )
     if curve:

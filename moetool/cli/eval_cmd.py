@@ -13,6 +13,7 @@ from moetool.cli import options
 from moetool.cli._errors import handle_errors
 from moetool.cli._output import print_json, stdout
 from moetool.cli._progress import progress_enabled, status, token_progress
+from moetool.cli._threads import use_threads
 
 if TYPE_CHECKING:
     from moetool.evaluate import EvalResult
@@ -59,6 +60,9 @@ def eval_model(
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
     device_map: options.DeviceMapOpt = "none",
+    whole_model: options.WholeModelOpt = False,
+    offload_activations: options.OffloadActivationsOpt = False,
+    threads: options.ThreadsOpt = 0,
     revision: options.RevisionOpt = None,
     reference_revision: ReferenceRevisionOpt = None,
     token: options.TokenOpt = None,
@@ -68,15 +72,21 @@ def eval_model(
     """Perplexity of MODEL on a dataset; with --reference, KL divergence and top-1 agreement too.
 
     Documents are packed into windows of --seq-len tokens, one domain at a time; every token after a window's first is
-    scored. The dataset is checked before any model is loaded.
+    scored. The dataset is checked before any model is loaded. Models run one decoder layer at a time (memory: one
+    layer plus the activations, whatever the model size), logits one batch at a time.
     """
     from moetool.data import load_documents
     from moetool.modeling import check_device_map, check_device_name, check_dtype_name
+    from moetool.validate import preflight
 
     # Cheap checks first (no torch): a typo should not cost a model load.
     check_device_name(device)
     check_dtype_name(dtype)
     check_device_map(device_map)
+    # The models' configs and headers too (no weights read): a malformed one costs no dataset read.
+    preflight(model, revision=revision, token=token, offline=offline or None)
+    if reference is not None:
+        preflight(reference, revision=reference_revision, token=token, offline=offline or None)
     documents = load_documents(
         dataset,
         text_field=text_field,
@@ -86,11 +96,14 @@ def eval_model(
         config_name=dataset_config,
     )
 
+    from moetool.cli._runner import memory_plan
     from moetool.evaluate import check_seq_len, evaluate
-    from moetool.modeling import check_same_tokenizer, load_tokenizer, load_weights, open_checkpoint
+    from moetool.modeling import check_same_tokenizer, load_tokenizer, open_checkpoint
+    from moetool.runner.open import open_runner
 
     show = progress_enabled(json_output)
     offline_flag = offline or None
+    threads_used = use_threads(threads, json_output=json_output)
     with status(f"opening {model}", enabled=show):
         checkpoint = open_checkpoint(model, revision=revision, token=token, offline=offline_flag)
         check_seq_len(checkpoint.config, seq_len, model)
@@ -102,32 +115,49 @@ def eval_model(
             ref_tokenizer = load_tokenizer(ref_checkpoint)
             # Before any weights are read: two tokenizers that differ make every figure meaningless.
             check_same_tokenizer(tokenizer, ref_tokenizer, names=(model, reference))
+    run_options = {
+        "device": device,
+        "dtype": dtype,
+        "whole_model": whole_model,
+        "device_map": device_map,
+        "hidden": "cpu" if offload_activations else "auto",
+        "tokenizer": False,
+        "pass_tokens": batch_size * seq_len,
+    }
     with status(f"loading {model}", enabled=show):
-        model_obj = load_weights(checkpoint, device=device, dtype=dtype, device_map=device_map)
-    ref_obj = None
+        opened = open_runner(checkpoint, **run_options)
+    memory = memory_plan(opened, tokens=(max_tokens or batch_size * seq_len), enabled=show)
+    ref_runner = None
     if ref_checkpoint is not None:
         with status(f"loading {reference}", enabled=show):
-            ref_obj = load_weights(ref_checkpoint, device=device, dtype=dtype, device_map=device_map)
+            ref_runner = open_runner(ref_checkpoint, **run_options).runner
 
     limit = max_tokens or None
     with token_progress("evaluating", limit, enabled=show) as advance:
         result = evaluate(
-            model_obj,
+            opened.runner,
             tokenizer,
             documents,
             seq_len=seq_len,
             batch_size=batch_size,
             max_tokens=limit,
-            reference_model=ref_obj,
+            reference_model=ref_runner,
             progress=advance,
             model_name=model,
             reference_name=reference,
         )
     result.revision = checkpoint.revision
+    from moetool.runner.dist import current_ranks
+
+    if not current_ranks(device).is_main:
+        return  # every process has the summed figures; the first one reports them
     if ref_checkpoint is not None:
         result.reference_revision = ref_checkpoint.revision
     if json_output:
-        print_json(result.to_json())
+        doc = result.to_json()
+        doc["memory"] = memory
+        doc["threads"] = threads_used
+        print_json(doc)
         return
     render(result)
 

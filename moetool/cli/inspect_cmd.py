@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from moetool.arch.spec import CATEGORIES
 from moetool.cli import options
-from moetool.cli._errors import handle_errors
-from moetool.cli._output import human_bytes, human_count, print_json, stdout, warn
+from moetool.cli._errors import handle_errors, report_error
+from moetool.cli._output import human_bytes, human_count, print_json, printable, stdout, warn
+from moetool.cli._progress import progress_enabled, status
 from moetool.count.params import ParamReport, count_from_checkpoint, count_from_config
+from moetool.errors import MoetoolError, NonfiniteError, UsageError
 
 EXAMPLES = """
 Examples:
@@ -21,6 +24,8 @@ Examples:
   moetool inspect mistralai/Mixtral-8x7B-v0.1 --json
 
   moetool inspect ./my-model --layers
+
+  moetool inspect ./my-model --scan-nonfinite --strict
 """
 
 
@@ -36,16 +41,52 @@ def inspect(
     ] = False,
     token: options.TokenOpt = None,
     offline: options.OfflineOpt = False,
+    memory: Annotated[
+        bool,
+        typer.Option(
+            "--memory",
+            help="Also estimate what running the model holds: weights per dtype, the largest layer, activations.",
+        ),
+    ] = False,
+    memory_tokens: Annotated[
+        int,
+        typer.Option("--memory-tokens", min=1, help="Token positions of one pass, for the activation estimate."),
+    ] = 65536,
+    scan_nonfinite: Annotated[
+        bool,
+        typer.Option(
+            "--scan-nonfinite",
+            help="Also read every float tensor and count its NaN and Inf values (reads all the weights; local "
+            "checkpoints only).",
+        ),
+    ] = False,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Exit 1 when the checkpoint has a problem the other commands refuse (config and tensors "
+            "disagree, missing experts, NaN/Inf with --scan-nonfinite), after printing the report.",
+        ),
+    ] = False,
 ) -> None:
     """Count total and active (per-token) parameters, from safetensors headers or config.json.
 
-    No tensor data is read: local checkpoints need only their headers, Hub repos only config.json
-    and the headers (fetched remotely).
+    No tensor data is read (unless --scan-nonfinite): local checkpoints need only their headers, Hub repos
+    only config.json and the headers (fetched remotely). Config fields of the wrong type, tensors whose
+    shapes the config does not imply, missing experts and an impossible top-k are reported as warnings.
+    --memory estimates what running the model holds at once, streamed one decoder layer at a time (what
+    every moetool command does) and whole.
     """
     from moetool.io.checkpoint import load_config
     from moetool.io.source import open_model, parse_model_ref
 
     ref = parse_model_ref(model, revision=revision)
+    checkpoint = None
+    if scan_nonfinite and (config_only or ref.local_path is None):
+        raise UsageError(
+            "--scan-nonfinite reads the weights: it needs a local checkpoint and no --config-only",
+            hint="download the checkpoint (hf download REPO --local-dir DIR) and pass DIR",
+        )
     if config_only and ref.local_path is not None:
         # config.json is all this needs: skip reading (and validating) the weight headers.
         report = count_from_config(load_config(ref.local_path), name=model)
@@ -57,12 +98,83 @@ def inspect(
             report.revision = checkpoint.revision
         else:
             report = count_from_checkpoint(checkpoint)
+            if scan_nonfinite:
+                from moetool.io.nonfinite import scan_checkpoint
+
+                with status("scanning the weights for NaN/Inf", enabled=progress_enabled(json_output)):
+                    report.nonfinite = scan_checkpoint(checkpoint)
+    estimates = None
+    if memory:
+        from moetool.runner.memory import estimate
+
+        if checkpoint is None or not checkpoint.tensors or config_only:
+            warn("--memory needs the safetensors headers (no estimate from config.json alone)")
+        else:
+            estimates = {dtype: estimate(checkpoint, dtype) for dtype in ("float32", "bfloat16")}
+    problem = _strict_error(report, model) if strict else None
     if json_output:
-        print_json(report.to_json(per_layer=layers))
-        return
-    for message in report.warnings:
-        warn(message)
-    render(report, per_layer=layers)
+        doc = report.to_json(per_layer=layers)
+        if memory:
+            doc["memory"] = None if estimates is None else {k: v.to_json(memory_tokens) for k, v in estimates.items()}
+        print_json(doc)
+    else:
+        for message in report.warnings:
+            warn(message)
+        for finding in report.findings:
+            warn(finding.message)
+        if report.nonfinite:
+            from moetool.io.nonfinite import describe
+
+            warn(describe(report.nonfinite))
+        render(report, per_layer=layers)
+        if estimates is not None:
+            render_memory(estimates, memory_tokens)
+    if problem is not None:
+        # The report is on stdout already (one JSON document in --json mode): the error is a line.
+        report_error(problem)
+        raise typer.Exit(problem.exit_code)
+
+
+def _strict_error(report: ParamReport, model: str) -> MoetoolError | None:
+    """What --strict refuses: the findings commands refuse, and NaN/Inf."""
+    from moetool.validate import as_error
+
+    error = as_error(report.findings, model)
+    if error is None and report.nonfinite:
+        from moetool.io.nonfinite import describe
+
+        error = NonfiniteError(f"{model}: {describe(report.nonfinite)}", hint="the weights are corrupt")
+    return error
+
+
+# Rows of the non-finite table before it only gives a count.
+_NONFINITE_ROWS = 20
+
+
+def render_memory(estimates: dict, tokens: int) -> None:
+    """What running the model holds at once, per compute dtype: streamed (one layer) and whole."""
+    console = stdout()
+    table = Table(title=f"Memory to run it (activations of {tokens:,} tokens)", title_justify="left", show_edge=False)
+    table.add_column("")
+    for dtype in estimates:
+        table.add_column(dtype, justify="right")
+    rows = [
+        ("all weights", lambda e: e.weights_by_dtype[e.dtype]),
+        ("largest layer", lambda e: e.largest_layer_bytes),
+        ("embedding / head", lambda e: max(e.embedding_bytes, e.head_bytes)),
+        ("activations", lambda e: e.activations(tokens)),
+        ("peak, streamed", lambda e: e.streamed_peak(tokens)),
+        ("peak, whole model", lambda e: e.whole_peak(tokens)),
+    ]
+    for label, value in rows:
+        table.add_row(label, *(human_bytes(value(e)) for e in estimates.values()))
+    console.print(table)
+    first = next(iter(estimates.values()))
+    console.print(
+        f"[dim]{first.layers} layers (largest: {first.largest_layer}); peaks include a fixed "
+        f"{human_bytes(600 * 10**6)} for the process; streamed = one decoder layer at a time[/dim]",
+        highlight=False,
+    )
 
 
 def _pct(part: int, whole: int) -> str:
@@ -73,7 +185,10 @@ def render(report: ParamReport, *, per_layer: bool = False) -> None:
     """Print the human-readable report on stdout."""
     console = stdout()
     source = "safetensors headers" if report.source == "safetensors" else "config.json only"
-    title = f"[bold]{report.model}[/bold]  ({report.model_type or report.family}, counted from {source})"
+    title = (
+        f"[bold]{escape(printable(report.model))}[/bold]  "
+        f"({escape(printable(report.model_type or report.family))}, counted from {source})"
+    )
     console.print(title, highlight=False)
 
     summary = Table.grid(padding=(0, 2))
@@ -127,6 +242,19 @@ def render(report: ParamReport, *, per_layer: bool = False) -> None:
             storage.add_row(dtype, human_bytes(size))
         storage.add_row("[bold]total[/bold]", f"[bold]{human_bytes(report.total_bytes)}[/bold]")
         console.print(storage)
+
+    if report.nonfinite:
+        bad = Table(title="Non-finite values", title_justify="left", show_edge=False)
+        bad.add_column("tensor")
+        bad.add_column("NaN", justify="right")
+        bad.add_column("Inf", justify="right")
+        for hit in report.nonfinite[:_NONFINITE_ROWS]:
+            bad.add_row(escape(printable(hit.tensor)), f"{hit.nan:,}", f"{hit.inf:,}")
+        if len(report.nonfinite) > _NONFINITE_ROWS:
+            bad.add_row(f"... and {len(report.nonfinite) - _NONFINITE_ROWS} more tensors", "", "")
+        console.print(bad)
+    elif report.nonfinite is not None:
+        console.print("no NaN or Inf in any float tensor", style="green")
 
     if per_layer:
         by_layer = Table(title="Per layer", title_justify="left", show_edge=False)

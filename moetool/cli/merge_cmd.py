@@ -17,6 +17,8 @@ from moetool.cli import options
 from moetool.cli._errors import handle_errors
 from moetool.cli._output import human_bytes, human_count, print_json, stderr, stdout, warn
 from moetool.cli._progress import progress_enabled
+from moetool.cli._push import add_push, push_output, push_target, render_push
+from moetool.cli._threads import use_threads
 
 if TYPE_CHECKING:
     from moetool.merge.api import MergeResult
@@ -176,11 +178,17 @@ def merge_cmd(
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the before/after evaluation.")] = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Bound on each output shard.")] = "5GB",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    allow_nonfinite: options.AllowNonfiniteOpt = False,
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
+    whole_model: options.WholeModelOpt = False,
+    threads: options.ThreadsOpt = 0,
     revision: options.RevisionOpt = None,
     token: options.TokenOpt = None,
     offline: options.OfflineOpt = False,
+    push_to_hub: options.PushToHubOpt = None,
+    private: options.PrivateOpt = False,
+    create_pr: options.CreatePrOpt = False,
     json_output: options.JsonOpt = False,
 ) -> None:
     """Reduce every MoE layer from N to M experts (--num-experts), or to one dense FFN (--to-dense).
@@ -192,6 +200,7 @@ def merge_cmd(
     from moetool.io.writer import check_output_path, parse_size
     from moetool.merge.api import _check_options, merge
     from moetool.modeling import check_device_map, check_device_name, check_dtype_name
+    from moetool.validate import preflight
 
     # Cheap checks first: a typo should not cost a model load or a dataset read.
     check_device_name(device)
@@ -212,6 +221,8 @@ def merge_cmd(
     )
     local = parse_model_ref(model, revision=revision).local_path
     check_output_path(out, [local] if local is not None else [], overwrite=overwrite)
+    preflight(model, revision=revision, token=token, offline=offline or None, float_weights=True)
+    hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline)
 
     def read(spec: str):
         return load_documents(
@@ -220,6 +231,7 @@ def merge_cmd(
 
     calibration = read(dataset) if dataset is not None else None
     eval_documents = read(eval_dataset) if eval_dataset is not None else None
+    threads_used = use_threads(threads, json_output=json_output)
     with _progress(progress_enabled(json_output)) as advance:
         result = merge(
             model,
@@ -246,20 +258,24 @@ def merge_cmd(
             eval_max_tokens=eval_max_tokens or None,
             device=device,
             dtype=dtype,
+            whole_model=whole_model,
             revision=revision,
             token=token,
             offline=offline or None,
             max_shard_size=shard_size,
             overwrite=overwrite,
+            allow_nonfinite=allow_nonfinite,
             command=["moetool", *sys.argv[1:]],
             progress=advance,
         )
+    pushed = push_output(hub, out, command="merge", json_output=json_output)
     for message in result.warnings:
         warn(message)
     if json_output:
-        print_json(result.to_json())
+        print_json(add_push({**result.to_json(), "threads": threads_used}, pushed))
         return
     render(result)
+    render_push(pushed)
 
 
 def _pct(value: float | None) -> str:

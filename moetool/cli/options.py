@@ -24,6 +24,14 @@ TokenOpt = Annotated[
     ),
 ]
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never touch the network (same as HF_HUB_OFFLINE=1).")]
+ThreadsOpt = Annotated[
+    int,
+    typer.Option(
+        "--threads",
+        min=0,
+        help="CPU threads for torch (0: OMP_NUM_THREADS if set, else as many as there are idle cores, at least 1).",
+    ),
+]
 
 # ----------------------------------------------------------------------------- datasets and running models
 # Shared by the commands that run a model on text (eval, profile-routing). Defaults are set where each
@@ -81,4 +89,48 @@ DeviceMapOpt = Annotated[
         "--device-map",
         help="none (the whole model on --device) or auto (accelerate spreads it over the GPUs, then CPU memory).",
     ),
+]
+WholeModelOpt = Annotated[
+    bool,
+    typer.Option(
+        "--whole-model",
+        help="Load the whole model at once instead of streaming it one decoder layer at a time (needs memory for "
+        "every weight; for comparison).",
+    ),
+]
+OffloadActivationsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--offload-activations",
+        help="Keep activations in CPU memory between layers (the GPU then holds one layer and one batch).",
+    ),
+]
+
+# ----------------------------------------------------------------------------- bad inputs
+# Shared by the commands that write a model (merge, quantize, upcycle, distill).
+
+AllowNonfiniteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-nonfinite",
+        help="Process an input whose weights hold NaN or Inf (refused by default), and publish an output "
+        "that holds them, with a warning.",
+    ),
+]
+
+# ----------------------------------------------------------------------------- publishing to the Hub
+# Shared by the commands that write a model (merge, quantize, upcycle, distill).
+
+PushToHubOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--push-to-hub",
+        help="After the output is written and verified, upload it to this Hub model repo (owner/name; created if "
+        "missing). Nothing is uploaded when a check fails.",
+        show_default=False,
+    ),
+]
+PrivateOpt = Annotated[bool, typer.Option("--private", help="--push-to-hub: create the repo private.")]
+CreatePrOpt = Annotated[
+    bool, typer.Option("--create-pr", help="--push-to-hub: open a pull request instead of committing to main.")
 ]

@@ -12,6 +12,8 @@ from moetool.cli import options
 from moetool.cli._errors import handle_errors
 from moetool.cli._output import human_bytes, print_json, stderr, stdout, warn
 from moetool.cli._progress import note_printer, progress_enabled
+from moetool.cli._push import add_push, push_output, push_target, render_push
+from moetool.cli._threads import use_threads
 
 if TYPE_CHECKING:
     from moetool.quantize import QuantizeResult
@@ -20,6 +22,8 @@ EXAMPLES = """
 Examples:
 
   moetool quantize ./my-moe -o ./my-moe-w4 --bits 4 --dataset calib.jsonl
+
+  moetool quantize ./my-moe -o ./my-moe-w4-ct --bits 4 --group-size 128 -d calib.jsonl --format compressed-tensors
 
   moetool quantize ./my-moe -o ./my-moe-w3 --bits 3 --group-size 64 -d calib.jsonl --calib-all-experts
 
@@ -95,6 +99,23 @@ def quantize_cmd(
             "codes fit (0: off, use --ternary-scale).",
         ),
     ] = 1.0,
+    output_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="auto (compressed-tensors, what vLLM/SGLang/transformers read, when the settings fit: 4 or 8 bits, "
+            "symmetric, groups of 32/64/128 or per row; else moetool's own), compressed-tensors or moetool.",
+        ),
+    ] = "auto",
+    symmetric: Annotated[
+        bool | None,
+        typer.Option(
+            "--sym/--asym",
+            help="Uniform codes symmetric around 0 (no zero point) or asymmetric (default: symmetric in "
+            "compressed-tensors, asymmetric in moetool's format).",
+            show_default=False,
+        ),
+    ] = None,
     quantize_attention: Annotated[
         bool, typer.Option("--quantize-attention", help="Quantize the attention projections too.")
     ] = False,
@@ -145,9 +166,16 @@ def quantize_cmd(
         ),
     ] = 0,
     device: options.DeviceOpt = "auto",
+    threads: options.ThreadsOpt = 0,
     dtype: Annotated[
-        str, typer.Option("--dtype", help="dtype the model is loaded in for calibration: auto (float32), bfloat16, ...")
+        str,
+        typer.Option(
+            "--dtype",
+            help="Compute dtype for calibration: auto (float32 on CPU, the checkpoint's on GPU), bfloat16, ...",
+        ),
     ] = "auto",
+    whole_model: options.WholeModelOpt = False,
+    offload_activations: options.OffloadActivationsOpt = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest weight file, e.g. 5GB.")] = "5GB",
     verify: Annotated[
         bool,
@@ -157,23 +185,36 @@ def quantize_cmd(
         ),
     ] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    allow_nonfinite: options.AllowNonfiniteOpt = False,
     show_all: Annotated[bool, typer.Option("--all", help="Show every expert in the coverage table.")] = False,
     revision: options.RevisionOpt = None,
     token: options.TokenOpt = None,
     offline: options.OfflineOpt = False,
+    push_to_hub: options.PushToHubOpt = None,
+    private: options.PrivateOpt = False,
+    create_pr: options.CreatePrOpt = False,
     json_output: options.JsonOpt = False,
 ) -> None:
     """Quantize every routed expert of an MoE checkpoint; router, norms, embeddings and lm_head stay as they are.
 
-    GPTQ calibrates each expert on the tokens the model routes to it (layer by layer, all experts of a layer in
-    one batched step); the output is checked (100% of routed-expert parameters quantized, codes decoded back,
-    reload with transformers) before it is published, and the bits per parameter are measured from the files.
+    The model is streamed: each decoder layer is read once, calibrated, quantized, written and freed before the
+    next, so memory holds one layer plus the calibration activations, whatever the model size. GPTQ calibrates each
+    expert on the tokens the model routes to it (all experts of a layer in one batched step); the output is checked
+    (100% of routed-expert parameters quantized, codes decoded back layer by layer, original vs quantized logits on a
+    probe window, reload with transformers for small models) before it is published, and the bits per parameter are
+    measured from the files. Settings servers can run are written in the compressed-tensors format (vLLM, SGLang,
+    transformers load it); the rest (2/3-bit, asymmetric, NF4, ternary) in moetool's own, which loads with
+    moetool.load_model.
     """
     from moetool.errors import UsageError
-    from moetool.quantize import CalibrationData, CoverageOptions, QuantizeOptions, quantize
+    from moetool.validate import preflight
 
     if ternary and bits is not None:
         raise UsageError("--bits and --ternary exclude each other", hint="ternary codes are -1/0/+1")
+    # Before torch is imported (below): a malformed input is refused in a fraction of a second.
+    preflight(model, revision=revision, token=token, offline=offline or None, float_weights=True)
+    from moetool.quantize import CalibrationData, CoverageOptions, QuantizeOptions, quantize
+
     opts = QuantizeOptions(
         bits=4 if bits is None and method != "nf4" else bits,
         ternary=ternary,
@@ -196,11 +237,16 @@ def quantize_cmd(
         device=device,
         dtype=dtype,
         max_shard_size=max_shard_size,
+        whole_model=whole_model,
+        offload_activations=offload_activations,
+        output_format=output_format,
+        symmetric=symmetric,
     )
     opts.format()  # option errors before anything is opened
     from moetool.io.writer import parse_size
 
     parse_size(max_shard_size)
+    hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline)
     calibration = None
     if dataset is not None:
         calibration = CalibrationData(
@@ -214,6 +260,7 @@ def quantize_cmd(
             batch_size=batch_size,
         )
     show = progress_enabled(json_output)
+    threads_used = use_threads(threads, json_output=json_output)
 
     status = note_printer(enabled=show)
 
@@ -228,6 +275,7 @@ def quantize_cmd(
         calibration=calibration,
         verify=verify,
         overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
         revision=revision,
         token=token,
         offline=offline or None,
@@ -235,12 +283,18 @@ def quantize_cmd(
         on_status=status,
         on_layer=layer_done,
     )
+    from moetool.runner.dist import current_ranks
+
+    if not current_ranks(device).is_main:
+        return  # the first process wrote, checked and reports the output
+    pushed = push_output(hub, out, command="quantize", json_output=json_output)
     if json_output:
-        print_json(result.to_json())
+        print_json(add_push({**result.to_json(), "threads": threads_used}, pushed))
         return
     for message in result.warnings:
         warn(message)
     render(result, show_all=show_all)
+    render_push(pushed)
 
 
 def _bits(value: float | None) -> str:
@@ -256,6 +310,7 @@ def render(result: QuantizeResult, *, show_all: bool = False) -> None:
         f"{', '.join(fmt.categories)}, on {result.device}[/dim]",
         highlight=False,
     )
+    console.print(f"format {fmt.storage}  [dim]{result.format_reason}[/dim]", highlight=False)
     table = Table(title="Bits per parameter (bytes on disk)", title_justify="left", show_edge=False)
     table.add_column("category")
     table.add_column("parameters", justify="right")
@@ -330,6 +385,6 @@ def render(result: QuantizeResult, *, show_all: bool = False) -> None:
             verdict = {True: "[green]ok[/green]", False: "[red]FAILED[/red]", None: "[yellow]skipped[/yellow]"}[
                 check.passed
             ]
-            console.print(f"  check {check.name:<8} {verdict}  [dim]{check.detail}[/dim]", highlight=False)
+            console.print(f"  check {check.name:<18} {verdict}  [dim]{check.detail}[/dim]", highlight=False)
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     console.print(f"[dim]{human_bytes(result.bytes_written)} written; {timings}[/dim]", highlight=False)

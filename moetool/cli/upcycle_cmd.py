@@ -16,6 +16,8 @@ from moetool.cli import options
 from moetool.cli._errors import handle_errors
 from moetool.cli._output import human_bytes, human_count, print_json, stderr, stdout, warn
 from moetool.cli._progress import note_printer, progress_enabled
+from moetool.cli._push import add_push, push_output, push_target, render_push
+from moetool.cli._threads import use_threads
 
 EXAMPLES = """
 Examples:
@@ -120,6 +122,7 @@ def upcycle_cmd(
         ),
     ] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    allow_nonfinite: options.AllowNonfiniteOpt = False,
     dataset: Annotated[
         str | None,
         typer.Option("--dataset", "-d", help="Text for --router-init kmeans (file, folder or Hub dataset id)."),
@@ -133,9 +136,13 @@ def upcycle_cmd(
     ] = 4096,
     seq_len: options.SeqLenOpt = 256,
     device: options.DeviceOpt = "auto",
+    threads: options.ThreadsOpt = 0,
     revision: options.RevisionOpt = None,
     token: options.TokenOpt = None,
     offline: options.OfflineOpt = False,
+    push_to_hub: options.PushToHubOpt = None,
+    private: options.PrivateOpt = False,
+    create_pr: options.CreatePrOpt = False,
     json_output: options.JsonOpt = False,
 ) -> None:
     """Upcycle a dense Llama, Mistral, Qwen2 or Qwen3 model into a Mixture-of-Experts model.
@@ -145,7 +152,9 @@ def upcycle_cmd(
     memory holds about one layer, whatever the model size.
     """
     from moetool.upcycle import KMeansData, UpcycleOptions, upcycle
+    from moetool.validate import preflight
 
+    preflight(model, revision=revision, token=token, offline=offline or None, float_weights=True)
     opts = UpcycleOptions(
         num_experts=num_experts,
         top_k=top_k,
@@ -160,6 +169,7 @@ def upcycle_cmd(
         dtype=dtype,
         max_shard_size=max_shard_size,
     )
+    hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline, dry_run=dry_run)
     kmeans = None
     if dataset is not None:
         kmeans = KMeansData(
@@ -173,6 +183,8 @@ def upcycle_cmd(
             device=device,
         )
     show = progress_enabled(json_output)
+    # A dry run only plans (no torch): no threads to set.
+    threads_used = None if dry_run else use_threads(threads, json_output=json_output)
 
     status = note_printer(enabled=show)
 
@@ -184,6 +196,7 @@ def upcycle_cmd(
             dry_run=dry_run,
             verify=verify,
             overwrite=overwrite,
+            allow_nonfinite=allow_nonfinite,
             kmeans_data=kmeans,
             revision=revision,
             token=token,
@@ -193,12 +206,14 @@ def upcycle_cmd(
             on_bytes=advance,
             on_status=status,
         )
+    pushed = push_output(hub, out, command="upcycle", json_output=json_output)
     if json_output:
-        print_json(result.to_json())
+        print_json(add_push({**result.to_json(), "threads": threads_used}, pushed))
         return
     for message in result.plan.warnings:
         warn(message)
     render(result)
+    render_push(pushed)
 
 
 def render(result) -> None:

@@ -32,6 +32,8 @@ from moetool.arch.registry import family_for_config
 from moetool.arch.spec import CATEGORIES, FamilySpec
 from moetool.count.classify import TensorClassifier
 from moetool.count.quant import QuantScheme, logical_tensor
+from moetool.io.nonfinite import NonfiniteCount
+from moetool.validate import Finding, as_error, validate_checkpoint, validate_config
 
 SCHEMA_VERSION = 1
 
@@ -108,6 +110,10 @@ class ParamReport:
     dtype_bytes: dict[str, int] = field(default_factory=dict)
     storage_only_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
+    #: what :mod:`moetool.validate` found wrong (config types, shapes, missing tensors, top-k).
+    findings: list[Finding] = field(default_factory=list)
+    #: tensors holding NaN/Inf, when values were scanned (``inspect --scan-nonfinite``).
+    nonfinite: list[NonfiniteCount] | None = None
 
     @property
     def total_params(self) -> int:
@@ -166,6 +172,8 @@ class ParamReport:
                 "quantization_storage_bytes": self.storage_only_bytes,
             },
             "warnings": list(self.warnings),
+            "findings": [f.to_json() for f in self.findings],
+            "nonfinite": None if self.nonfinite is None else [hit.to_json() for hit in self.nonfinite],
         }
         if per_layer:
             doc["layers"] = [layer.to_dict() for layer in self.layers]
@@ -313,12 +321,23 @@ def count_from_config(config: Mapping[str, Any], *, name: str = "") -> ParamRepo
 
     Raises:
         UnsupportedArchitectureError: the family is not in the registry.
-        ConfigError: a needed field is missing or malformed.
+        ConfigError: a needed field is missing or malformed (or so implausible that counting would not end).
     """
+    findings = _refuse_fatal(validate_config(config), name)
     spec = family_for_config(config)
     dims = resolve_dims(spec, config)
     entries = (_Entry(t.name, _numel(t.shape)) for t in planned_tensors(spec, dims))
-    return _report(name=name, config=config, spec=spec, dims=dims, entries=entries, source="config", warnings=[])
+    report = _report(name=name, config=config, spec=spec, dims=dims, entries=entries, source="config", warnings=[])
+    report.findings = findings
+    return report
+
+
+def _refuse_fatal(findings: list[Finding], name: str) -> list[Finding]:
+    """Raise the findings that make counting impossible; return the others (inspect shows them)."""
+    error = as_error([f for f in findings if f.level == "fatal"], name)
+    if error is not None:
+        raise error
+    return findings
 
 
 def count_from_checkpoint(checkpoint: Any) -> ParamReport:
@@ -335,6 +354,7 @@ def count_from_checkpoint(checkpoint: Any) -> ParamReport:
         report.revision = checkpoint.revision
         report.warnings[:0] = list(checkpoint.warnings)
         return report
+    findings = _refuse_fatal(validate_checkpoint(checkpoint), checkpoint.name)
     spec = family_for_config(config)
     dims = resolve_dims(spec, config)
     scheme = QuantScheme.from_config(config)
@@ -369,6 +389,7 @@ def count_from_checkpoint(checkpoint: Any) -> ParamReport:
     report.revision = checkpoint.revision
     report.dtype_bytes = dict(dtype_bytes)
     report.storage_only_bytes = storage_only
+    report.findings = findings
     return report
 
 

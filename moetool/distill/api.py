@@ -19,7 +19,6 @@ The flow, one function (:func:`distill`):
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -34,6 +33,7 @@ from moetool.distill.options import DistillOptions
 from moetool.distill.report import SCHEMA_VERSION, DistillResult, Perplexities
 from moetool.distill.train import DistillInterrupted, Progress, device_name
 from moetool.errors import OutputError, UnsupportedArchitectureError, UsageError
+from moetool.threads import choose_threads, thread_count
 
 if TYPE_CHECKING:
     from moetool.data import Document
@@ -131,39 +131,6 @@ def _check_resume(saved: dict[str, Any], wanted: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- runtime helpers
 
 
-@contextlib.contextmanager
-def _threads(count: int | None) -> Iterator[None]:
-    """Run with ``count`` torch CPU threads, restoring the previous number after."""
-    import torch
-
-    if not count:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def auto_threads() -> int:
-    """CPU threads for a run: as many as there are idle cores, at least 1.
-
-    On a machine whose cores are shared with other work, OpenMP threads that wait for each other at every
-    operation stall: two threads on two busy cores trained 5-10x slower than one on this project's machine.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        return cores
-    return max(1, min(cores, int(cores - busy + 0.5)))
-
-
 def _accelerator(device: str, dtype: str) -> Any:
     """The run's Accelerator: ``mixed_precision`` from ``--dtype``, CPU when asked or when there is no GPU.
 
@@ -208,6 +175,12 @@ def _accelerator(device: str, dtype: str) -> Any:
             code="DISTRIBUTED_UNSUPPORTED",
         )
     return accelerator
+
+
+def _holds_no_weights(model: Any) -> bool:
+    from moetool.runner.stream import StreamedModel
+
+    return isinstance(model, StreamedModel)
 
 
 def _teacher_windows(
@@ -257,6 +230,7 @@ def distill(
     offline: bool | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
     command: str | Sequence[str] | None = None,
     progress: Progress | None = None,
 ) -> DistillResult:
@@ -280,6 +254,7 @@ def distill(
         revision / token / offline: Hub access for ``teacher``.
         max_shard_size: bound on each output shard.
         overwrite: replace an existing output folder (still staged and swapped).
+        allow_nonfinite: take a teacher holding NaN/Inf (refused otherwise) and publish such a student.
         command: the command line, for the model card and the resume hint.
         progress: see :data:`moetool.distill.train.Progress`.
 
@@ -299,10 +274,12 @@ def distill(
     options.check()
     started = time.perf_counter()
     from moetool.modeling import open_checkpoint
+    from moetool.validate import check_input
 
     out_path = Path(os.path.abspath(out))
     ckpt_dir = Path(os.path.abspath(checkpoint_dir)) if checkpoint_dir is not None else default_checkpoint_dir(out)
     checkpoint = open_checkpoint(teacher, revision=revision, token=token, offline=offline)
+    check_input(checkpoint, float_weights=True, allow_nonfinite=allow_nonfinite)
     spec = check_teacher(checkpoint, teacher)
     inputs = [checkpoint.root] if checkpoint.root is not None else []
     if options.init_is_path and Path(options.init).exists():
@@ -320,12 +297,12 @@ def distill(
     accelerator = _accelerator(device, options.dtype)
     threads = None
     if accelerator.device.type == "cpu" and accelerator.num_processes == 1:
-        threads = options.threads or auto_threads()
+        threads = choose_threads(options.threads).threads
     from moetool.distill.checkpoint import latest_checkpoint
 
     created = not ckpt_dir.exists()
     try:
-        with _threads(threads):
+        with thread_count(threads):
             return _run(
                 teacher=teacher,
                 checkpoint=checkpoint,
@@ -347,6 +324,7 @@ def distill(
                 offline=offline,
                 shard_size=shard_size,
                 overwrite=overwrite,
+                allow_nonfinite=allow_nonfinite,
                 command=command,
                 progress=progress,
                 started=started,
@@ -391,6 +369,7 @@ def _run(
     offline: bool | None,
     shard_size: int,
     overwrite: bool,
+    allow_nonfinite: bool,
     command: str | Sequence[str] | None,
     progress: Progress | None,
     started: float,
@@ -515,8 +494,15 @@ def _run(
     live = options.alpha > 0 and not need_cache
     if live or needs_teacher_eval or (need_cache and cache is None):
         t0 = time.perf_counter()
-        teacher_model = load_weights(checkpoint, device=device_name(device), dtype=teacher_dtype)
-        teacher_model.requires_grad_(False)
+        if live or options.whole_model:
+            # Beside the student, the teacher runs every training step: it must be in memory.
+            teacher_model = load_weights(checkpoint, device=device_name(device), dtype=teacher_dtype)
+            teacher_model.requires_grad_(False)
+        else:
+            # Its evaluations and the top-k cache are passes over fixed windows: one layer at a time.
+            from moetool.runner.stream import StreamedModel, StreamOptions
+
+            teacher_model = StreamedModel(checkpoint, StreamOptions(device=device_name(device), dtype=teacher_dtype))
         timings["teacher_load_s"] = time.perf_counter() - t0
 
     # ---- measurements before training (main process)
@@ -541,9 +527,10 @@ def _run(
     state.measurements = state.measurements or {}
 
     # ---- optimizer, Accelerator, checkpoint
-    optimizer = torch.optim.AdamW(
-        param_groups(student, options.weight_decay), lr=options.lr, betas=(0.9, 0.95), eps=1e-8
-    )
+    from moetool.distill.optim import make_optimizer
+
+    groups = param_groups(student, options.weight_decay)
+    optimizer = make_optimizer(options.optimizer, groups, options.lr, accelerator.device)
     model, optimizer = accelerator.prepare(student, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     if existing is not None:
@@ -563,7 +550,6 @@ def _run(
     # ---- teacher cache
     if need_cache and cache is None:
         from moetool.distill import teacher_cache as tc
-        from moetool.distill.train import forward_logits
 
         assert cache_expected is not None and teacher_model is not None
         t0 = time.perf_counter()
@@ -577,17 +563,12 @@ def _run(
             if progress is not None:
                 progress("caching teacher", tokens, None, None)
 
-        def teacher_forward(model_: Any, ids: Any) -> Any:
-            with accelerator.autocast():
-                return forward_logits(model_, ids.to(device))
-
         try:
             tc.fill_cache(
                 cache,
                 teacher_model,
                 _teacher_windows(data, options, processes, rank, state.windows_consumed),
                 temperature=options.temperature,
-                forward=teacher_forward,
                 on_batch=on_batch,
             )
         except KeyboardInterrupt:
@@ -600,8 +581,9 @@ def _run(
             cache.mark_complete()
         barrier()
         timings["teacher_cache_s"] = time.perf_counter() - t0
-    if cache is not None and not live:
-        # Training reads the cache: the teacher can go (the point of caching).
+    if cache is not None and not live and not _holds_no_weights(teacher_model):
+        # Training reads the cache: the teacher can go (the point of caching). A streamed teacher holds no
+        # weights between passes and stays, for the final comparison.
         teacher_model = None
         gc.collect()
         if torch.cuda.is_available():
@@ -673,6 +655,7 @@ def _run(
                 teacher_model=teacher_model,
                 inputs=inputs,
                 overwrite=overwrite,
+                allow_nonfinite=allow_nonfinite,
                 shard_size=shard_size,
                 command=command or f"moetool distill {teacher} -o {out_path}",
                 progress=progress,

@@ -47,6 +47,7 @@ class DistillOptions:
         schedule: decay after warmup: ``cosine``, ``linear`` or ``constant``.
         min_lr_ratio: the learning rate at the end of the decay, as a fraction of ``lr``.
         weight_decay: AdamW weight decay on matrices (not on norms, biases or embeddings).
+        optimizer: ``adamw``, or ``adamw8bit`` (bitsandbytes' 8-bit AdamW, CUDA only).
         max_grad_norm: gradient clipping (0: off).
         batch_size: windows per micro-batch, per process.
         grad_accum: micro-batches per optimizer step.
@@ -66,7 +67,10 @@ class DistillOptions:
         save_every: steps between checkpoints (a checkpoint is also written at step 0 and on Ctrl-C).
         log_every: steps between loss-curve entries.
         max_train_tokens: read at most this many tokens of training data (None: all).
-        threads: CPU threads for torch (0: as many as there are idle cores, at least 1).
+        threads: CPU threads for torch (0: OMP_NUM_THREADS if set, else the idle cores; see moetool.threads).
+        whole_model: load the teacher whole for its evaluations and the top-k cache instead of running it
+            one decoder layer at a time (a teacher running beside the student, ``cache_topk`` 0, is always
+            loaded whole).
     """
 
     init: str = DEFAULT_INIT
@@ -77,6 +81,7 @@ class DistillOptions:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
+    optimizer: str = "adamw"
     max_grad_norm: float = 1.0
     batch_size: int = DEFAULT_BATCH_SIZE
     grad_accum: int = 1
@@ -93,6 +98,7 @@ class DistillOptions:
     log_every: int = 10
     max_train_tokens: int | None = None
     threads: int = 0
+    whole_model: bool = False
 
     @property
     def init_from_teacher(self) -> bool:
@@ -142,6 +148,8 @@ class DistillOptions:
             raise bad(f"--min-lr-ratio must be between 0 and 1, not {self.min_lr_ratio}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise bad(f"--weight-decay must be 0 or more, not {self.weight_decay}")
+        if self.optimizer not in ("adamw", "adamw8bit"):
+            raise bad(f"unknown --optimizer {self.optimizer!r}", hint="use adamw or adamw8bit")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise bad(f"--max-grad-norm must be 0 (off) or more, not {self.max_grad_norm}")
         for name, value, low in (

@@ -242,8 +242,9 @@ def evaluate_on(
         if progress is not None:
             progress(stage, tokens, options.eval_max_tokens, None)
 
-    was_training = model.training
-    model.eval()
+    was_training = bool(getattr(model, "training", False))  # a streamed runner has no train mode
+    if was_training:
+        model.eval()
     try:
         return evaluate(
             model,
@@ -273,6 +274,7 @@ def publish(
     shard_size: int,
     command: str | Sequence[str],
     progress: Progress | None,
+    allow_nonfinite: bool = False,
 ) -> None:
     """Write the student through a staging folder, measure it as loaded back, write the card, publish."""
     import torch
@@ -282,7 +284,9 @@ def publish(
     from moetool.modeling import load_weights, open_checkpoint, quiet_transformers
 
     dtype_name = out_dtype(checkpoint)
-    with staged_output(Path(result.output), inputs=inputs, overwrite=overwrite) as staging:
+    with staged_output(
+        Path(result.output), inputs=inputs, overwrite=overwrite, allow_nonfinite=allow_nonfinite
+    ) as staging:
         state_dict = {k: v.detach().to(getattr(torch, dtype_name)) for k, v in unwrapped.state_dict().items()}
         with quiet_transformers():
             unwrapped.save_pretrained(staging, state_dict=state_dict, max_shard_size=shard_size)

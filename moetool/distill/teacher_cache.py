@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,15 +158,34 @@ def fill_cache(
     batches: Iterable[tuple[list[int], torch.Tensor]],
     *,
     temperature: float,
-    forward: Callable[[Any, torch.Tensor], torch.Tensor],
     on_batch: Callable[[int], None] | None = None,
 ) -> None:
-    """Run the teacher over ``(window_ids, input_ids)`` batches and store their top-k."""
+    """Run the teacher over ``(window_ids, input_ids)`` batches and store their top-k.
+
+    Args:
+        cache: the open cache.
+        teacher: a runner (:class:`moetool.runner.StreamedModel`, one layer at a time over all the windows;
+            :class:`moetool.runner.WholeModel`) or a transformers model.
+        batches: window ids and their full-length token ids.
+        temperature: the KD temperature the log-probabilities are taken at.
+        on_batch: called with each batch's token count once its top-k is stored.
+    """
     import torch
 
+    from moetool.data import Batch
+    from moetool.runner.stream import StreamedModel, WholeModel
+
+    runner = teacher if isinstance(teacher, (StreamedModel, WholeModel)) else WholeModel(teacher)
+    window_ids: dict[int, list[int]] = {}
+
+    def as_batches() -> Iterator[Batch]:
+        for index, (ids, input_ids) in enumerate(batches):
+            window_ids[index] = list(ids)
+            yield Batch(input_ids, torch.ones_like(input_ids), [None] * len(ids))
+
     with torch.no_grad():
-        for ids, input_ids in batches:
-            cache.write(ids, forward(teacher, input_ids), temperature)
+        for index, batch, logits in runner.logits_batches(as_batches()):
+            cache.write(window_ids.pop(index), logits, temperature)
             if on_batch is not None:
-                on_batch(int(input_ids.numel()))
+                on_batch(int(batch.input_ids.numel()))
     cache.flush()

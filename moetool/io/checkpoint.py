@@ -9,6 +9,7 @@ import torch and safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -507,6 +508,40 @@ class Checkpoint:
         for shard, shard_names in by_shard.items():
             if shard_names:
                 yield from self._read_shard(shard, shard_names)
+
+    @contextlib.contextmanager
+    def open_slices(self, names: Iterable[str]) -> Iterator[dict[str, Any]]:
+        """Lazy handles on some tensors: ``{name: slice}``, read when indexed (``slice[...]``).
+
+        The shards holding them stay open while the context lasts; nothing is read until a slice is
+        indexed, and then with ``pread`` into memory of the tensor's own (not through a memory map,
+        whose pages would stay resident beside the copy). This is how the layer-streamed runner reads
+        one layer at a time.
+
+        Raises:
+            CheckpointError: as :meth:`read_tensor`.
+        """
+        from safetensors import SafetensorError, safe_open  # lazy: keeps torch out of inspect
+
+        wanted = list(dict.fromkeys(names))
+        by_shard: dict[str, list[str]] = {}
+        for tname in wanted:
+            by_shard.setdefault(self._info(tname).file, []).append(tname)
+        with contextlib.ExitStack() as stack:
+            slices: dict[str, Any] = {}
+            for shard, shard_names in by_shard.items():
+                try:
+                    path = str(self._shard_path(shard))
+                    handle = stack.enter_context(safe_open(path, framework="pt", device="cpu", backend="pread"))
+                    for tname in shard_names:
+                        slices[tname] = handle.get_slice(tname)
+                except (SafetensorError, OSError, TypeError, ValueError) as exc:
+                    raise CheckpointError(
+                        f"cannot read tensors from {shard} in {self.name}: {exc}",
+                        hint="the file may have changed since it was opened; " + HINT_REDOWNLOAD,
+                        code="SHARD_UNREADABLE",
+                    ) from exc
+            yield slices
 
     def _read_shard(self, shard: str, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         path = self._shard_path(shard)

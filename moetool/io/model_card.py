@@ -1,9 +1,26 @@
 """The README.md model card written beside every model moetool produces.
 
-The card records lineage in the Hub's metadata fields (``base_model``, ``base_model_relation``) so the
-Hub links the new model to its sources, and says in plain words what moetool did: the exact command,
-its options, the moetool version and the source revision. Secrets passed on the command line (``--token``
-values, ``hf_...`` tokens) are masked, since cards are meant to be uploaded.
+The card is built with ``huggingface_hub``'s :class:`~huggingface_hub.ModelCard` and
+:class:`~huggingface_hub.ModelCardData`, so its YAML metadata is what the Hub reads:
+
+* ``base_model`` holds the Hub repo ids the model came from; a local folder is not a Hub id, so a
+  model made from one gets no ``base_model`` (the body says which folder it came from). A folder
+  inside the Hugging Face cache (``models--org--name/snapshots/<sha>``) is named by its repo id.
+* ``base_model_relation`` is one of the Hub's four relations: ``quantized``, ``merge``, ``finetune``
+  (distillation and upcycling: new weights derived from the source) or ``adapter``.
+* ``library_name: transformers``, ``pipeline_tag: text-generation`` and ``tags`` (``moe``, ``moetool``,
+  what was done).
+
+The body says in plain words what moetool did: the exact command, its options, the source revision
+and the versions of moetool, Python, torch, transformers, safetensors and huggingface_hub. Secrets
+passed on the command line (``--token`` values, ``hf_...`` tokens) are masked, since cards are meant
+to be uploaded.
+
+Every card is checked before it is written (:func:`validate_model_card`). ``ModelCard.validate`` sends
+the card to the Hub (``/api/validate-yaml``), which moetool must not need, so the check runs locally:
+the card must parse back through ``ModelCard`` into the same metadata, and each field the Hub
+validates must have the type and values the Hub accepts. ``validate_model_card(..., online=True)`` also
+asks the Hub.
 """
 
 from __future__ import annotations
@@ -16,39 +33,96 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HUB_RELATIONS", "README_NAME", "render_model_card", "write_model_card"]
+from moetool.errors import MoetoolError
+
+__all__ = [
+    "HUB_RELATIONS",
+    "README_NAME",
+    "CardError",
+    "hub_id_of",
+    "hub_relation",
+    "render_model_card",
+    "validate_model_card",
+    "write_model_card",
+]
 
 README_NAME = "README.md"
-# The values the Hub accepts for base_model_relation; anything else ("upcycle", "prune") is omitted
-# and the Hub infers the relation itself.
+# The values the Hub accepts for base_model_relation.
 HUB_RELATIONS = frozenset({"adapter", "merge", "quantized", "finetune"})
+# What each moetool operation is, in the Hub's terms. Distillation and upcycling make new weights
+# from the source's (trained, or copied for further training): the Hub calls such a derivative a
+# fine-tune, and would infer "finetune" itself if the relation were left out.
+_RELATION_OF = {
+    "adapter": "adapter",
+    "merge": "merge",
+    "quantized": "quantized",
+    "quantize": "quantized",
+    "finetune": "finetune",
+    "distillation": "finetune",
+    "distill": "finetune",
+    "upcycle": "finetune",
+}
 
 _MASK = "***"
 _HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{16,}")
 # "token" but not "tokens": --max-tokens and --calibration-tokens are counts, not secrets.
 _SECRET_KEY_RE = re.compile(r"token(?!s\b)|password|secret|api[_-]?key", re.IGNORECASE)
-# Characters that YAML forbids in a stream, or reads as line breaks inside a quoted scalar even
-# though JSON leaves them raw (NEL, LS, PS); they are written as \u escapes instead.
-_YAML_UNSAFE_RE = re.compile("[\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff\ud800-\udfff]")
-# A Hub repo id: "name" or "owner/name". Local paths (absolute, relative with ./, ~, or deeper) are
-# not valid base_model values and would make the Hub reject the card's metadata.
+# Characters YAML forbids in a stream or reads as line breaks (NEL, LS, PS); in metadata values
+# they would not survive a round trip, so they become spaces.
+_YAML_UNSAFE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff\ud800-\udfff]")
+# A Hub repo id: "name" or "owner/name".
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?$")
+# A folder of the Hugging Face cache: .../models--<owner>--<name>/snapshots/<revision>
+_CACHE_SNAPSHOT_RE = re.compile(r"^models--(?P<repo>.+)$")
 
 
-def _yaml_str(value: str) -> str:
-    """A YAML double-quoted scalar: JSON string syntax, plus escapes for what YAML treats specially."""
-    text = json.dumps(value, ensure_ascii=False)
-    return _YAML_UNSAFE_RE.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text)
+class CardError(MoetoolError):
+    """A model card whose metadata the Hub would reject (a bug in moetool when it wrote the card)."""
+
+    default_code = "CARD_INVALID"
 
 
 def _is_repo_id(value: str) -> bool:
-    return bool(_REPO_ID_RE.match(value)) and ".." not in value and not value.endswith((".", "-"))
+    if not (_REPO_ID_RE.match(value) and ".." not in value and not value.endswith((".", "-"))):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return len(value) <= 96
 
 
-_SECRET_OPTION_RE = re.compile(
-    r"(--[\w-]*(?:token(?!s\b)|password|secret|api[_-]?key)[\w-]*)(=|\s+)(\"[^\"]*\"|'[^']*'|\S+)",
-    re.IGNORECASE,
-)
+def hub_id_of(model: str | os.PathLike[str]) -> str | None:
+    """The Hub repo id a model reference names, or ``None`` for a local folder.
+
+    moetool resolves ``MODEL`` as a local path when one exists and as a repo id otherwise; this
+    follows the same rule. A Hugging Face cache snapshot folder is named by the repo it caches.
+
+    Args:
+        model: what the user passed as ``MODEL`` (a path or a repo id).
+
+    Returns:
+        ``"owner/name"`` (or ``"name"``), or ``None`` when ``model`` is a local folder outside the cache.
+    """
+    text = os.fspath(model)
+    path = Path(text).expanduser()
+    if path.exists():
+        resolved = path.resolve()
+        # <cache>/models--owner--name/snapshots/<sha>
+        if resolved.parent.name == "snapshots":
+            match = _CACHE_SNAPSHOT_RE.match(resolved.parent.parent.name)
+            if match:
+                repo = match.group("repo").replace("--", "/", 1)
+                return repo if _is_repo_id(repo) else None
+        return None
+    return text if _is_repo_id(text) else None
+
+
+def hub_relation(relation: str) -> str | None:
+    """The Hub's ``base_model_relation`` for a moetool operation (``None`` when none fits)."""
+    return _RELATION_OF.get(relation.strip().lower())
 
 
 def _redact_command(command: str | Sequence[str]) -> str:
@@ -75,6 +149,12 @@ def _redact_command(command: str | Sequence[str]) -> str:
     return shlex.join(masked)
 
 
+_SECRET_OPTION_RE = re.compile(
+    r"(--[\w-]*(?:token(?!s\b)|password|secret|api[_-]?key)[\w-]*)(=|\s+)(\"[^\"]*\"|'[^']*'|\S+)",
+    re.IGNORECASE,
+)
+
+
 def _format_value(value: Any) -> str:
     if value is None:
         return "—"
@@ -90,7 +170,7 @@ def _format_value(value: Any) -> str:
 
 
 def _cell(value: Any) -> str:
-    """One Markdown table cell: no raw pipes, newlines or HTML."""
+    """One Markdown table cell (or list item): no raw pipes, newlines or HTML."""
     text = _format_value(value)
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     text = text.replace("\\", "\\\\").replace("|", "\\|")
@@ -113,6 +193,42 @@ def _fence(text: str) -> str:
     return "`" * max(3, longest + 1)
 
 
+def _meta_str(value: str) -> str:
+    return _YAML_UNSAFE_RE.sub(" ", value).strip()
+
+
+def _card_data(hub_ids: Sequence[str], relation: str | None, tags: Sequence[str]) -> Any:
+    from huggingface_hub import ModelCardData
+
+    all_tags: list[str] = []
+    for tag in ("moe", "moetool", *tags):
+        cleaned = _meta_str(str(tag)) if tag else ""
+        if cleaned and cleaned not in all_tags:
+            all_tags.append(cleaned)
+    fields: dict[str, Any] = {}
+    if hub_ids:
+        fields["base_model"] = hub_ids[0] if len(hub_ids) == 1 else list(hub_ids)
+        if relation is not None:
+            fields["base_model_relation"] = relation
+    return ModelCardData(
+        **fields,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=all_tags,
+    )
+
+
+def _source_line(model: str, hub_id: str | None, revision: str | None) -> str:
+    if hub_id is None:
+        return f"- {_cell(model)}: a local folder (not on the Hub, so no `base_model` in the metadata)"
+    where = f"[{hub_id}](https://huggingface.co/{hub_id})"
+    if hub_id != model:
+        where += f", read from the local cache folder {_cell(model)}"
+    if revision:
+        where += f" at revision {_cell(revision)}"
+    return f"- {where}"
+
+
 def render_model_card(
     *,
     base_models: Sequence[str],
@@ -127,10 +243,12 @@ def render_model_card(
     """Render the README.md text for a model moetool wrote.
 
     Args:
-        base_models: the source models (Hub ids or local paths). Hub ids go into the ``base_model``
-            metadata (a list when there are several); all of them are listed in the body.
-        relation: what moetool did (``merge``, ``quantized``, ``finetune``, ``adapter``, ``upcycle``,
-            ...). Only the Hub's own relation names are written as ``base_model_relation``.
+        base_models: the source models as the user named them (Hub ids or local paths). Hub ids (and
+            cache folders, by their repo id) go into the ``base_model`` metadata, a list when there
+            are several; all of them are listed in the body.
+        relation: what moetool did (``merge``, ``quantized``, ``distillation``, ``upcycle``, ...); it is
+            written as the Hub's ``base_model_relation`` (see :func:`hub_relation`) when there is a
+            ``base_model``.
         command: the exact command line, as one string or as ``sys.argv``-style words.
         options: the effective options, shown as a table (secret-looking keys are masked).
         revision: the source's resolved revision (a full commit sha when it came from the Hub).
@@ -141,34 +259,23 @@ def render_model_card(
     Returns:
         The card: YAML front matter between ``---`` lines, then Markdown.
     """
-    from moetool import __version__
+    from huggingface_hub import ModelCard
 
-    hub_ids = [m for m in base_models if _is_repo_id(m)]
-    all_tags: list[str] = []
-    for tag in ("moe", "moetool", *tags):
-        if tag and tag not in all_tags:
-            all_tags.append(tag)
+    from moetool.versions import versions
 
-    front: list[str] = ["---"]
-    if len(hub_ids) == 1:
-        front.append(f"base_model: {_yaml_str(hub_ids[0])}")
-    elif hub_ids:
-        front.append("base_model:")
-        front.extend(f"- {_yaml_str(m)}" for m in hub_ids)
-    if hub_ids and relation in HUB_RELATIONS:
-        front.append(f"base_model_relation: {_yaml_str(relation)}")
-    front.append(f"library_name: {_yaml_str('transformers')}")
-    front.append(f"pipeline_tag: {_yaml_str('text-generation')}")
-    front.append("tags:")
-    front.extend(f"- {_yaml_str(t)}" for t in all_tags)
-    front.append("---")
+    sources = [(m, hub_id_of(m)) for m in base_models]
+    hub_ids: list[str] = []
+    for _model, hub_id in sources:
+        if hub_id is not None and hub_id not in hub_ids:
+            hub_ids.append(hub_id)
+    data = _card_data(hub_ids, hub_relation(relation), tags)
 
-    sources = ", ".join(base_models) or "an unnamed source"
     body: list[str] = ["", "# Model made with moetool", ""]
-    body.append(summary.strip() or f"This model was produced by moetool ({relation}) from {sources}.")
+    named = ", ".join(m for m, _ in sources) or "an unnamed source"
+    body.append(summary.strip() or f"This model was produced by moetool ({relation}) from {named}.")
     body += ["", "## Source models", ""]
-    body.extend(f"- {_cell(m)}" for m in base_models)
-    if not base_models:
+    body.extend(_source_line(m, hub_id, revision) for m, hub_id in sources)
+    if not sources:
         body.append("- (none recorded)")
 
     command_line = _redact_command(command)
@@ -180,14 +287,82 @@ def render_model_card(
         body += ["", "## Results", ""]
         body += _table(("metric", "value"), results)
     body += ["", "## Provenance", ""]
-    body.append(f"- moetool version: {__version__}")
-    body.append(f"- relation: {_cell(relation)}")
+    body.append(f"- operation: {_cell(relation)}")
     body.append(f"- source revision: {_cell(revision) if revision else 'not recorded'}")
-    return "\n".join(front + body) + "\n"
+    for package, version in versions().items():
+        body.append(f"- {package}: {_cell(version) if version else 'not installed'}")
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body) + "\n")
+    return str(card)
+
+
+def _problems(text: str) -> list[str]:
+    """What the Hub would reject in a card's metadata (empty when none), checked offline."""
+    from huggingface_hub import ModelCard
+
+    try:
+        card = ModelCard(text)
+    except Exception as exc:  # ModelCard raises ValueError/yaml errors on a malformed front matter
+        return [f"the metadata does not parse: {exc}"]
+    if not text.startswith("---\n"):
+        return ["the card has no YAML metadata block"]
+    meta = card.data.to_dict()
+    problems: list[str] = []
+    base = meta.get("base_model")
+    bases = base if isinstance(base, list) else [base] if base is not None else []
+    if base is not None and (not bases or not all(isinstance(b, str) for b in bases)):
+        problems.append("base_model must be a repo id or a list of repo ids")
+    problems += [f"base_model {b!r} is not a Hub repo id" for b in bases if isinstance(b, str) and not _is_repo_id(b)]
+    relation = meta.get("base_model_relation")
+    if relation is not None:
+        if relation not in HUB_RELATIONS:
+            problems.append(f"base_model_relation {relation!r} is not one of {', '.join(sorted(HUB_RELATIONS))}")
+        if not bases:
+            problems.append("base_model_relation is set without a base_model")
+    for key in ("library_name", "pipeline_tag", "license"):
+        if key in meta and not isinstance(meta[key], str):
+            problems.append(f"{key} must be a string")
+    tags = meta.get("tags")
+    if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) and t for t in tags)):
+        problems.append("tags must be a list of non-empty strings")
+    # What was written must read back as the same metadata (no YAML surprises).
+    if ModelCard(str(card)).data.to_dict() != meta:
+        problems.append("the metadata does not survive a round trip through ModelCard")
+    return problems
+
+
+def validate_model_card(card: str | os.PathLike[str], *, online: bool = False) -> None:
+    """Check a model card's metadata the way the Hub would, without the network by default.
+
+    Offline, the card must parse through ``huggingface_hub.ModelCard`` and read back unchanged,
+    ``base_model`` must be Hub repo ids, ``base_model_relation`` one of the Hub's four values (and only
+    beside a ``base_model``), and ``library_name``, ``pipeline_tag``, ``license`` and ``tags`` must have
+    the Hub's types. ``online=True`` then calls ``ModelCard.validate``, which posts the card to the Hub.
+
+    Args:
+        card: the card's text, or the path of a README.md.
+        online: also ask the Hub (needs the network).
+
+    Raises:
+        CardError: with every problem found, in one message.
+    """
+    text = Path(card).read_text(encoding="utf-8") if isinstance(card, os.PathLike) else card
+    problems = _problems(text)
+    if not problems and online:
+        from huggingface_hub import ModelCard
+
+        try:
+            ModelCard(text).validate()
+        except ValueError as exc:
+            problems.append(f"the Hub rejected it: {exc}")
+    if problems:
+        raise CardError(
+            "invalid model card: " + "; ".join(problems),
+            hint="this is a bug in moetool; report it with the card",
+        )
 
 
 def write_model_card(folder: Path, **kwargs: Any) -> Path:
-    """Render a model card and write it as ``folder/README.md``.
+    """Render a model card, check it (:func:`validate_model_card`) and write it as ``folder/README.md``.
 
     Args:
         folder: the (staging) output folder.
@@ -195,9 +370,14 @@ def write_model_card(folder: Path, **kwargs: Any) -> Path:
 
     Returns:
         The path written.
+
+    Raises:
+        CardError: the rendered card would be rejected by the Hub (nothing is written).
     """
     from moetool.io.writer import write_text
 
+    text = render_model_card(**kwargs)
+    validate_model_card(text)
     path = Path(folder) / README_NAME
-    write_text(path, render_model_card(**kwargs))
+    write_text(path, text)
     return path

@@ -28,13 +28,22 @@ import shutil
 import signal
 import socket
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moetool.errors import MoetoolError, OutputError, UnsafePathError, UsageError
+from moetool.errors import (
+    InputChangedError,
+    MoetoolError,
+    MoetoolWarning,
+    NonfiniteError,
+    OutputError,
+    UnsafePathError,
+    UsageError,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only, keeps torch out of the import graph
     import torch
@@ -49,6 +58,7 @@ __all__ = [
     "ShardedWriter",
     "Terminated",
     "WriteResult",
+    "abandon_active_outputs",
     "check_disk_space",
     "check_output_path",
     "copy_aux_files",
@@ -343,8 +353,13 @@ def _create_lock(path: Path) -> bool:
         fd = os.open(path, flags, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(_lock_text())
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(_lock_text())
+    except BaseException:
+        # A full disk lets the file be created but not written: never leave an empty lock behind.
+        path.unlink(missing_ok=True)
+        raise
     return True
 
 
@@ -378,6 +393,12 @@ def _acquire_lock(parent: Path, name: str) -> Path:
                 code="OUTPUT_LOCKED",
             )
         aside.unlink(missing_ok=True)
+        who = f"pid {pid}" if pid is not None else "no readable pid"
+        warnings.warn(
+            f"removed the stale lock {lock} of a moetool run that no longer exists ({who})",
+            MoetoolWarning,
+            stacklevel=4,
+        )
     raise OutputError(
         f"could not take the lock {lock}",
         hint=f"delete {lock} if no moetool run is writing {parent / name}",
@@ -504,22 +525,199 @@ def _publish(staging: Path, out: Path) -> None:
     _remove_tree(aside)
 
 
+# Staging folders (and their locks) of this process, for the SIGBUS handler: a process that must
+# die at once still removes what it created (see moetool.cli._faults).
+_ACTIVE: dict[Path, Path] = {}
+
+
+def abandon_active_outputs() -> None:
+    """Remove the staging folders and locks this process holds (for a fatal-signal handler)."""
+    for staging, lock in list(_ACTIVE.items()):
+        _remove_tree(staging)
+        _release_lock(lock)
+        _ACTIVE.pop(staging, None)
+
+
+def _free_bytes(folder: Path) -> int:
+    probe = next(_existing_ancestors(Path(os.path.abspath(folder))), Path("/"))
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return 0
+
+
+def _disk_full(out: Path, *, written: int = 0, what: str = "the output") -> DiskFullError:
+    free = _free_bytes(out.parent)
+    done = f"; {written:,} bytes were written before it ran out" if written else ""
+    return DiskFullError(
+        f"disk full while writing {what} at {out}: needs more than the {free:,} bytes free{done}",
+        hint="free some space or choose -o on another disk; nothing was written",
+    )
+
+
+def _tree_bytes(folder: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def _leftover_name(entry: str, prefix: str) -> str | None:
+    """The output name of a ``<prefix><name>-<pid>-<8 hex>`` folder, ``None`` for anything else."""
+    parts = entry[len(prefix) :].rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit() or not re.fullmatch(r"[0-9a-f]{8}", parts[2]):
+        return None
+    return parts[0]
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Remove what killed runs left beside ``out``; called while holding the output's lock.
+
+    Holding the lock proves that no live run writes ``out``, so every ``.moetool-tmp-<name>-*``
+    staging folder is an unfinished output of a dead run: it is removed, with a warning (it may hold
+    gigabytes). A ``.moetool-old-<name>-*`` folder is an earlier output that a run killed mid-swap had
+    renamed aside: removed when ``out`` exists (the swap had finished), kept with a warning otherwise
+    (it is then the only copy of that earlier output).
+    """
+    parent = out.parent
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if name.startswith(f"{LOCK_PREFIX}{out.name}.stale-") and entry.is_file():
+            entry.unlink(missing_ok=True)  # an aside of a stale lock a killed run was removing
+            continue
+        for prefix in (STAGING_PREFIX, OLD_PREFIX):
+            if not name.startswith(prefix) or _leftover_name(name, prefix) != out.name:
+                continue
+            if not entry.is_dir() or entry.is_symlink() or _name_pid(name, prefix) == os.getpid():
+                continue
+            if prefix == OLD_PREFIX and not out.exists():
+                warnings.warn(
+                    f"{entry} holds an earlier {out.name} that an interrupted run had moved aside; it was kept "
+                    f"(rename it back to {out.name}, or delete it)",
+                    MoetoolWarning,
+                    stacklevel=4,
+                )
+                continue
+            size = _tree_bytes(entry)
+            _remove_tree(entry)
+            what = "unfinished output" if prefix == STAGING_PREFIX else "replaced output"
+            warnings.warn(
+                f"removed {entry.name} ({size:,} bytes), the {what} of an interrupted moetool run",
+                MoetoolWarning,
+                stacklevel=4,
+            )
+
+
+def _input_state(inputs: Sequence[Path | None]) -> dict[Path, tuple[int, int, int]]:
+    """Size, mtime and inode of the input files that matter (weights, configs), to notice a change."""
+    state: dict[Path, tuple[int, int, int]] = {}
+    for item in inputs:
+        if item is None:
+            continue
+        path = Path(item)
+        files = [path] if path.is_file() else []
+        if path.is_dir():
+            with contextlib.suppress(OSError):
+                files = [p for p in path.iterdir() if p.name.endswith((".safetensors", ".json"))]
+        for file in files:
+            with contextlib.suppress(OSError):
+                st = file.stat()
+                state[file] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return state
+
+
+def _check_inputs_unchanged(before: dict[Path, tuple[int, int, int]]) -> None:
+    for file, (size, mtime, inode) in before.items():
+        try:
+            st = file.stat()
+            now = (st.st_size, st.st_mtime_ns, st.st_ino)
+        except OSError:
+            now = None
+        if now != (size, mtime, inode):
+            what = "was removed" if now is None else f"is now {now[0]:,} bytes (was {size:,})"
+            if now is not None and now[0] == size:
+                what = "was modified or replaced"
+            raise InputChangedError(
+                f"the input {file} changed while being read ({what}); nothing was written",
+                hint="make sure no other program writes the input while moetool runs, then run the command again",
+            )
+
+
+def _finish_output(staging: Path, *, allow_nonfinite: bool) -> None:
+    """Last checks of every written model before it is published.
+
+    * ``auto_map`` (remote code) is never carried over silently: moetool does not copy the code it
+      points to, and outputs load with transformers' own classes; it is dropped with a warning.
+    * Every float tensor is scanned for NaN/Inf: they are refused (``NONFINITE_OUTPUT``) unless
+      ``allow_nonfinite``, when they are reported.
+    """
+    from moetool.io.nonfinite import describe, scan_folder
+
+    config_path = staging / "config.json"
+    if config_path.is_file() and not config_path.is_symlink():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = None
+        if isinstance(config, dict) and "auto_map" in config:
+            dropped = config.pop("auto_map")
+            write_json(config_path, config)
+            names = ", ".join(sorted(dropped)) if isinstance(dropped, dict) else "remote code"
+            warnings.warn(
+                f"dropped auto_map ({names}) from the output's config.json: moetool never copies remote code, "
+                "and the output loads with transformers' own classes",
+                MoetoolWarning,
+                stacklevel=4,
+            )
+    found = scan_folder(staging)
+    if found and not allow_nonfinite:
+        raise NonfiniteError(
+            f"in the output, {describe(found)}; nothing was written",
+            hint="check the input with moetool inspect --scan-nonfinite; --allow-nonfinite writes it anyway",
+            code="NONFINITE_OUTPUT",
+        )
+    if found:
+        warnings.warn(
+            f"in the output, {describe(found)} (written anyway: --allow-nonfinite)", MoetoolWarning, stacklevel=4
+        )
+
+
 @contextmanager
-def staged_output(out: Path, *, inputs: Sequence[Path] = (), overwrite: bool = False) -> Iterator[Path]:
+def staged_output(
+    out: Path,
+    *,
+    inputs: Sequence[Path] = (),
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    expected_bytes: int | None = None,
+) -> Iterator[Path]:
     """Write a model folder through a private staging folder that is published only on success.
 
     The staging folder is created beside ``out`` (same file system, so publishing is a rename) and a
-    lock file ``.moetool-lock-<name>`` keeps a second run from writing the same output. When the block
-    ends normally every file is fsynced and the folder is renamed to ``out`` (an existing ``out`` is
-    renamed aside, replaced, then deleted). When it ends with any exception, Ctrl-C, SIGTERM or
-    ``SystemExit``, the staging folder and the lock are removed and the exception propagates; the
-    inputs and any earlier ``out`` are untouched. A ``kill -9`` leaves a ``.moetool-tmp-*`` folder
-    that :func:`stale_staging_dirs` finds.
+    lock file ``.moetool-lock-<name>`` keeps a second run from writing the same output. Leftovers of
+    killed runs for the same output (staging folders, locks) are removed with a warning. When the
+    block ends normally the output is checked (``auto_map`` dropped, NaN/Inf refused, inputs
+    unchanged since the block started), every file gets the mode the umask allows (0644 by default,
+    whichever library wrote it), ``moetool-manifest.json`` records the SHA-256 of each file, every file
+    is fsynced and the folder is renamed to ``out`` (an existing ``out`` is renamed aside, replaced,
+    then deleted). When it ends with any exception, Ctrl-C, SIGTERM or ``SystemExit``, the staging
+    folder and the lock are removed and the exception propagates; the inputs and any earlier ``out``
+    are untouched. A ``kill -9`` leaves a ``.moetool-tmp-*`` folder that the next run for the same
+    output removes.
 
     Args:
         out: the final output folder.
-        inputs: local input paths that the output must not overlap.
+        inputs: local input paths that the output must not overlap (and must not change meanwhile).
         overwrite: replace an existing non-empty ``out``.
+        allow_nonfinite: publish an output with NaN/Inf (with a warning) instead of refusing it.
+        expected_bytes: the output's size when known: refused before anything is created when the
+            disk has less free.
 
     Yields:
         The staging folder to write into.
@@ -527,13 +725,20 @@ def staged_output(out: Path, *, inputs: Sequence[Path] = (), overwrite: bool = F
     Raises:
         OutputError: from :func:`check_output_path`, ``OUTPUT_LOCKED`` when another live run holds the
             lock, or ``OUTPUT_UNWRITABLE`` when the parent folder cannot be written.
+        DiskFullError: not enough space (before anything is created when ``expected_bytes`` says so).
+        NonfiniteError: ``NONFINITE_OUTPUT``, the output holds NaN/Inf.
+        InputChangedError: an input file changed while the block ran.
     """
     out = Path(os.path.abspath(out))
     check_output_path(out, inputs, overwrite=overwrite)
+    if expected_bytes is not None:
+        check_disk_space(out, expected_bytes)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        if _is_disk_full(exc):
+            raise _disk_full(out) from None
         raise OutputError(
             f"cannot create the output's parent folder {parent}: {exc.strerror}",
             hint="choose -o in a folder you can write",
@@ -541,7 +746,9 @@ def staged_output(out: Path, *, inputs: Sequence[Path] = (), overwrite: bool = F
         ) from None
     try:
         lock = _acquire_lock(parent, out.name)
-    except OSError as exc:  # permission denied, read-only file system
+    except OSError as exc:  # permission denied, read-only file system, full disk
+        if _is_disk_full(exc):
+            raise _disk_full(out) from None
         raise OutputError(
             f"cannot write in {parent}: {exc.strerror}",
             hint="choose -o in a folder you can write",
@@ -552,8 +759,14 @@ def staged_output(out: Path, *, inputs: Sequence[Path] = (), overwrite: bool = F
     # default action (die without cleanup) is back in place.
     with _terminate_as_interrupt():
         try:
+            _ACTIVE[staging] = lock
+            _clean_leftovers(out)
+            before = _input_state(inputs)
             staging.mkdir()
             yield staging
+            _finish_output(staging, allow_nonfinite=allow_nonfinite)
+            _check_inputs_unchanged(before)
+            _finish(staging)
             # fsync while still interruptible: it can take a while for large outputs.
             _fsync_tree(staging)
             with _signals_deferred():
@@ -561,11 +774,25 @@ def staged_output(out: Path, *, inputs: Sequence[Path] = (), overwrite: bool = F
                 check_output_path(out, inputs, overwrite=overwrite)
                 _publish(staging, out)
                 _release_lock(lock)
-        except BaseException:
+                _ACTIVE.pop(staging, None)
+        except BaseException as exc:
+            written = _tree_bytes(staging) if staging.exists() else 0
             with _signals_deferred():
                 _remove_tree(staging)
                 _release_lock(lock)
+                _ACTIVE.pop(staging, None)
+            if isinstance(exc, Exception) and not isinstance(exc, MoetoolError) and _is_disk_full(exc):
+                raise _disk_full(out, written=written) from None
             raise
+
+
+def _finish(staging: Path) -> None:
+    """Last steps before publishing: file modes as the umask allows, then the checksum manifest."""
+    from moetool.io.manifest import write_manifest
+    from moetool.io.permissions import apply_umask_modes
+
+    apply_umask_modes(staging)  # before the manifest, which is then written with the right mode
+    write_manifest(staging)
 
 
 def _name_pid(name: str, prefix: str) -> int | None:
@@ -752,14 +979,35 @@ def _normalize_header_order(path: Path) -> None:
         handle.write(new + b" " * (length - len(new)))
 
 
+#: safetensors dtype names of torch dtypes (``str(torch.float32)`` -> ``"F32"``).
+SAFETENSORS_DTYPES = {
+    "torch.float64": "F64",
+    "torch.float32": "F32",
+    "torch.bfloat16": "BF16",
+    "torch.float16": "F16",
+    "torch.float8_e4m3fn": "F8_E4M3",
+    "torch.float8_e5m2": "F8_E5M2",
+    "torch.int64": "I64",
+    "torch.int32": "I32",
+    "torch.int16": "I16",
+    "torch.int8": "I8",
+    "torch.uint64": "U64",
+    "torch.uint32": "U32",
+    "torch.uint16": "U16",
+    "torch.uint8": "U8",
+    "torch.bool": "BOOL",
+}
+
+
 class ShardedWriter:
     """Writes tensors into size-bounded safetensors shards as they arrive, then the index.
 
-    Tensors are buffered until the next one would push the current shard past ``max_shard_size``;
-    then the shard is written and its tensors released, so memory holds about one shard. A tensor
-    larger than ``max_shard_size`` gets a shard of its own. Tensors keep the order they were added in,
-    so the same input gives byte-identical shards. :meth:`finalize` names the files like
-    ``save_pretrained``: ``model.safetensors`` when there is one shard, otherwise
+    Each tensor's bytes go to disk when it is added (into a data file beside the shard being filled),
+    so memory holds no tensor data, whatever the shard size. When the next tensor would push the shard
+    past ``max_shard_size``, the shard is closed: its header is written and the data copied after it
+    (a kernel-side copy). A tensor larger than ``max_shard_size`` gets a shard of its own. Tensors keep
+    the order they were added in, so the same input gives byte-identical shards. :meth:`finalize` names
+    the files like ``save_pretrained``: ``model.safetensors`` when there is one shard, otherwise
     ``model-00001-of-0000N.safetensors`` plus ``model.safetensors.index.json``.
 
     Use it inside :func:`staged_output`. As a context manager it finalizes on a normal exit (the
@@ -797,11 +1045,13 @@ class ShardedWriter:
             )
         self.max_shard_size = int(max_shard_size)
         # transformers refuses to load shards whose format is not "pt"; it cannot be overridden.
-        self.metadata = {**metadata, "format": "pt"}
+        self.metadata = dict(sorted({**metadata, "format": "pt"}.items()))
         self.result: WriteResult | None = None
-        self._pending: dict[str, torch.Tensor] = {}
+        # The shard being filled: its data file, and (name, dtype, shape, start, end) per tensor.
+        self._data: Any = None
+        self._data_path: Path | None = None
+        self._entries: list[tuple[str, str, list[int], int, int]] = []
         self._pending_bytes = 0
-        self._storages: set[int] = set()
         self._shards: list[tuple[Path, list[str]]] = []
         self._names: set[str] = set()
         self._total_size = 0
@@ -818,19 +1068,20 @@ class ShardedWriter:
             self.abort()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor, writing the current shard first if this tensor would overflow it.
+        """Write one tensor's bytes, closing the current shard first if this tensor would overflow it.
 
         Args:
             name: the tensor's name in the checkpoint.
-            tensor: any dense tensor; it is moved to CPU and made contiguous. A view into a larger
-                storage is copied so that the larger storage can be freed and shards never share
-                memory.
+            tensor: any dense tensor (moved to CPU; nothing of it is kept after the call).
 
         Raises:
             DuplicateTensorError: ``name`` was already added.
-            MoetoolError: the writer was finalized, or the tensor is on the meta device.
-            DiskFullError: writing a shard ran out of space.
+            MoetoolError: the writer was finalized, the tensor is on the meta device, or of a dtype
+                safetensors cannot store.
+            DiskFullError: writing ran out of space.
         """
+        import torch
+
         if self._closed:
             raise MoetoolError("the writer is already finalized", code="WRITER_CLOSED")
         if not isinstance(name, str) or not name or name == "__metadata__":
@@ -840,50 +1091,73 @@ class ShardedWriter:
         t = tensor.detach()
         if t.device.type == "meta":
             raise MoetoolError(f"tensor {name!r} has no data (meta device)", code="META_TENSOR")
+        dtype = SAFETENSORS_DTYPES.get(str(t.dtype))
+        if dtype is None:
+            raise MoetoolError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store", code="DTYPE")
         if t.device.type != "cpu":
             t = t.to("cpu")
         t = t.contiguous()
         nbytes = t.numel() * t.element_size()
-        storage = t.untyped_storage()
-        if nbytes and (
-            storage.nbytes() != nbytes or t.data_ptr() != storage.data_ptr() or storage.data_ptr() in self._storages
-        ):
-            t = t.clone()
-            storage = t.untyped_storage()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_size:
+        if self._entries and self._pending_bytes + nbytes > self.max_shard_size:
             self._flush()
-        self._names.add(name)
-        self._pending[name] = t
-        self._pending_bytes += nbytes
+        if self._data is None:
+            self._data_path = self.folder / f"{_SHARD_TMP_PREFIX}{len(self._shards) + 1:05d}.data"
+            self._data = open(self._data_path, "wb")  # noqa: SIM115 - closed in _flush / abort
+        start = self._pending_bytes
         if nbytes:
-            self._storages.add(storage.data_ptr())
+            raw = t.reshape(-1).view(torch.uint8).numpy()
+            self._write(self._data, memoryview(raw), nbytes)
+        self._entries.append((name, dtype, [int(d) for d in t.shape], start, start + nbytes))
+        self._names.add(name)
+        self._pending_bytes += nbytes
         self._total_size += nbytes
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        from safetensors.torch import save_file
+    def _write(self, handle: Any, data: Any, nbytes: int) -> None:
+        try:
+            handle.write(data)
+        except OSError as exc:
+            if _is_disk_full(exc):
+                raise self._disk_full(nbytes) from None
+            raise
 
+    def _disk_full(self, nbytes: int) -> DiskFullError:
+        free = shutil.disk_usage(self.folder).free
+        return DiskFullError(
+            f"disk full while writing shards in {self.folder}: needs {nbytes:,} more bytes, {free:,} free",
+            hint="free some space or choose -o on another disk",
+        )
+
+    def _flush(self) -> None:
+        """Close the shard being filled: header, then its data (copied from the data file)."""
+        if self._data is None:
+            return
+        assert self._data_path is not None
+        data_path, handle = self._data_path, self._data
+        self._data = self._data_path = None
+        handle.close()
+        header: dict[str, Any] = {"__metadata__": self.metadata}
+        for name, dtype, shape, start, end in self._entries:
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
         path = self.folder / f"{_SHARD_TMP_PREFIX}{len(self._shards) + 1:05d}.safetensors"
         try:
-            save_file(self._pending, str(path), metadata=self.metadata)
-            if len(self.metadata) > 1:
-                _normalize_header_order(path)
-        except Exception as exc:
+            with open(path, "wb") as out, open(data_path, "rb") as source:
+                self._write(out, len(raw).to_bytes(8, "little") + raw, len(raw) + 8)
+                try:
+                    shutil.copyfileobj(source, out, 16 * 2**20)
+                except OSError as exc:
+                    if _is_disk_full(exc):
+                        raise self._disk_full(self._pending_bytes) from None
+                    raise
+        except BaseException:
             path.unlink(missing_ok=True)
-            if _is_disk_full(exc):
-                free = shutil.disk_usage(self.folder).free
-                raise DiskFullError(
-                    f"disk full while writing {path.name} in {self.folder}: "
-                    f"needs {self._pending_bytes:,} bytes, {free:,} free",
-                    hint="free some space or choose -o on another disk",
-                ) from None
+            data_path.unlink(missing_ok=True)
             raise
-        self._shards.append((path, list(self._pending)))
-        # Drop our references so the shard's memory can be reclaimed before the next one fills.
-        self._pending = {}
+        data_path.unlink(missing_ok=True)
+        self._shards.append((path, [entry[0] for entry in self._entries]))
+        self._entries = []
         self._pending_bytes = 0
-        self._storages = set()
 
     def finalize(self) -> WriteResult:
         """Write the last shard, give shards their final names and write the index when sharded.
@@ -924,10 +1198,15 @@ class ShardedWriter:
         return self.result
 
     def abort(self) -> None:
-        """Drop buffered tensors and delete the shards written so far (idempotent)."""
+        """Drop the shard being filled and delete the shards written so far (idempotent)."""
         self._closed = True
-        self._pending = {}
-        self._storages = set()
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+        if self._data_path is not None:
+            self._data_path.unlink(missing_ok=True)
+            self._data_path = None
+        self._entries = []
         for path, _names in self._shards:
             path.unlink(missing_ok=True)
         self._shards = []

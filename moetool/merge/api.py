@@ -575,11 +575,13 @@ def merge(
     eval_max_tokens: int | None = 20_000,
     device: str = "auto",
     dtype: str = "auto",
+    whole_model: bool = False,
     revision: str | None = None,
     token: str | bool | None = None,
     offline: bool | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
     command: str | Sequence[str] | None = None,
     progress: Progress | None = None,
 ) -> MergeResult:
@@ -616,9 +618,12 @@ def merge(
         eval_name: how to name them.
         eval_max_tokens: evaluation tokens (None: all).
         device / dtype: where and in what precision the model runs (calibration and evaluation).
+        whole_model: load the model whole for calibration and evaluation instead of streaming it one
+            decoder layer at a time.
         revision / token / offline: Hub access for ``model``.
         max_shard_size: bound on the bytes per output shard.
         overwrite: replace an existing output folder (still staged and swapped).
+        allow_nonfinite: process an input holding NaN/Inf (refused otherwise) and publish such an output.
         command: the command line, for the model card.
         progress: called as ``progress(stage, advance, total)``.
 
@@ -634,6 +639,7 @@ def merge(
     from moetool.io.model_card import write_model_card
     from moetool.io.writer import check_disk_space, check_output_path, copy_aux_files, staged_output, write_json
     from moetool.modeling import open_checkpoint, quant_method_of
+    from moetool.validate import check_input
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -651,6 +657,7 @@ def merge(
         align=align,
     )
     checkpoint = open_checkpoint(model, revision=revision, token=token, offline=offline)
+    check_input(checkpoint, float_weights=True, allow_nonfinite=allow_nonfinite)
     config = checkpoint.config
     spec = family_for_config(config)
     require_capability(spec, "merge")
@@ -762,6 +769,7 @@ def merge(
             seed=seed,
             device=device,
             dtype=dtype,
+            whole_model=whole_model,
             revision=revision,
             token=token,
             offline=offline,
@@ -776,7 +784,7 @@ def merge(
     t0 = time.perf_counter()
     decisions: list[LayerDecision] = []
     act = _activation(traits, config)
-    with staged_output(out_path, inputs=inputs, overwrite=overwrite) as staging:
+    with staged_output(out_path, inputs=inputs, overwrite=overwrite, allow_nonfinite=allow_nonfinite) as staging:
         expected = {t.name: t for t in tensors}
         copies_by_layer: dict[int | None, list[str]] = {}
         for t in tensors:
@@ -869,6 +877,7 @@ def merge(
                     max_tokens=eval_max_tokens,
                     device=device,
                     dtype=dtype,
+                    whole_model=whole_model,
                     revision=revision,
                     token=token,
                     offline=offline,
@@ -1065,6 +1074,7 @@ def _calibrate(
     seed: int,
     device: str,
     dtype: str,
+    whole_model: bool,
     revision: str | None,
     token: str | bool | None,
     offline: bool | None,
@@ -1072,27 +1082,34 @@ def _calibrate(
 ) -> Calibration:
     from moetool.data import iter_batches, iter_windows
     from moetool.merge.calibrate import calibrate
-    from moetool.modeling import load_model
+    from moetool.runner.open import open_runner
 
-    loaded, tokenizer, _ = load_model(
-        model, device=device, dtype=dtype, revision=revision, token=token, offline=offline
+    opened = open_runner(
+        model, device=device, dtype=dtype, whole_model=whole_model, revision=revision, token=token, offline=offline
     )
+    tokenizer = opened.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     windows = iter_windows(tokenizer, documents, seq_len=seq_len, max_tokens=max_tokens)
     batches = iter_batches(windows, batch_size=batch_size, pad_id=pad_id)
 
-    def on_batch(tokens: int) -> None:
+    def on_batch(tokens: float) -> None:
         if progress is not None:
             progress("calibrating", tokens, max_tokens)
 
-    description = {"dataset": name, "max_tokens": max_tokens, "seq_len": seq_len}
+    description = {"dataset": name, "max_tokens": max_tokens, "seq_len": seq_len, "streamed": opened.streamed}
     try:
         return calibrate(
-            loaded, spec, batches, sample_tokens=sample_tokens, seed=seed, on_batch=on_batch, description=description
+            opened.runner,
+            spec,
+            batches,
+            sample_tokens=sample_tokens,
+            seed=seed,
+            on_batch=on_batch,
+            description=description,
         )
     finally:
         # The structural pass below needs no model: free it before tensors are streamed.
-        del loaded
+        del opened
         gc.collect()
 
 
@@ -1229,34 +1246,42 @@ def _evaluate(
     max_tokens: int | None,
     device: str,
     dtype: str,
+    whole_model: bool,
     revision: str | None,
     token: str | bool | None,
     offline: bool | None,
     progress: Progress | None,
 ) -> EvalFigures:
+    """Perplexity of the original and the merged model, KL and top-1 agreement: one pass of each."""
     from moetool.evaluate import evaluate
-    from moetool.modeling import load_model
+    from moetool.runner.open import open_runner
 
-    original, tokenizer, _ = load_model(
-        model, device=device, dtype=dtype, revision=revision, token=token, offline=offline
+    original = open_runner(
+        model, device=device, dtype=dtype, whole_model=whole_model, revision=revision, token=token, offline=offline
     )
-    merged, merged_tokenizer, _ = load_model(str(staging), device=device, dtype=dtype)
+    merged = open_runner(str(staging), device=device, dtype=dtype, whole_model=whole_model)
 
-    def advance(tokens: int) -> None:
+    def advance(tokens: float) -> None:
         if progress is not None:
-            progress("evaluating", tokens, 2 * max_tokens if max_tokens else None)
+            progress("evaluating", tokens, max_tokens)
 
-    common = {"seq_len": seq_len, "batch_size": batch_size, "max_tokens": max_tokens, "progress": advance}
-    before = evaluate(original, tokenizer, documents, **common)
     after = evaluate(
-        merged, merged_tokenizer, documents, reference_model=original, reference_tokenizer=tokenizer, **common
+        merged.runner,
+        merged.tokenizer,
+        documents,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        progress=advance,
+        reference_model=original.runner,
+        reference_tokenizer=original.tokenizer,
     )
     del original, merged
     gc.collect()
     return EvalFigures(
         dataset=name,
         tokens=after.tokens,
-        perplexity_before=before.perplexity,
+        perplexity_before=float(after.reference_perplexity),
         perplexity_after=after.perplexity,
         kl=float(after.kl) if after.kl is not None else float("nan"),
         top1_agreement=float(after.top1_agreement) if after.top1_agreement is not None else float("nan"),

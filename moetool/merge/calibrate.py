@@ -117,6 +117,13 @@ def routing_decision(
 
 
 class _LayerAccumulator:
+    """One layer's counts, sums and token sample.
+
+    Each layer draws its sample keys from a generator of its own (seeded by the seed and the layer), so
+    the sample does not depend on the order layers see batches (batch by batch through the whole model,
+    or layer by layer through the streamed runner).
+    """
+
     def __init__(self, layer: int, num_experts: int, cap: int, generator: torch.Generator) -> None:
         import torch
 
@@ -185,18 +192,19 @@ def calibrate(
     *,
     sample_tokens: int = DEFAULT_SAMPLE_TOKENS,
     seed: int = 0,
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Callable[[float], None] | None = None,
     description: dict[str, Any] | None = None,
 ) -> Calibration:
-    """Run ``batches`` through ``model`` and collect per-layer calibration figures.
+    """Run ``batches`` through a model and collect per-layer calibration figures.
 
     Args:
-        model: a transformers MoE causal LM of the family ``spec`` (eval mode).
+        model: a runner (:class:`moetool.runner.StreamedModel`, one layer at a time, or
+            :class:`moetool.runner.WholeModel`), or a transformers MoE causal LM of the family ``spec``.
         spec: its registry entry.
         batches: :class:`moetool.data.Batch` objects (right-padded, with attention masks).
         sample_tokens: tokens kept per layer for the computations that need hidden states.
         seed: seeds the sampling.
-        on_batch: called with the number of real tokens after each batch.
+        on_batch: called with progress in tokens.
         description: what the data was (stored in the result).
 
     Raises:
@@ -207,10 +215,11 @@ def calibrate(
     import torch
 
     from moetool.routing.observe import _top_k_of, find_routers
+    from moetool.runner.stream import StreamedModel, WholeModel
 
-    config = model.config.to_dict()
-    routers = find_routers(model, spec)
-    generator = torch.Generator().manual_seed(seed)
+    runner = model if isinstance(model, (StreamedModel, WholeModel)) else WholeModel(model)
+    config = runner.model.config.to_dict()
+    routers = find_routers(runner.model, spec)
     accumulators: dict[int, _LayerAccumulator] = {}
     context: dict[str, torch.Tensor] = {}
     handles = []
@@ -223,30 +232,27 @@ def calibrate(
             mask = context["mask"]
             acc = accumulators.get(layer)
             if acc is None:
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + layer)
                 acc = accumulators[layer] = _LayerAccumulator(layer, logits.shape[-1], sample_tokens, generator)
             acc.update(x[mask], logits[mask], indices[mask], weights[mask])
 
         return hook
 
-    tokens = 0
+    counted: dict[int, int] = {}
+
+    def before_batch(index: int, batch: Any) -> None:
+        context["mask"] = batch.attention_mask.reshape(-1).bool().to(runner.device)
+        counted.setdefault(index, int(batch.attention_mask.sum()))
+
     start = time.perf_counter()
-    device = next(model.parameters()).device
     try:
         for layer, module in routers.items():
-            handles.append(module.register_forward_hook(hook_for(layer, _top_k_of(module, spec, model.config))))
-        with torch.no_grad():
-            for batch in batches:
-                input_ids = batch.input_ids.to(device)
-                mask = batch.attention_mask.to(device)
-                context["mask"] = mask.reshape(-1).bool()
-                model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-                batch_tokens = int(mask.sum())
-                tokens += batch_tokens
-                if on_batch is not None:
-                    on_batch(batch_tokens)
+            handles.append(module.register_forward_hook(hook_for(layer, _top_k_of(module, spec, runner.model.config))))
+        runner.forward_batches(batches, before_batch=before_batch, on_tokens=on_batch)
     finally:
         for handle in handles:
             handle.remove()
+    tokens = sum(counted.values())
     if tokens == 0 or not accumulators:
         raise MoetoolError(
             "the calibration data gave no token to route",

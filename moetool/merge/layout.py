@@ -184,16 +184,28 @@ class LayerTensors:
         hidden = self.dims.values["H"]
         names = self.expert_names(layer, num_experts)
         _check_float(checkpoint, names)
-        tensors = dict(checkpoint.iter_tensors(names))
         parts: dict[str, torch.Tensor] = {}
         base = self.layer_prefix(layer)
         for role in self.roles:
             if "{E}" in role.template.name:
-                stacked = torch.stack(
-                    [tensors[base + role.template.name.replace("{E}", str(e))].float() for e in range(num_experts)]
-                )
+                # Filled expert by expert as the tensors are read: the stored copies never pile up.
+                per_expert = [base + role.template.name.replace("{E}", str(e)) for e in range(num_experts)]
+                slot = {name: e for e, name in enumerate(per_expert)}
+                stacked = None
+                for name, tensor in checkpoint.iter_tensors(per_expert):
+                    if stacked is None:
+                        stacked = torch.empty((num_experts, *tensor.shape), dtype=torch.float32)
+                    if tuple(tensor.shape) != tuple(stacked.shape[1:]):
+                        raise ShapeMismatchError(
+                            f"layer {layer}: {name} is {tuple(tensor.shape)}, the other experts' "
+                            f"{tuple(stacked.shape[1:])}",
+                            hint="the checkpoint and its config.json disagree",
+                        )
+                    stacked[slot[name]] = tensor
+                    del tensor
+                assert stacked is not None
             else:
-                stacked = tensors[base + role.template.name].float()
+                stacked = checkpoint.read_tensor(base + role.template.name).float()
                 if role.flat:
                     stacked = stacked.reshape(num_experts, width, hidden)
             if role.transposed:

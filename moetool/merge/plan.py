@@ -319,10 +319,13 @@ def output_tensors(
     dropped: list[str] = []
     for name in checkpoint.tensors:
         placement = classifier.classify(name)
-        if placement.category == "mtp" or (placement.layer is not None and placement.layer >= dims.num_layers):
+        if placement.category == "mtp":  # only what the registry calls MTP (DeepSeek's layer 61)
             dropped.append(name)
             continue
-        by_layer.setdefault(placement.layer, []).append(name)
+        layer = placement.layer
+        if layer is not None and layer >= dims.num_layers:
+            layer = None  # not a decoder layer of a family without MTP: passed through unchanged
+        by_layer.setdefault(layer, []).append(name)
     order: list[int | None] = [None, *sorted(k for k in by_layer if k is not None)]
     sources = {k: by_layer[k] for k in order if k in by_layer}
 

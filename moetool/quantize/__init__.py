@@ -8,7 +8,10 @@ Modules, one job each: :mod:`~moetool.quantize.pack` (bit packing), :mod:`~moeto
 :mod:`~moetool.quantize.layout` (what to rewrite, from the registry), :mod:`~moetool.quantize.storage`
 (tensor names, packed layouts, ``quantization_config``), :mod:`~moetool.quantize.modules` and
 :mod:`~moetool.quantize.loader` (dequantize-on-the-fly modules, transformers integration),
-:mod:`~moetool.quantize.verify` and :mod:`~moetool.quantize.api` (:func:`quantize`).
+:mod:`~moetool.quantize.formats` (the storage formats: compressed-tensors, moetool's own),
+:mod:`~moetool.quantize.export` (moetool's format to compressed-tensors), :mod:`~moetool.quantize.bnb`
+(bitsandbytes' NF4 kernel), :mod:`~moetool.quantize.verify` and :mod:`~moetool.quantize.api`
+(:func:`quantize`).
 
 Importing this package registers the ``moetool`` quant method with transformers, so that
 ``AutoModelForCausalLM.from_pretrained`` loads moetool-quantized checkpoints (that registration imports

@@ -12,6 +12,7 @@ folder. Any failure, Ctrl-C or failed check leaves nothing at the output path.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from moetool.errors import CheckpointError, UsageError
 from moetool.quantize.calibrate import CoverageOptions
 from moetool.quantize.engine import METHODS, LayerReport, MethodOptions
 from moetool.quantize.storage import UNIFORM_BITS, QuantFormat
-from moetool.quantize.verify import FULL_CHECK_BYTES, Check, Verification
+from moetool.quantize.verify import Verification
 
 SCHEMA_VERSION = 1
 
@@ -47,11 +48,18 @@ class QuantizeOptions:
             absmax.
         attention / shared_experts: quantize those projections too.
         coverage: how calibration tokens reach experts.
-        expert_batch: experts quantized together (0: a whole layer).
-        device: where calibration and GPTQ run (``auto``: CUDA when available); the model itself stays
-            in CPU memory and one decoder layer at a time moves to the device.
-        dtype: the dtype the model is loaded in (``auto``: float32).
+        expert_batch: experts GPTQ quantizes together (0: as many as fit the memory budget of
+            :func:`auto_expert_batch`; more is faster, fewer holds less).
+        device: where calibration and GPTQ run (``auto``: CUDA when available); one decoder layer at a
+            time is read from the checkpoint onto it.
+        dtype: the compute dtype (``auto``: float32 on the CPU, the checkpoint's dtype on a GPU).
         max_shard_size: largest output weight file.
+        whole_model: load the whole model first instead of streaming it layer by layer (for comparison).
+        offload_activations: keep the calibration activations in CPU memory between layers.
+        output_format: ``auto`` (compressed-tensors when the settings fit what servers read, else
+            moetool's format), ``compressed-tensors`` or ``moetool`` (see :mod:`moetool.quantize.formats`).
+        symmetric: uniform codes without a zero point; ``None``: symmetric in compressed-tensors,
+            asymmetric in moetool's format.
     """
 
     bits: int | None = 4
@@ -70,6 +78,10 @@ class QuantizeOptions:
     device: str = "auto"
     dtype: str = "auto"
     max_shard_size: str = "5GB"
+    whole_model: bool = False
+    offload_activations: bool = False
+    output_format: str = "auto"
+    symmetric: bool | None = None
 
     @property
     def categories(self) -> tuple[str, ...]:
@@ -117,6 +129,12 @@ class QuantizeOptions:
             )
         if self.expert_batch < 0:
             raise UsageError("--expert-batch must be 0 (all experts) or positive")
+        from moetool.quantize.formats import AUTO, format_named
+
+        if self.output_format != AUTO:
+            format_named(self.output_format)
+        if self.symmetric is not None and scheme != "uniform":
+            raise UsageError(f"--sym/--asym apply to uniform codes, not to {scheme}", code="SYMMETRY_INVALID")
         self.coverage.validate()
         details: dict[str, Any] = {}
         if self.method == "gptq":
@@ -163,6 +181,10 @@ class QuantizeResult:
     files: list[str] = field(default_factory=list)
     bytes_written: int = 0
     warnings: list[str] = field(default_factory=list)
+    memory: dict[str, Any] = field(default_factory=dict)
+    expert_batch: int = 0
+    format_reason: str = ""
+    quantization_config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def expert_bits(self) -> float | None:
@@ -180,7 +202,8 @@ class QuantizeResult:
             "source_revision": self.source_revision,
             "output": self.output,
             "family": self.family,
-            "quantization": self.format.to_config(),
+            "format": {"name": self.format.storage, "reason": self.format_reason},
+            "quantization": self.quantization_config or self.format.to_config(),
             "options": {
                 "method": opts.method,
                 "bits": self.format.bits,
@@ -189,13 +212,16 @@ class QuantizeResult:
                 "act_order": opts.act_order,
                 "damp": opts.damp,
                 "clip_search": opts.clip_search,
+                "symmetric": self.format.symmetric,
                 "categories": list(opts.categories),
                 "device": self.device,
-                "expert_batch": opts.expert_batch,
+                "expert_batch": self.expert_batch or opts.expert_batch,
                 "calib_all_experts": opts.coverage.all_experts,
                 "max_tokens_per_expert": opts.coverage.max_tokens_per_expert,
                 "min_tokens_per_expert": opts.coverage.min_tokens_per_expert,
                 "fallback": opts.coverage.fallback,
+                "whole_model": opts.whole_model,
+                "offload_activations": opts.offload_activations,
             },
             "bits_per_param": {k: v.to_json() for k, v in self.storage.items()},
             "expert_bits_per_param": None if self.expert_bits is None else round(self.expert_bits, 4),
@@ -204,6 +230,7 @@ class QuantizeResult:
             "coverage": coverage,
             "layers": [layer.to_json() for layer in self.layers],
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "memory": self.memory,
             "files": self.files,
             "bytes_written": self.bytes_written,
             "warnings": self.warnings,
@@ -222,55 +249,53 @@ def _refuse_quantized(checkpoint: Any) -> None:
         )
 
 
-def _linear_modules(layout: Any, layers: dict[int, Any]) -> dict[int, dict[str, Any]]:
+def _linear_modules(layout: Any, layer: int, layer_module: Any) -> dict[str, Any]:
+    """The ``nn.Linear`` modules of one decoder layer that the layout quantizes, by name in the layer."""
     from torch import nn
 
     from moetool.errors import UnsupportedArchitectureError
 
-    out: dict[int, dict[str, Any]] = {}
-    for layer, linears in layout.linears.items():
-        for linear in linears:
-            try:
-                module = layers[layer].get_submodule(linear.module)
-            except AttributeError:
-                module = None
-            if not isinstance(module, nn.Linear) or tuple(module.weight.shape) != linear.shape:
-                raise UnsupportedArchitectureError(
-                    f"{linear.name} is not an nn.Linear named {linear.module} in the transformers model",
-                    hint=f"drop --quantize-{linear.category.replace('_', '-')} for this family",
-                )
-            out.setdefault(layer, {})[linear.module] = module
+    out: dict[str, Any] = {}
+    for linear in layout.linears.get(layer, []):
+        try:
+            module = layer_module.get_submodule(linear.module)
+        except AttributeError:
+            module = None
+        if not isinstance(module, nn.Linear) or tuple(module.weight.shape) != linear.shape:
+            raise UnsupportedArchitectureError(
+                f"{linear.name} is not an nn.Linear named {linear.module} in the transformers model",
+                hint=f"drop --quantize-{linear.category.replace('_', '-')} for this family",
+            )
+        out[linear.module] = module
     return out
 
 
 def _check_mapping(checkpoint: Any, layout: Any, layer: int, experts: Any, linears: dict[str, Any]) -> None:
     """The weights about to be quantized are exactly the checkpoint's tensors (catches a wrong
-    gate/up/down mapping before anything is written)."""
+    gate/up/down mapping before anything is written). Reads one stored tensor at a time."""
     import torch
 
     def same(stored: torch.Tensor, live: torch.Tensor) -> bool:
         live = live.detach().to("cpu")
-        return tuple(stored.shape) == tuple(live.shape) and torch.equal(stored.to(live.dtype), live)
+        # equal_nan: with --allow-nonfinite the same NaN sits in both copies.
+        return tuple(stored.shape) == tuple(live.shape) and torch.allclose(
+            stored.to(live.dtype), live, rtol=0, atol=0, equal_nan=True
+        )
 
-    bad: list[str] = []
+    pairs: dict[str, Any] = {}
     info = layout.experts.get(layer)
     if info is not None:
         i = info.intermediate
-        tensors = dict(checkpoint.iter_tensors(info.names()))
         if info.fused:
-            pairs = [(info.gate_up, experts.gate_up_proj), (info.down_fused, experts.down_proj)]
+            pairs = {info.gate_up: experts.gate_up_proj, info.down_fused: experts.down_proj}
         else:
-            pairs = []
             for e in range(info.num_experts):
-                pairs += [
-                    (info.gate[e], experts.gate_up_proj[e, :i]),
-                    (info.up[e], experts.gate_up_proj[e, i:]),
-                    (info.down[e], experts.down_proj[e]),
-                ]
-        bad += [name for name, live in pairs if not same(tensors[name], live)]
+                pairs[info.gate[e]] = experts.gate_up_proj[e, :i]
+                pairs[info.up[e]] = experts.gate_up_proj[e, i:]
+                pairs[info.down[e]] = experts.down_proj[e]
     for linear in layout.linears.get(layer, []):
-        if not same(checkpoint.read_tensor(linear.name), linears[linear.module].weight):
-            bad.append(linear.name)
+        pairs[linear.name] = linears[linear.module].weight
+    bad = [name for name, stored in checkpoint.iter_tensors(pairs) if not same(stored, pairs[name])]
     if bad:
         raise CheckpointError(
             f"the model transformers built does not hold {bad[0]} where moetool expects it"
@@ -280,28 +305,246 @@ def _check_mapping(checkpoint: Any, layout: Any, layer: int, experts: Any, linea
         )
 
 
-def _write_layer(writer: Any, layout: Any, layer: int, result: Any, fmt: QuantFormat) -> None:
-    from moetool.quantize.storage import encode_weight, packed_names
+class _StepInputs:
+    """The calibration batches of a streamed pass, as the engine runs them (one layer, several passes).
 
-    def put(name: str, weight: Any) -> None:
-        names = packed_names(name)
-        for suffix, tensor in encode_weight(weight, fmt).items():
-            writer.add(names[suffix], tensor)
+    The engine calls :meth:`run` for its statistics passes and its final pass, and its hooks read
+    :attr:`current_mask` (padding never enters a Hessian).
+    """
 
-    info = layout.experts.get(layer)
-    if info is not None and result.experts is not None:
-        gate_up, down = result.experts
-        if info.fused:
-            put(info.gate_up, gate_up)
-            put(info.down_fused, down)
+    def __init__(self, step: Any, batches: set[int], tokens: int, ranks: Any) -> None:
+        self.step = step
+        self.batches = batches
+        self.tokens = tokens
+        self.ranks = ranks
+
+    def run(self, layer: int, module: Any, *, keep: bool) -> None:
+        self.step.run(keep=keep, only=self.batches)
+
+    def reduce(self, tensor: Any) -> Any:
+        """Hessians and counts summed over the processes (each calibrated on a share of the batches)."""
+        return self.ranks.sum_(tensor)
+
+    @property
+    def current_mask(self) -> Any:
+        return self.step.current_mask
+
+
+#: Bytes of GPTQ work per expert, per (hidden, intermediate): the chunk's Hessians and GPTQ's copies of
+#: them (inverse, Cholesky factors, act-order gathers) and of the weights (working copy, dequantized, codes).
+def gptq_bytes_per_expert(hidden: int, intermediate: int) -> int:
+    """Memory GPTQ needs per expert of a chunk (float32 work), the larger of gate/up and down."""
+    gate_up = 8 * hidden * hidden + 3 * 2 * intermediate * hidden
+    down = 8 * intermediate * intermediate + 3 * hidden * intermediate
+    return 4 * max(gate_up, down)
+
+
+#: The least memory GPTQ's chunk may take: below this, chunking only costs speed.
+MIN_GPTQ_BUDGET = 256 * 10**6
+
+
+def auto_expert_batch(layout: Any, device: Any) -> int:
+    """How many experts GPTQ quantizes together when ``--expert-batch 0``.
+
+    On the CPU, the chunk's work stays within one layer's experts in bfloat16 (so quantizing holds about
+    three layers' worth: the layer in float32 plus the chunk), at least :data:`MIN_GPTQ_BUDGET`; on an
+    accelerator, within a quarter of its free memory (usually the whole layer: fastest).
+    """
+    from moetool.runner.memory import available_bytes
+
+    largest = 1
+    for info in layout.experts.values():
+        per_expert = gptq_bytes_per_expert(info.hidden, info.intermediate)
+        if getattr(device, "type", "cpu") == "cpu":
+            budget = max(MIN_GPTQ_BUDGET, info.num_experts * 3 * info.intermediate * info.hidden * 2)
         else:
-            i = info.intermediate
-            for e in range(info.num_experts):
-                put(info.gate[e], gate_up.select(e, slice(0, i)))
-                put(info.up[e], gate_up.select(e, slice(i, 2 * i)))
-                put(info.down[e], down.select(e))
-    for linear in layout.linears.get(layer, []):
-        put(linear.name, result.linears[linear.module])
+            budget = available_bytes(device) // 4
+        largest = max(largest, min(info.num_experts, max(1, budget // per_expert)))
+    return largest
+
+
+def _probe_batch(ids: Any) -> Any:
+    """One window of token ids as a batch (the sample the logits check compares on)."""
+    import torch
+
+    from moetool.data import Batch
+
+    ids = ids.reshape(1, -1).long()
+    return Batch(ids, torch.ones_like(ids), [None])
+
+
+def _digest(tensor: Any, hasher: Any = None) -> str:
+    """A fingerprint of a tensor's exact bytes (what the decode-back check compares); ``hasher`` continues
+    one started on earlier parts (the experts of a stack, one at a time, give the stack's fingerprint)."""
+    import hashlib
+
+    import torch
+
+    hasher = hasher or hashlib.sha256()
+    for part in tensor.detach().reshape(-1, *tensor.shape[-2:]) if tensor.dim() > 2 else [tensor.detach()]:
+        if part.is_floating_point():
+            part = part + 0.0  # -0.0 becomes 0.0: the same value, whichever way the decoder computed it
+        data = part.to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        hasher.update(memoryview(data.numpy()))
+    return hasher.hexdigest()
+
+
+def _layer_digests(layout: Any, layer: int, experts: Any, linears: dict[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if layer in layout.experts and experts is not None:
+        out["gate_up"] = _digest(experts.gate_up_proj)
+        out["down"] = _digest(experts.down_proj)
+    for name, module in linears.items():
+        out[name] = _digest(module.weight)
+    return out
+
+
+def _read_calibration(calibration: CalibrationData, status: Callable[[str], None]) -> list[Any]:
+    from moetool.data import load_documents
+
+    status(f"reading {calibration.dataset}")
+    return load_documents(
+        calibration.dataset,
+        text_field=calibration.text_field,
+        split=calibration.split,
+        data_files=list(calibration.data_files) or None,
+        config_name=calibration.config_name,
+    )
+
+
+def _calibration_batches(
+    checkpoint: Any, tokenizer: Any, documents: list[Any], calibration: CalibrationData, warnings: list[str]
+) -> tuple[list[Any], int]:
+    """The calibration windows, batched; the sequence length actually used."""
+    from moetool.data import iter_batches, iter_windows
+    from moetool.errors import DatasetError
+    from moetool.evaluate import check_seq_len
+
+    seq_len = calibration.seq_len
+    limit = checkpoint.config.get("max_position_embeddings")
+    if isinstance(limit, int) and not isinstance(limit, bool) and 1 < limit < seq_len:
+        warnings.append(f"--seq-len {seq_len} cut to the model's max_position_embeddings ({limit})")
+        seq_len = limit
+    check_seq_len(checkpoint.config, seq_len, checkpoint.name)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    windows = iter_windows(tokenizer, documents, seq_len=seq_len, max_tokens=calibration.max_tokens or None)
+    batches = list(iter_batches(windows, batch_size=calibration.batch_size, pad_id=pad_id))
+    if not batches:
+        raise DatasetError(f"{calibration.dataset} gave no calibration tokens", code="DATASET_EMPTY")
+    return batches, seq_len
+
+
+@dataclass
+class _PassOutcome:
+    """What the layer-by-layer pass produced besides the written codes."""
+
+    digests: dict[int, dict[str, str]] = field(default_factory=dict)
+    original_logits: Any = None
+    quantized_logits: Any = None
+    calibration_tokens: int = 0
+
+
+def _quantize_pass(
+    runner: Any,
+    layout: Any,
+    spec: Any,
+    fmt: QuantFormat,
+    options: QuantizeOptions,
+    calibration_batches: list[Any],
+    probe: Any,
+    writer: Any,
+    result: QuantizeResult,
+    status: Callable[[str], None],
+    on_layer: Callable[[LayerReport, int, int], None] | None,
+    ranks: Any,
+    storage: Any,
+) -> _PassOutcome:
+    """One layer-major pass: each decoder layer is loaded, calibrated, quantized, written and released.
+
+    The probe window runs through every layer twice, before quantization (original weights) and after
+    (quantized), so the two models' logits can be compared at the end without holding either model.
+    With several processes each calibrates on its share of the batches (``calibration_batches`` are this
+    process's), the Hessians are summed, every process quantizes the same way and only the first one
+    writes (``writer`` is ``None`` on the others).
+    """
+    from moetool.quantize.engine import quantize_layer
+    from moetool.quantize.loader import experts_module
+    from moetool.runner.skeleton import layer_index
+
+    grid = fmt.grid(clip_search=options.clip_search, ternary_scale=options.ternary_scale)
+    method_opts = MethodOptions(
+        method=options.method,
+        group_size=options.group_size,
+        act_order=options.act_order,
+        damp=options.damp,
+        expert_batch=result.expert_batch,
+        ternary_bits=options.ternary_bits if fmt.scheme == "ternary" else 0.0,
+        split_gate_up=not any(e.fused for e in layout.experts.values()),
+    )
+
+    def fixed_threads() -> Any:
+        if options.method != "gptq":
+            return contextlib.nullcontext()
+        from moetool.quantize.gptq import reproducible_threads
+
+        return reproducible_threads(runner.device)
+
+    calib = set(range(len(calibration_batches)))
+    probe_original, probe_quantized = len(calibration_batches), len(calibration_batches) + 1
+    batches = [*calibration_batches, probe, probe]
+    outcome = _PassOutcome(
+        calibration_tokens=ranks.sum_int(sum(int(b.attention_mask.sum()) for b in calibration_batches))
+    )
+    total = len(runner.layer_paths)
+    seen: set[int] = set()
+    with runner.run(batches, logits={probe_original, probe_quantized}) as schedule:
+        for step in schedule.steps():
+            # GPTQ's inputs must not depend on the thread count: every layer run of the pass (also the
+            # layers only passed through) on the fixed thread count of moetool.quantize.gptq.
+            with fixed_threads():
+                layer = layer_index(step.path)
+                step.run(keep=True, only={probe_original})
+                if layer in layout.experts or layer in layout.linears:
+                    seen.add(layer)
+                    status(f"quantizing layer {layer}")
+                    experts = experts_module(step.module, spec, layer) if layer in layout.experts else None
+                    linears = _linear_modules(layout, layer, step.module)
+                    _check_mapping(runner.checkpoint, layout, layer, experts, linears)
+                    inputs = None
+                    if calib and options.method == "gptq":
+                        inputs = _StepInputs(step, calib, outcome.calibration_tokens, ranks)
+                    layer_result = quantize_layer(
+                        layer,
+                        step.module,
+                        experts,
+                        linears,
+                        grid=grid,
+                        opts=method_opts,
+                        coverage=options.coverage,
+                        inputs=inputs,
+                    )
+                    if writer is not None:
+                        storage.write_layer(writer, layout, layer, layer_result, fmt)
+                        outcome.digests[layer] = _layer_digests(layout, layer, experts, linears)
+                    result.layers.append(layer_result.report)
+                    del layer_result
+                    if on_layer is not None:
+                        on_layer(result.layers[-1], step.position, total)
+                step.run(keep=True, only=calib)
+                step.run(keep=True, only={probe_quantized})
+        for batch, logits in schedule.logits():
+            if batch == probe_original:
+                outcome.original_logits = logits.float().cpu()
+            else:
+                outcome.quantized_logits = logits.float().cpu()
+    missing = [layer for layer in layout.layers if layer not in seen]
+    if missing:
+        raise CheckpointError(
+            f"the transformers model never ran decoder layer {missing[0]}, which holds experts to quantize",
+            hint="the installed transformers lays this family out differently; please report it",
+            code="LAYOUT_MISMATCH",
+        )
+    return outcome
 
 
 def quantize(
@@ -313,6 +556,7 @@ def quantize(
     verify: bool = True,
     full_check: bool | None = None,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
     revision: str | None = None,
     token: str | bool | None = None,
     offline: bool | None = None,
@@ -322,19 +566,25 @@ def quantize(
 ) -> QuantizeResult:
     """Quantize the routed experts (and optionally attention / shared experts) of an MoE checkpoint.
 
+    The model is never held whole: one pass reads each decoder layer's weights once, runs the
+    calibration tokens through it, quantizes it, writes its codes and frees it before the next layer
+    (``options.whole_model`` loads it whole instead, for comparison).
+
     Args:
         source: a local folder, a Hub repo id, or an opened :class:`~moetool.io.checkpoint.Checkpoint`.
         out: the output folder.
         options: bits, method, groups, coverage, device.
         calibration: the calibration text (required for ``gptq``, unused otherwise).
         verify: run the checks of :mod:`moetool.quantize.verify` before publishing.
-        full_check: reload the output through transformers and compare logits (``None``: when the
-            source weighs at most 4 GB).
+        full_check: also reload the output whole through transformers and compare logits (``None``: when
+            that costs no more memory than quantizing did: the whole model in the compute dtype within one
+            layer plus GPTQ's budget; larger models are checked layer by layer only).
         overwrite: replace an existing output folder.
+        allow_nonfinite: process an input holding NaN/Inf (refused otherwise) and publish such an output.
         revision / token / offline: Hub access for a repo id.
         command: the command line, for the model card.
         on_status: progress callback, a line saying what happens now.
-        on_layer: called after each decoder layer with its report, its position and the layer count.
+        on_layer: called after each quantized decoder layer with its report, its position and the layer count.
 
     Returns:
         What was written, measured and checked.
@@ -344,16 +594,17 @@ def quantize(
         CheckpointError: ``QUANTIZED_INPUT``, missing experts, ``LAYOUT_MISMATCH``.
         UnsupportedArchitectureError: ``NOT_MOE``, a family whose experts cannot be rewritten.
         OutputError: the output path exists (without ``overwrite``), overlaps the input, ...
+        InsufficientMemoryError: one layer and the calibration activations cannot fit.
         VerificationError: a failed check (nothing is published).
     """
-    import torch
-
     from moetool.arch.dims import resolve_dims
     from moetool.arch.registry import family_for_config, require_capability
     from moetool.io.checkpoint import Checkpoint
-    from moetool.io.writer import check_output_path
-    from moetool.modeling import check_device_name, check_dtype_name, open_checkpoint, resolve_device
+    from moetool.io.sizes import estimate_quantized_bytes
+    from moetool.io.writer import check_disk_space, check_output_path
+    from moetool.modeling import check_device_name, check_dtype_name, open_checkpoint
     from moetool.quantize.layout import build_layout
+    from moetool.validate import check_input
 
     status = on_status or (lambda _msg: None)
     timings: dict[str, float] = {}
@@ -373,97 +624,71 @@ def quantize(
         if isinstance(source, Checkpoint)
         else open_checkpoint(str(source), revision=revision, token=token, offline=offline)
     )
+    check_input(checkpoint, float_weights=True, allow_nonfinite=allow_nonfinite)
     _refuse_quantized(checkpoint)
     spec = family_for_config(checkpoint.config)
     require_capability(spec, "quantize")
     dims = resolve_dims(spec, checkpoint.config)
     layout = build_layout(spec, dims, checkpoint, options.categories)
+    from moetool.quantize.formats import resolve
+
+    choice = resolve(options.output_format, options.symmetric, fmt, layout, checkpoint)
+    storage, fmt = choice.storage, choice.fmt
+    warnings += [choice.warning] if choice.warning else []
     out = Path(out)
     check_output_path(out, [checkpoint.root], overwrite=overwrite)
-    device = resolve_device(options.device)
-
-    documents = None
-    if needs_data and calibration is not None:
-        from moetool.data import load_documents
-
-        status(f"reading {calibration.dataset}")
-        documents = load_documents(
-            calibration.dataset,
-            text_field=calibration.text_field,
-            split=calibration.split,
-            data_files=list(calibration.data_files) or None,
-            config_name=calibration.config_name,
-        )
+    predicted = estimate_quantized_bytes(checkpoint, layout.quantized_names(), fmt)
+    check_disk_space(out, predicted, what="the quantized model")
+    documents = _read_calibration(calibration, status) if needs_data and calibration is not None else None
     timings["plan"] = time.perf_counter() - started
 
-    from moetool.modeling import load_tokenizer, load_weights
-    from moetool.quantize.loader import decoder_layers, experts_module
+    import torch
+
+    from moetool.modeling import load_tokenizer
+    from moetool.runner.dist import current_ranks
+    from moetool.runner.memory import check_fits, estimate, human
+    from moetool.runner.stream import StreamedModel, StreamOptions
+
+    ranks = current_ranks(options.device)
 
     step = time.perf_counter()
-    status(f"loading {checkpoint.name}")
+    status(f"opening {checkpoint.name}" + (" (whole model)" if options.whole_model else " (one layer at a time)"))
     tokenizer = load_tokenizer(checkpoint) if needs_data else None
-    model = load_weights(checkpoint, device="cpu", dtype=options.dtype)
-    layers = decoder_layers(model)
-    missing = [layer for layer in layout.layers if layer not in layers]
-    if missing:
-        raise CheckpointError(
-            f"the transformers model has no decoder layer {missing[0]}",
-            hint="the installed transformers lays this family out differently; please report it",
-            code="LAYOUT_MISMATCH",
-        )
-    experts = {layer: experts_module(layers[layer], spec, layer) for layer in layout.experts}
-    linears = _linear_modules(layout, layers)
-    timings["load"] = time.perf_counter() - step
-
-    inputs = None
+    runner = StreamedModel(
+        checkpoint,
+        StreamOptions(
+            device=options.device,
+            dtype=options.dtype,
+            hidden="cpu" if options.offload_activations else "auto",
+            whole_model=options.whole_model,
+        ),
+    )
+    calibration_batches: list[Any] = []
     calibration_report = None
-    sample_ids = None
     if needs_data:
-        from moetool.data import iter_batches, iter_windows
-        from moetool.evaluate import check_seq_len
-        from moetool.quantize.calibrate import LayerInputs
-
         assert calibration is not None and documents is not None and tokenizer is not None
-        step = time.perf_counter()
-        seq_len = calibration.seq_len
-        limit = checkpoint.config.get("max_position_embeddings")
-        if isinstance(limit, int) and not isinstance(limit, bool) and 1 < limit < seq_len:
-            warnings.append(f"--seq-len {seq_len} cut to the model's max_position_embeddings ({limit})")
-            seq_len = limit
-        check_seq_len(checkpoint.config, seq_len, checkpoint.name)
-        status(f"recording calibration inputs ({calibration.max_tokens:,} tokens)")
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        windows = iter_windows(tokenizer, documents, seq_len=seq_len, max_tokens=calibration.max_tokens or None)
-        batches = list(iter_batches(windows, batch_size=calibration.batch_size, pad_id=pad_id))
-        if not batches:
-            from moetool.errors import DatasetError
-
-            raise DatasetError(f"{calibration.dataset} gave no calibration tokens", code="DATASET_EMPTY")
-        sample_ids = batches[0].input_ids[:1, : min(64, batches[0].input_ids.shape[1])]
-        inputs = LayerInputs.capture(model, layers, batches, device)
+        calibration_batches, seq_len = _calibration_batches(checkpoint, tokenizer, documents, calibration, warnings)
+        probe_ids = calibration_batches[0].input_ids[0, : min(64, int(calibration_batches[0].attention_mask[0].sum()))]
         calibration_report = {
             "dataset": calibration.dataset,
-            "tokens": inputs.tokens,
-            "windows": sum(int(b.input_ids.shape[0]) for b in batches),
+            "tokens": sum(int(b.attention_mask.sum()) for b in calibration_batches),
+            "windows": sum(int(b.input_ids.shape[0]) for b in calibration_batches),
             "seq_len": seq_len,
+            "processes": ranks.world,
         }
-        del batches
-        timings["capture"] = time.perf_counter() - step
+        calibration_batches = list(ranks.shard(calibration_batches))
+        del documents
+    else:
+        vocab = int(runner.model.get_input_embeddings().weight.shape[0])
+        probe_ids = torch.randint(0, vocab, (32,), generator=torch.Generator().manual_seed(0))
+    positions = sum(int(b.input_ids.numel()) for b in calibration_batches) + 2 * int(probe_ids.numel())
+    memory = estimate(checkpoint, str(runner.dtype).removeprefix("torch."))
+    check_fits(memory, tokens=positions, device=runner.device, whole_model=options.whole_model)
+    timings["load"] = time.perf_counter() - step
 
     from moetool.io.model_card import write_model_card
     from moetool.io.writer import ShardedWriter, copy_aux_files, parse_size, staged_output, write_json
-    from moetool.quantize.engine import quantize_layer
 
-    grid = fmt.grid(clip_search=options.clip_search, ternary_scale=options.ternary_scale)
-    method_opts = MethodOptions(
-        method=options.method,
-        group_size=options.group_size,
-        act_order=options.act_order,
-        damp=options.damp,
-        expert_batch=options.expert_batch,
-        ternary_bits=options.ternary_bits if fmt.scheme == "ternary" else 0.0,
-        split_gate_up=not any(e.fused for e in layout.experts.values()),
-    )
     result = QuantizeResult(
         source=checkpoint.name,
         output=str(out),
@@ -471,45 +696,50 @@ def quantize(
         options=options,
         family=spec.name,
         source_revision=checkpoint.revision,
-        device=str(device),
+        device=str(runner.device),
         calibration=calibration_report,
         timings=timings,
         warnings=warnings,
+        memory=memory.to_json(positions) | {"streamed": not options.whole_model},
+        expert_batch=options.expert_batch or auto_expert_batch(layout, runner.device),
+        format_reason=choice.reason,
     )
+    status(
+        f"{'whole model' if options.whole_model else 'one layer at a time'} on {runner.device} ({memory.dtype}): "
+        f"largest layer {human(memory.largest_layer_bytes)}, calibration activations "
+        f"{human(memory.activations(positions))}, "
+        + (f"GPTQ {result.expert_batch} experts at a time, " if options.method == "gptq" else "")
+        + "peak about "
+        f"{human(memory.whole_peak(positions) if options.whole_model else memory.streamed_peak(positions))}"
+    )
+    if not ranks.is_main:
+        # The other processes calibrate their share and quantize alike; the first one writes and checks.
+        _quantize_pass(
+            runner, layout, spec, fmt, options, calibration_batches, _probe_batch(probe_ids), None, result,
+            status, None, ranks,
+        )  # fmt: skip
+        ranks.barrier()
+        return result
     replaced = layout.quantized_names()
-    with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite) as staging:
+    with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite, allow_nonfinite=allow_nonfinite) as staging:
         step = time.perf_counter()
         with ShardedWriter(staging, max_shard_size=parse_size(options.max_shard_size)) as writer:
-            order = sorted(layers)
-            for position, layer in enumerate(order):
-                module = layers[layer]
-                todo = layer in layout.experts or layer in layout.linears
-                if not todo and inputs is None:
-                    continue
-                module.to(device)
-                if todo:
-                    status(f"quantizing layer {layer}")
-                    _check_mapping(checkpoint, layout, layer, experts.get(layer), linears.get(layer, {}))
-                    layer_result = quantize_layer(
-                        layer,
-                        module,
-                        experts.get(layer),
-                        linears.get(layer, {}),
-                        grid=grid,
-                        opts=method_opts,
-                        coverage=options.coverage,
-                        inputs=inputs,
-                    )
-                    _write_layer(writer, layout, layer, layer_result, fmt)
-                    result.layers.append(layer_result.report)
-                    del layer_result
-                    if on_layer is not None:
-                        on_layer(result.layers[-1], position, len(order))
-                elif inputs is not None:
-                    inputs.run(layer, module, keep=True)
-                if device.type != "cpu":
-                    module.to("cpu")
-            del inputs
+            outcome = _quantize_pass(
+                runner,
+                layout,
+                spec,
+                fmt,
+                options,
+                calibration_batches,
+                _probe_batch(probe_ids),
+                writer,
+                result,
+                status,
+                on_layer,
+                ranks,
+                storage,
+            )
+            del calibration_batches
             timings["quantize"] = time.perf_counter() - step
             step = time.perf_counter()
             status("copying the other tensors")
@@ -517,45 +747,92 @@ def quantize(
             for name, tensor in checkpoint.iter_tensors(keep):
                 writer.add(name, tensor)
         config = dict(checkpoint.config)
-        config["quantization_config"] = fmt.to_config()
+        config.update(storage.config_entries(fmt, layout, runner.model, checkpoint))
+        result.quantization_config = config["quantization_config"]
         write_json(staging / "config.json", config)
         copy_aux_files(checkpoint.root, staging)
         timings["write"] = time.perf_counter() - step
 
         step = time.perf_counter()
-        from moetool.quantize.verify import check_coverage, check_exact, check_reload, measure_storage
-
-        written = Checkpoint.open(staging, name=str(out))
-        storage = measure_storage(written, checkpoint, layout)
-        result.storage = storage
-        verification = Verification(storage=storage)
-        verification.checks.append(check_coverage(written, checkpoint, layout, fmt))
-        if verify:
-            status("verifying the written codes")
-            verification.checks.append(check_exact(written, layout, fmt, layers))
-            full = full_check if full_check is not None else checkpoint.total_bytes() <= FULL_CHECK_BYTES
-            if full:
-                status("reloading the output with transformers")
-                if sample_ids is None:
-                    generator = torch.Generator().manual_seed(0)
-                    vocab = int(model.get_input_embeddings().weight.shape[0])
-                    sample_ids = torch.randint(0, vocab, (1, 32), generator=generator)
-                verification.checks.append(check_reload(staging, model, sample_ids))
-            else:
-                verification.checks.append(
-                    Check("reload", None, "skipped: the model is larger than the in-memory check allows")
-                )
-        result.verification = verification
+        result.verification = _verify(
+            staging,
+            out,
+            checkpoint,
+            layout,
+            fmt,
+            runner,
+            outcome,
+            probe_ids,
+            storage,
+            verify=verify,
+            full_check=full_check,
+            status=status,
+        )
+        result.storage = result.verification.storage
         timings["verify"] = time.perf_counter() - step
-        write_model_card(staging, **_card(result, command))
+        write_model_card(staging, **_card(result, command, storage.usage(fmt, layout)))
         result.files = sorted(p.name for p in staging.iterdir())
         result.bytes_written = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
         status("publishing")
+    ranks.barrier()
     timings["total"] = time.perf_counter() - started
     return result
 
 
-def _card(result: QuantizeResult, command: str | Sequence[str] | None) -> dict[str, Any]:
+def _verify(
+    staging: Path,
+    out: Path,
+    checkpoint: Any,
+    layout: Any,
+    fmt: QuantFormat,
+    runner: Any,
+    outcome: _PassOutcome,
+    probe_ids: Any,
+    storage: Any,
+    *,
+    verify: bool,
+    full_check: bool | None,
+    status: Callable[[str], None],
+) -> Verification:
+    """The checks of :mod:`moetool.quantize.verify` and the format's own on the staging folder, one layer in
+    memory at a time (the whole model only for a reload that costs no more memory than quantizing did)."""
+    from moetool.io.checkpoint import Checkpoint
+    from moetool.quantize.formats import VerifyContext
+    from moetool.quantize.verify import check_coverage, check_decoded, check_probe_logits, measure_storage
+    from moetool.runner.memory import estimate
+
+    written = Checkpoint.open(staging, name=str(out))
+    stored = storage.stored(layout, fmt)
+    verification = Verification(storage=measure_storage(written, checkpoint, layout, stored))
+    verification.checks.append(check_coverage(written, checkpoint, layout, stored))
+    if not verify:
+        return verification
+    status("verifying the written codes, layer by layer")
+    verification.checks.append(check_decoded(written, layout, fmt, outcome.digests, runner.dtype))
+    verification.checks.append(check_probe_logits(outcome.original_logits, outcome.quantized_logits))
+    full = full_check
+    if full is None:
+        sizes = estimate(checkpoint, str(runner.dtype).removeprefix("torch."))
+        full = sizes.weights_by_dtype[sizes.dtype] <= sizes.largest_layer_bytes + MIN_GPTQ_BUDGET
+    if full:
+        status("reloading the output whole")
+    context = VerifyContext(
+        folder=staging,
+        written=written,
+        source=checkpoint,
+        layout=layout,
+        fmt=fmt,
+        digests=outcome.digests,
+        want_logits=outcome.quantized_logits,
+        sample_ids=probe_ids,
+        dtype=runner.dtype,
+        full=full,
+    )
+    verification.checks += storage.verify(context)
+    return verification
+
+
+def _card(result: QuantizeResult, command: str | Sequence[str] | None, usage: str) -> dict[str, Any]:
     fmt = result.format
     bits = result.expert_bits
     summary = (
@@ -565,8 +842,8 @@ def _card(result: QuantizeResult, command: str | Sequence[str] | None) -> dict[s
         + "; router, norms, embeddings and lm_head are unchanged"
         + (" (attention quantized too)" if "attention" in fmt.categories else "")
         + (" (shared experts quantized too)" if "shared_experts" in fmt.categories else "")
-        + ". Load it with `moetool.load_model(path)`, or `import moetool.quantize` before transformers' "
-        "`AutoModelForCausalLM.from_pretrained(path)`: the experts dequantize on the fly."
+        + ". "
+        + usage
     )
     results: dict[str, Any] = {}
     for category, entry in result.storage.items():
@@ -580,7 +857,8 @@ def _card(result: QuantizeResult, command: str | Sequence[str] | None) -> dict[s
     opts = result.options
     options: dict[str, Any] = {
         "method": opts.method,
-        "scheme": fmt.scheme,
+        "format": fmt.storage,
+        "scheme": fmt.scheme + (" symmetric" if fmt.symmetric else ""),
         "bits": fmt.bits,
         "group size": opts.group_size,
         "quantized": ", ".join(fmt.categories),
@@ -609,7 +887,7 @@ def _card(result: QuantizeResult, command: str | Sequence[str] | None) -> dict[s
         "command": command if command is not None else "moetool quantize (library call)",
         "options": options,
         "revision": result.source_revision,
-        "tags": ("quantized", fmt.scheme),
+        "tags": ("quantized", fmt.scheme, fmt.storage),
         "summary": summary,
         "results": results,
     }

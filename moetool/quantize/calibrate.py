@@ -1,13 +1,12 @@
 """Calibration: the inputs each expert sees, layer by layer, and per-expert Hessians with coverage.
 
-Layer by layer, as GPTQ implementations do: one pass of the model records, for every calibration
-batch, the hidden states entering the first decoder layer and the arguments every decoder layer is
-called with (rotary embeddings, masks). Each layer then runs on its own, on the stored hidden states:
-its Hessians are collected, its weights quantized, and its *quantized* output becomes the next layer's
-input, so later layers are calibrated on what the quantized model really feeds them. Memory holds the
-calibration activations (tokens x hidden size) and one layer's Hessians; collecting all layers'
-Hessians in one pass instead would need ``E x (H^2 + I^2)`` floats for every layer at once (6.6 GB per
-Mixtral-8x7B layer) and would calibrate later layers on unquantized inputs.
+Layer by layer, as GPTQ implementations do, through the layer-streamed runner
+(:mod:`moetool.runner`): each decoder layer is read from the checkpoint, runs over every calibration
+batch (its Hessians are collected), its weights are quantized, and its *quantized* output becomes the
+next layer's input, so later layers are calibrated on what the quantized model really feeds them.
+Memory holds the calibration activations (tokens x hidden size), one layer's weights and its Hessians;
+collecting all layers' Hessians in one pass instead would need ``E x (H^2 + I^2)`` floats for every
+layer at once (6.6 GB per Mixtral-8x7B layer) and would calibrate later layers on unquantized inputs.
 
 Per-expert Hessians come from a hook on the experts module's input: ``(hidden_states, top_k_index,
 top_k_weights)`` is exactly what the model's own router chose (the routing rule of each family is
@@ -25,9 +24,8 @@ Padding positions never enter a Hessian.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from moetool.errors import UsageError
 
@@ -104,116 +102,23 @@ class LayerCoverage:
 # ----------------------------------------------------------------------------- layer inputs
 
 
-class _StopForward(Exception):
-    """Raised inside the capture pass once nothing more is needed."""
-
-
-def _to(value: Any, device: torch.device, memo: dict[int, Any]) -> Any:
-    """Move the tensors of a nested argument structure; ``memo`` keeps one copy of a tensor that several
-    layers receive (the rotary embeddings, the mask)."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        hit = memo.get(id(value))
-        if hit is None or hit[0] is not value:
-            # The source is kept in the memo too, so its id cannot be reused while the memo lives.
-            hit = memo[id(value)] = (value, value.detach().to(device))
-        return hit[1]
-    if isinstance(value, tuple):
-        return tuple(_to(v, device, memo) for v in value)
-    if isinstance(value, list):
-        return [_to(v, device, memo) for v in value]
-    if isinstance(value, dict):
-        return {k: _to(v, device, memo) for k, v in value.items()}
-    return value
-
-
-class LayerInputs:
-    """Calibration activations between decoder layers, and each layer's call arguments.
+class CalibrationRunner(Protocol):
+    """Runs one decoder layer over the calibration batches (the layer-streamed runner provides it).
 
     Attributes:
-        hidden: per batch, the hidden states entering the current layer ``[B, S, H]``.
-        masks: per batch, which of the ``B * S`` flattened positions are real tokens.
-        calls: per layer, per batch, the other positional and keyword arguments of its call.
+        current_mask: while a batch runs, which of its flattened positions are real tokens.
         tokens: real calibration tokens.
     """
 
-    def __init__(self) -> None:
-        self.hidden: list[torch.Tensor] = []
-        self.masks: list[torch.Tensor] = []
-        self.calls: dict[int, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {}
-        self.tokens = 0
-        #: The mask of the batch being run (read by the hooks).
-        self.current_mask: torch.Tensor | None = None
-
-    @classmethod
-    def capture(cls, model: Any, layers: dict[int, Any], batches: Iterable[Any], device: torch.device) -> LayerInputs:
-        """Run the model's embedding, rotary and mask code once per batch and record every layer's call.
-
-        Decoder layers are bypassed during the capture (they return their input unchanged), so this
-        costs an embedding lookup per batch; only the arguments each layer receives are kept.
-        """
-        import torch
-
-        inputs = cls()
-        first = min(layers)
-        handles = []
-        memo: dict[int, Any] = {}  # per batch
-
-        def recorder(index: int) -> Callable[..., None]:
-            def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                rest_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                call = (_to(tuple(args[1:]), device, memo), _to(rest_kwargs, device, memo))
-                inputs.calls.setdefault(index, []).append(call)
-                if index == first:
-                    inputs.hidden.append(hidden.detach().to(device))
-
-            return hook
-
-        def passthrough(*args: Any, **kwargs: Any) -> Any:
-            return args[0] if args else kwargs["hidden_states"]
-
-        backbone = model.base_model if getattr(model, "base_model", None) is not None else model
-        try:
-            for index, module in layers.items():
-                handles.append(module.register_forward_pre_hook(recorder(index), with_kwargs=True))
-                module.forward = passthrough
-            with torch.no_grad():
-                for batch in batches:
-                    memo.clear()
-                    mask = batch.attention_mask
-                    embed_device = model.get_input_embeddings().weight.device
-                    backbone(
-                        input_ids=batch.input_ids.to(embed_device),
-                        attention_mask=mask.to(embed_device),
-                        use_cache=False,
-                    )
-                    inputs.masks.append(mask.reshape(-1).bool().to(device))
-                    inputs.tokens += int(mask.sum())
-        finally:
-            for handle in handles:
-                handle.remove()
-            for module in layers.values():
-                module.__dict__.pop("forward", None)
-        return inputs
+    current_mask: Any
+    tokens: int
 
     def run(self, layer: int, module: Any, *, keep: bool) -> None:
-        """Run one decoder layer over every batch; with ``keep`` its outputs become the next inputs."""
-        import torch
+        """Run ``module`` (decoder layer ``layer``) over every batch; with ``keep`` its outputs feed the
+        next layer."""
 
-        calls = self.calls.get(layer)
-        if calls is None or len(calls) != len(self.hidden):
-            raise RuntimeError(f"no recorded call arguments for decoder layer {layer}")
-        with torch.no_grad():
-            for b, (args, kwargs) in enumerate(calls):
-                self.current_mask = self.masks[b]
-                out = module(self.hidden[b], *args, **kwargs)
-                if isinstance(out, tuple):
-                    out = out[0]
-                if keep:
-                    self.hidden[b] = out.detach()
-        self.current_mask = None
+    def reduce(self, tensor: Any) -> Any:
+        """Sum a statistic over the processes that share the calibration batches (in place)."""
 
 
 # ----------------------------------------------------------------------------- Hessians
@@ -229,7 +134,7 @@ def _masked_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 class LinearHessian:
     """``sum x x^T`` of the inputs of one ``nn.Linear`` (hook on its input)."""
 
-    def __init__(self, module: Any, inputs: LayerInputs, device: torch.device) -> None:
+    def __init__(self, module: Any, inputs: CalibrationRunner, device: torch.device) -> None:
         import torch
 
         columns = module.in_features
@@ -245,6 +150,13 @@ class LinearHessian:
 
     def remove(self) -> None:
         self._handle.remove()
+
+    def reduce(self, runner: CalibrationRunner) -> None:
+        """Sum the Hessian and token count over the processes."""
+        import torch
+
+        runner.reduce(self.hessian)
+        self.tokens = int(runner.reduce(torch.tensor([self.tokens], dtype=torch.long))[0])
 
 
 class ExpertsHessians:
@@ -262,7 +174,7 @@ class ExpertsHessians:
     """
 
     def __init__(
-        self, module: Any, inputs: LayerInputs, options: CoverageOptions, experts: list[int] | None = None
+        self, module: Any, inputs: CalibrationRunner, options: CoverageOptions, experts: list[int] | None = None
     ) -> None:
         import torch
 
@@ -340,6 +252,47 @@ class ExpertsHessians:
                         self.gate_up[slot].addmm_(rows.T, rows)
 
         return self.module.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def gate_up_from_cache(self, cached: list[tuple[torch.Tensor, torch.Tensor]], recorder: ExpertsHessians) -> None:
+        """This chunk's gate/up Hessians from the experts' inputs a recorder kept (same sums, same order,
+        as collecting them during the pass); the all-token Hessian is the recorder's."""
+        import torch
+
+        h, n = self.hidden, len(self.experts)
+        self.all_hessian = recorder.all_hessian
+        self.all_tokens = recorder.all_tokens
+        if not self.options.all_experts:
+            self.gate_up = torch.zeros((n, h, h), dtype=torch.float32, device=self.device)
+        for x, idx in cached:
+            for slot, expert in enumerate(self.experts):
+                rows = x[(idx == expert).any(-1)]
+                self.routed[expert] += rows.shape[0]
+                if self.gate_up is not None:
+                    rows = self._take(rows, expert, self.used)
+                    if rows.shape[0]:
+                        self.gate_up[slot].addmm_(rows.T, rows)
+
+    def reduce_all_tokens(self, runner: CalibrationRunner) -> None:
+        """Sum the all-token Hessian and count over the processes (each saw a share of the batches)."""
+        import torch
+
+        assert self.all_hessian is not None
+        runner.reduce(self.all_hessian)
+        count = torch.tensor([self.all_tokens], dtype=torch.long)
+        self.all_tokens = int(runner.reduce(count)[0])
+
+    def reduce_gate_up(self, runner: CalibrationRunner) -> None:
+        """Sum this chunk's gate/up statistics over the processes."""
+        runner.reduce(self.routed)
+        runner.reduce(self.used)
+        if self.gate_up is not None:
+            runner.reduce(self.gate_up)
+
+    def reduce_down(self, runner: CalibrationRunner) -> None:
+        """Sum the down pass's Hessians over the processes."""
+        assert self.down is not None
+        runner.reduce(self.down)
+        runner.reduce(self._down_used)
 
     def plan_coverage(self) -> None:
         """Decide each expert's Hessian source (routed, all tokens, or round-to-nearest)."""

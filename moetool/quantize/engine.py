@@ -18,11 +18,12 @@ Besides the codes, each layer reports GPTQ's objective (the output error on the 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moetool.quantize.calibrate import CoverageOptions, ExpertsHessians, LayerCoverage, LayerInputs, LinearHessian
+from moetool.quantize.calibrate import CalibrationRunner, CoverageOptions, ExpertsHessians, LayerCoverage, LinearHessian
 from moetool.quantize.gptq import DEFAULT_DAMP, GPTQStats, gptq_quantize
 from moetool.quantize.rtn import QuantizedWeight, rtn_quantize
 
@@ -228,7 +229,7 @@ def _concat(parts: list[QuantizedWeight]) -> QuantizedWeight:
         codes=torch.cat([p.codes for p in parts]),
         scale=torch.cat([p.scale for p in parts]),
         zero=None if parts[0].zero is None else torch.cat([p.zero for p in parts if p.zero is not None]),
-        dequantized=torch.cat([p.dequantized for p in parts]),
+        dequantized=None if parts[0].dequantized is None else torch.cat([p.dequantized for p in parts]),
         group_size=parts[0].group_size,
     )
 
@@ -251,7 +252,7 @@ def quantize_layer(
     grid: Grid,
     opts: MethodOptions,
     coverage: CoverageOptions,
-    inputs: LayerInputs | None,
+    inputs: CalibrationRunner | None,
 ) -> LayerResult:
     """Quantize one decoder layer in place (the model then holds the dequantized weights).
 
@@ -268,9 +269,15 @@ def quantize_layer(
     Returns:
         The codes and a report.
     """
+    import contextlib
+
     import torch
 
-    with torch.no_grad():
+    from moetool.quantize.gptq import reproducible_threads
+
+    device = next(layer_module.parameters()).device
+    fixed = reproducible_threads(device) if opts.method == "gptq" else contextlib.nullcontext()
+    with torch.no_grad(), fixed:
         return _quantize_layer(layer, layer_module, experts, linears, grid, opts, coverage, inputs)
 
 
@@ -282,7 +289,7 @@ def _quantize_layer(
     grid: Grid,
     opts: MethodOptions,
     coverage: CoverageOptions,
-    inputs: LayerInputs | None,
+    inputs: CalibrationRunner | None,
 ) -> LayerResult:
     started = time.perf_counter()
     report = LayerReport(layer)
@@ -312,6 +319,61 @@ def _chunks(count: int, size: int) -> list[list[int]]:
     return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
 
 
+def _gptq_experts(
+    layer: int,
+    layer_module: Any,
+    experts: Any,
+    grid: Grid,
+    opts: MethodOptions,
+    coverage: CoverageOptions,
+    inputs: CalibrationRunner,
+    result: LayerResult,
+) -> None:
+    """GPTQ of a layer's routed experts, a chunk of ``opts.expert_batch`` experts at a time.
+
+    One run of the layer records what reaches the experts module (its inputs and the router's choices:
+    tokens x hidden, small); every chunk's gate/up and down Hessians are then computed from that record,
+    so a chunk costs no further run of the layer and memory holds one chunk's Hessians and GPTQ work.
+    """
+    report = result.report
+    recorder = ExpertsHessians(experts, inputs, coverage, [])
+    handle = recorder.collect_gate_up(keep_inputs=True)
+    try:
+        inputs.run(layer, layer_module, keep=False)
+    finally:
+        handle.remove()
+    recorder.reduce_all_tokens(inputs)
+    cached = recorder.cached or []
+    gate_up_parts: list[QuantizedWeight] = []
+    down_parts: list[QuantizedWeight] = []
+    expert_coverage = []
+    for chunk in _chunks(int(experts.gate_up_proj.shape[0]), opts.expert_batch):
+        hessians = ExpertsHessians(experts, inputs, coverage, chunk)
+        hessians.gate_up_from_cache(cached, recorder)
+        hessians.reduce_gate_up(inputs)
+        hessians.plan_coverage()
+        assert hessians.gate_up is not None
+        gate_up = _gptq(experts.gate_up_proj[chunk], hessians.gate_up, grid, opts, report, "gate_up")
+        _write(experts.gate_up_proj, gate_up.dequantized, chunk)
+        hessians.gate_up = None  # free before the down Hessians
+        # Down Hessians from the quantized gate/up: what the down projection now really receives.
+        hessians.cached = cached
+        hessians.down_from_cache()
+        hessians.reduce_down(inputs)
+        hessians.finish_down()
+        assert hessians.down is not None
+        down = _gptq(experts.down_proj[chunk], hessians.down, grid, opts, report, "down")
+        _write(experts.down_proj, down.dequantized, chunk)
+        hessians.down = None
+        # The module now holds the dequantized weights; the codes are all the writer needs.
+        gate_up_parts.append(dataclasses.replace(gate_up, dequantized=None))
+        down_parts.append(dataclasses.replace(down, dequantized=None))
+        del gate_up, down
+        expert_coverage += hessians.coverage()
+    result.experts = (_concat(gate_up_parts), _concat(down_parts))
+    report.coverage = LayerCoverage(layer, recorder.all_tokens, expert_coverage)
+
+
 def _gptq_layer(
     layer: int,
     layer_module: Any,
@@ -320,64 +382,26 @@ def _gptq_layer(
     grid: Grid,
     opts: MethodOptions,
     coverage: CoverageOptions,
-    inputs: LayerInputs,
+    inputs: CalibrationRunner,
     result: LayerResult,
 ) -> None:
     report = result.report
-    chunks = _chunks(int(experts.gate_up_proj.shape[0]), opts.expert_batch) if experts is not None else [[]]
-    gate_up_parts: list[QuantizedWeight] = []
-    down_parts: list[QuantizedWeight] = []
-    expert_coverage = []
-    tokens = 0
-    for position, chunk in enumerate(chunks):
-        # Pass 1: gate/up Hessians (and the linears' on the first chunk).
-        collectors = {}
-        if position == 0:
-            collectors = {name: LinearHessian(module, inputs, module.weight.device) for name, module in linears.items()}
-        hessians = ExpertsHessians(experts, inputs, coverage, chunk) if experts is not None else None
-        # With only experts quantized, their inputs do not change between the passes: keep them and
-        # skip one run of the layer (attention included) per chunk.
-        reuse = not linears
-        handle = hessians.collect_gate_up(keep_inputs=reuse) if hessians is not None else None
+    # Pass 1: the linears' Hessians (attention, shared experts), quantized first.
+    if linears:
+        collectors = {name: LinearHessian(module, inputs, module.weight.device) for name, module in linears.items()}
         try:
             inputs.run(layer, layer_module, keep=False)
         finally:
-            if handle is not None:
-                handle.remove()
             for collector in collectors.values():
                 collector.remove()
         for name, collector in collectors.items():
+            collector.reduce(inputs)
             module = linears[name]
             weight = _gptq(module.weight[None], collector.hessian[None], grid, opts, report, name)
             _write(module.weight, weight.dequantized[0])
             result.linears[name] = weight.select(0)
-        if hessians is None:
-            continue
-        hessians.plan_coverage()
-        assert hessians.gate_up is not None
-        gate_up = _gptq(experts.gate_up_proj[chunk], hessians.gate_up, grid, opts, report, "gate_up")
-        _write(experts.gate_up_proj, gate_up.dequantized, chunk)
-        hessians.gate_up = None  # free before the next pass
-        # Pass 2: down Hessians from the quantized gate/up.
-        if reuse:
-            hessians.down_from_cache()
-        else:
-            handle = hessians.collect_down()
-            try:
-                inputs.run(layer, layer_module, keep=False)
-            finally:
-                handle.remove()
-        hessians.finish_down()
-        assert hessians.down is not None
-        down = _gptq(experts.down_proj[chunk], hessians.down, grid, opts, report, "down")
-        _write(experts.down_proj, down.dequantized, chunk)
-        hessians.down = None
-        gate_up_parts.append(gate_up)
-        down_parts.append(down)
-        expert_coverage += hessians.coverage()
-        tokens = hessians.all_tokens
+        del collectors
     if experts is not None:
-        result.experts = (_concat(gate_up_parts), _concat(down_parts))
-        report.coverage = LayerCoverage(layer, tokens, expert_coverage)
+        _gptq_experts(layer, layer_module, experts, grid, opts, coverage, inputs, result)
     # Pass 3: the quantized layer's outputs feed the next layer.
     inputs.run(layer, layer_module, keep=True)

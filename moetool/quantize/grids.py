@@ -8,6 +8,14 @@ forward and what the loader reconstructs from disk are the same numbers.
 
 * :class:`UniformGrid`: asymmetric ``b``-bit min/max grid with an integer zero point, as in GPTQ;
   ``clip_search`` shrinks the range where that lowers the group's error (GPTQ's ``mse`` option).
+* :class:`SymmetricGrid`: symmetric ``b``-bit grid around 0, ``w ~ q * s`` with ``q`` in
+  ``[-2**(b-1), 2**(b-1) - 1]`` and no zero point: what compressed-tensors' ``symmetric: true`` and the
+  servers' int4/int8 MoE kernels (vLLM, SGLang) read.
+
+Scales are stored as float16 by default. A grid can instead keep them in another dtype
+(``scale_dtype``) and round its dequantized values to a ``value_dtype``: compressed-tensors
+dequantizes ``q * s`` in the scale's dtype (the model's), so the values GPTQ feeds forward must be
+rounded the same way to stay exactly what a server or transformers reconstructs.
 * :class:`NF4Grid`: the 16 NormalFloat-4 values of QLoRA / bitsandbytes, scaled by the group's absmax.
 * :class:`TernaryGrid`: ``{-s, 0, +s}`` with ``s`` the group's absmax (QMoE-style: most weights land
   on 0, which the entropy coder of :mod:`moetool.quantize.codec` turns into well under 1 bit each).
@@ -47,6 +55,9 @@ NF4_VALUES: tuple[float, ...] = (
 # relative precision instead.
 _MIN_SCALE = 2.0**-14
 
+#: Dtypes a grid may store its scales in (and round its dequantized values to).
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+
 
 class Grid(Protocol):
     """What GPTQ and round-to-nearest need from a grid."""
@@ -57,6 +68,8 @@ class Grid(Protocol):
     code_bits: int
     #: whether the grid has a zero point per group.
     has_zero: bool
+    #: the dtype its scales are stored in (``float16``, ``bfloat16`` or ``float32``).
+    scale_dtype: str
 
     def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Group parameters for ``w [..., rows, n]``: ``(scale [..., rows], zero [..., rows] or None)``."""
@@ -73,11 +86,27 @@ class Grid(Protocol):
         ...
 
 
-def _storage_scale(scale: torch.Tensor) -> torch.Tensor:
-    """Round a scale to what float16 storage holds (the value every later step must use)."""
+def torch_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16`` (one of :data:`SCALE_DTYPES`)."""
     import torch
 
-    return scale.clamp(min=_MIN_SCALE, max=65504.0).to(torch.float16).to(torch.float32)
+    if name not in SCALE_DTYPES:
+        raise ValueError(f"scale dtype must be one of {', '.join(SCALE_DTYPES)}, not {name!r}")
+    return getattr(torch, name)
+
+
+def _storage_scale(scale: torch.Tensor, dtype: str = "float16") -> torch.Tensor:
+    """Round a scale to what its storage dtype holds (the value every later step must use)."""
+    top = 65504.0 if dtype == "float16" else 3.0e38
+    return scale.clamp(min=_MIN_SCALE, max=top).to(torch_dtype(dtype)).float()
+
+
+def _round_values(values: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Dequantized values as a reader that multiplies in ``dtype`` gets them (a no-op for float32).
+
+    The float32 product of a code (at most 8 bits) and a float16 or bfloat16 scale is exact, so one
+    rounding to ``dtype`` gives what multiplying in ``dtype`` gives."""
+    return values if dtype == "float32" else values.to(torch_dtype(dtype)).float()
 
 
 @dataclass(frozen=True)
@@ -90,12 +119,16 @@ class UniformGrid:
             with the smallest ``sum |w - q|**2.4``, per row (GPTQ's ``mse`` search; it pays at 2-3 bits).
         steps: shrink factors tried.
         max_shrink: the largest fraction of the range that may be cut.
+        scale_dtype: the dtype scales are stored in.
+        value_dtype: the dtype dequantized values are rounded to (``float32``: exact).
     """
 
     bits: int
     clip_search: bool = False
     steps: int = 20
     max_shrink: float = 0.5
+    scale_dtype: str = "float16"
+    value_dtype: str = "float32"
     kind: str = "uniform"
     has_zero: bool = True
 
@@ -116,7 +149,7 @@ class UniformGrid:
         flat = (hi - lo) == 0
         lo = torch.where(flat, torch.full_like(lo, -1.0), lo)
         hi = torch.where(flat, torch.full_like(hi, 1.0), hi)
-        scale = _storage_scale((hi - lo) / self.maxq)
+        scale = _storage_scale((hi - lo) / self.maxq, self.scale_dtype)
         zero = torch.clamp(torch.round(-lo / scale), 0, self.maxq)
         return scale, zero
 
@@ -151,13 +184,93 @@ class UniformGrid:
 
         assert zero is not None
         codes = torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
-        return codes.to(torch.uint8), (codes - zero) * scale
+        return codes.to(torch.uint8), _round_values((codes - zero) * scale, self.value_dtype)
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
         import torch
 
         assert zero is not None
-        return (codes.to(torch.float32) - zero.to(torch.float32)) * scale.to(torch.float32)
+        values = (codes.to(torch.float32) - zero.to(torch.float32)) * scale.to(torch.float32)
+        return _round_values(values, self.value_dtype)
+
+
+@dataclass(frozen=True)
+class SymmetricGrid:
+    """Symmetric uniform grid: ``q = clamp(round(w / s), -2**(b-1), 2**(b-1) - 1)``, ``w ~ q * s``.
+
+    Codes are stored offset by ``2**(b-1)`` (``0 .. 2**b - 1``, as compressed-tensors packs them). The
+    scale maps the group's largest magnitude to ``(2**b - 1) / 2`` steps (GPTQ's and llm-compressor's
+    symmetric rule): both ends of the range are at most half a step off, the same error bound as
+    rounding, and all ``2**b`` codes are used.
+
+    Args:
+        bits: bits per code (2 to 8).
+        clip_search: try shrinking the largest magnitude (down to ``1 - max_shrink``), as
+            :class:`UniformGrid` does.
+        steps / max_shrink: the shrink factors tried.
+        scale_dtype: the dtype scales are stored in (compressed-tensors: the model's dtype).
+        value_dtype: the dtype dequantized values are rounded to (compressed-tensors: the scale's).
+    """
+
+    bits: int
+    clip_search: bool = False
+    steps: int = 20
+    max_shrink: float = 0.5
+    scale_dtype: str = "float16"
+    value_dtype: str = "float32"
+    kind: str = "symmetric"
+    has_zero: bool = False
+
+    @property
+    def code_bits(self) -> int:
+        return self.bits
+
+    @property
+    def offset(self) -> int:
+        """What is added to a signed code to store it (``2**(b-1)``)."""
+        return 1 << (self.bits - 1)
+
+    def _scale(self, absmax: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        # A group of zeros still gets a usable scale (its codes are then 0).
+        absmax = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
+        return _storage_scale(absmax / (((1 << self.bits) - 1) / 2), self.scale_dtype)
+
+    def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        import torch
+
+        w = w.float()
+        absmax = w.abs().amax(-1)
+        scale = self._scale(absmax)
+        if not self.clip_search:
+            return scale, None
+        best = self._error(w, scale)
+        for step in range(1, self.steps + 1):
+            s = self._scale(absmax * (1.0 - self.max_shrink * step / self.steps))
+            err = self._error(w, s)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale = torch.where(better, s, scale)
+        return scale, None
+
+    def _error(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        _, q = self.quantize(w, scale.unsqueeze(-1), None)
+        return (w - q).abs().pow(2.4).sum(-1)
+
+    def quantize(
+        self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        q = torch.clamp(torch.round(w / scale), -self.offset, self.offset - 1)
+        return (q + self.offset).to(torch.uint8), _round_values(q * scale, self.value_dtype)
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        import torch
+
+        values = (codes.to(torch.float32) - self.offset) * scale.to(torch.float32)
+        return _round_values(values, self.value_dtype)
 
 
 @dataclass(frozen=True)
@@ -167,6 +280,7 @@ class NF4Grid:
     kind: str = "nf4"
     code_bits: int = 4
     has_zero: bool = False
+    scale_dtype: str = "float16"
 
     def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
@@ -210,6 +324,7 @@ class TernaryGrid:
     kind: str = "ternary"
     code_bits: int = 2
     has_zero: bool = False
+    scale_dtype: str = "float16"
 
     def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return _storage_scale(w.float().abs().amax(-1) * self.scale_factor), None

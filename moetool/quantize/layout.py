@@ -10,6 +10,7 @@ in memory). Everything else (router, norms, embeddings, lm_head, biases) is copi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +101,20 @@ class QuantLayout:
         names |= {lin.name for group in self.linears.values() for lin in group}
         return names
 
+    def numel(self) -> dict[str, int]:
+        """Logical parameters of every quantized source tensor, from the config's dimensions."""
+        out: dict[str, int] = {}
+        for info in self.experts.values():
+            e, i, h = info.num_experts, info.intermediate, info.hidden
+            if info.fused:
+                out[info.gate_up or ""] = e * 2 * i * h
+                out[info.down_fused or ""] = e * h * i
+            else:
+                out.update({name: i * h for name in (*info.gate, *info.up, *info.down)})
+        for group in self.linears.values():
+            out.update({lin.name: lin.shape[0] * lin.shape[1] for lin in group})
+        return out
+
     @property
     def layers(self) -> list[int]:
         """Decoder layers that have something to quantize, ascending."""
@@ -161,35 +176,40 @@ def _linear_templates(spec: FamilySpec, category: str) -> tuple[T, ...]:
 
 
 def build_layout(
-    spec: FamilySpec, dims: Dims, checkpoint: Any, categories: tuple[str, ...], *, packed: bool = False
+    spec: FamilySpec,
+    dims: Dims,
+    checkpoint: Any,
+    categories: tuple[str, ...],
+    *,
+    probe: Callable[[str], str] | None = None,
 ) -> QuantLayout:
-    """The tensors to quantize in ``checkpoint`` (or, with ``packed``, that a quantized one replaced).
+    """The tensors to quantize in ``checkpoint`` (or, with ``probe``, that a quantized one replaced).
 
     Args:
         spec / dims: the family and resolved config.
         checkpoint: an opened :class:`~moetool.io.checkpoint.Checkpoint` (headers suffice).
         categories: ``routed_experts`` plus optionally ``shared_experts`` and ``attention``.
-        packed: look for the packed ``.qweight`` tensors of a moetool-quantized checkpoint instead of
-            the original ones (shapes are then checked when they are decoded).
+        probe: for a quantized checkpoint: maps a source tensor's name to the stored tensor that shows
+            it was quantized (a storage format's :meth:`~moetool.quantize.formats.base.StorageFormat.probe`);
+            shapes are then checked when the stored tensors are decoded.
 
     Raises:
         UnsupportedArchitectureError: see :func:`check_quantizable_family`.
         CheckpointError: ``EXPERT_MISSING`` when an expert tensor the config implies is not stored.
         ShapeMismatchError: a stored tensor's shape differs from the config's.
     """
-    from moetool.quantize.storage import CODES, packed_names
-
     check_quantizable_family(spec, dims, checkpoint.name)
     roles = _expert_roles(spec)
     layout = QuantLayout(spec=spec, dims=dims, categories=categories)
     stored = checkpoint.tensors
+    packed = probe is not None
 
     def present(name: str) -> bool:
-        return (packed_names(name)[CODES] if packed else name) in stored
+        return (probe(name) if probe is not None else name) in stored
 
     def check(name: str, shape: tuple[int, ...], layer: int) -> None:
         if not present(name):
-            shown = packed_names(name)[CODES] if packed else name
+            shown = probe(name) if probe is not None else name
             raise CheckpointError(
                 f"{checkpoint.name} lacks {shown}, which its config implies (layer {layer})",
                 hint="the checkpoint is incomplete or its config.json belongs to another model",

@@ -1,4 +1,5 @@
-"""Loading moetool-quantized checkpoints as transformers models.
+"""Loading quantized checkpoints as transformers models: moetool's own format, and compressed-tensors
+layouts transformers cannot map.
 
 The loading is transformers' own ``from_pretrained``, with a small quantizer plugged in through its
 public registry (``register_quantization_config`` / ``register_quantizer`` for ``quant_method:
@@ -6,34 +7,42 @@ public registry (``register_quantization_config`` / ``register_quantizer`` for `
 quantized ``nn.Linear``) for an empty :class:`~moetool.quantize.modules.QuantizedExperts` /
 :class:`~moetool.quantize.modules.QuantizedLinear`, so transformers loads everything else as usual
 (renames, tied weights, dtype, device) and allocates nothing for the experts. After loading, it reads
-the packed codes of one layer at a time from the checkpoint, checks their shapes against the config and
-installs them. So:
+the stored codes of one layer at a time through the checkpoint's storage format
+(:mod:`moetool.quantize.formats`), checks their shapes against the config and installs them. So:
 
 * ``moetool.load_model(path)`` and every moetool command (``eval``, ``profile-routing``) load them
   through :data:`moetool.modeling.LOADERS`;
-* in your own code, ``import moetool.quantize`` once and
-  ``AutoModelForCausalLM.from_pretrained(path)`` works too. Without that import transformers does not
-  know the method, warns, and leaves the experts *missing* (randomly initialised): always load through
-  moetool or after the import.
+* in your own code, ``import moetool.quantize`` once and ``AutoModelForCausalLM.from_pretrained(path)``
+  works too for moetool's format. Without that import, transformers refuses the folder with an error
+  naming ``moetool.load_model`` (the ``transformers_weights`` guard of
+  :mod:`~moetool.quantize.formats.moetool_format`), instead of loading random experts.
+
+compressed-tensors checkpoints load through transformers itself (with the compressed-tensors package)
+when transformers maps their tensors; moetool's quantizer decodes them itself when it does not (experts
+fused on disk, written per expert) or when compressed-tensors is not installed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moetool.errors import CheckpointError, ModelLoadError, UnsupportedArchitectureError
+from moetool.errors import ModelLoadError, UnsupportedArchitectureError
 from moetool.quantize.storage import QUANT_METHOD, QuantFormat
 
 if TYPE_CHECKING:
     import torch
 
     from moetool.io.checkpoint import Checkpoint
+    from moetool.quantize.formats.base import StorageFormat
     from moetool.quantize.layout import QuantLayout
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\Z")
-_PACKED_KEYS = r"\.q(weight|scale|zero)$"
 
 
 def decoder_layers(model: Any) -> dict[int, Any]:
@@ -86,10 +95,11 @@ def _set_submodule(root: Any, name: str, module: Any) -> None:
 class _Plan:
     """What the quantizer replaced, kept from before to after weight loading."""
 
-    def __init__(self, root: Path, layout: QuantLayout, fmt: QuantFormat) -> None:
+    def __init__(self, root: Path, layout: QuantLayout, fmt: QuantFormat, storage: StorageFormat) -> None:
         self.root = root
         self.layout = layout
         self.fmt = fmt
+        self.storage = storage
 
 
 def _plan_for(checkpoint_files: list[str] | None, config: dict[str, Any] | None = None) -> _Plan:
@@ -103,14 +113,17 @@ def _plan_for(checkpoint_files: list[str] | None, config: dict[str, Any] | None 
             "a moetool-quantized model can only be loaded from a checkpoint folder with its safetensors files",
             hint="pass the folder moetool quantize wrote",
         )
+    from moetool.quantize.formats import storage_of_config
+
     root = Path(checkpoint_files[0]).parent
     checkpoint = Checkpoint.open(root)
     config = checkpoint.config
-    fmt = QuantFormat.from_config(config.get("quantization_config") or {}, where=f"{root}/config.json")
+    storage = storage_of_config(config)
+    fmt = storage.read_format(config, checkpoint)
     spec = family_for_config(config)
     dims = resolve_dims(spec, config)
-    layout = build_layout(spec, dims, checkpoint, fmt.categories, packed=True)
-    return _Plan(root, layout, fmt)
+    layout = build_layout(spec, dims, checkpoint, fmt.categories, probe=storage.probe(spec))
+    return _Plan(root, layout, fmt, storage)
 
 
 def prepare_model(model: Any, plan: _Plan) -> None:
@@ -126,55 +139,18 @@ def prepare_model(model: Any, plan: _Plan) -> None:
             original = layers[layer].get_submodule(linear.module)
             _set_submodule(layers[layer], linear.module, QuantizedLinear.like(original, plan.fmt))
     ignored = model._keys_to_ignore_on_load_unexpected or set()
-    model._keys_to_ignore_on_load_unexpected = {*ignored, _PACKED_KEYS}
+    model._keys_to_ignore_on_load_unexpected = {*ignored, plan.storage.packed_keys}
 
 
 def read_packed_layer(checkpoint: Checkpoint, layout: QuantLayout, fmt: QuantFormat, layer: int) -> dict[str, Any]:
-    """Decode one layer's packed tensors: ``{"experts": (gate_up, down), "<module>": weight, ...}``.
+    """Decode one layer's stored codes: ``{"experts": (gate_up, down), "<module>": weight, ...}``.
 
     Raises:
         CheckpointError: a missing, mis-shaped or corrupt packed tensor.
     """
-    from moetool.quantize.storage import concat_rows, decode_weight, packed_names, stack_experts
+    from moetool.quantize.formats import format_named
 
-    names: list[str] = []
-    experts = layout.experts.get(layer)
-    linears = layout.linears.get(layer, [])
-    for original in (experts.names() if experts else []) + [lin.name for lin in linears]:
-        packed = packed_names(original)
-        names += [packed[s] for s in packed if packed[s] in checkpoint.tensors]
-    tensors = dict(checkpoint.iter_tensors(names))
-
-    def decode(original: str, shape: tuple[int, ...]) -> Any:
-        packed = packed_names(original)
-
-        def read(suffix: str) -> Any:
-            name = packed[suffix]
-            if name not in tensors:
-                raise CheckpointError(
-                    f"{checkpoint.name} lacks {name}",
-                    hint="the checkpoint does not match its quantization_config; re-create it",
-                    code="QUANT_SHAPE_MISMATCH",
-                )
-            return tensors[name]
-
-        return decode_weight(read, fmt, shape, original)
-
-    out: dict[str, Any] = {}
-    if experts is not None:
-        e, i, h = experts.num_experts, experts.intermediate, experts.hidden
-        if experts.fused:
-            gate_up = decode(experts.gate_up or "", (e, 2 * i, h))
-            down = decode(experts.down_fused or "", (e, h, i))
-        else:
-            gates = [decode(n, (i, h)) for n in experts.gate]
-            ups = [decode(n, (i, h)) for n in experts.up]
-            gate_up = stack_experts([concat_rows([g, u]) for g, u in zip(gates, ups, strict=True)])
-            down = stack_experts([decode(n, (h, i)) for n in experts.down])
-        out["experts"] = (gate_up, down)
-    for linear in linears:
-        out[linear.module] = decode(linear.name, linear.shape)
-    return out
+    return format_named(fmt.storage).read_layer(checkpoint, layout, fmt, layer)
 
 
 def install_weights(model: Any, plan: _Plan) -> None:
@@ -184,7 +160,7 @@ def install_weights(model: Any, plan: _Plan) -> None:
     checkpoint = Checkpoint.open(plan.root)
     layers = decoder_layers(model)
     for layer in plan.layout.layers:
-        decoded = read_packed_layer(checkpoint, plan.layout, plan.fmt, layer)
+        decoded = plan.storage.read_layer(checkpoint, plan.layout, plan.fmt, layer)
         layer_module = layers[layer]
         device = _device_of(layer_module)
         if "experts" in decoded:
@@ -261,6 +237,13 @@ def register_with_transformers() -> None:
             install_weights(model, self._plan)
             return model
 
+        def update_attn_implementation(self, config: Any) -> Any:
+            # Runs before transformers resolves the weight files: drop the guard that makes stock
+            # transformers refuse a moetool-format folder (see moetool.quantize.formats.moetool_format).
+            from moetool.quantize.formats.moetool_format import strip_guard
+
+            return strip_guard(super().update_attn_implementation(config))
+
         def is_serializable(self) -> bool:
             # Saving would need the packed buffers under their stored names; moetool writes the format.
             return False
@@ -276,6 +259,20 @@ def register_with_transformers() -> None:
     _REGISTERED = True
 
 
+def _config_for_moetool_quantizer(checkpoint: Checkpoint) -> Any:
+    """The checkpoint's transformers config, set up so that ``from_pretrained`` goes through moetool's
+    quantizer (whatever format the folder stores) and without the ``transformers_weights`` guard."""
+    from transformers import AutoConfig
+
+    from moetool.modeling import quiet_transformers
+    from moetool.quantize.formats.moetool_format import strip_guard
+
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(str(checkpoint.root), local_files_only=True, trust_remote_code=False)
+    config.quantization_config = {"quant_method": QUANT_METHOD}
+    return strip_guard(config)
+
+
 def load_quantized(checkpoint: Checkpoint, *, dtype: Any, device: Any, device_map: str | None = None) -> Any:
     """The :data:`moetool.modeling.LOADERS` entry for ``quant_method: "moetool"``.
 
@@ -288,4 +285,59 @@ def load_quantized(checkpoint: Checkpoint, *, dtype: Any, device: Any, device_ma
 
     QuantFormat.from_config(checkpoint.config.get("quantization_config") or {}, where=f"{checkpoint.name}/config.json")
     register_with_transformers()
-    return load_weights_transformers(checkpoint, dtype=dtype, device=device, device_map=device_map)
+    config = _config_for_moetool_quantizer(checkpoint)
+    return load_weights_transformers(checkpoint, dtype=dtype, device=device, device_map=device_map, config=config)
+
+
+@contextlib.contextmanager
+def quiet_compressed_tensors() -> Iterator[None]:
+    """Hide compressed-tensors' own progress bars (plain tqdm on stderr) while transformers loads a
+    checkpoint; moetool reports its own progress. ``MOETOOL_DEBUG=1`` shows them."""
+    if os.environ.get("MOETOOL_DEBUG", "").strip().lower() not in ("", "0", "false", "no"):
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def transformers_maps(checkpoint: Checkpoint) -> bool:
+    """Whether stock transformers (with compressed-tensors installed) loads this compressed-tensors
+    checkpoint right (see :func:`~moetool.quantize.formats.compressed_tensors.transformers_limit`)."""
+    from moetool.arch.registry import family_for_config
+    from moetool.quantize.formats.compressed_tensors import transformers_limit
+    from moetool.quantize.formats.ct_verify import library_version
+
+    if library_version() is None:
+        return False
+    try:
+        spec = family_for_config(checkpoint.config)
+    except Exception:  # not a family moetool knows: transformers decides
+        return True
+    if not spec.is_moe:
+        return True
+    groups = (checkpoint.config.get("quantization_config") or {}).get("config_groups") or {}
+    symmetric = all((g.get("weights") or {}).get("symmetric", True) for g in groups.values() if isinstance(g, dict))
+    return transformers_limit(spec, symmetric) is None
+
+
+def load_compressed_tensors(checkpoint: Checkpoint, *, dtype: Any, device: Any, device_map: str | None = None) -> Any:
+    """The :data:`moetool.modeling.LOADERS` entry for ``quant_method: "compressed-tensors"``.
+
+    Through transformers (which dequantizes the experts at load time) when it maps the checkpoint;
+    otherwise through moetool's quantizer, which keeps the experts packed and decodes them itself.
+
+    Raises:
+        ConfigError: settings moetool cannot decode (when transformers cannot load the folder).
+        CheckpointError: packed tensors missing or mis-shaped; other weights not matching.
+        ModelLoadError: transformers failing.
+    """
+    from moetool.modeling import load_weights_transformers
+    from moetool.quantize.formats import FORMATS
+
+    if transformers_maps(checkpoint):
+        with quiet_compressed_tensors():
+            return load_weights_transformers(checkpoint, dtype=dtype, device=device, device_map=device_map)
+    FORMATS["compressed-tensors"].read_format(checkpoint.config, checkpoint)  # refuse early what we cannot decode
+    register_with_transformers()
+    config = _config_for_moetool_quantizer(checkpoint)
+    return load_weights_transformers(checkpoint, dtype=dtype, device=device, device_map=device_map, config=config)

@@ -26,6 +26,11 @@ from moetool.quantize.storage import PackedWeight, QuantFormat
 def _dequantize(
     fmt: QuantFormat, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, columns: int
 ) -> torch.Tensor:
+    if fmt.scheme == "nf4":
+        from moetool.quantize import bnb
+
+        if bnb.usable(codes, columns, fmt.group_size):  # bitsandbytes' kernel on CUDA, same values
+            return bnb.dequantize_nf4(codes, scale, columns, fmt.group_size)
     grid = fmt.grid()
     return dequantize_groups(grid, unpack_bits(codes, bits, columns), scale, zero, fmt.group_size)
 

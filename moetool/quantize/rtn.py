@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from moetool.quantize.grids import Grid, group_bounds
+from moetool.quantize.grids import Grid, group_bounds, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -22,16 +22,17 @@ class QuantizedWeight:
 
     Attributes:
         codes: uint8 ``[..., rows, columns]``, one code per weight (unpacked).
-        scale: float16 ``[..., rows, groups]``.
+        scale: ``[..., rows, groups]``, in the grid's scale dtype (float16 unless it says otherwise).
         zero: uint8 ``[..., rows, groups]`` for grids with a zero point, else ``None``.
-        dequantized: float32 ``[..., rows, columns]``: exactly what the loader reconstructs.
+        dequantized: float32 ``[..., rows, columns]``: exactly what the loader reconstructs (``None``
+            once it has been put into the model and only the codes are kept, for the writer).
         group_size: the group size used (0: one group per row).
     """
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor | None
-    dequantized: torch.Tensor
+    dequantized: torch.Tensor | None
     group_size: int
 
     def select(self, index: int | slice, rows: slice | None = None) -> QuantizedWeight:
@@ -77,7 +78,7 @@ def rtn_quantize(weight: torch.Tensor, grid: Grid, group_size: int) -> Quantized
         zeros.append(zero)
     return QuantizedWeight(
         codes=codes,
-        scale=torch.stack(scales, dim=-1).to(torch.float16),
+        scale=torch.stack(scales, dim=-1).to(torch_dtype(grid.scale_dtype)),
         zero=None if zeros[0] is None else torch.stack(zeros, dim=-1).to(torch.uint8),
         dequantized=deq,
         group_size=group_size,

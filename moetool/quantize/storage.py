@@ -8,16 +8,21 @@ is replaced by:
   stream for the whole tensor (:mod:`moetool.quantize.codec`);
 * ``X.qscale``: float16 ``[..., rows, groups]``, one scale per group of ``group_size`` input columns (the
   last group may be shorter; ``group_size`` 0 means one group per row);
-* ``X.qzero``: uniform only, the integer zero points, uint8 ``[..., rows, ceil(groups * bits / 8)]``
-  packed like the codes.
+* ``X.qzero``: asymmetric uniform only, the integer zero points, uint8
+  ``[..., rows, ceil(groups * bits / 8)]`` packed like the codes.
 
-Weights are ``(q - zero) * scale`` (uniform), ``NF4[q] * scale`` (nf4) or ``(q - 1) * scale`` (ternary).
+Weights are ``(q - zero) * scale`` (uniform), ``(q - 2**(bits-1)) * scale`` (symmetric uniform),
+``NF4[q] * scale`` (nf4) or ``(q - 1) * scale`` (ternary).
 The per-expert or fused layout and the tensor names are the source checkpoint's, so every other tool
 that reads the family's names finds the experts where it expects them.
 
 config.json carries ``quantization_config`` with ``quant_method: "moetool"``, ``format_version``, the
 scheme, bits, group size, codec and the quantized categories, plus how the codes were chosen (method,
-act-order, dampening); loaders read only the first group.
+act-order, dampening); loaders read only the first group. Symmetric uniform codes (no zero point) are
+``format_version`` 2, so that an older moetool refuses them instead of looking for zero points.
+
+:class:`QuantFormat` also describes codes stored in other formats (``storage``, see
+:mod:`moetool.quantize.formats`): their grid, scale dtype and the dtype values are rounded to.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from moetool.errors import CheckpointError, ConfigError
 from moetool.quantize.codec import CODEC_LZMA2_BASE3, CODEC_NAMES, decode_trits, encode_trits
-from moetool.quantize.grids import Grid, NF4Grid, TernaryGrid, UniformGrid, group_bounds
+from moetool.quantize.grids import Grid, NF4Grid, SymmetricGrid, TernaryGrid, UniformGrid, group_bounds
 from moetool.quantize.pack import pack_bits, packed_size, unpack_bits
 
 if TYPE_CHECKING:
@@ -38,6 +43,8 @@ if TYPE_CHECKING:
 
 QUANT_METHOD = "moetool"
 FORMAT_VERSION = 1
+#: ``format_version`` of symmetric uniform codes; readers accept every version up to this one.
+FORMAT_VERSION_SYMMETRIC = 2
 CODES, SCALE, ZERO = "qweight", "qscale", "qzero"
 SUFFIXES = (CODES, SCALE, ZERO)
 SCHEMES = ("uniform", "nf4", "ternary")
@@ -73,6 +80,11 @@ class QuantFormat:
         categories: the quantized parameter categories.
         method: how the codes were chosen (``gptq``, ``rtn``, ``nf4``); informative.
         details: more informative settings (act-order, dampening, calibration), written to the config.
+        symmetric: uniform codes around 0 without a zero point.
+        storage: the on-disk format (``moetool`` or ``compressed-tensors``, see
+            :mod:`moetool.quantize.formats`).
+        scale_dtype: the dtype scales are stored in (moetool's format: float16).
+        value_dtype: the dtype dequantized weights are rounded to (``float32``: exact).
     """
 
     scheme: str
@@ -81,6 +93,10 @@ class QuantFormat:
     categories: tuple[str, ...] = ("routed_experts",)
     method: str = "rtn"
     details: Mapping[str, Any] = field(default_factory=dict)
+    symmetric: bool = False
+    storage: str = QUANT_METHOD
+    scale_dtype: str = "float16"
+    value_dtype: str = "float32"
 
     @property
     def codec(self) -> str | None:
@@ -88,34 +104,40 @@ class QuantFormat:
 
     @property
     def zero_point(self) -> bool:
-        return self.scheme == "uniform"
+        return self.scheme == "uniform" and not self.symmetric
 
     def grid(self, *, clip_search: bool = False, ternary_scale: float = 1.0) -> Grid:
         """The grid that chooses (or, with defaults, decodes) this format's codes."""
         if self.scheme == "uniform":
             assert self.bits is not None
-            return UniformGrid(self.bits, clip_search=clip_search)
+            dtypes = {"scale_dtype": self.scale_dtype, "value_dtype": self.value_dtype}
+            if self.symmetric:
+                return SymmetricGrid(self.bits, clip_search=clip_search, **dtypes)
+            return UniformGrid(self.bits, clip_search=clip_search, **dtypes)
         if self.scheme == "nf4":
             return NF4Grid()
         return TernaryGrid(scale_factor=ternary_scale)
 
     @property
     def label(self) -> str:
-        """``gptq w4 g64``, ``nf4 g64``, ``gptq ternary`` ..."""
+        """``gptq w4 g64``, ``rtn w4 sym g32``, ``nf4 g64``, ``gptq ternary per-row`` ..."""
         what = "ternary" if self.scheme == "ternary" else "nf4" if self.scheme == "nf4" else f"w{self.bits}"
+        if self.symmetric:
+            what += " sym"
         group = f"g{self.group_size}" if self.group_size else "per-row"
         method = "" if self.method == "nf4" else f"{self.method} "
         return f"{method}{what} {group}"
 
     def to_config(self) -> dict[str, Any]:
-        """The ``quantization_config`` object for config.json."""
+        """The ``quantization_config`` object of moetool's own format, for config.json."""
         return {
             "quant_method": QUANT_METHOD,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION_SYMMETRIC if self.symmetric else FORMAT_VERSION,
             "scheme": self.scheme,
             "bits": self.bits,
             "group_size": self.group_size,
             "zero_point": self.zero_point,
+            **({"symmetric": True} if self.symmetric else {}),
             "scale_dtype": "float16",
             "codec": self.codec,
             "quantized": list(self.categories),
@@ -141,8 +163,8 @@ class QuantFormat:
         if qc.get("quant_method") != QUANT_METHOD:
             raise bad(f"quant_method is {qc.get('quant_method')!r}")
         version = qc.get("format_version")
-        if version != FORMAT_VERSION:
-            raise bad(f"format_version {version!r} (this moetool reads {FORMAT_VERSION})")
+        if version not in (FORMAT_VERSION, FORMAT_VERSION_SYMMETRIC) or isinstance(version, bool):
+            raise bad(f"format_version {version!r} (this moetool reads up to {FORMAT_VERSION_SYMMETRIC})")
         scheme = qc.get("scheme")
         if scheme not in SCHEMES:
             raise bad(f"unknown scheme {scheme!r}")
@@ -159,8 +181,15 @@ class QuantFormat:
         categories = qc.get("quantized", ["routed_experts"])
         if not isinstance(categories, list) or not all(isinstance(c, str) for c in categories):
             raise bad(f"quantized {categories!r}")
+        symmetric = qc.get("symmetric", False)
+        if symmetric not in (True, False) or (
+            symmetric and (scheme != "uniform" or version != FORMAT_VERSION_SYMMETRIC)
+        ):
+            raise bad(f"symmetric {symmetric!r} (only uniform codes of format_version 2 are symmetric)")
+        if scheme == "uniform" and bool(qc.get("zero_point", True)) == bool(symmetric):
+            raise bad(f"zero_point {qc.get('zero_point')!r} with symmetric {symmetric!r}")
         known = {"quant_method", "format_version", "scheme", "bits", "group_size", "zero_point", "scale_dtype"}
-        known |= {"codec", "quantized", "method"}
+        known |= {"codec", "quantized", "method", "symmetric"}
         details = {k: v for k, v in qc.items() if k not in known}
         return cls(
             scheme=scheme,
@@ -169,6 +198,7 @@ class QuantFormat:
             categories=tuple(categories),
             method=str(qc.get("method", "rtn")),
             details=details,
+            symmetric=bool(symmetric),
         )
 
 
@@ -202,7 +232,7 @@ class PackedWeight:
 
     Attributes:
         codes: uint8 ``[..., rows, packed]`` with ``code_bits`` bits per code.
-        scale: float16 ``[..., rows, groups]``.
+        scale: ``[..., rows, groups]``, in the format's scale dtype (float16 in moetool's format).
         zero: uint8 ``[..., rows, groups]`` (unpacked) or ``None``.
         code_bits: bits per code in ``codes`` (2 for ternary).
         columns: logical columns per row.

@@ -5,11 +5,15 @@ Run inside the staging folder, before anything is published; a failed check remo
 * ``coverage``: every routed-expert tensor the config implies is stored as packed codes and none in
   full precision: 100% of routed-expert parameters quantized (what bitsandbytes' 4-bit loading misses
   for fused experts).
-* ``exact``: each quantized layer, decoded from the files, equals the weights the quantizer computed,
-  bit for bit.
+* ``exact``: each quantized layer, decoded from the files one layer at a time, equals the weights the
+  quantizer computed, bit for bit (compared through fingerprints, so no layer stays in memory);
+* ``logits``: the original and the quantized model, both run by the layer-streamed pass on a probe
+  window, give finite logits; their KL and top-1 agreement are reported;
 * ``reload``: the output loaded the way users load it (transformers ``from_pretrained`` through the
-  registered ``moetool`` quantizer) gives the same logits as the in-memory quantized model; run when
-  the model is small enough to hold twice (or when asked).
+  registered ``moetool`` quantizer) gives the probe window the same logits as the quantized model of
+  the pass; run when the model is small enough to load whole (or when asked).
+* the storage format's own checks (:meth:`~moetool.quantize.formats.base.StorageFormat.verify`):
+  compressed-tensors adds the reference library's decompression and stock transformers' load.
 
 Bits per parameter: for each category (routed experts, shared experts, attention, ...), the stored
 bytes (codes, scales, zero points, or the unchanged tensors) over the logical parameters they hold.
@@ -25,11 +29,10 @@ from moetool.errors import MoetoolError
 
 if TYPE_CHECKING:
     from moetool.io.checkpoint import Checkpoint
+    from moetool.quantize.formats.base import Stored
     from moetool.quantize.layout import QuantLayout
     from moetool.quantize.storage import QuantFormat
 
-#: Models up to this many bytes of source weights are reloaded in full by default.
-FULL_CHECK_BYTES = 4 * 10**9
 RELOAD_TOLERANCE = 1e-4
 
 
@@ -95,28 +98,26 @@ class Verification:
         }
 
 
-def measure_storage(output: Checkpoint, source: Checkpoint, layout: QuantLayout) -> dict[str, CategoryStorage]:
+def measure_storage(
+    output: Checkpoint, source: Checkpoint, layout: QuantLayout, stored: list[Stored]
+) -> dict[str, CategoryStorage]:
     """Bytes on disk and logical parameters per category, from the output's headers.
 
-    Packed tensors count toward the category of the tensor they replace; their logical parameters are
-    that tensor's (from the source headers). Returns categories in the registry's order, plus ``total``.
+    Stored tensors (``stored``, from the storage format) count toward the category of the tensor they
+    replace, with the logical parameters they hold. Returns categories in the registry's order, plus
+    ``total``.
     """
     from moetool.arch.spec import CATEGORIES
     from moetool.count.classify import TensorClassifier
-    from moetool.quantize.storage import CODES, source_name
 
     classifier = TensorClassifier(layout.spec, layout.dims)
+    by_name = {s.name: s for s in stored}
     out: dict[str, CategoryStorage] = {c: CategoryStorage() for c in CATEGORIES}
     for name, info in output.tensors.items():
-        parsed = source_name(name)
-        original = name
-        params = info.numel
-        quantized = False
-        if parsed is not None:
-            base, suffix = parsed
-            original = next((n for n in (f"{base}.weight", base) if n in source.tensors), base)
-            params = source.tensors[original].numel if suffix == CODES and original in source.tensors else 0
-            quantized = suffix == CODES
+        packed = by_name.get(name)
+        original = name if packed is None else packed.original
+        params = info.numel if packed is None else packed.params
+        quantized = packed is not None and packed.params > 0
         entry = out[classifier.classify(original).category]
         entry.bytes += info.nbytes
         entry.params += params
@@ -132,28 +133,29 @@ def measure_storage(output: Checkpoint, source: Checkpoint, layout: QuantLayout)
     return result
 
 
-def check_coverage(output: Checkpoint, source: Checkpoint, layout: QuantLayout, fmt: QuantFormat) -> Check:
-    """Every routed-expert tensor stored packed, none in full precision.
+def check_coverage(output: Checkpoint, source: Checkpoint, layout: QuantLayout, stored: list[Stored]) -> Check:
+    """Every routed-expert tensor stored packed (all of ``stored`` that replaces it), none in full precision.
 
     Raises:
         VerificationError: ``EXPERTS_NOT_QUANTIZED``, naming the first offenders.
     """
-    from moetool.quantize.storage import CODES, SCALE, ZERO, packed_names
-
+    needed: dict[str, list[str]] = {}
+    for entry in stored:
+        needed.setdefault(entry.original, []).append(entry.name)
     problems: list[str] = []
     total = quantized = 0
+    logical = layout.numel()
     for experts in layout.experts.values():
         for name in experts.names():
-            numel = source.tensors[name].numel
+            numel = logical[name]
             total += numel
-            packed = packed_names(name)
-            needed = [packed[CODES], packed[SCALE]] + ([packed[ZERO]] if fmt.zero_point else [])
+            absent = [n for n in needed.get(name, []) if n not in output.tensors]
             if name in output.tensors:
                 problems.append(f"{name} stored in full precision")
-            elif all(n in output.tensors for n in needed):
+            elif needed.get(name) and not absent:
                 quantized += numel
             else:
-                problems.append(f"{packed[CODES]} missing")
+                problems.append(f"{absent[0] if absent else name} missing")
     fraction = quantized / total if total else 0.0
     if problems or fraction < 1.0:
         shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
@@ -165,47 +167,93 @@ def check_coverage(output: Checkpoint, source: Checkpoint, layout: QuantLayout, 
     return Check("coverage", True, f"{quantized:,} of {total:,} routed-expert parameters stored quantized", 1.0)
 
 
-def check_exact(output: Checkpoint, layout: QuantLayout, fmt: QuantFormat, layers: dict[int, Any]) -> Check:
-    """Decode every quantized layer from the files and compare with the model's in-memory weights.
+def check_decoded(
+    output: Checkpoint, layout: QuantLayout, fmt: QuantFormat, digests: dict[int, dict[str, str]], dtype: Any
+) -> Check:
+    """Decode every quantized layer from the files, one layer at a time, and compare it bit for bit with
+    the weights the quantizer computed (kept as fingerprints, so no layer stays in memory).
 
     Raises:
-        VerificationError: a decoded weight differs.
+        VerificationError: a decoded weight differs, or a layer the quantizer wrote is missing.
     """
-    import torch
+    import hashlib
 
+    from torch import nn
+
+    from moetool.quantize.api import _digest
     from moetool.quantize.loader import read_packed_layer
     from moetool.quantize.modules import QuantizedExperts, QuantizedLinear
 
     compared = 0
     for layer in layout.layers:
+        expected = digests.get(layer)
+        if expected is None:
+            raise VerificationError(f"layer {layer} was not quantized", hint="this is a bug in moetool quantize")
         decoded = read_packed_layer(output, layout, fmt, layer)
-        module = layers[layer]
-        pairs = []
+        got: dict[str, str] = {}
         if "experts" in decoded:
-            experts = module.get_submodule(layout.spec.experts_module)
-            holder = QuantizedExperts.like(experts, fmt)
-            holder.load(*decoded.pop("experts"))
-            gate_up, down = holder.dequantize()
-            pairs += [("gate_up", gate_up, experts.gate_up_proj), ("down", down, experts.down_proj)]
+            info = layout.experts[layer]
+            experts = QuantizedExperts(info.num_experts, info.hidden, info.intermediate, nn.Identity(), fmt)
+            experts.load(*decoded.pop("experts"))
+            # One expert decoded at a time: the layer's full-precision weights never exist at once.
+            for what in ("gate_up", "down"):
+                hasher = hashlib.sha256()
+                for expert in range(info.num_experts):
+                    weight = experts._weight(what, expert).to(dtype)
+                    _digest(weight, hasher)
+                    compared += weight.numel()
+                got[what] = hasher.hexdigest()
+            del experts
+        shapes = {linear.module: linear.shape for linear in layout.linears.get(layer, [])}
         for name, weight in decoded.items():
-            linear = module.get_submodule(name)
-            holder = QuantizedLinear.like(linear, fmt)
-            holder.load(weight)
-            pairs.append((name, holder.dequantize(), linear.weight))
-        for what, stored, live in pairs:
-            live_value = live.detach().to("cpu")
-            if not torch.equal(stored.to(live_value.dtype), live_value):
-                diff = float((stored - live_value.float()).abs().max())
+            out_features, in_features = shapes[name]
+            linear = QuantizedLinear(in_features, out_features, False, fmt)
+            linear.load(weight)
+            dequantized = linear.dequantize().to(dtype)
+            got[name] = _digest(dequantized)
+            compared += dequantized.numel()
+        for what, digest in expected.items():
+            if got.get(what) != digest:
                 raise VerificationError(
-                    f"layer {layer} {what}: the written codes decode to different weights (max diff {diff:.3g})",
+                    f"layer {layer} {what}: the written codes decode to different weights than the quantizer's",
                     hint="this is a bug in moetool quantize; please report it",
                 )
-            compared += live_value.numel()
     return Check("exact", True, f"{compared:,} weights decoded from the files equal the quantized model's")
 
 
-def check_reload(folder: Path, model: Any, input_ids: Any) -> Check:
-    """Load the output through transformers (the registered quantizer) and compare logits.
+def check_probe_logits(original: Any, quantized: Any) -> Check:
+    """Compare the original and the quantized model's logits on the probe window (both computed by the
+    layer-streamed pass): the quantized model must give finite logits; KL and top-1 agreement are reported.
+
+    Raises:
+        VerificationError: the quantized model's logits are NaN or infinite.
+    """
+    import torch
+
+    if original is None or quantized is None:
+        return Check("logits", None, "skipped: no probe logits")
+    if not bool(torch.isfinite(quantized).all()):
+        raise VerificationError(
+            "the quantized model gives NaN or infinite logits on the probe tokens",
+            hint="try more bits, a smaller --group-size, or --dtype float32",
+            code="NON_FINITE",
+        )
+    log_p = torch.log_softmax(original.float(), dim=-1)
+    log_q = torch.log_softmax(quantized.float(), dim=-1)
+    kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    agree = float((log_p.argmax(-1) == log_q.argmax(-1)).float().mean())
+    tokens = int(original.shape[-2]) if original.dim() > 1 else 1
+    return Check(
+        "logits",
+        True,
+        f"original vs quantized on {tokens} probe tokens: KL {kl:.5f}, top-1 agreement {100 * agree:.1f}%",
+        kl,
+    )
+
+
+def check_reload(folder: Path, want: Any, input_ids: Any, dtype: Any) -> Check:
+    """Load the output the way users do (transformers, through the registered quantizer) and compare its
+    logits on the probe tokens with the quantized model's from the streamed pass.
 
     Raises:
         VerificationError: the logits differ beyond :data:`RELOAD_TOLERANCE` (relative to their scale).
@@ -217,21 +265,26 @@ def check_reload(folder: Path, model: Any, input_ids: Any) -> Check:
 
     checkpoint = Checkpoint.open(folder)
     # Compare in the dtype the quantizer held the model in (its dequantized weights were rounded to it).
-    dtype = next(model.parameters()).dtype
     loaded = loader_for(checkpoint.config)(checkpoint, dtype=dtype, device=torch.device("cpu"))
     try:
         with torch.no_grad():
-            device = model.get_input_embeddings().weight.device
-            want = model(input_ids=input_ids.to(device), use_cache=False).logits.float().cpu()
-            got = loaded(input_ids=input_ids, use_cache=False).logits.float()
+            got = loaded(input_ids=input_ids.reshape(1, -1), use_cache=False).logits.float()
     finally:
         del loaded
-    diff = float((want - got).abs().max())
-    scale = max(1.0, float(want.abs().max()))
+    want = want.float().reshape(got.shape)
+    # Non-finite logits (an input let through with --allow-nonfinite) must sit in the same places.
+    finite = want.isfinite()
+    same_places = torch.equal(finite, got.isfinite())
+    diff = float((want - got)[finite].abs().max()) if finite.any() else 0.0
+    if not same_places:
+        diff = float("inf")
+    scale = max(1.0, float(want[finite].abs().max())) if finite.any() else 1.0
     tolerance = RELOAD_TOLERANCE if dtype == torch.float32 else 5e-2  # half precision: summation order shows
-    if not diff <= tolerance * scale:
+    if not same_places or not diff <= tolerance * scale:
         raise VerificationError(
             f"the written model, loaded back with transformers, gives different logits (max diff {diff:.3g})",
             hint="this is a bug in moetool quantize; please report it",
         )
-    return Check("reload", True, f"transformers from_pretrained: logits max abs diff {diff:.2e}", diff)
+    return Check(
+        "reload", True, f"moetool.load_model (transformers from_pretrained): logits max abs diff {diff:.2e}", diff
+    )

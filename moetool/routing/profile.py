@@ -9,7 +9,7 @@ from typing import Any
 from moetool.arch.registry import family_for_config, require_capability
 from moetool.errors import UnsupportedArchitectureError
 from moetool.routing.accumulate import BatchContext, LayerAccumulator
-from moetool.routing.observe import RouterEvent, RouterObserver, capacity_info, decoder_inputs
+from moetool.routing.observe import RouterEvent, RouterObserver, capacity_info
 from moetool.routing.stats import RoutingStats, layer_stats_from
 
 
@@ -20,24 +20,28 @@ def profile_routing(
     domains: list[str] | None = None,
     name: str = "",
     dataset: dict[str, Any] | None = None,
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Callable[[float], None] | None = None,
 ) -> RoutingStats:
-    """Profile the expert choices ``model`` makes on ``batches``.
+    """Profile the expert choices a model makes on ``batches``.
 
     Args:
-        model: a transformers MoE causal LM (eval mode).
+        model: a runner (:class:`moetool.runner.StreamedModel`, layer by layer, or
+            :class:`moetool.runner.WholeModel`), or a transformers MoE causal LM in eval mode.
         batches: :class:`moetool.data.Batch` objects (right-padded, with attention masks).
         domains: the domain names that batches may carry, for the per-domain breakdown.
         name: how to name the model in the result.
         dataset: a description of the data, stored in the result.
-        on_batch: called with the number of real tokens after each batch (progress reporting).
+        on_batch: called with progress in tokens (a streamed run reports each layer's share).
 
     Raises:
         UnsupportedArchitectureError: the model is not an MoE of a registered family.
     """
     import torch
 
-    config = model.config.to_dict()
+    from moetool.runner.stream import StreamedModel, WholeModel
+
+    runner = model if isinstance(model, (StreamedModel, WholeModel)) else WholeModel(model)
+    config = runner.model.config.to_dict()
     spec = family_for_config(config)
     require_capability(spec, "profile-routing")
     if not spec.is_moe:
@@ -46,40 +50,55 @@ def profile_routing(
             code="NOT_MOE",
         )
     domain_names = list(domains or [])
+    # Capacity-limited models (Switch, NLLB-MoE): what the model itself keeps is counted too.
+    capacity = capacity_info(spec, runner.model.config)
     domain_index = {d: i for i, d in enumerate(domain_names)}
-    device = next(model.parameters()).device
+    device = runner.device
     accumulators: dict[int, LayerAccumulator] = {}
-    context: dict[str, BatchContext] = {}
+    contexts: dict[int, BatchContext] = {}
+    current: dict[str, BatchContext] = {}
 
     def on_router(event: RouterEvent) -> None:
         acc = accumulators.get(event.layer)
         if acc is None:
-            acc = accumulators[event.layer] = LayerAccumulator(event.logits.shape[-1], len(domain_names), device)
-        acc.update(event.logits, event.indices, context["batch"], event.kept)
+            acc = accumulators[event.layer] = LayerAccumulator(
+                event.logits.shape[-1], len(domain_names), device, capacity_limited=capacity is not None
+            )
+        acc.update(event.logits, event.indices, current["batch"], event.kept)
 
-    tokens = 0
-    start = time.perf_counter()
-    with RouterObserver(model, spec, on_router) as observer, torch.inference_mode():
-        for batch in batches:
-            input_ids = batch.input_ids.to(device)
+    def before_batch(index: int, batch: Any) -> None:
+        context = contexts.get(index)
+        if context is None:
+            rows, length = batch.input_ids.shape
             mask = batch.attention_mask.to(device)
-            rows, length = input_ids.shape
             domain_ids = torch.tensor(
                 [domain_index.get(d, 0) if d is not None else 0 for d in batch.domains], device=device
             )
-            context["batch"] = BatchContext(
+            tokens = int(batch.attention_mask.sum())  # on the host: no device sync per layer
+            context = contexts[index] = BatchContext(
                 mask=mask.reshape(-1).bool(),
                 window_ids=torch.arange(rows, device=device).repeat_interleave(length),
                 domain_ids=domain_ids.repeat_interleave(length),
                 num_windows=rows,
+                tokens=tokens,
             )
-            model(input_ids=input_ids, attention_mask=mask, use_cache=False, **decoder_inputs(model, input_ids, mask))
-            batch_tokens = int(mask.sum())
-            tokens += batch_tokens
-            if on_batch is not None:
-                on_batch(batch_tokens)
+            counted.append(tokens)
+        current["batch"] = context
+
+    from moetool.runner.dist import current_ranks
+
+    ranks = current_ranks(str(device))
+    counted: list[int] = []
+    start = time.perf_counter()
+    with RouterObserver(runner.model, spec, on_router) as observer:
+        runner.forward_batches(
+            ranks.shard(batches), before_batch=before_batch, on_tokens=on_batch, after_segment=contexts.clear
+        )
         layers = observer.layers
     elapsed = time.perf_counter() - start
+    tokens = sum(counted)
+    if ranks.world > 1:
+        tokens = _sum_across(ranks, accumulators, tokens, len(domain_names), device, capacity is not None)
 
     stats_layers = [
         layer_stats_from(layer, accumulators[layer], domain_names) for layer in layers if layer in accumulators
@@ -100,5 +119,37 @@ def profile_routing(
         domain_tokens=domain_tokens,
         dataset=dict(dataset or {}),
         wall_seconds=elapsed,
-        capacity=capacity_info(spec, model.config),
+        capacity=capacity,
     )
+
+
+def _sum_across(
+    ranks: Any,
+    accumulators: dict[int, LayerAccumulator],
+    tokens: int,
+    domains: int,
+    device: Any,
+    capacity_limited: bool = False,
+) -> int:
+    """Sum every process's counters (each ran a share of the batches); returns the total token count.
+
+    A process that saw no batch has no counters yet: it makes empty ones of the right size first, so every
+    process takes part in every sum.
+    """
+    import torch
+
+    sizes: dict[int, int] = {}
+    for part in ranks.gather({layer: acc.num_experts for layer, acc in accumulators.items()}):
+        sizes.update(part)
+    for layer, experts in sizes.items():
+        if layer not in accumulators:
+            accumulators[layer] = LayerAccumulator(experts, domains, device, capacity_limited=capacity_limited)
+    for layer in sorted(accumulators):
+        acc = accumulators[layer]
+        for value in vars(acc).values():
+            if isinstance(value, torch.Tensor):
+                ranks.sum_(value)
+        acc.tokens = ranks.sum_int(acc.tokens)
+        acc.assignments = ranks.sum_int(acc.assignments)
+        acc.top_k = max(ranks.gather(acc.top_k))
+    return ranks.sum_int(tokens)

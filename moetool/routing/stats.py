@@ -231,8 +231,11 @@ class RoutingStats:
         return doc
 
     def save(self, path: Path) -> None:
-        """Write the stats file (JSON, no NaN)."""
-        text = json.dumps(_finite(self.to_json()), indent=1, ensure_ascii=False, allow_nan=False)
+        """Write the stats file (JSON, no NaN), with the versions of the code that produced it."""
+        from moetool.versions import versions
+
+        doc = {**self.to_json(), "versions": versions()}
+        text = json.dumps(_finite(doc), indent=1, ensure_ascii=False, allow_nan=False)
         path.write_text(text + "\n", encoding="utf-8")
 
     @classmethod

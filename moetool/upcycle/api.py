@@ -100,7 +100,7 @@ def _open_source(source: Any, *, revision: str | None, token: str | bool | None,
 
 def _kmeans(plan: UpcyclePlan, checkpoint: Any, data: KMeansData, on_status: Callable[[str], None]) -> dict:
     from moetool.data import iter_batches, iter_windows, load_documents
-    from moetool.modeling import load_tokenizer, load_weights
+    from moetool.runner.open import open_runner
     from moetool.upcycle.router_init import kmeans_routers
 
     documents = load_documents(
@@ -110,9 +110,9 @@ def _kmeans(plan: UpcyclePlan, checkpoint: Any, data: KMeansData, on_status: Cal
         data_files=list(data.data_files) or None,
         config_name=data.config_name,
     )
-    on_status(f"loading {checkpoint.name} for k-means router init")
-    tokenizer = load_tokenizer(checkpoint)
-    model = load_weights(checkpoint, device=data.device, dtype="float32")
+    on_status(f"opening {checkpoint.name} for k-means router init (one layer at a time)")
+    opened = open_runner(checkpoint, device=data.device, dtype="float32")
+    tokenizer, model = opened.tokenizer, opened.runner
     on_status("collecting hidden states for k-means")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     windows = iter_windows(tokenizer, documents, seq_len=data.seq_len, max_tokens=data.max_tokens)
@@ -132,6 +132,7 @@ def upcycle(
     verify: bool = True,
     full_check: bool | None = None,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
     kmeans_data: KMeansData | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
@@ -152,6 +153,7 @@ def upcycle(
         verify: check the output against the dense model before publishing it.
         full_check: the transformers logits check: ``None`` when the models fit in memory.
         overwrite: replace an existing output folder.
+        allow_nonfinite: process an input holding NaN/Inf (refused otherwise) and publish such an output.
         kmeans_data: the dataset for ``router_init="kmeans"``.
         revision / token / offline: Hub access for a repo id source.
         command: the command line, recorded in the model card.
@@ -167,6 +169,7 @@ def upcycle(
             (:func:`~moetool.io.writer.check_output_path`), ``VERIFY_FAILED`` when the check fails.
     """
     from moetool.io.writer import check_disk_space, check_output_path
+    from moetool.validate import check_input
 
     status = on_status or (lambda _msg: None)
     timings: dict[str, float] = {}
@@ -176,6 +179,10 @@ def upcycle(
     if options.router_init != "kmeans" and kmeans_data is not None:
         raise UsageError("--dataset is only used with --router-init kmeans", hint="drop --dataset or add it")
     checkpoint = _open_source(source, revision=revision, token=token, offline=offline)
+    deep = not dry_run  # a dry run reads headers only, and stays free of torch
+    check_input(
+        checkpoint, float_weights=True, scan_nonfinite=deep, transformers_config=deep, allow_nonfinite=allow_nonfinite
+    )
     plan = build_plan(checkpoint, options)
     if out is not None:
         check_output_path(Path(out), [checkpoint.root], overwrite=overwrite)
@@ -204,7 +211,7 @@ def upcycle(
     from moetool.upcycle.verify import verify as run_verify
 
     result = UpcycleResult(plan=plan, output=str(out), dry_run=False, timings=timings)
-    with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite) as staging:
+    with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite, allow_nonfinite=allow_nonfinite) as staging:
         step = time.perf_counter()
         status(f"writing {plan.predicted_bytes / 1e9:.2f} GB")
         with PlannedShardWriter(staging, plan.entries, max_shard_size=_shard_size(plan), on_bytes=on_bytes) as writer:

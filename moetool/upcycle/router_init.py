@@ -99,7 +99,8 @@ def kmeans_routers(
     Args:
         plan: the plan (MoE layers, E, seed).
         batches: token batches (:func:`moetool.data.iter_batches`).
-        model: the dense model, loaded (:func:`moetool.modeling.load_weights`).
+        model: the dense model: a runner (:class:`moetool.runner.StreamedModel`, one layer at a time, or
+            :class:`moetool.runner.WholeModel`) or a loaded transformers model.
         max_tokens: stop collecting after this many tokens.
         on_tokens: progress callback.
 
@@ -108,8 +109,10 @@ def kmeans_routers(
     """
     import torch
 
-    from moetool.modeling import model_device
+    from moetool.runner.stream import StreamedModel, WholeModel
 
+    runner = model if isinstance(model, (StreamedModel, WholeModel)) else WholeModel(model)
+    model = runner.model
     source = plan.source_family
     # The dense MLP module of a layer, from the registry: "mlp.gate_proj.weight" -> "mlp".
     mlp_module = source.dense_mlp[0].name.rsplit(".", 2)[0]
@@ -121,6 +124,7 @@ def kmeans_routers(
     def hook_for(layer: int) -> Callable[..., None]:
         def hook(_module: Any, args: tuple[Any, ...]) -> None:
             hidden = args[0].detach()
+            hidden = hidden.reshape(-1, hidden.shape[-1])
             mask = mask_holder["mask"].to(hidden.device).bool()
             collected[layer].append(hidden[mask].float().cpu())
 
@@ -132,18 +136,20 @@ def kmeans_routers(
             raise ValueError(f"the dense model has no module {name!r}")
         handles.append(modules[name].register_forward_pre_hook(hook_for(layer)))
     seen = 0
-    device = model_device(model)
+
+    def limited() -> Iterable[Any]:
+        nonlocal seen
+        for batch in batches:
+            yield batch
+            seen += int(batch.attention_mask.sum())
+            if seen >= max_tokens:
+                return
+
+    def before_batch(_index: int, batch: Any) -> None:
+        mask_holder["mask"] = batch.attention_mask.reshape(-1)
+
     try:
-        with torch.no_grad():
-            for batch in batches:
-                mask_holder["mask"] = batch.attention_mask
-                model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
-                tokens = int(batch.attention_mask.sum())
-                seen += tokens
-                if on_tokens is not None:
-                    on_tokens(tokens)
-                if seen >= max_tokens:
-                    break
+        runner.forward_batches(limited(), before_batch=before_batch, on_tokens=on_tokens)
     finally:
         for handle in handles:
             handle.remove()
