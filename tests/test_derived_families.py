@@ -246,7 +246,10 @@ def test_profile_counts_equal_the_models_choices(tiny_models, model_type):
     starts = resolve_dims(spec, model.config.to_dict()).stack_starts
     checked = sorted({min(r for r in routers if r >= s) for s in starts if any(r >= s for r in routers)})
     num_experts = int(resolve_dims(spec, model.config.to_dict()).values["E"])
-    expected = _ground_truth_counts(model, spec, batch, num_experts, checked)
+    if model_type == "nllb-moe":  # its experts module ignores the routing (see _dispatch_counts)
+        expected = _dispatch_counts(model, spec, batch, num_experts)
+    else:
+        expected = _ground_truth_counts(model, spec, batch, num_experts, checked)
     tokens = int(batch.attention_mask.sum())
     for layer in stats.layers:
         assert sum(layer.counts) == tokens * layer.top_k
@@ -298,14 +301,15 @@ def _dispatch_counts(model, spec, batch, num_experts: int) -> dict[int, list[int
 
 
 @pytest.mark.parametrize(("model_type", "overrides"), CAPACITY)
-def test_capacity_drops_equal_what_the_model_drops(model_type, overrides):
+def test_capacity_drops_equal_what_the_model_drops(model_type, overrides, tmp_path):
     from moetool.arch.dims import resolve_dims
     from moetool.arch.registry import family_for_config
     from moetool.routing.profile import profile_routing
+    from moetool.runner.open import open_runner
 
     if model_type not in ENTRIES:
         pytest.skip(f"{model_type} is not in the derived table")
-    model = build_tiny_derived(model_type, **overrides)
+    model = build_tiny_derived(model_type, tmp_path, **overrides)
     spec = family_for_config(model.config.to_dict())
     batch = _batch(5, 12, 4)
     stats = profile_routing(model, [batch], name=model_type)
@@ -325,6 +329,40 @@ def test_capacity_drops_equal_what_the_model_drops(model_type, overrides):
     assert dropped_somewhere, "the capacity was meant to overflow on this batch"
     doc = stats.to_json()
     assert "capacity" in doc and "model_dropped" in doc["layers"][0]
+    # The layer-streamed runner (profile-routing's default path) sees the same drops.
+    opened = open_runner(str(tmp_path), device="cpu", dtype="float32", tokenizer=False)
+    assert opened.streamed
+    streamed = profile_routing(opened.runner, [batch], name=model_type)
+    assert [layer.model_kept for layer in streamed.layers] == [layer.model_kept for layer in stats.layers]
+    assert [layer.counts for layer in streamed.layers] == [layer.counts for layer in stats.layers]
+
+
+# ----------------------------------------------------------------------------- capabilities
+
+
+def test_weight_rewriting_commands_refuse_with_a_reason(tiny_models):
+    """merge and quantize refuse a family they cannot rewrite, at their start, with the registry's
+    reason (Switch Transformers: two-matrix ReLU experts in an encoder and a decoder)."""
+    from moetool.errors import UnsupportedArchitectureError
+    from moetool.merge.api import merge
+    from moetool.quantize.api import QuantizeOptions, quantize
+
+    for entry in ENTRIES.values():
+        for command in ("merge", "quantize", "upcycle", "distill"):
+            assert len(entry["capabilities"][command] or "") > 20, (entry["model_type"], command)
+    if "switch_transformers" not in ENTRIES:
+        pytest.skip("switch_transformers is not in the derived table")
+    path, _ = tiny_models("switch_transformers")
+    out = path.parent / "never-written"
+    for run in (
+        lambda: merge(str(path), out, num_experts=2, calibration=[], evaluate=False),
+        lambda: quantize(str(path), out, QuantizeOptions(method="rtn")),
+    ):
+        with pytest.raises(UnsupportedArchitectureError) as info:
+            run()
+        assert info.value.code == "FAMILY_UNSUPPORTED"
+        assert "wi/wo" in info.value.message
+    assert not out.exists()
 
 
 @pytest.mark.slow

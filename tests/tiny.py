@@ -194,6 +194,23 @@ def build_tiny_derived(model_type: str, path: Path | None = None, *, seed: int =
     config = derived_tiny_config(model_type, **overrides)
     cls = getattr(transformers, derived_entries()[model_type]["model_class"])
     model = cls._from_config(config).eval()
+    # Hash-routing tables (DeepSeek-V4's tid2eid) start as zeros, every token sending all k choices to
+    # expert 0; real checkpoints store distinct experts per token: give each token k distinct ones.
+    generator = torch.Generator().manual_seed(seed)
+    for name, buffer in model.named_buffers():
+        if name.endswith("tid2eid") and buffer.dim() == 2:
+            experts = int(buffer.max()) + 1 if buffer.any() else None
+            experts = experts or _num_experts(config)
+            rows = [torch.randperm(experts, generator=generator)[: buffer.shape[1]] for _ in range(buffer.shape[0])]
+            buffer.copy_(torch.stack(rows))
     if path is not None:
         model.save_pretrained(path)
     return model
+
+
+def _num_experts(config: Any) -> int:
+    text = getattr(config, "text_config", None) or config
+    for key in ("n_routed_experts", "num_experts", "num_local_experts"):
+        if isinstance(getattr(text, key, None), int):
+            return getattr(text, key)
+    raise ValueError("no expert count in the config")

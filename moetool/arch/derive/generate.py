@@ -890,8 +890,21 @@ def _routing_rule(text_config: Mapping[str, Any]) -> str:
     return "softmax_topk"
 
 
+#: Hand-written data: why the weight-rewriting commands refuse a model type, where it is more specific
+#: than the general reason.
+_SURGERY_REASONS = {
+    "switch_transformers": "an encoder-decoder whose experts are two-matrix ReLU MLPs (wi/wo); moetool's expert "
+    "rewriting reads gated gate/up/down experts of decoder-only models",
+    "nllb-moe": "an encoder-decoder whose experts are two-matrix ReLU MLPs (fc1/fc2); moetool's expert "
+    "rewriting reads gated gate/up/down experts of decoder-only models",
+}
+
+
 def _capabilities(entry: Mapping[str, Any]) -> dict[str, str | None]:
-    reason = "derived from transformers; the command's weight surgery is only checked on hand-written families"
+    reason = _SURGERY_REASONS.get(
+        entry["model_type"],
+        "derived from transformers; the command's weight surgery is only checked on hand-written families",
+    )
     return {"merge": reason, "quantize": reason, "upcycle": reason, "distill": reason}
 
 
@@ -926,6 +939,12 @@ def generate(model_types: list[str] | None = None, *, out: Path | None = None, v
                 traceback.print_exc()
         if verbose:
             print(f"{model_type}: {status} ({time.time() - start:.0f}s)", file=sys.stderr, flush=True)
+    if model_types and out is not None and out.exists():
+        # A partial run updates those model types in the existing table; the others stay.
+        previous = json.loads(out.read_text(encoding="utf-8"))
+        done = set(model_types)
+        families += [e for e in previous["families"] if e["model_type"] not in done]
+        refused.update({t: r for t, r in previous["refused"].items() if t not in done})
     table = {
         "transformers": transformers.__version__,
         "families": sorted(families, key=lambda e: e["model_type"]),
