@@ -74,3 +74,33 @@ def test_nllb_moe_54b():
     # Encoder and decoder layers in one sequence: 12 MoE layers of 48.
     assert report.num_layers == 48 and len(report.moe_layers) == 12
     assert (report.num_experts, report.top_k) == (128, 2)
+
+
+# Switch Transformers (Fedus et al. 2021, Table 9): architecture and published parameter count. T5's
+# 32,128-token vocabulary, untied head, 64-wide heads; experts every other layer (Base) or every layer (C).
+SWITCH = [
+    pytest.param("switch-base-128", 768, 3072, 12, 12, 128, 2, 7.4, 0.1, id="switch-base-128"),
+    pytest.param("switch-c-2048", 2080, 6144, 15, 32, 2048, 1, 1571, 1.0, id="switch-c-2048"),
+]
+
+
+@pytest.mark.parametrize(("name", "d_model", "d_ff", "layers", "heads", "experts", "step", "total", "tol"), SWITCH)
+def test_switch_transformers_published(name, d_model, d_ff, layers, heads, experts, step, total, tol):
+    config = {
+        "model_type": "switch_transformers",
+        "vocab_size": 32128,
+        "d_model": d_model,
+        "d_kv": 64,
+        "d_ff": d_ff,
+        "num_layers": layers,
+        "num_decoder_layers": layers,
+        "num_heads": heads,
+        "num_experts": experts,
+        "encoder_sparse_step": step,
+        "decoder_sparse_step": step,
+        "relative_attention_num_buckets": 32,
+        "tie_word_embeddings": False,
+    }
+    report = count_from_config(config, name=f"google/{name}")
+    assert report.total_params / 1e9 == pytest.approx(total, abs=tol)
+    assert len(report.moe_layers) == 2 * layers // step and report.top_k == 1

@@ -589,7 +589,7 @@ def _fit_axis(
     collect: Any,
     configs: dict[frozenset[str], Mapping[str, Any]],
     layer_count: dict[frozenset[str], int],
-) -> fit.Expr | None:
+) -> fit.Expr | fit.Patches | None:
     base_value = variant.shapes[frozenset()][axis]
     base_fields = prober.base.fields
     ratios: dict[str, tuple[Fraction, Fraction]] = {}
@@ -636,8 +636,15 @@ def _fit_axis(
                 collect(off)
                 shape = _variant_shape(variant, off.changed, instances, configs, layer_count)
                 if shape is not None and len(shape) > axis and expr.value(off.fields) != shape[axis]:
-                    return None
+                    expr = None  # not multilinear after all
                 break
+        if expr is None:
+            points = [
+                (probe_.fields, shape[axis])
+                for changed, shape in variant.shapes.items()
+                if (probe_ := prober.get(changed)) is not None and len(shape) > axis
+            ]
+            expr = fit.fit_patches(support, points)
     if expr is None:
         return None
     # Check the fit against every probe that has this tensor.

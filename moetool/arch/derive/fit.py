@@ -154,6 +154,43 @@ def fit_multilinear(
     return Expr(tuple(terms))
 
 
+@dataclass(frozen=True)
+class Patches:
+    """``(size // patch) ** 2 + extra``: the patch positions of a vision tower's square image (plus a
+    class token), e.g. ``(image_size // patch_size) ** 2 + 1``; neither a monomial nor multilinear."""
+
+    size: str
+    patch: str
+    extra: int
+
+    def value(self, values: Mapping[str, float]) -> Fraction:
+        side = int(values[self.size]) // int(values[self.patch])
+        return Fraction(side * side + self.extra)
+
+    @property
+    def fields(self) -> set[str]:
+        return {self.size, self.patch}
+
+    def render(self, symbol: Callable[[str], str] = str) -> str:
+        side = f"({symbol(self.size)}//{symbol(self.patch)})"
+        return f"{side}*{side}" + (f"+{self.extra}" if self.extra else "")
+
+
+def fit_patches(support: list[str], points: list[tuple[Mapping[str, float], int]]) -> Patches | None:
+    """A :class:`Patches` form through every ``(field values, value)`` point, over two support fields."""
+    if len(support) != 2:
+        return None
+    for size, patch in itertools.permutations(support):
+        for extra in (0, 1):
+            candidate = Patches(size, patch, extra)
+            try:
+                if all(candidate.value(f) == v for f, v in points):
+                    return candidate
+            except (KeyError, ZeroDivisionError, TypeError, ValueError):
+                continue
+    return None
+
+
 def _prod(point: Mapping[str, Fraction], subset: frozenset[str]) -> Fraction:
     out = Fraction(1)
     for field in subset:

@@ -67,7 +67,8 @@ HIDDEN_FIELDS = ("hidden_size", "d_model", "n_embd", "dim")
 _QWEN4_INDEXER = {
     "indexer_n_heads": 8,
     "indexer_kv_heads": 1,
-    "indexer_head_dim": 128,
+    # At least the rotary width (head_dim 256), which transformers' config check requires.
+    "indexer_head_dim": 256,
     "indexer_budget": 2048,
     "indexer_compress_ratio": 4,
 }
@@ -92,6 +93,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # GLM-4.5V's class defaults leave head_dim to hidden_size // heads (42), which its rotary sections
     # (summing to half of 128) do not fit: its checkpoints set 128.
     "glm4v_moe": {"text_config": {"head_dim": 128}},
+    # Qwen3-Omni's thinker: hidden_size // heads is 73, an odd rotary width; its checkpoints set 128.
+    "qwen3_omni_moe_thinker": {"text_config": {"head_dim": 128}},
     # DeepSeek-OCR-2's language model needs its per-layer dense/sparse list.
     "deepseek_ocr2": {
         "text_config": {"num_hidden_layers": 6, "mlp_layer_types": ["dense"] + ["sparse"] * 5, "num_experts_per_tok": 6}
@@ -766,6 +769,7 @@ def derive(model_type: str, log: Any = None) -> dict[str, Any]:
     symbols = Symbols(analysis, text_prefix, top_k_field)
     tied_lm_head, tie_source = _tied_lm_head(analysis, model_type, text_prefix, symbols)
     entry = _entry(analysis, symbols, model_type, text_prefix, tied_lm_head, {})
+    _check_hidden_size_varies(entry, text_default)
     if top_k_field is None and model_type not in FIXED_TOP_K:
         raise Refused("found no top-k field in its config")
     if "E" not in entry["fields"]:
@@ -852,6 +856,23 @@ def derive(model_type: str, log: Any = None) -> dict[str, Any]:
     entry["tiny"] = _diff(tiny, cls().to_dict())
     entry["capabilities"] = _capabilities(entry)
     return entry
+
+
+def _check_hidden_size_varies(entry: Mapping[str, Any], text_default: Mapping[str, Any]) -> None:
+    """Refuse an entry whose tensor widths hold the hidden size as a fixed number: no probe could change
+    ``hidden_size`` alone (transformers rejects the config, or derives other fields from it, e.g.
+    Granite-4 hybrid's ``mamba_d_head``), so a real config with another width would be mis-counted."""
+    hidden = next((text_default[k] for k in HIDDEN_FIELDS if isinstance(text_default.get(k), int)), None)
+    if not hidden or hidden < 64:
+        return
+    fixed = sorted(
+        {item[0] for item in [*entry["globals"], *entry["layers"]] for dim in item[1] if str(dim) == str(hidden)}
+    )
+    if fixed:
+        raise Refused(
+            f"no probe could change the hidden size alone, so {len(fixed)} tensor widths would stay fixed at "
+            f"{hidden} (e.g. {fixed[0]})"
+        )
 
 
 def _nested_overrides(model_type: str) -> dict[str, Any]:
