@@ -113,6 +113,27 @@ RULES: dict[str, Callable[[Mapping[str, Any], int], bool]] = {
 }
 
 
+#: Older names of ``layer_types`` values that transformers' configs rename on load (so the registry's
+#: conditions, fitted on what transformers holds, see the new names), and the older key of the list.
+_LEGACY_LAYER_TYPES = {
+    "mamba": "linear_attention",
+    "attention": "full_attention",
+    "deepseek_sparse_attention": "indexed_attention",
+    "qwen_sparse_attention": "indexed_attention",
+}
+_LAYER_TYPES_KEYS = {"layer_types": ("layer_types", "layers_block_type")}
+
+
+def _layer_list(cfg: Mapping[str, Any], key: str) -> Any:
+    for name in _LAYER_TYPES_KEYS.get(key, (key,)):
+        seq = cfg.get(name)
+        if seq is not None:
+            if key in ("layer_types", "mtp_layer_types") and isinstance(seq, list):
+                return [_LEGACY_LAYER_TYPES.get(v, v) if isinstance(v, str) else v for v in seq]
+            return seq
+    return None
+
+
 def _atom(atom: str, cfg: Mapping[str, Any], num_layers: int) -> list[bool]:
     if atom == "all":
         return [True] * num_layers
@@ -139,7 +160,7 @@ def _atom(atom: str, cfg: Mapping[str, Any], num_layers: int) -> list[bool]:
     if kind == "in":
         key, _, values = rest.partition(":")
         wanted = set(values.split("|"))
-        seq = cfg.get(key)
+        seq = _layer_list(cfg, key)
         if seq is None:
             raise ConfigError(
                 f"config.json lacks {key!r}, the per-layer list that says which layers have which tensors",
@@ -164,7 +185,7 @@ def select_layers(condition: str, cfg: Mapping[str, Any], num_layers: int) -> li
         part = part.strip()
         negate = part.startswith("!")
         atom, _, fallback = part.lstrip("!").partition("??")
-        if fallback and cfg.get(atom.split(":")[1].split("??")[0]) is None:
+        if fallback and _layer_list(cfg, atom.split(":")[1].split("??")[0]) is None:
             atom = fallback.lstrip("!")
             negate = negate != fallback.startswith("!")
         values = _atom(atom, cfg, num_layers)

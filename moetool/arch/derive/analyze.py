@@ -133,6 +133,25 @@ def _candidates(value: float) -> list[float]:
     return [value * 2, value / 2] if value else [1.0]
 
 
+def _computed_fields(model_type: str, base_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Top-level fields the config class declares as ``"auto"`` or ``None`` and fills in itself (numbers
+    in ``to_dict``), with their declared defaults."""
+    import dataclasses
+
+    from moetool.arch.derive.probe import config_class
+
+    cls = config_class(model_type)
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    out = {}
+    for item in dataclasses.fields(cls):
+        default = item.default
+        value = base_kwargs.get(item.name)
+        if (default is None or default == "auto") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[item.name] = default
+    return out
+
+
 class Prober:
     """Builds (and caches) probes of a model type around a base config dict."""
 
@@ -141,6 +160,8 @@ class Prober:
         self.overrides = dict(overrides)
         config = make_config(model_type, overrides).to_dict()
         self.base_kwargs = {k: v for k, v in config.items() if k not in _DROP_KEYS}
+        self.computed = _computed_fields(model_type, self.base_kwargs)
+        self.recompute: set[str] = set()  # fields whose probes let the class recompute ``computed``
         self._cache: dict[frozenset[str], Probe | None] = {}
         self.errors: dict[frozenset[str], str] = {}
         self.new_values: dict[str, float] = {}
@@ -174,10 +195,21 @@ class Prober:
                     self.new_values[name] = value
                     result = candidate
                     break
+            if result is None and self.computed and name not in self.computed:
+                # The change conflicts with a field the class computed from it (Granite-4 hybrid's
+                # mamba_d_head from hidden_size): let the class compute that one again.
+                recomputed = {**self.base_kwargs, **self.computed}
+                for value in _candidates(self.base.fields[name]):
+                    candidate = self._build(changed, apply_change(recomputed, name, value))
+                    if candidate is not None and candidate.fields.get(name) != self.base.fields.get(name):
+                        self.new_values[name] = value
+                        self.recompute.add(name)
+                        result = candidate
+                        break
         elif changed:
             singles = [self.get(frozenset([name])) for name in sorted(changed)]
             if all(s is not None for s in singles):
-                kwargs = self.base_kwargs
+                kwargs = self._start(changed)
                 for name in sorted(changed):
                     kwargs = apply_change(kwargs, name, self.new_values[name])
                 result = self._build(changed, kwargs)
@@ -186,12 +218,17 @@ class Prober:
         self._cache[changed] = result
         return result
 
+    def _start(self, names: frozenset[str]) -> dict[str, Any]:
+        """The kwargs a multi-field probe changes: the base, with the computed fields left to the class
+        when one of the fields needed that."""
+        return {**self.base_kwargs, **self.computed} if names & self.recompute else self.base_kwargs
+
     def get_scaled(self, names: frozenset[str], factor: int) -> Probe | None:
         """A probe with every field in ``names`` multiplied by ``factor`` (an off-corner check point)."""
         key = frozenset(f"{name}*{factor}" for name in names)
         if key in self._cache:
             return self._cache[key]
-        kwargs = self.base_kwargs
+        kwargs = self._start(names)
         for name in sorted(names):
             value = self.base.fields[name]
             kwargs = apply_change(kwargs, name, value * factor if value else factor)

@@ -93,6 +93,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # GLM-4.5V's class defaults leave head_dim to hidden_size // heads (42), which its rotary sections
     # (summing to half of 128) do not fit: its checkpoints set 128.
     "glm4v_moe": {"text_config": {"head_dim": 128}},
+    # Granite-4 hybrid's class default is all Mamba; its checkpoints mix in attention layers.
+    "granitemoehybrid": {
+        "num_hidden_layers": 6,
+        "layer_types": ["linear_attention", "full_attention", "linear_attention"] * 2,
+    },
     # Qwen3-Omni's thinker: hidden_size // heads is 73, an odd rotary width; its checkpoints set 128.
     "qwen3_omni_moe_thinker": {"text_config": {"head_dim": 128}},
     # DeepSeek-OCR-2's language model needs its per-layer dense/sparse list.
