@@ -383,3 +383,35 @@ def test_layer_conditions_read_legacy_layer_type_names():
     assert select_layers("in:layer_types:linear_attention", legacy, 3) == [True, False, True]
     assert select_layers("in:layer_types:full_attention??all", legacy, 3) == [False, True, False]
     assert select_layers("in:layer_types:full_attention??all", {}, 3) == [True, True, True]
+
+
+def test_validation_reads_configs_as_transformers_writes_them(tiny_models):
+    """transformers writes inf as {"__float__": "Infinity"} (Mamba families' time_step_limit); the
+    config check decodes it as from_pretrained does instead of refusing the checkpoint."""
+    import json
+
+    from moetool.validate.transformers_config import transformers_config_findings
+
+    if "granitemoehybrid" not in ENTRIES:
+        pytest.skip("granitemoehybrid is not in the derived table")
+    path, _ = tiny_models("granitemoehybrid")
+    config = json.loads((path / "config.json").read_text())
+    assert {"__float__": "Infinity"} in config["time_step_limit"]
+    assert transformers_config_findings(config) == []
+
+
+def test_streamed_runner_routes_a_multimodal_wrapper_like_the_whole_model(tiny_models):
+    """The layer-streamed runner builds a wrapper as the class the registry recorded (Qwen3.5-MoE's
+    image-text-to-text class, whose text model holds the routers) and sees the same choices."""
+    from moetool.routing.profile import profile_routing
+    from moetool.runner.open import open_runner
+
+    if "qwen3_5_moe" not in ENTRIES:
+        pytest.skip("qwen3_5_moe is not in the derived table")
+    path, model = tiny_models("qwen3_5_moe")
+    batch = _batch(3, 9, 3)
+    whole = profile_routing(model, [batch], name="qwen3_5_moe")
+    opened = open_runner(str(path), device="cpu", dtype="float32", tokenizer=False)
+    assert opened.streamed and type(opened.model).__name__ == ENTRIES["qwen3_5_moe"]["model_class"]
+    streamed = profile_routing(opened.runner, [batch], name="qwen3_5_moe")
+    assert [layer.counts for layer in streamed.layers] == [layer.counts for layer in whole.layers]
