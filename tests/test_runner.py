@@ -175,3 +175,36 @@ def test_inspect_memory_json() -> None:
     assert set(doc["memory"]) == {"float32", "bfloat16"}
     assert doc["memory"]["bfloat16"]["largest_layer_bytes"] * 2 == doc["memory"]["float32"]["largest_layer_bytes"]
     assert doc["memory"]["float32"]["streamed_peak_bytes"] > 0
+
+
+def test_config_only_memory_matches_headers() -> None:
+    """Without headers, the figures come from the config-only count and agree with the headers' ones
+    for a checkpoint stored in float32 (the example)."""
+    from typer.testing import CliRunner
+
+    from moetool.cli import app
+
+    docs = {}
+    for extra in ([], ["--config-only"]):
+        result = CliRunner().invoke(app, ["inspect", str(EXAMPLE), "--memory", "--json", *extra])
+        assert result.exit_code == 0, result.output
+        docs[bool(extra)] = json.loads(result.stdout)["memory"]["float32"]
+    headers, config_only = docs[False], docs[True]
+    for key in ("largest_layer_bytes", "layers", "hidden_size", "activation_bytes_per_token", "params"):
+        assert config_only[key] == headers[key], key
+    assert config_only["weights_by_dtype"] == headers["weights_by_dtype"]
+    assert config_only["streamed_peak_bytes"] == headers["streamed_peak_bytes"]
+
+
+def test_config_only_memory_of_a_real_config() -> None:
+    """Qwen3-30B-A3B from its config.json alone: one layer in bfloat16 is ~1.25 GB of the 61 GB."""
+    from moetool.count.params import count_from_config
+    from moetool.runner.memory import estimate_from_counts
+
+    path = Path(__file__).parent / "data" / "moe-configs" / "Qwen__Qwen3-30B-A3B" / "config.json"
+    config = json.loads(path.read_text())
+    figures = estimate_from_counts(count_from_config(config), config, "bfloat16")
+    assert figures.layers == 48
+    assert 1.2e9 < figures.largest_layer_bytes < 1.3e9
+    assert 60e9 < figures.weights_by_dtype["bfloat16"] < 62e9
+    assert figures.streamed_peak(65536) < 4e9

@@ -89,10 +89,12 @@ def inspect(
         )
     if config_only and ref.local_path is not None:
         # config.json is all this needs: skip reading (and validating) the weight headers.
-        report = count_from_config(load_config(ref.local_path), name=model)
+        config = load_config(ref.local_path)
+        report = count_from_config(config, name=model)
         report.revision = ref.revision
     else:
         checkpoint = open_model(model, revision=revision, token=token, offline=offline or None, need_weights=False)
+        config = checkpoint.config
         if config_only:
             report = count_from_config(checkpoint.config, name=checkpoint.name)
             report.revision = checkpoint.revision
@@ -105,12 +107,15 @@ def inspect(
                     report.nonfinite = scan_checkpoint(checkpoint)
     estimates = None
     if memory:
-        from moetool.runner.memory import estimate
+        from moetool.runner.memory import estimate, estimate_from_counts
 
-        if checkpoint is None or not checkpoint.tensors or config_only:
-            warn("--memory needs the safetensors headers (no estimate from config.json alone)")
-        else:
+        if checkpoint is not None and checkpoint.tensors and not config_only:
             estimates = {dtype: estimate(checkpoint, dtype) for dtype in ("float32", "bfloat16")}
+        elif report.layers:
+            # No headers: the same figures from the config-only count (dtypes on disk assumed).
+            estimates = {dtype: estimate_from_counts(report, config, dtype) for dtype in ("float32", "bfloat16")}
+        else:
+            warn("--memory: no decoder layers were counted, so there is nothing to estimate")
     problem = _strict_error(report, model) if strict else None
     if json_output:
         doc = report.to_json(per_layer=layers)
@@ -153,8 +158,10 @@ _NONFINITE_ROWS = 20
 
 def render_memory(estimates: dict, tokens: int) -> None:
     """What running the model holds at once, per compute dtype: streamed (one layer) and whole."""
+    from moetool.runner.memory import FIXED_OVERHEAD_BYTES
+
     console = stdout()
-    table = Table(title=f"Memory to run it (activations of {tokens:,} tokens)", title_justify="left", show_edge=False)
+    table = Table(title=f"Memory to run it, {tokens:,}-token pass", title_justify="left", show_edge=False)
     table.add_column("")
     for dtype in estimates:
         table.add_column(dtype, justify="right")
@@ -172,9 +179,11 @@ def render_memory(estimates: dict, tokens: int) -> None:
     first = next(iter(estimates.values()))
     console.print(
         f"[dim]{first.layers} layers (largest: {first.largest_layer}); peaks include a fixed "
-        f"{human_bytes(600 * 10**6)} for the process; streamed = one decoder layer at a time[/dim]",
+        f"{human_bytes(FIXED_OVERHEAD_BYTES)} for the process; streamed = one decoder layer at a time[/dim]",
         highlight=False,
     )
+    for note in first.notes:
+        console.print(f"[dim]{escape(note)}[/dim]", highlight=False)
 
 
 def _pct(part: int, whole: int) -> str:

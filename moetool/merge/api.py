@@ -307,8 +307,11 @@ def _similarity_outputs(inputs: _LayerInputs, traits: MergeTraits, tokens: int =
     sample = inputs.calibration.sample
     assert sample is not None
     x = sample.x[:tokens].float()
-    outs = [expert_forward(inputs.experts, e, x, inputs.act).reshape(-1) for e in range(inputs.experts.num_experts)]
-    return row_similarity(torch.stack(outs))
+    n = inputs.experts.num_experts
+    outs = torch.empty((n, x.shape[0] * inputs.experts.down.shape[1]), dtype=torch.float32)
+    for e in range(n):  # filled in place: one expert's output exists at a time besides the stack
+        outs[e] = expert_forward(inputs.experts, e, x, inputs.act).reshape(-1)
+    return row_similarity(outs)
 
 
 def _scores(method: str, inputs: _LayerInputs, traits: MergeTraits) -> list[float]:
@@ -355,10 +358,27 @@ def _search(inputs: _LayerInputs, m: int, rule: RoutingRule, traits: MergeTraits
     return kept, {"output_error": round(error, 6), "search": "exhaustive" if exhaustive else "greedy", "tokens": n}
 
 
+def _needs_sample(method: str, to_dense: bool, refit_router: bool, align: str) -> bool:
+    """Whether the layers' calibration hidden states are used: counting methods without a refit or an
+    activation alignment decide from counts alone, so no per-layer sample (tokens x hidden, for every
+    layer at once) is kept for them."""
+    return to_dense or refit_router or align == "activations" or method not in ("frequency", "soft-frequency")
+
+
 def _decide(
-    method: str, m: int, inputs: _LayerInputs, traits: MergeTraits, rule: RoutingRule | None
+    method: str,
+    m: int,
+    inputs: _LayerInputs,
+    traits: MergeTraits,
+    rule: RoutingRule | None,
+    *,
+    need_assignment: bool = True,
 ) -> tuple[LayerDecision, list[int]]:
-    """Groups for one layer, and the refit assignment (old expert -> new expert)."""
+    """Groups for one layer, and the refit assignment (old expert -> new expert).
+
+    ``need_assignment=False`` (no routing refit follows) skips what only the assignment of a pruning
+    needs: every expert's outputs on the calibration sample, the largest temporary of a layer.
+    """
     from moetool.merge.grouping import around_anchors, cluster, column_similarity, row_similarity, top_m, weights_within
 
     cal = inputs.calibration
@@ -382,11 +402,13 @@ def _decide(
         groups = [[e] for e in kept]
         weights = [[1.0] for _ in kept]
         dropped = [e for e in range(n) if e not in kept]
-        # For a refit, a dropped expert's tokens go to the kept expert that computes most like it.
-        similarity = _similarity_outputs(inputs, traits) if sample is not None else row_similarity(inputs.router[0])
         assignment = [0] * n
         for j, e in enumerate(kept):
             assignment[e] = j
+        if not need_assignment:
+            return LayerDecision(inputs.layer, groups, weights, dropped, importance, notes), assignment
+        # For a refit, a dropped expert's tokens go to the kept expert that computes most like it.
+        similarity = _similarity_outputs(inputs, traits) if sample is not None else row_similarity(inputs.router[0])
         for e in dropped:
             assignment[e] = max(range(len(kept)), key=lambda j: (float(similarity[e, kept[j]]), -j))
         return LayerDecision(inputs.layer, groups, weights, dropped, importance, notes), assignment
@@ -430,7 +452,7 @@ def _reduce_layer(
     from moetool.merge.combine import merge_experts
     from moetool.merge.router import merge_rows, refit, select_rows
 
-    decision, assignment = _decide(method, m, inputs, traits, rule)
+    decision, assignment = _decide(method, m, inputs, traits, rule, need_assignment=refit_router and rule is None)
     if method in PRUNING_METHODS:
         kept = [g[0] for g in decision.groups]
         experts = inputs.experts.select(kept)
@@ -765,7 +787,7 @@ def merge(
             max_tokens=max_tokens,
             seq_len=seq_len,
             batch_size=batch_size,
-            sample_tokens=sample_tokens,
+            sample_tokens=sample_tokens if _needs_sample(method, dense_spec is not None, refit_router, align) else 0,
             seed=seed,
             device=device,
             dtype=dtype,
@@ -1158,6 +1180,8 @@ def _process_moe_layer(
             sigmoid_router=sigmoid_router,
             rule=rule,
         )
+        # The layer's original experts are no longer needed: free them before the output is converted.
+        del experts, inputs
         for name, tensor in zip(router_names, new_router, strict=True):
             emit(name, tensor.contiguous())
         for name, tensor in layout.expert_tensors(layer, merged, dtype):

@@ -14,7 +14,7 @@ Where the tensors are and how they are stored comes from the registry's template
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -247,26 +247,29 @@ class LayerTensors:
                 out.append((base + role.template.name, role.template))
         return out
 
-    def expert_tensors(self, layer: int, experts: Experts, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
-        """A layer's routed experts in the family's on-disk layout (the inverse of :meth:`read_experts`)."""
+    def expert_tensors(self, layer: int, experts: Experts, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """A layer's routed experts in the family's on-disk layout (the inverse of :meth:`read_experts`).
+
+        Yields one tensor at a time, converted as it is asked for, so that the writer holds one and the
+        float32 stacks are never copied whole into the output dtype.
+        """
         import torch
 
         base = self.layer_prefix(layer)
-        out: list[tuple[str, torch.Tensor]] = []
         canonical = {"gate": experts.gate, "up": experts.up, "down": experts.down}
-        canonical["gate_up"] = torch.cat([experts.gate, experts.up], dim=1)
         for role in self.roles:
-            stacked = canonical[role.role]
+            # The fused gate_up stack is built only for the families that store it.
+            stacked = torch.cat([experts.gate, experts.up], dim=1) if role.role == "gate_up" else canonical[role.role]
             if role.transposed:
                 stacked = stacked.transpose(1, 2)
             if "{E}" in role.template.name:
                 for e in range(experts.num_experts):
-                    out.append((base + role.template.name.replace("{E}", str(e)), stacked[e].to(dtype).contiguous()))
+                    yield base + role.template.name.replace("{E}", str(e)), stacked[e].to(dtype).contiguous()
             else:
                 if role.flat:
                     stacked = stacked.reshape(-1, stacked.shape[-1])
-                out.append((base + role.template.name, stacked.to(dtype).contiguous()))
-        return out
+                yield base + role.template.name, stacked.to(dtype).contiguous()
+            del stacked
 
 
 def _check_float(checkpoint: Checkpoint, names: list[str]) -> None:

@@ -1,4 +1,5 @@
-"""What running a checkpoint costs in memory, known before any work: from the safetensors headers alone.
+"""What running a checkpoint costs in memory, known before any work: from the safetensors headers alone
+(or, less exactly, from config.json's parameter count: :func:`estimate_from_counts`).
 
 :func:`estimate` groups the stored tensors by decoder layer (the ``layers.N.`` / ``blocks.N.`` / ``h.N.``
 / ``block.N.`` part of their names), so it needs neither torch nor the model: ``moetool inspect
@@ -184,6 +185,55 @@ def estimate(checkpoint: Checkpoint, dtype: str = "float32") -> MemoryEstimate:
         other_bytes=other,
         hidden_size=hidden,
         activation_bytes_per_token=ACTIVATION_COPIES * hidden * itemsize,
+        notes=notes,
+    )
+
+
+def estimate_from_counts(report: Any, config: dict[str, Any], dtype: str = "float32") -> MemoryEstimate:
+    """Memory figures from a config-only parameter count (``inspect --config-only --memory``).
+
+    Without headers the stored dtypes are unknown: every parameter is taken as floating point, stored in
+    the config's ``torch_dtype`` / ``dtype`` (bfloat16 when it names none), so checkpoints stored in FP8 or
+    packed formats take less on disk than said here (their compute-dtype figures hold). MTP modules are
+    stored but never run, so they count in the weights and not in the largest layer.
+
+    Args:
+        report: a :class:`moetool.count.params.ParamReport` (from ``count_from_config``).
+        config: the checkpoint's config.json.
+        dtype: the compute dtype.
+    """
+    itemsize = COMPUTE_ITEMSIZE.get(dtype, 4)
+    run_layers = [layer for layer in report.layers if layer.kind != "mtp"]
+    largest = max(run_layers, key=lambda layer: layer.total, default=None)
+    embedding = report.categories["embedding"].total
+    head = report.categories["lm_head"].total
+    stored_params = report.total_params_with_mtp
+    layer_params = sum(layer.total for layer in report.layers)
+    other = max(0, stored_params - layer_params - embedding - head)
+    stored_dtype = None
+    for source in (config.get("text_config"), config):
+        if isinstance(source, dict):
+            stored_dtype = stored_dtype or source.get("torch_dtype") or source.get("dtype")
+    stored_width = COMPUTE_ITEMSIZE.get(str(stored_dtype), 2)
+    notes = [f"from config.json: every parameter taken as {stored_dtype or 'bfloat16'} on disk"]
+    if isinstance(config.get("quantization_config"), dict):
+        method = config["quantization_config"].get("quant_method", "a quantization")
+        notes.append(f"config.json declares {method} storage: the files are smaller than said here")
+    if report.tied_embeddings and embedding:
+        notes.append("the output head shares the input embedding (tied)")
+    return MemoryEstimate(
+        dtype=dtype,
+        params=stored_params,
+        stored_bytes=stored_params * stored_width,
+        weights_by_dtype={name: stored_params * width for name, width in COMPUTE_ITEMSIZE.items()},
+        layers=len(run_layers),
+        largest_layer=f"layer {largest.index}" if largest is not None else None,
+        largest_layer_bytes=largest.total * itemsize if largest is not None else 0,
+        embedding_bytes=embedding * itemsize,
+        head_bytes=(head or (embedding if report.tied_embeddings else 0)) * itemsize,
+        other_bytes=other * itemsize,
+        hidden_size=_hidden_size(config),
+        activation_bytes_per_token=ACTIVATION_COPIES * _hidden_size(config) * itemsize,
         notes=notes,
     )
 
