@@ -329,23 +329,47 @@ def load_tokenizer(checkpoint: Checkpoint) -> Any:
 
 
 def auto_model_class(config: dict[str, Any]) -> Any:
-    """The transformers auto class that runs a config.json: causal LM, or sequence-to-sequence LM for
-    encoder-decoder models (Switch Transformers, NLLB-MoE)."""
+    """The transformers class that runs a config.json: the exact class the registry recorded for a
+    derived family (a multimodal wrapper loads as its image-text-to-text class, where the registry found
+    its routers), else causal LM, else sequence-to-sequence LM for encoder-decoder models (Switch
+    Transformers, NLLB-MoE), else image-text-to-text; causal LM when transformers names none of them."""
+    import transformers
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    registered = _registry_class(config)
+    if registered is not None:
+        return registered
     model_type = config.get("model_type")
-    if isinstance(model_type, str) and MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type):
+    if _mapped(model_type, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"):
         return AutoModelForCausalLM
     if config.get("is_encoder_decoder") or _seq2seq_class(model_type):
         return AutoModelForSeq2SeqLM
+    if _mapped(model_type, "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"):
+        return transformers.AutoModelForImageTextToText
     return AutoModelForCausalLM
 
 
-def _seq2seq_class(model_type: Any) -> str | None:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+def _mapped(model_type: Any, mapping: str) -> str | None:
+    from transformers.models.auto import modeling_auto
 
-    return MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
+    return getattr(modeling_auto, mapping, {}).get(model_type) if isinstance(model_type, str) else None
+
+
+def _seq2seq_class(model_type: Any) -> str | None:
+    return _mapped(model_type, "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES")
+
+
+def _registry_class(config: dict[str, Any]) -> Any:
+    """The exact class the derived registry recorded for this model type, else None."""
+    import transformers
+
+    from moetool.arch.registry import family_for_config
+
+    try:
+        name = family_for_config(config).model_class
+    except MoetoolError:
+        return None
+    return getattr(transformers, name, None) if name else None
 
 
 def check_transformers_support(checkpoint: Checkpoint) -> None:
@@ -357,12 +381,16 @@ def check_transformers_support(checkpoint: Checkpoint) -> None:
             sequence-to-sequence LM.
     """
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = checkpoint.config.get("model_type")
-    if MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None:
-        return
-    if _seq2seq_class(model_type):
+    if any(
+        _mapped(model_type, m)
+        for m in (
+            "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+            "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+            "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+        )
+    ):
         return
     if "auto_map" in checkpoint.config:
         raise ModelLoadError(

@@ -38,6 +38,7 @@ class ReferenceAccumulator:
         self.z_sum = torch.zeros((), dtype=f64)
         self.top1_sum = torch.zeros((), dtype=f64)
         self.margin_sum = torch.zeros((), dtype=f64)
+        self.kept = None  # assignments a capacity-limited model kept: not tracked by the oracle
 
     def update(self, logits, indices, ctx: BatchContext) -> None:
         num_experts = self.num_experts

@@ -149,3 +149,68 @@ def stored_numel(model) -> int:
         seen.add(key)
         total += tensor.numel()
     return total
+
+
+# ----------------------------------------------------------------------------- derived families
+
+
+def derived_entries() -> dict[str, dict[str, Any]]:
+    """The generated registry entries (moetool/arch/data/derived_families.json), by model type."""
+    from moetool.arch.derived import load_table
+
+    return {entry["model_type"]: entry for entry in load_table()["families"]}
+
+
+def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        # A dict keyed by layer index (Gemma-4's per_layer_config) is a whole value: the class
+        # default's entries for layers past the tiny depth must not survive.
+        per_layer = isinstance(value, dict) and value and all(str(k).isdigit() for k in value)
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not per_layer:
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def derived_tiny_config(model_type: str, **overrides: Any):
+    """The tiny config the generator recorded for a derived family (class defaults + its changes)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    tiny = _deep_merge(derived_entries()[model_type]["tiny"], overrides)
+    return cls.from_dict(_deep_merge(cls().to_dict(), tiny))
+
+
+def build_tiny_derived(model_type: str, path: Path | None = None, *, seed: int = 0, **overrides: Any):
+    """Build (and save, when ``path`` is given) a tiny random model of a derived family."""
+    import torch
+    import transformers
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    config = derived_tiny_config(model_type, **overrides)
+    cls = getattr(transformers, derived_entries()[model_type]["model_class"])
+    model = cls._from_config(config).eval()
+    # Hash-routing tables (DeepSeek-V4's tid2eid) start as zeros, every token sending all k choices to
+    # expert 0; real checkpoints store distinct experts per token: give each token k distinct ones.
+    generator = torch.Generator().manual_seed(seed)
+    for name, buffer in model.named_buffers():
+        if name.endswith("tid2eid") and buffer.dim() == 2:
+            experts = int(buffer.max()) + 1 if buffer.any() else None
+            experts = experts or _num_experts(config)
+            rows = [torch.randperm(experts, generator=generator)[: buffer.shape[1]] for _ in range(buffer.shape[0])]
+            buffer.copy_(torch.stack(rows))
+    if path is not None:
+        model.save_pretrained(path)
+    return model
+
+
+def _num_experts(config: Any) -> int:
+    text = getattr(config, "text_config", None) or config
+    for key in ("n_routed_experts", "num_experts", "num_local_experts"):
+        if isinstance(getattr(text, key, None), int):
+            return getattr(text, key)
+    raise ValueError("no expert count in the config")

@@ -424,6 +424,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         schedule="qwen",
         routing=RoutingSpec(Routing.SOFTMAX_TOPK, "norm_topk_prob", True),
         layer_dims=_qwen3_next_layer,
+        # Hub checkpoints store the multi-token-prediction module as "mtp.*" (not built by transformers).
+        mtp_prefixes=("mtp.",),
         shared_expert_gate="mlp.shared_expert_gate.weight",
     ),
     FamilySpec(

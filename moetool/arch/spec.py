@@ -35,6 +35,8 @@ CATEGORIES: tuple[str, ...] = (
     "dense_mlp",
     "norms",
     "mtp",
+    "vision",
+    "audio",
     "other",
 )
 
@@ -55,6 +57,13 @@ class RouterOutput(str, Enum):
     LOGITS_WEIGHTS_INDICES = "logits_weights_indices"  # (router_logits, top_k_weights, top_k_index)
     SCORES_LOGITS = "scores_logits"  # Llama-4: (masked sigmoid scores [T, E], router_logits)
     LOGITS = "logits"  # DBRX: logits only; the MoE block applies the routing rule
+    # The choices are read where the model uses them: the top-k indices the experts module receives
+    # (``experts(hidden_states, top_k_index, top_k_weights)``); the router module gives the logits.
+    EXPERTS_INPUT = "experts_input"
+    # Switch Transformers: (router_mask [T, E] one-hot after the capacity drop, router_probs, logits).
+    SWITCH_MASK = "switch_mask"
+    # NLLB-MoE: (top_1_mask or dispatch mask [T, E] after capacity, router_probs); logits recomputed.
+    NLLB_MASK = "nllb_mask"
 
 
 class ExpertsProtocol(str, Enum):
@@ -84,11 +93,34 @@ class T:
         shape: symbolic shape.
         when: the name of a boolean in the resolved dims; the tensor exists only when it is true
             (for example ``"attention_bias"``), or when it is false if prefixed with ``!``.
+        stack: for encoder-decoder families, the index of the stack (:class:`Stack`) the per-layer
+            template belongs to.
     """
 
     name: str
     shape: tuple[str | int, ...]
     when: str | None = None
+    stack: int = 0
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One layer stack of an encoder-decoder family (the encoder, then the decoder).
+
+    Attributes:
+        prefix: the on-disk prefix of a layer, ``{L}`` the index within the stack (``encoder.block.{L}.``).
+        count: the symbol of the stack's layer count.
+        schedule: the layer condition (:mod:`moetool.arch.layers`) of the stack's MoE layers.
+        layers_module: the in-memory path of the stack's layer list (``encoder.block``).
+        router_module / experts_module: the router and experts modules inside one of its layers.
+    """
+
+    prefix: str
+    count: str
+    schedule: str
+    layers_module: str
+    router_module: str
+    experts_module: str
 
 
 @dataclass(frozen=True)
@@ -156,6 +188,25 @@ class FamilySpec:
         experts_module: the routed-experts module's name inside a decoder layer of the *instantiated*
             transformers model.
         experts_protocol: the shape and calling convention of that module (see :class:`ExpertsProtocol`).
+        derived: the entry comes from the generated table (:mod:`moetool.arch.derived`): symbols are
+            only those in ``fields``, and every per-layer template carries its own condition.
+        default_exprs: symbols transformers computes from others when config.json omits them
+            (``head_dim`` from ``hidden_size`` and the head count), as :func:`moetool.arch.dims.eval_dim`
+            expressions.
+        conditions: the layer conditions (:mod:`moetool.arch.layers`) templates refer to as
+            ``when="c:<condition>"``; ``global_conditions`` are those evaluated once (config flags).
+        mtp_fields: config keys giving the number of multi-token-prediction modules.
+        mtp_prefixes: name prefixes of MTP tensors stored outside the decoder layers (``mtp.``).
+        model_class: the transformers class a checkpoint loads as (derived families).
+        layer_other: per-layer templates of no other category (hyper-connection mixing weights).
+        layers_module: the in-memory path of the decoder layer list (``model.language_model.layers``),
+            where routers and experts modules are looked up (default: any ``layers``/``blocks`` list).
+        stacks: the layer stacks of an encoder-decoder family, layers numbered across them (encoder
+            first); empty for a decoder-only family (its one stack is ``layer_prefix``/``schedule``).
+        tie_from_root: a multimodal wrapper whose own ``tie_word_embeddings`` (not its text config's)
+            decides whether the head is tied.
+        capabilities: per command, ``None`` (supported) or the reason it is not (see
+            :func:`moetool.arch.registry.require_capability`).
     """
 
     name: str
@@ -190,6 +241,18 @@ class FamilySpec:
     shared_expert_gate: str | None = None
     experts_module: str = "mlp.experts"
     experts_protocol: ExpertsProtocol = ExpertsProtocol.GATE_UP_DOWN
+    derived: bool = False
+    default_exprs: Mapping[str, str] = field(default_factory=dict)
+    conditions: tuple[str, ...] = ()
+    global_conditions: frozenset[str] = frozenset()
+    mtp_fields: tuple[str, ...] = ()
+    mtp_prefixes: tuple[str, ...] = ()
+    model_class: str | None = None
+    capabilities: Mapping[str, str | None] = field(default_factory=dict)
+    layer_other: tuple[T, ...] = ()
+    layers_module: str | None = None
+    stacks: tuple[Stack, ...] = ()
+    tie_from_root: bool = False
 
     def layer_templates(self) -> dict[str, tuple[T, ...]]:
         """Per-layer templates by category (MoE and dense parts both listed)."""
@@ -200,4 +263,5 @@ class FamilySpec:
             "router": self.router,
             "routed_experts": self.routed_experts,
             "shared_experts": self.shared_experts,
+            "other": self.layer_other,
         }

@@ -28,6 +28,9 @@ class Placement:
 
 # A purely numeric name component (the expert index in per-expert layouts).
 _INDEX_COMPONENT = re.compile(r"(?:^|\.)(\d+)\.")
+# Any index component, numeric or with a stem (``expert_3``), and a template placeholder.
+_ANY_INDEX = re.compile(r"(?<![^.])([A-Za-z_]*?_)?(\d+)(?![^.])")
+_PLACEHOLDER = re.compile(r"(?<![^.])([A-Za-z_]*?_)?\{[^{}]+\}(?![^.])")
 
 
 def _by_name(templates_by_category: dict[str, tuple[T, ...]]) -> dict[str, str]:
@@ -35,7 +38,29 @@ def _by_name(templates_by_category: dict[str, tuple[T, ...]]) -> dict[str, str]:
     return {t.name: category for category, templates in templates_by_category.items() for t in templates}
 
 
-def _lookup(table: dict[str, str], rest: str) -> tuple[str, int | None] | None:
+def _normal(name: str) -> str:
+    """A name or template with every index (number or placeholder) replaced by ``#``."""
+    return _ANY_INDEX.sub(
+        lambda m: (m.group(1) or "") + "#", _PLACEHOLDER.sub(lambda m: (m.group(1) or "") + "#", name)
+    )
+
+
+def _by_normal(templates_by_category: dict[str, tuple[T, ...]]) -> dict[str, tuple[str, int | None]]:
+    """Normalised template name -> (category, position of the ``{E}`` index among the name's indices)."""
+    out: dict[str, tuple[str, int | None]] = {}
+    for category, templates in templates_by_category.items():
+        for template in templates:
+            indices = [
+                m.group(0) for m in re.finditer(r"(?<![^.])(?:[A-Za-z_]*?_)?(?:\{[^{}]+\}|\d+)(?![^.])", template.name)
+            ]
+            position = next((i for i, text in enumerate(indices) if "{E}" in text), None)
+            out.setdefault(_normal(template.name), (category, position))
+    return out
+
+
+def _lookup(
+    table: dict[str, str], rest: str, normal: dict[str, tuple[str, int | None]] | None = None
+) -> tuple[str, int | None] | None:
     """Category and expert index of a layer-relative name, if a template names it."""
     if rest in table:
         return table[rest], None
@@ -44,6 +69,14 @@ def _lookup(table: dict[str, str], rest: str) -> tuple[str, int | None] | None:
         key = rest[: match.start(1)] + "{E}" + rest[match.end(1) :]
         if key in table:
             return table[key], int(match.group(1))
+    if normal:
+        hit = normal.get(_normal(rest))
+        if hit is not None:
+            category, position = hit
+            if position is None:
+                return category, None
+            numbers = [int(m.group(2)) for m in _ANY_INDEX.finditer(rest)]
+            return category, numbers[position] if position < len(numbers) else None
     return None
 
 
@@ -87,9 +120,18 @@ class TensorClassifier:
         self.spec = spec
         self.dims = dims
         self._globals = {t.name: category for category, templates in spec.globals_.items() for t in templates}
+        self._global_normal = _by_normal(dict(spec.globals_))
         layer_pattern = re.escape(spec.layer_prefix).replace(re.escape("{L}"), r"(?P<layer>\d+)")
         self._layer_re = re.compile(layer_pattern + r"(?P<rest>.+)\Z")
         self._layer_templates = _by_name(spec.layer_templates())
+        self._layer_normal = _by_normal(spec.layer_templates())
+        # Encoder-decoder families: one pattern and template table per stack.
+        self._stacks = []
+        for index, stack in enumerate(spec.stacks):
+            pattern = re.escape(stack.prefix).replace(re.escape("{L}"), r"(?P<layer>\d+)")
+            templates = {c: tuple(t for t in ts if t.stack == index) for c, ts in spec.layer_templates().items()}
+            self._stacks.append((re.compile(pattern + r"(?P<rest>.+)\Z"), _by_name(templates), _by_normal(templates)))
+        self._has_mtp = bool(spec.mtp or spec.mtp_fields)
 
     def strip_prefix(self, name: str) -> str:
         """Remove multimodal wrapper prefixes (``language_model.``) from a tensor name."""
@@ -103,15 +145,30 @@ class TensorClassifier:
         name = self.strip_prefix(name)
         if name in self._globals:
             return Placement(self._globals[name])
-        match = self._layer_re.match(name)
+        if self.spec.mtp_prefixes and name.startswith(self.spec.mtp_prefixes):
+            return Placement("mtp")
+        for index, (pattern, table, normal) in enumerate(self._stacks):
+            match = pattern.match(name)
+            if match is not None:
+                layer = self.dims.stack_starts[index] + int(match["layer"])
+                hit = _lookup(table, match["rest"], normal)
+                if hit is not None:
+                    return Placement(hit[0], layer, hit[1])
+                return Placement(
+                    _heuristic_layer_category(match["rest"], self.dims.is_moe_layer(layer)), layer, matched=False
+                )
+        match = self._layer_re.match(name) if not self._stacks else None
         if match is None:
+            hit = self._global_normal.get(_normal(name)) if self._global_normal else None
+            if hit is not None:
+                return Placement(hit[0])
             return Placement(_heuristic_global_category(name), matched=False)
         layer = int(match["layer"])
         rest = match["rest"]
         if layer >= self.dims.num_layers:
             # Layers past num_hidden_layers are DeepSeek-style MTP modules when the family has them.
-            return Placement("mtp" if self.spec.mtp else "other", layer, matched=bool(self.spec.mtp))
-        hit = _lookup(self._layer_templates, rest)
+            return Placement("mtp" if self._has_mtp else "other", layer, matched=self._has_mtp)
+        hit = _lookup(self._layer_templates, rest, self._layer_normal)
         if hit is not None:
             return Placement(hit[0], layer, hit[1])
         category = _heuristic_layer_category(rest, self.dims.is_moe_layer(layer))

@@ -66,9 +66,10 @@ def check_teacher(checkpoint: Checkpoint, name: str) -> Any:
         UnsupportedArchitectureError: ``NOT_MOE`` for a dense family or a config without MoE layers.
     """
     from moetool.arch.dims import resolve_dims
-    from moetool.arch.registry import family_for_config
+    from moetool.arch.registry import family_for_config, require_capability
 
     spec = family_for_config(checkpoint.config)
+    require_capability(spec, "distill")
     if not spec.is_moe or not resolve_dims(spec, checkpoint.config).moe_layers:
         raise UnsupportedArchitectureError(
             f"{name} is a dense {spec.name} model: distill takes a Mixture-of-Experts teacher",

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moetool.arch.dims import Dims, get_path, resolve_dims
-from moetool.arch.registry import family_for_config
+from moetool.arch.registry import family_for_config, require_capability
 from moetool.arch.spec import FamilySpec, Routing
 from moetool.errors import ConfigError, MoetoolError, UnsupportedArchitectureError, UsageError
 from moetool.io.dtypes import FLOAT_DTYPES, torch_dtype
@@ -634,6 +634,7 @@ def merge(
     check_input(checkpoint, float_weights=True, allow_nonfinite=allow_nonfinite)
     config = checkpoint.config
     spec = family_for_config(config)
+    require_capability(spec, "merge")
     traits = traits_for(spec)
     if quant_method_of(config):
         raise MoetoolError(

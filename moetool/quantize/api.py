@@ -564,7 +564,7 @@ def quantize(
         VerificationError: a failed check (nothing is published).
     """
     from moetool.arch.dims import resolve_dims
-    from moetool.arch.registry import family_for_config
+    from moetool.arch.registry import family_for_config, require_capability
     from moetool.io.checkpoint import Checkpoint
     from moetool.io.sizes import estimate_quantized_bytes
     from moetool.io.writer import check_disk_space, check_output_path
@@ -595,6 +595,7 @@ def quantize(
     check_input(checkpoint, float_weights=True, allow_nonfinite=allow_nonfinite)
     _refuse_quantized(checkpoint)
     spec = family_for_config(checkpoint.config)
+    require_capability(spec, "quantize")
     dims = resolve_dims(spec, checkpoint.config)
     layout = build_layout(spec, dims, checkpoint, options.categories)
     from moetool.quantize.formats import resolve

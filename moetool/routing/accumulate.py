@@ -133,7 +133,7 @@ class LayerAccumulator:
     ``margin_sum`` (floats).
     """
 
-    def __init__(self, num_experts: int, num_domains: int, device: Any) -> None:
+    def __init__(self, num_experts: int, num_domains: int, device: Any, *, capacity_limited: bool = False) -> None:
         import torch
 
         self.num_experts = num_experts
@@ -147,10 +147,14 @@ class LayerAccumulator:
         self._dropped = torch.zeros(len(CAPACITY_FACTORS), dtype=torch.int64, device=self.device)
         # Float sums: per-expert probability mass, then z (logsumexp^2), top-1 and top-2 probabilities.
         self._sums = torch.zeros(num_experts + 3, dtype=torch.float64, device=self.device)
+        # Capacity-limited families (Switch, NLLB-MoE): per expert, the assignments the model itself
+        # processed after its own capacity limit (read as ``kept``; None for other families).
+        self.capacity_limited = capacity_limited
+        self._kept = torch.zeros(num_experts, dtype=torch.int64, device=self.device)
 
     # ------------------------------------------------------------------ hot path
 
-    def update(self, logits: Any, indices: Any, ctx: BatchContext) -> None:
+    def update(self, logits: Any, indices: Any, ctx: BatchContext, kept: Any = None) -> None:
         """Add one router call's tokens (padding excluded). Never waits for the device (when the context
         carries its token count).
 
@@ -158,6 +162,8 @@ class LayerAccumulator:
             logits: ``[N, E]`` router logits (any float dtype; read, never modified).
             indices: ``[N, k]`` the distinct experts chosen for each token.
             ctx: the batch's context (``N`` positions).
+            kept: ``[N, k]`` bool, for capacity-limited models: which chosen assignments the model
+                processed (the others it dropped at an expert's capacity).
         """
         import torch
 
@@ -179,6 +185,10 @@ class LayerAccumulator:
         derived = ctx.derived(num_experts, self.num_domains, top_k, device)
         self._count(idx, derived, ctx.num_windows)
         self._float_sums(logits, derived)
+        if kept is not None:
+            # Padding rows weigh 0 (their indices are replaced by expert 0 like in _count).
+            weight = kept.to(device=device, dtype=torch.long, non_blocking=True) * (~derived.invalid).long()
+            self._kept.index_add_(0, torch.where(derived.invalid, 0, idx).view(-1), weight.view(-1))
 
     def _count(self, idx: Any, derived: _Derived, num_windows: int) -> None:
         """Domain counts and co-activation: one ``index_add_`` of ``k + k^2`` keys per token into the
@@ -254,6 +264,11 @@ class LayerAccumulator:
         """``[E, E]`` int64 tokens that chose both experts (CPU; the diagonal is ``counts``)."""
         e = self.num_experts
         return self._counts[self._layout.coact_offset : self._layout.dump].view(e, e).cpu()
+
+    @property
+    def kept(self) -> Any:
+        """``[E]`` int64 assignments the model itself processed (CPU), or None unless capacity-limited."""
+        return self._kept.cpu() if self.capacity_limited else None
 
     @property
     def dropped(self) -> Any:

@@ -3,7 +3,10 @@
 Hooks sit on the router module of each MoE layer (the registry says where it is and what it returns),
 so they see exactly the top-k indices the model's own forward uses, whatever experts implementation
 (fused 3-D weights, grouped_mm, kernels) runs afterwards. Where a router returns only logits (DBRX),
-the family's rule is applied to them, as its MoE block does.
+the family's rule is applied to them, as its MoE block does. For the families derived from
+transformers (:mod:`moetool.arch.derived`) the choices are read where the model consumes them: the
+top-k indices its experts module receives, paired with the logits of the router module that ran just
+before it in the same layer.
 """
 
 from __future__ import annotations
@@ -24,6 +27,41 @@ class RouterEvent:
     layer: int
     logits: Any  # torch.Tensor
     indices: Any  # torch.LongTensor
+    kept: Any = None  # bool [tokens, top_k]: assignments the model processed (capacity-limited models)
+
+
+def _layer_pattern(spec: FamilySpec, module: str) -> re.Pattern[str]:
+    if spec.layers_module:
+        return re.compile("^" + re.escape(spec.layers_module) + r"\.(\d+)\." + re.escape(module) + r"\Z")
+    return re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\." + re.escape(module) + r"\Z")
+
+
+def find_modules(model: Any, spec: FamilySpec, module: str) -> dict[int, Any]:
+    """Modules named ``module`` inside the decoder layers of an instantiated model, by layer index.
+
+    For encoder-decoder families ``module`` is ``"router"`` or ``"experts"`` and each stack's own
+    module name is used; layers are numbered across the stacks (encoder first), as in ``inspect``.
+    """
+    if spec.stacks:
+        from moetool.arch.dims import resolve_dims
+
+        starts = resolve_dims(spec, model.config.to_dict()).stack_starts
+        found: dict[int, Any] = {}
+        for stack, start in zip(spec.stacks, starts, strict=True):
+            name = stack.router_module if module == "router" else stack.experts_module
+            pattern = re.compile("^" + re.escape(stack.layers_module) + r"\.(\d+)\." + re.escape(name) + r"\Z")
+            for path, candidate in model.named_modules():
+                match = pattern.search(path)
+                if match:
+                    found[start + int(match.group(1))] = candidate
+        return found
+    pattern = _layer_pattern(spec, module)
+    found = {}
+    for name, candidate in model.named_modules():
+        match = pattern.search(name)
+        if match:
+            found[int(match.group(1))] = candidate
+    return found
 
 
 def find_routers(model: Any, spec: FamilySpec) -> dict[int, Any]:
@@ -33,12 +71,7 @@ def find_routers(model: Any, spec: FamilySpec) -> dict[int, Any]:
         UnsupportedArchitectureError: the model has no router where the registry says (an MoE
             family whose transformers implementation moved it).
     """
-    pattern = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\." + re.escape(spec.router_module) + r"\Z")
-    routers: dict[int, Any] = {}
-    for name, module in model.named_modules():
-        match = pattern.search(name)
-        if match:
-            routers[int(match.group(1))] = module
+    routers = find_modules(model, spec, "router" if spec.stacks else spec.router_module)
     if not routers:
         raise UnsupportedArchitectureError(
             f"found no router modules named '*.{spec.router_module}' in this {spec.name} model",
@@ -75,7 +108,61 @@ def decode_router_output(output: Any, spec: FamilySpec, top_k: int) -> tuple[Any
             probs = torch.softmax(logits, dim=-1, dtype=logits.dtype)
             return logits, torch.topk(probs, top_k, dim=-1).indices
         return logits, torch.topk(logits, top_k, dim=-1).indices
+    if spec.router_output in (RouterOutput.SWITCH_MASK, RouterOutput.NLLB_MASK):
+        logits, indices, _ = decode_capacity_output(output, spec)
+        return logits, indices
     raise ValueError(f"unknown router output protocol {spec.router_output}")
+
+
+def decode_capacity_output(output: Any, spec: FamilySpec) -> tuple[Any, Any, Any]:
+    """(logits, indices, kept) from the router of a capacity-limited family.
+
+    Switch Transformers' router returns ``(dispatch mask [.., E] after the capacity drop, probability
+    of the chosen expert, logits)``: the choice is the arg-max (top-1) and it was kept when its mask
+    row is not empty. NLLB-MoE's returns ``(top-1 mask, combine weights [.., E] after the drop,
+    logits)``: the choices are the top-1 and the best other expert (its ``second_expert_policy``
+    ``"all"``), each kept when its combine weight is not zero. Both run at eval without jitter.
+    """
+    import torch
+
+    if spec.router_output is RouterOutput.SWITCH_MASK:
+        mask, _, logits = output
+        logits = logits.reshape(-1, logits.shape[-1])
+        indices = logits.argmax(dim=-1, keepdim=True)
+        kept = mask.reshape(-1, mask.shape[-1]).sum(dim=-1, keepdim=True) > 0
+        return logits, indices, kept
+    _, weights, logits = output
+    logits = logits.reshape(-1, logits.shape[-1])
+    weights = weights.reshape(-1, weights.shape[-1])
+    first = torch.softmax(logits.float(), dim=-1).argmax(dim=-1, keepdim=True)
+    second = logits.masked_fill(torch.zeros_like(logits, dtype=torch.bool).scatter(1, first, True), float("-inf"))
+    indices = torch.cat([first, second.argmax(dim=-1, keepdim=True)], dim=-1)
+    kept = weights.gather(1, indices) > 0
+    return logits, indices, kept
+
+
+def router_logits(output: Any, tokens: int | None = None) -> Any:
+    """The logits in a router module's output: its first floating-point tensor of two or more dims
+    (the expert scores; every router output protocol lists them before weights and indices)."""
+    import torch
+
+    items = output if isinstance(output, (tuple, list)) else (output,)
+    for item in items:
+        is_scores = isinstance(item, torch.Tensor) and item.is_floating_point() and item.dim() >= 2
+        if is_scores and (tokens is None or item.numel() // item.shape[-1] == tokens):
+            return item
+    return None
+
+
+def experts_indices(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The top-k indices an experts module is called with: its integer 2-D tensor argument."""
+    import torch
+
+    for value in (*args, *kwargs.values()):
+        is_index = isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point()
+        if is_index and value.dtype is not torch.bool:
+            return value
+    return None
 
 
 class RouterObserver:
@@ -93,6 +180,14 @@ class RouterObserver:
         self.callback = callback
         self._config = model.config
         self._handles: list[Any] = []
+        self._experts: dict[int, Any] = {}
+        if spec.router_output is RouterOutput.EXPERTS_INPUT:
+            self._experts = find_modules(model, spec, "experts" if spec.stacks else spec.experts_module)
+            if set(self._experts) != set(self.routers):
+                raise UnsupportedArchitectureError(
+                    f"this {spec.name} model's routers and experts modules do not pair up by layer",
+                    hint="the installed transformers may lay this family out differently; please report it",
+                )
 
     @property
     def layers(self) -> list[int]:
@@ -100,13 +195,21 @@ class RouterObserver:
         return sorted(self.routers)
 
     def __enter__(self) -> RouterObserver:
+        if self.spec.router_output is RouterOutput.EXPERTS_INPUT:
+            for layer in self.routers:
+                self._handles += self._pair_hooks(layer)
+            return self
         for layer, module in self.routers.items():
-            top_k = _top_k_of(module, self.spec, self._config)
+            capacity = self.spec.router_output in (RouterOutput.SWITCH_MASK, RouterOutput.NLLB_MASK)
+            top_k = 0 if capacity else _top_k_of(module, self.spec, self._config)
             self._handles.append(module.register_forward_hook(self._hook(layer, top_k)))
         return self
 
     def _hook(self, layer: int, top_k: int) -> Callable[..., None]:
         def hook(_module: Any, _inputs: Any, output: Any) -> None:
+            if self.spec.router_output in (RouterOutput.SWITCH_MASK, RouterOutput.NLLB_MASK):
+                self.callback(RouterEvent(layer, *decode_capacity_output(output, self.spec)))
+                return
             logits, indices = decode_router_output(output, self.spec, top_k)
             self.callback(
                 RouterEvent(layer, logits.reshape(-1, logits.shape[-1]), indices.reshape(-1, indices.shape[-1]))
@@ -114,7 +217,56 @@ class RouterObserver:
 
         return hook
 
+    def _pair_hooks(self, layer: int) -> list[Any]:
+        """The router's logits, then the indices the experts module receives, as one event."""
+        pending: dict[str, Any] = {}
+
+        def on_router(_module: Any, _inputs: Any, output: Any) -> None:
+            pending["logits"] = router_logits(output)
+            # The router's own top-k indices when it returns them: the experts module may receive
+            # remapped ones (LongCat-Flash sends its zero-compute choices to real experts at weight 0).
+            pending["indices"] = experts_indices(tuple(output) if isinstance(output, (tuple, list)) else (output,), {})
+
+        def on_experts(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            logits = pending.pop("logits", None)
+            indices = pending.pop("indices", None)
+            if indices is None:
+                indices = experts_indices(args, kwargs)
+            if logits is None or indices is None:
+                raise RuntimeError(f"layer {layer}: could not read the router logits or the experts' top-k indices")
+            self.callback(
+                RouterEvent(layer, logits.reshape(-1, logits.shape[-1]), indices.reshape(-1, indices.shape[-1]))
+            )
+
+        return [
+            self.routers[layer].register_forward_hook(on_router),
+            self._experts[layer].register_forward_pre_hook(on_experts, with_kwargs=True),
+        ]
+
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def decoder_inputs(model: Any, input_ids: Any, mask: Any) -> dict[str, Any]:
+    """Extra forward arguments of an encoder-decoder model: the decoder reads the same tokens (teacher
+    forcing), so encoder and decoder layers are profiled on the same text."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return {"decoder_input_ids": input_ids, "decoder_attention_mask": mask}
+    return {}
+
+
+def capacity_info(spec: FamilySpec, config: Any) -> dict[str, Any] | None:
+    """The expert capacity a capacity-limited model applies at eval, from its config (None otherwise)."""
+    if spec.router_output is RouterOutput.SWITCH_MASK:
+        return {"expert_capacity": getattr(config, "expert_capacity", None), "per": "sequence", "top_k": 1}
+    if spec.router_output is RouterOutput.NLLB_MASK:
+        fraction = getattr(config, "moe_eval_capacity_token_fraction", None)
+        return {
+            "expert_capacity": getattr(config, "expert_capacity", None),
+            "eval_capacity_token_fraction": fraction,
+            "per": "batch",
+            "top_k": 2,
+        }
+    return None

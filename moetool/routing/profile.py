@@ -6,11 +6,11 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from moetool.arch.registry import family_for_config
+from moetool.arch.registry import family_for_config, require_capability
 from moetool.errors import UnsupportedArchitectureError
 from moetool.progress import Progress, token_counter
 from moetool.routing.accumulate import BatchContext, LayerAccumulator
-from moetool.routing.observe import RouterEvent, RouterObserver
+from moetool.routing.observe import RouterEvent, RouterObserver, capacity_info
 from moetool.routing.stats import RoutingStats, layer_stats_from
 
 
@@ -46,12 +46,15 @@ def profile_routing(
     runner = model if isinstance(model, (StreamedModel, WholeModel)) else WholeModel(model)
     config = runner.model.config.to_dict()
     spec = family_for_config(config)
+    require_capability(spec, "profile-routing")
     if not spec.is_moe:
         raise UnsupportedArchitectureError(
             f"{name or 'the model'} is a dense {spec.name} model: it has no router to profile",
             code="NOT_MOE",
         )
     domain_names = list(domains or [])
+    # Capacity-limited models (Switch, NLLB-MoE): what the model itself keeps is counted too.
+    capacity = capacity_info(spec, runner.model.config)
     domain_index = {d: i for i, d in enumerate(domain_names)}
     device = runner.device
     accumulators: dict[int, LayerAccumulator] = {}
@@ -61,8 +64,10 @@ def profile_routing(
     def on_router(event: RouterEvent) -> None:
         acc = accumulators.get(event.layer)
         if acc is None:
-            acc = accumulators[event.layer] = LayerAccumulator(event.logits.shape[-1], len(domain_names), device)
-        acc.update(event.logits, event.indices, current["batch"])
+            acc = accumulators[event.layer] = LayerAccumulator(
+                event.logits.shape[-1], len(domain_names), device, capacity_limited=capacity is not None
+            )
+        acc.update(event.logits, event.indices, current["batch"], event.kept)
 
     def before_batch(index: int, batch: Any) -> None:
         context = contexts.get(index)
@@ -99,7 +104,7 @@ def profile_routing(
     elapsed = time.perf_counter() - start
     tokens = sum(counted)
     if ranks.world > 1:
-        tokens = _sum_across(ranks, accumulators, tokens, len(domain_names), device)
+        tokens = _sum_across(ranks, accumulators, tokens, len(domain_names), device, capacity is not None)
 
     stats_layers = [
         layer_stats_from(layer, accumulators[layer], domain_names) for layer in layers if layer in accumulators
@@ -120,10 +125,18 @@ def profile_routing(
         domain_tokens=domain_tokens,
         dataset=dict(dataset or {}),
         wall_seconds=elapsed,
+        capacity=capacity,
     )
 
 
-def _sum_across(ranks: Any, accumulators: dict[int, LayerAccumulator], tokens: int, domains: int, device: Any) -> int:
+def _sum_across(
+    ranks: Any,
+    accumulators: dict[int, LayerAccumulator],
+    tokens: int,
+    domains: int,
+    device: Any,
+    capacity_limited: bool = False,
+) -> int:
     """Sum every process's counters (each ran a share of the batches); returns the total token count.
 
     A process that saw no batch has no counters yet: it makes empty ones of the right size first, so every
@@ -136,7 +149,7 @@ def _sum_across(ranks: Any, accumulators: dict[int, LayerAccumulator], tokens: i
         sizes.update(part)
     for layer, experts in sizes.items():
         if layer not in accumulators:
-            accumulators[layer] = LayerAccumulator(experts, domains, device)
+            accumulators[layer] = LayerAccumulator(experts, domains, device, capacity_limited=capacity_limited)
     for layer in sorted(accumulators):
         acc = accumulators[layer]
         for value in vars(acc).values():

@@ -37,6 +37,17 @@ class LayerStats:
     top1_prob: float
     top1_top2_margin: float
     domain_counts: dict[str, list[int]] = field(default_factory=dict)
+    #: Capacity-limited models (Switch, NLLB-MoE): per expert, the assignments the model processed
+    #: after its own capacity limit (``counts`` are the router's choices before it).
+    model_kept: list[int] | None = None
+
+    @property
+    def model_dropped(self) -> float | None:
+        """The fraction of assignments the model itself dropped at its expert capacity."""
+        if self.model_kept is None:
+            return None
+        chosen = sum(self.counts)
+        return (chosen - sum(self.model_kept)) / chosen if chosen else math.nan
 
     @property
     def num_experts(self) -> int:
@@ -106,6 +117,11 @@ class LayerStats:
             "domain_js": self.domain_js,
             "prob_mean": self.prob_mean,
             "coactivation": self.coactivation,
+            **(
+                {"model_kept": self.model_kept, "model_dropped": self.model_dropped}
+                if self.model_kept is not None
+                else {}
+            ),
         }
 
     @classmethod
@@ -128,6 +144,7 @@ class LayerStats:
             top1_prob=doc["top1_prob"],
             top1_top2_margin=doc["top1_top2_margin"],
             domain_counts=domain_counts,
+            model_kept=doc.get("model_kept"),
         )
 
 
@@ -162,6 +179,9 @@ class RoutingStats:
     dataset: dict[str, Any] = field(default_factory=dict)
     revision: str | None = None
     wall_seconds: float | None = None
+    #: Capacity-limited models: the capacity the model applies (``{"expert_capacity": 64, "per":
+    #: "sequence"}``), as read from its config.
+    capacity: dict[str, Any] | None = None
 
     @property
     def aux_loss(self) -> float:
@@ -204,6 +224,8 @@ class RoutingStats:
             "wall_seconds": self.wall_seconds,
             "layers": [layer.to_json() for layer in self.layers],
         }
+        if self.capacity is not None:
+            doc["capacity"] = self.capacity
         if domains:
             doc["domains"] = domains
         return doc
@@ -249,6 +271,7 @@ class RoutingStats:
             dataset=doc.get("dataset", {}),
             revision=doc.get("revision"),
             wall_seconds=doc.get("wall_seconds"),
+            capacity=doc.get("capacity"),
         )
 
 
@@ -283,4 +306,5 @@ def layer_stats_from(layer: int, acc: LayerAccumulator, domain_names: list[str])
         top1_prob=per_token(acc.top1_sum),
         top1_top2_margin=per_token(acc.margin_sum),
         domain_counts=domain_counts,
+        model_kept=acc.kept.tolist() if acc.kept is not None else None,
     )

@@ -67,7 +67,11 @@ def build_skeleton(checkpoint: Checkpoint, dtype: torch.dtype) -> Any:
             config = AutoConfig.from_pretrained(str(checkpoint.root), local_files_only=True, trust_remote_code=False)
             # Buffers stay real: rotary frequencies and the like are computed in __init__, not loaded.
             with init_empty_weights(include_buffers=False):
-                model = auto_model_class(checkpoint.config).from_config(config, dtype=dtype, trust_remote_code=False)
+                cls = auto_model_class(checkpoint.config)
+                if hasattr(cls, "from_config"):
+                    model = cls.from_config(config, dtype=dtype, trust_remote_code=False)
+                else:  # a concrete class the registry recorded (a multimodal wrapper)
+                    model = cls._from_config(config, dtype=dtype)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
         raise ModelLoadError(
             f"transformers cannot build the model of {checkpoint.name}: {first_line(exc)}",

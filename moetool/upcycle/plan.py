@@ -23,7 +23,7 @@ from typing import Any
 
 from moetool.arch.dims import Dims, eval_dim, resolve_dims, template_applies
 from moetool.arch.plan import planned_tensors
-from moetool.arch.registry import family_for_config, get_family
+from moetool.arch.registry import family_for_config, get_family, require_capability
 from moetool.arch.spec import ExpertLayout, FamilySpec, Routing, T
 from moetool.errors import CheckpointError, MoetoolError, ShapeMismatchError, UnsupportedArchitectureError, UsageError
 from moetool.io.checkpoint import Checkpoint
@@ -295,9 +295,11 @@ def moe_layer_set(dense_layers: list[int], step: int, num_layers: int) -> tuple[
 def _find_target(name: str) -> FamilySpec:
     """A family by registry name or by model_type (``qwen2_moe`` is both; ``llama4_text`` only the latter)."""
     try:
-        return get_family(name)
+        target = get_family(name)
     except UnsupportedArchitectureError:
-        return family_for_config({"model_type": name})
+        target = family_for_config({"model_type": name})
+    require_capability(target, "upcycle")
+    return target
 
 
 def _check_numbers(options: UpcycleOptions, dense_width: int) -> None:

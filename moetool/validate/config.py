@@ -314,6 +314,10 @@ def _sizes(spec: FamilySpec, cfg: Mapping[str, Any], prefix: str) -> list[Findin
     for symbol, what in _POSITIVE.items():
         if symbol == "E" and not spec.is_moe:
             continue
+        # A derived family's templates name config fields themselves: a generic head field they do not
+        # use may be 0 (GLM-5-Next's head_dim is its RoPE width, 0 without RoPE).
+        if spec.derived and symbol not in spec.fields:
+            continue
         got, key = value(symbol)
         if is_int(got) and got == 0:
             out.append(

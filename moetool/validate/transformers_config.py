@@ -44,7 +44,10 @@ def transformers_config_findings(config: Mapping[str, Any]) -> list[Finding]:
 
     try:
         with quiet_transformers():
-            config_class.from_dict(dict(config))
+            # As from_pretrained reads it: transformers writes inf/NaN as {"__float__": "Infinity"}
+            # (Mamba families' time_step_limit).
+            decode = getattr(config_class, "_decode_special_floats", lambda c: c)
+            config_class.from_dict(decode(dict(config)))
     except Exception as exc:  # any refusal of hostile input becomes a finding, whatever its class
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = lines[-1] if lines else type(exc).__name__

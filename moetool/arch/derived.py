@@ -1,0 +1,112 @@
+"""Families derived from the installed transformers: the generated table, read without torch.
+
+``moetool/arch/data/derived_families.json`` is written by ``python -m moetool.arch.derive`` (see
+:mod:`moetool.arch.derive` and docs/ARCHITECTURE-families.md): for every MoE model type of the
+transformers version the project installs that no hand-written entry of
+:mod:`moetool.arch.families` covers, the tensors ``save_pretrained`` writes, as templates whose shapes
+are expressions over config fields and whose presence is a layer condition; plus what the generator
+checked and the reason for every model type it could not describe. This module turns the table's
+entries into :class:`moetool.arch.spec.FamilySpec` objects, so every command uses one registry API.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from moetool.arch.spec import ExpertLayout, ExpertsProtocol, FamilySpec, RouterOutput, Routing, RoutingSpec, Stack, T
+
+TABLE = Path(__file__).parent / "data" / "derived_families.json"
+
+#: Per-layer categories and the FamilySpec field that holds them.
+_LAYER_FIELDS = {
+    "attention": "attention",
+    "norms": "norms",
+    "dense_mlp": "dense_mlp",
+    "router": "router",
+    "routed_experts": "routed_experts",
+    "shared_experts": "shared_experts",
+    "other": "layer_other",
+}
+
+
+@lru_cache(maxsize=1)
+def load_table(path: Path = TABLE) -> dict[str, Any]:
+    """The generated table (``{"transformers": version, "families": [...], "refused": {...}}``)."""
+    if not path.exists():
+        return {"transformers": None, "families": [], "refused": {}}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _when(condition: str | None) -> str | None:
+    if condition in (None, "", "all"):
+        return None
+    if condition in ("!tied", "tied"):
+        return condition
+    return "c:" + condition
+
+
+def _template(entry: list[Any]) -> T:
+    name, shape, _category, condition, *rest = entry
+    return T(name, tuple(shape), when=_when(condition), stack=rest[0] if rest else 0)
+
+
+def family_from_entry(entry: Mapping[str, Any]) -> FamilySpec:
+    """A :class:`FamilySpec` from one generated entry."""
+    layers: dict[str, list[T]] = {field: [] for field in _LAYER_FIELDS.values()}
+    for item in entry["layers"]:
+        category = item[2]
+        field = _LAYER_FIELDS.get(category, "layer_other")
+        layers[field].append(_template(item))
+    globals_: dict[str, list[T]] = {}
+    for item in entry["globals"]:
+        globals_.setdefault(item[2], []).append(_template(item))
+    conditions = sorted(
+        {c for item in entry["layers"] + entry["globals"] if (c := item[3]) not in (None, "", "all", "!tied", "tied")}
+    )
+    global_conditions = frozenset(item[3] for item in entry["globals"] if item[3] in conditions)
+    routing = entry.get("routing") or {}
+    stacks = tuple(Stack(*item) for item in entry.get("stacks") or ())
+    return FamilySpec(
+        name=entry["model_type"],
+        model_types=(entry["model_type"],),
+        architectures=tuple(entry.get("architectures") or ()),
+        is_moe=True,
+        fields={symbol: tuple(keys) for symbol, keys in entry["fields"].items()},
+        defaults=dict(entry.get("defaults") or {}),
+        default_exprs=dict(entry.get("default_exprs") or {}),
+        globals_={category: tuple(ts) for category, ts in globals_.items()},
+        layer_prefix=entry["layer_prefix"],
+        text_config_key=entry.get("text_config_key"),
+        schedule=entry.get("schedule") or "all",
+        routing=RoutingSpec(Routing(routing.get("rule", "softmax_topk"))),
+        router_module=routing.get("router_module") or "mlp.gate",
+        router_output=RouterOutput(routing.get("output", "experts_input")),
+        experts_module=routing.get("experts_module") or "mlp.experts",
+        layers_module=routing.get("layers_module"),
+        experts_protocol=ExpertsProtocol(routing.get("experts_protocol", "other")),
+        expert_layout=ExpertLayout(entry.get("expert_layout", "per_expert")),
+        derived=True,
+        conditions=tuple(conditions),
+        global_conditions=global_conditions,
+        mtp_fields=tuple(entry.get("mtp_fields") or ()),
+        mtp_prefixes=tuple(entry.get("mtp_prefixes") or ()),
+        model_class=entry.get("model_class"),
+        stacks=stacks,
+        tie_from_root=bool(entry.get("tie_from_root")),
+        capabilities=dict(entry.get("capabilities") or {}),
+        **{field: tuple(ts) for field, ts in layers.items()},
+    )
+
+
+def derived_families() -> list[FamilySpec]:
+    """Every family of the generated table."""
+    return [family_from_entry(entry) for entry in load_table()["families"]]
+
+
+def refused_model_types() -> dict[str, str]:
+    """MoE model types of the installed transformers that moetool does not support, with the reason."""
+    return dict(load_table().get("refused") or {})
