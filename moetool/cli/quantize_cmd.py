@@ -217,7 +217,7 @@ def quantize_cmd(
     from moetool.quantize import CoverageOptions, QuantizeOptions, quantize
 
     opts = QuantizeOptions(
-        bits=4 if bits is None and method != "nf4" else bits,
+        bits=bits,
         ternary=ternary,
         method=method,
         group_size=group_size,
@@ -243,7 +243,6 @@ def quantize_cmd(
         output_format=output_format,
         symmetric=symmetric,
     )
-    opts.format()  # option errors before anything is opened
     hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline)
     calibration = None
     if dataset is not None:

@@ -12,7 +12,6 @@ folder. Any failure, Ctrl-C or failed check leaves nothing at the output path.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,134 +20,16 @@ from typing import Any
 
 from moetool.data import DatasetSpec
 from moetool.errors import CheckpointError, UsageError
-from moetool.io.sizes import DEFAULT_MAX_SHARD_SIZE
 from moetool.progress import LAYERS, Progress, report
-from moetool.quantize.calibrate import CoverageOptions
-from moetool.quantize.engine import METHODS, LayerReport, MethodOptions
-from moetool.quantize.storage import UNIFORM_BITS, QuantFormat
+from moetool.quantize.engine import LayerReport
+from moetool.quantize.methods import method_named
+from moetool.quantize.request import QuantizeOptions
+from moetool.quantize.storage import QuantFormat
 from moetool.quantize.verify import Verification, tensor_digest
 
 SCHEMA_VERSION = 1
 
-
-@dataclass(frozen=True)
-class QuantizeOptions:
-    """What to quantize and how.
-
-    Attributes:
-        bits: bits per code (2, 3, 4 or 8); ignored with ``ternary``; must be 4 for ``nf4``.
-        ternary: codes -1/0/+1 per group scale, entropy coded on disk (QMoE-style).
-        method: ``gptq`` (needs calibration data), ``rtn`` or ``nf4``.
-        group_size: input columns per scale; 0 for one scale per row. A last, shorter group is
-            allowed when it does not divide a row.
-        act_order: GPTQ: columns in order of decreasing Hessian diagonal.
-        damp: GPTQ dampening, as a fraction of the mean Hessian diagonal.
-        clip_search: uniform grids: search a shrunken range per group (GPTQ's ``mse`` option).
-        ternary_bits: ternary: the bits per expert parameter (coded codes plus scales) to stay under.
-            Each expert's scale is the smallest multiple of its rows' absmax whose codes are estimated
-            to fit (a larger scale leaves more codes at 0); 0 turns this off and uses ``ternary_scale``.
-        ternary_scale: ternary without a bit target: the scale as a multiple of each row's (or group's)
-            absmax.
-        attention / shared_experts: quantize those projections too.
-        coverage: how calibration tokens reach experts.
-        expert_batch: experts GPTQ quantizes together (0: as many as fit the memory budget of
-            :func:`auto_expert_batch`; more is faster, fewer holds less).
-        device: where calibration and GPTQ run (``auto``: CUDA when available); one decoder layer at a
-            time is read from the checkpoint onto it.
-        dtype: the compute dtype (``auto``: float32 on the CPU, the checkpoint's dtype on a GPU).
-        max_shard_size: largest output weight file, in bytes.
-        whole_model: load the whole model first instead of streaming it layer by layer (for comparison).
-        offload_activations: keep the calibration activations in CPU memory between layers.
-        output_format: ``auto`` (compressed-tensors when the settings fit what servers read, else
-            moetool's format), ``compressed-tensors`` or ``moetool`` (see :mod:`moetool.quantize.formats`).
-        symmetric: uniform codes without a zero point; ``None``: symmetric in compressed-tensors,
-            asymmetric in moetool's format.
-    """
-
-    bits: int | None = 4
-    ternary: bool = False
-    method: str = "gptq"
-    group_size: int = 128
-    act_order: bool = True
-    damp: float = 0.01
-    clip_search: bool = False
-    ternary_bits: float = 1.0
-    ternary_scale: float = 1.0
-    attention: bool = False
-    shared_experts: bool = False
-    coverage: CoverageOptions = field(default_factory=CoverageOptions)
-    expert_batch: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
-    whole_model: bool = False
-    offload_activations: bool = False
-    output_format: str = "auto"
-    symmetric: bool | None = None
-
-    @property
-    def categories(self) -> tuple[str, ...]:
-        return (
-            ("routed_experts",)
-            + (("shared_experts",) if self.shared_experts else ())
-            + (("attention",) if self.attention else ())
-        )
-
-    def format(self) -> QuantFormat:
-        """The storage format these options give, after checking them.
-
-        Raises:
-            UsageError: an unknown method, bits outside {2, 3, 4, 8}, nf4 with other than 4 bits or with
-                --ternary, a negative group size, a dampening outside (0, 1], a bad coverage option.
-        """
-        if self.method not in METHODS:
-            raise UsageError(f"unknown --method {self.method!r}", hint="use gptq, rtn or nf4")
-        if self.ternary:
-            if self.method == "nf4":
-                raise UsageError("--ternary and --method nf4 exclude each other", hint="use --method gptq or rtn")
-            scheme, bits = "ternary", None
-        elif self.method == "nf4":
-            if self.bits not in (None, 4):
-                raise UsageError(f"--method nf4 has 4-bit codes, not {self.bits}", hint="drop --bits or pass --bits 4")
-            scheme, bits = "nf4", 4
-        else:
-            if self.bits not in UNIFORM_BITS:
-                raise UsageError(
-                    f"--bits must be 2, 3, 4 or 8, not {self.bits}",
-                    hint="or pass --ternary for 1.58-bit codes stored below 1 bit",
-                    code="BITS_INVALID",
-                )
-            scheme, bits = "uniform", self.bits
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 0:
-            raise UsageError(f"--group-size must be 0 (one per row) or positive, not {self.group_size}")
-        if not 0 < self.damp <= 1:
-            raise UsageError(f"--damp must be in (0, 1], not {self.damp}")
-        if not 0 < self.ternary_scale <= 4:
-            raise UsageError(f"--ternary-scale must be in (0, 4], not {self.ternary_scale}")
-        if self.ternary_bits < 0 or 0 < self.ternary_bits < 0.3:
-            raise UsageError(
-                f"--ternary-bits must be 0 (off) or at least 0.3, not {self.ternary_bits}",
-                hint="ternary codes cannot be coded much below 0.3 bit with their scales",
-            )
-        if self.expert_batch < 0:
-            raise UsageError("--expert-batch must be 0 (all experts) or positive")
-        from moetool.quantize.formats import AUTO, format_named
-
-        if self.output_format != AUTO:
-            format_named(self.output_format)
-        if self.symmetric is not None and scheme != "uniform":
-            raise UsageError(f"--sym/--asym apply to uniform codes, not to {scheme}", code="SYMMETRY_INVALID")
-        self.coverage.validate()
-        details: dict[str, Any] = {}
-        if self.method == "gptq":
-            details = {"act_order": self.act_order, "damp": self.damp}
-        if scheme == "uniform" and self.clip_search:
-            details["clip_search"] = True
-        if scheme == "ternary":
-            details["ternary_bits_target"] = self.ternary_bits or None
-            if not self.ternary_bits:
-                details["ternary_scale"] = self.ternary_scale
-        return QuantFormat(scheme, bits, self.group_size, self.categories, self.method, details)
+__all__ = ["SCHEMA_VERSION", "QuantizeOptions", "QuantizeResult", "auto_expert_batch", "quantize"]
 
 
 @dataclass
@@ -432,27 +313,13 @@ def _quantize_pass(
     process's), the Hessians are summed, every process quantizes the same way and only the first one
     writes (``writer`` is ``None`` on the others).
     """
-    from moetool.quantize.engine import quantize_layer
+    from moetool.quantize.engine import LayerJob, quantize_layer
     from moetool.quantize.loader import experts_module
     from moetool.runner.skeleton import layer_index
 
+    method = method_named(options.method)
     grid = fmt.grid(clip_search=options.clip_search, ternary_scale=options.ternary_scale)
-    method_opts = MethodOptions(
-        method=options.method,
-        group_size=options.group_size,
-        act_order=options.act_order,
-        damp=options.damp,
-        expert_batch=result.expert_batch,
-        ternary_bits=options.ternary_bits if fmt.scheme == "ternary" else 0.0,
-        split_gate_up=not any(e.fused for e in layout.experts.values()),
-    )
-
-    def fixed_threads() -> Any:
-        if options.method != "gptq":
-            return contextlib.nullcontext()
-        from moetool.quantize.gptq import reproducible_threads
-
-        return reproducible_threads(runner.device)
+    split_gate_up = not any(e.fused for e in layout.experts.values())
 
     calib = set(range(len(calibration_batches)))
     probe_original, probe_quantized = len(calibration_batches), len(calibration_batches) + 1
@@ -466,7 +333,7 @@ def _quantize_pass(
         for step in schedule.steps():
             # GPTQ's inputs must not depend on the thread count: every layer run of the pass (also the
             # layers only passed through) on the fixed thread count of moetool.quantize.gptq.
-            with fixed_threads():
+            with method.fixed_threads(runner.device):
                 layer = layer_index(step.path)
                 step.run(keep=True, only={probe_original})
                 if layer in layout.experts or layer in layout.linears:
@@ -476,18 +343,21 @@ def _quantize_pass(
                     linears = _linear_modules(layout, layer, step.module)
                     _check_mapping(runner.checkpoint, layout, layer, experts, linears)
                     inputs = None
-                    if calib and options.method == "gptq":
+                    if calib and method.needs_data:
                         inputs = _StepInputs(step, calib, outcome.calibration_tokens, ranks)
-                    layer_result = quantize_layer(
+                    job = LayerJob(
                         layer,
                         step.module,
                         experts,
                         linears,
-                        grid=grid,
-                        opts=method_opts,
-                        coverage=options.coverage,
-                        inputs=inputs,
+                        grid,
+                        options,
+                        inputs,
+                        expert_batch=result.expert_batch,
+                        split_gate_up=split_gate_up,
                     )
+                    layer_result = quantize_layer(job)
+                    del job
                     if writer is not None:
                         storage.write_layer(writer, layout, layer, layer_result, fmt)
                         outcome.digests[layer] = _layer_digests(layout, layer, experts, linears)
@@ -578,9 +448,10 @@ def quantize(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     fmt = options.format()
+    method = method_named(options.method)
     check_device_name(options.device)
     check_dtype_name(options.dtype)
-    needs_data = options.method == "gptq"
+    needs_data = method.needs_data
     if needs_data and calibration is None:
         raise UsageError("--method gptq needs calibration text", hint="pass --dataset, or use --method rtn")
     warnings: list[str] = []
@@ -675,9 +546,7 @@ def quantize(
     status(
         f"{'whole model' if options.whole_model else 'one layer at a time'} on {runner.device} ({memory.dtype}): "
         f"largest layer {human(memory.largest_layer_bytes)}, calibration activations "
-        f"{human(memory.activations(positions))}, "
-        + (f"GPTQ {result.expert_batch} experts at a time, " if options.method == "gptq" else "")
-        + "peak about "
+        f"{human(memory.activations(positions))}, " + method.memory_note(result.expert_batch) + "peak about "
         f"{human(memory.whole_peak(positions) if options.whole_model else memory.streamed_peak(positions))}"
     )
     if not ranks.is_main:
@@ -831,24 +700,8 @@ def _card(result: QuantizeResult, command: str | Sequence[str] | None, usage: st
         "group size": opts.group_size,
         "quantized": ", ".join(fmt.categories),
     }
-    if opts.method == "gptq":
-        # Key names avoid "token" followed by a word character, which the card masks as a secret.
-        options.update(
-            {
-                "act order": opts.act_order,
-                "dampening": opts.damp,
-                "calibration": result.calibration["dataset"] if result.calibration else None,
-                "calibrate all experts": opts.coverage.all_experts,
-                "min tokens per expert": opts.coverage.min_tokens_per_expert,
-                "max tokens per expert": opts.coverage.max_tokens_per_expert or "no cap",
-                "fallback": opts.coverage.fallback,
-            }
-        )
-    if fmt.scheme == "ternary":
-        if opts.ternary_bits:
-            options["ternary bits target"] = opts.ternary_bits
-        else:
-            options["ternary scale"] = opts.ternary_scale
+    options.update(method_named(opts.method).card_options(opts, result.calibration))
+    options.update(fmt.spec.card_options(opts))
     return {
         "base_models": [result.source],
         "relation": "quantized",
