@@ -71,7 +71,7 @@ def export_unfit_reason(fmt: QuantFormat, layout: Any) -> str | None:
     """Why a moetool-format checkpoint's codes cannot become compressed-tensors (``None``: they can)."""
     from moetool.quantize.formats import FORMATS
 
-    if fmt.scheme == "uniform" and not fmt.symmetric:
+    if fmt.zero_point:  # asymmetric uniform codes
         return (
             f"its {fmt.bits}-bit codes are asymmetric (a zero point per group); the servers' MoE kernels and "
             "transformers' MoE loading need symmetric codes"
