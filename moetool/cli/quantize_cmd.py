@@ -63,7 +63,10 @@ def quantize_cmd(
     method: Annotated[
         str,
         typer.Option(
-            "--method", "-m", help="gptq (needs --dataset), rtn (round to nearest) or nf4 (bitsandbytes' 4-bit codes)."
+            "--method",
+            "-m",
+            help="gptq (needs --dataset), rtn (round to nearest), nf4 (bitsandbytes' 4-bit codes) or fp4 (E2M1 "
+            "4-bit floats, MXFP4/NVFP4's elements, with a float16 scale per group).",
         ),
     ] = "gptq",
     group_size: Annotated[

@@ -2,7 +2,8 @@
 
 * ``gptq``: GPTQ on each expert's routed calibration tokens (needs calibration text);
 * ``rtn``: round to nearest, from the weights alone;
-* ``nf4``: round to nearest on bitsandbytes' NF4 code book (the method fixes the ``nf4`` scheme).
+* ``nf4``: round to nearest on bitsandbytes' NF4 code book (the method fixes the ``nf4`` scheme);
+* ``fp4``: round to nearest on the E2M1 values (the ``fp4`` scheme).
 
 A method owns whether it needs data, which scheme a request gets under it, what it records in
 ``quantization_config`` and the model card, and how it quantizes one decoder layer (the algorithms are
@@ -117,7 +118,7 @@ class GPTQ(Method):
 
 
 #: The methods by ``--method`` name.
-METHODS: dict[str, Method] = {m.name: m for m in (GPTQ(), Method(), CodebookRTN("nf4"))}
+METHODS: dict[str, Method] = {m.name: m for m in (GPTQ(), Method(), CodebookRTN("nf4"), CodebookRTN("fp4"))}
 
 
 def _or_list(names: list[str]) -> str:

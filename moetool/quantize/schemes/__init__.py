@@ -2,7 +2,8 @@
 
 * ``uniform`` (:mod:`~moetool.quantize.schemes.uniform`): 2/3/4/8-bit integers, asymmetric or symmetric;
 * ``nf4`` (:mod:`~moetool.quantize.schemes.nf4`): bitsandbytes' NormalFloat-4 code book;
-* ``ternary`` (:mod:`~moetool.quantize.schemes.ternary`): -1/0/+1, entropy coded on disk.
+* ``ternary`` (:mod:`~moetool.quantize.schemes.ternary`): -1/0/+1, entropy coded on disk;
+* ``fp4`` (:mod:`~moetool.quantize.schemes.fp4`): E2M1 floating-point codes (MXFP4/NVFP4's elements).
 
 :class:`~moetool.quantize.storage.QuantFormat` names its scheme; :func:`scheme_named` gives the object
 that owns its behaviour. No torch at import.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from moetool.errors import UsageError
 from moetool.quantize.schemes.base import Scheme
+from moetool.quantize.schemes.fp4 import FP4Scheme
 from moetool.quantize.schemes.nf4 import NF4Scheme
 from moetool.quantize.schemes.ternary import TernaryScheme
 from moetool.quantize.schemes.uniform import UniformScheme
@@ -19,7 +21,7 @@ from moetool.quantize.schemes.uniform import UniformScheme
 __all__ = ["SCHEMES", "Scheme", "scheme_named"]
 
 #: The schemes by ``quantization_config.scheme`` name.
-SCHEMES: dict[str, Scheme] = {s.name: s for s in (UniformScheme(), NF4Scheme(), TernaryScheme())}
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (UniformScheme(), NF4Scheme(), TernaryScheme(), FP4Scheme())}
 
 
 def scheme_named(name: str) -> Scheme:
