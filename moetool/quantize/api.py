@@ -433,27 +433,123 @@ def quantize(
         InsufficientMemoryError: one layer and the calibration activations cannot fit.
         VerificationError: a failed check (nothing is published).
     """
-    from moetool.arch.dims import resolve_dims
-    from moetool.arch.registry import family_for_config
-    from moetool.io.checkpoint import Checkpoint
-    from moetool.io.sizes import estimate_quantized_bytes
-    from moetool.io.writer import check_disk_space, check_output_path
-    from moetool.modeling import check_device_name, check_dtype_name, open_checkpoint
-    from moetool.quantize.layout import build_layout
-    from moetool.validate import check_input
 
     def status(message: str) -> None:
         report(progress, message)
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    fmt = options.format()
+    plan = _plan(
+        source,
+        out,
+        options,
+        calibration,
+        overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
+        revision=revision,
+        token=token,
+        offline=offline,
+        status=status,
+    )
+    timings["plan"] = time.perf_counter() - started
+    step = time.perf_counter()
+    loaded = _load(plan, options, calibration, status)
+    timings["load"] = time.perf_counter() - step
+    result = QuantizeResult(
+        source=plan.checkpoint.name,
+        output=str(plan.out),
+        format=plan.fmt,
+        options=options,
+        family=plan.spec.name,
+        source_revision=plan.checkpoint.revision,
+        device=str(loaded.runner.device),
+        calibration=loaded.calibration_report,
+        timings=timings,
+        warnings=plan.warnings,
+        memory=loaded.memory.to_json(loaded.positions) | {"streamed": not options.whole_model},
+        expert_batch=options.expert_batch or auto_expert_batch(plan.layout, loaded.runner.device),
+        format_reason=plan.choice.reason,
+    )
+    status(_memory_line(plan, loaded, options, result.expert_batch))
+    if not loaded.ranks.is_main:
+        # The other processes calibrate their share and quantize alike; the first one writes and checks.
+        _quantize_pass(
+            loaded.runner, plan.layout, plan.spec, plan.fmt, options, loaded.batches,
+            _probe_batch(loaded.probe_ids), None, result, status, None, loaded.ranks,
+        )  # fmt: skip
+        loaded.ranks.barrier()
+        return result
+    _write_output(
+        plan,
+        loaded,
+        options,
+        result,
+        verify=verify,
+        full_check=full_check,
+        overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
+        command=command,
+        status=status,
+        progress=progress,
+    )
+    loaded.ranks.barrier()
+    timings["total"] = time.perf_counter() - started
+    return result
+
+
+@dataclass
+class _Plan:
+    """What the checks before any heavy work settled: the source, what to rewrite, how, and where."""
+
+    checkpoint: Any
+    spec: Any
+    layout: Any
+    choice: Any  # moetool.quantize.formats.Choice: the storage format and the settings it stores
+    out: Path
+    warnings: list[str]
+    documents: list[Any] | None
+
+    @property
+    def storage(self) -> Any:
+        return self.choice.storage
+
+    @property
+    def fmt(self) -> QuantFormat:
+        return self.choice.fmt
+
+
+def _plan(
+    source: Any,
+    out: Path | str,
+    options: QuantizeOptions,
+    calibration: DatasetSpec | None,
+    *,
+    overwrite: bool,
+    allow_nonfinite: bool,
+    revision: str | None,
+    token: str | bool | None,
+    offline: bool | None,
+    status: Callable[[str], None],
+) -> _Plan:
+    """Step 1: check the run's devices and data, open and check the source (refusing a dense or quantized
+    model), plan the tensors to rewrite, choose the storage format, check the output path and disk space,
+    and read the calibration text. Nothing heavy is loaded yet."""
+    from moetool.arch.dims import resolve_dims
+    from moetool.arch.registry import family_for_config
+    from moetool.io.checkpoint import Checkpoint
+    from moetool.io.sizes import estimate_quantized_bytes
+    from moetool.io.writer import check_disk_space, check_output_path
+    from moetool.modeling import check_device_name, check_dtype_name, open_checkpoint
+    from moetool.quantize.formats import resolve
+    from moetool.quantize.layout import build_layout
+    from moetool.validate import check_input
+
     method = method_named(options.method)
     check_device_name(options.device)
     check_dtype_name(options.dtype)
     needs_data = method.needs_data
     if needs_data and calibration is None:
-        raise UsageError("--method gptq needs calibration text", hint="pass --dataset, or use --method rtn")
+        raise UsageError(f"--method {method.name} needs calibration text", hint="pass --dataset, or use --method rtn")
     warnings: list[str] = []
     if calibration is not None and not needs_data:
         warnings.append(f"--dataset is not used by --method {options.method}")
@@ -468,28 +564,44 @@ def quantize(
     spec = family_for_config(checkpoint.config)
     dims = resolve_dims(spec, checkpoint.config)
     layout = build_layout(spec, dims, checkpoint, options.categories)
-    from moetool.quantize.formats import resolve
-
-    choice = resolve(options.output_format, options.symmetric, fmt, layout, checkpoint)
-    storage, fmt = choice.storage, choice.fmt
+    choice = resolve(options.output_format, options.symmetric, options.format(), layout, checkpoint)
     warnings += [choice.warning] if choice.warning else []
     out = Path(out)
     check_output_path(out, [checkpoint.root], overwrite=overwrite)
-    predicted = estimate_quantized_bytes(checkpoint, layout.quantized_names(), fmt)
+    predicted = estimate_quantized_bytes(checkpoint, layout.quantized_names(), choice.fmt)
     check_disk_space(out, predicted, what="the quantized model")
     documents = _read_calibration(calibration, status) if needs_data and calibration is not None else None
-    timings["plan"] = time.perf_counter() - started
+    return _Plan(checkpoint, spec, layout, choice, out, warnings, documents)
 
+
+@dataclass
+class _Loaded:
+    """The opened model and its inputs: calibration batches (this process's share) and the probe window."""
+
+    runner: Any
+    ranks: Any
+    batches: list[Any]
+    calibration_report: dict[str, Any] | None
+    probe_ids: Any
+    positions: int
+    memory: Any
+
+
+def _load(
+    plan: _Plan, options: QuantizeOptions, calibration: DatasetSpec | None, status: Callable[[str], None]
+) -> _Loaded:
+    """Step 2: open the model (one layer at a time, or whole), tokenize the calibration windows, pick the
+    probe window, and check that one layer and the activations fit in memory."""
     import torch
 
     from moetool.modeling import load_tokenizer
     from moetool.runner.dist import current_ranks
-    from moetool.runner.memory import check_fits, estimate, human
+    from moetool.runner.memory import check_fits, estimate
     from moetool.runner.stream import StreamedModel, StreamOptions
 
+    checkpoint = plan.checkpoint
+    needs_data = method_named(options.method).needs_data
     ranks = current_ranks(options.device)
-
-    step = time.perf_counter()
     status(f"opening {checkpoint.name}" + (" (whole model)" if options.whole_model else " (one layer at a time)"))
     tokenizer = load_tokenizer(checkpoint) if needs_data else None
     runner = StreamedModel(
@@ -501,82 +613,88 @@ def quantize(
             whole_model=options.whole_model,
         ),
     )
-    calibration_batches: list[Any] = []
+    batches: list[Any] = []
     calibration_report = None
     if needs_data:
+        documents = plan.documents
         assert calibration is not None and documents is not None and tokenizer is not None
-        calibration_batches, seq_len = _calibration_batches(checkpoint, tokenizer, documents, calibration, warnings)
-        probe_ids = calibration_batches[0].input_ids[0, : min(64, int(calibration_batches[0].attention_mask[0].sum()))]
+        batches, seq_len = _calibration_batches(checkpoint, tokenizer, documents, calibration, plan.warnings)
+        probe_ids = batches[0].input_ids[0, : min(64, int(batches[0].attention_mask[0].sum()))]
         calibration_report = {
             "dataset": calibration.dataset,
-            "tokens": sum(int(b.attention_mask.sum()) for b in calibration_batches),
-            "windows": sum(int(b.input_ids.shape[0]) for b in calibration_batches),
+            "tokens": sum(int(b.attention_mask.sum()) for b in batches),
+            "windows": sum(int(b.input_ids.shape[0]) for b in batches),
             "seq_len": seq_len,
             "processes": ranks.world,
         }
-        calibration_batches = list(ranks.shard(calibration_batches))
-        del documents
+        batches = list(ranks.shard(batches))
+        plan.documents = None  # the windows hold the text now
     else:
         vocab = int(runner.model.get_input_embeddings().weight.shape[0])
         probe_ids = torch.randint(0, vocab, (32,), generator=torch.Generator().manual_seed(0))
-    positions = sum(int(b.input_ids.numel()) for b in calibration_batches) + 2 * int(probe_ids.numel())
+    positions = sum(int(b.input_ids.numel()) for b in batches) + 2 * int(probe_ids.numel())
     memory = estimate(checkpoint, str(runner.dtype).removeprefix("torch."))
     check_fits(memory, tokens=positions, device=runner.device, whole_model=options.whole_model)
-    timings["load"] = time.perf_counter() - step
+    return _Loaded(runner, ranks, batches, calibration_report, probe_ids, positions, memory)
 
+
+def _memory_line(plan: _Plan, loaded: _Loaded, options: QuantizeOptions, expert_batch: int) -> str:
+    """The status line that says where the run computes and what it will hold."""
+    from moetool.runner.memory import human
+
+    memory, positions = loaded.memory, loaded.positions
+    return (
+        f"{'whole model' if options.whole_model else 'one layer at a time'} on {loaded.runner.device} "
+        f"({memory.dtype}): largest layer {human(memory.largest_layer_bytes)}, calibration activations "
+        f"{human(memory.activations(positions))}, "
+        + method_named(options.method).memory_note(expert_batch)
+        + "peak about "
+        f"{human(memory.whole_peak(positions) if options.whole_model else memory.streamed_peak(positions))}"
+    )
+
+
+def _write_output(
+    plan: _Plan,
+    loaded: _Loaded,
+    options: QuantizeOptions,
+    result: QuantizeResult,
+    *,
+    verify: bool,
+    full_check: bool | None,
+    overwrite: bool,
+    allow_nonfinite: bool,
+    command: str | Sequence[str] | None,
+    status: Callable[[str], None],
+    progress: Progress | None,
+) -> None:
+    """Step 3 (the first process): in a staging folder, quantize and write layer by layer, copy the other
+    tensors, write config.json, verify, write the model card; then publish."""
     from moetool.io.model_card import write_model_card
     from moetool.io.shards import ShardWriter
     from moetool.io.writer import copy_aux_files, staged_output, write_json
 
-    result = QuantizeResult(
-        source=checkpoint.name,
-        output=str(out),
-        format=fmt,
-        options=options,
-        family=spec.name,
-        source_revision=checkpoint.revision,
-        device=str(runner.device),
-        calibration=calibration_report,
-        timings=timings,
-        warnings=warnings,
-        memory=memory.to_json(positions) | {"streamed": not options.whole_model},
-        expert_batch=options.expert_batch or auto_expert_batch(layout, runner.device),
-        format_reason=choice.reason,
-    )
-    status(
-        f"{'whole model' if options.whole_model else 'one layer at a time'} on {runner.device} ({memory.dtype}): "
-        f"largest layer {human(memory.largest_layer_bytes)}, calibration activations "
-        f"{human(memory.activations(positions))}, " + method.memory_note(result.expert_batch) + "peak about "
-        f"{human(memory.whole_peak(positions) if options.whole_model else memory.streamed_peak(positions))}"
-    )
-    if not ranks.is_main:
-        # The other processes calibrate their share and quantize alike; the first one writes and checks.
-        _quantize_pass(
-            runner, layout, spec, fmt, options, calibration_batches, _probe_batch(probe_ids), None, result,
-            status, None, ranks,
-        )  # fmt: skip
-        ranks.barrier()
-        return result
+    checkpoint, layout, storage, fmt, out = plan.checkpoint, plan.layout, plan.storage, plan.fmt, plan.out
+    timings = result.timings
     replaced = layout.quantized_names()
     with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite, allow_nonfinite=allow_nonfinite) as staging:
         step = time.perf_counter()
         with ShardWriter(staging, max_shard_size=options.max_shard_size) as writer:
             outcome = _quantize_pass(
-                runner,
+                loaded.runner,
                 layout,
-                spec,
+                plan.spec,
                 fmt,
                 options,
-                calibration_batches,
-                _probe_batch(probe_ids),
+                loaded.batches,
+                _probe_batch(loaded.probe_ids),
                 writer,
                 result,
                 status,
                 progress,
-                ranks,
+                loaded.ranks,
                 storage,
             )
-            del calibration_batches
+            loaded.batches = []  # free the calibration activations' inputs before copying
             timings["quantize"] = time.perf_counter() - step
             step = time.perf_counter()
             status("copying the other tensors")
@@ -584,7 +702,7 @@ def quantize(
             for name, tensor in checkpoint.iter_tensors(keep):
                 writer.add(name, tensor)
         config = dict(checkpoint.config)
-        config.update(storage.config_entries(fmt, layout, runner.model, checkpoint))
+        config.update(storage.config_entries(fmt, layout, loaded.runner.model, checkpoint))
         result.quantization_config = config["quantization_config"]
         write_json(staging / "config.json", config)
         copy_aux_files(checkpoint.root, staging)
@@ -597,9 +715,9 @@ def quantize(
             checkpoint,
             layout,
             fmt,
-            runner,
+            loaded.runner,
             outcome,
-            probe_ids,
+            loaded.probe_ids,
             storage,
             verify=verify,
             full_check=full_check,
@@ -611,9 +729,6 @@ def quantize(
         result.files = sorted(p.name for p in staging.iterdir())
         result.bytes_written = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
         status("publishing")
-    ranks.barrier()
-    timings["total"] = time.perf_counter() - started
-    return result
 
 
 def _verify(
