@@ -337,12 +337,13 @@ def test_ternary_stored_size_is_what_the_codec_writes():
 
 @pytest.mark.parametrize("with_hessian", [False, True])
 def test_ternary_to_rate_fits_the_budget(with_hessian):
-    from moetool.quantize.engine import MethodOptions, quantize_ternary_to_rate, stored_ternary_bits
+    from moetool.quantize import QuantizeOptions
+    from moetool.quantize.engine import quantize_ternary_to_rate, stored_ternary_bits
 
     weight, x, hessian = layer_problem(e=4, rows=64, columns=128)
     errors = []
     for budget in (0.9, 1.1, 1.4):
-        opts = MethodOptions(group_size=0, ternary_bits=budget)
+        opts = QuantizeOptions(ternary=True, group_size=0, ternary_bits=budget)
         q = quantize_ternary_to_rate(weight, hessian if with_hessian else None, opts)
         assert bool((stored_ternary_bits(q.codes, 1) <= budget).all())
         assert torch.equal(dequantize_groups(TernaryGrid(), q.codes, q.scale, None, 0), q.dequantized)

@@ -63,7 +63,10 @@ def quantize_cmd(
     method: Annotated[
         str,
         typer.Option(
-            "--method", "-m", help="gptq (needs --dataset), rtn (round to nearest) or nf4 (bitsandbytes' 4-bit codes)."
+            "--method",
+            "-m",
+            help="gptq (needs --dataset), rtn (round to nearest), nf4 (bitsandbytes' 4-bit codes) or fp4 (E2M1 "
+            "4-bit floats, MXFP4/NVFP4's elements, with a float16 scale per group).",
         ),
     ] = "gptq",
     group_size: Annotated[
@@ -217,7 +220,7 @@ def quantize_cmd(
     from moetool.quantize import CoverageOptions, QuantizeOptions, quantize
 
     opts = QuantizeOptions(
-        bits=4 if bits is None and method != "nf4" else bits,
+        bits=bits,
         ternary=ternary,
         method=method,
         group_size=group_size,
@@ -243,7 +246,6 @@ def quantize_cmd(
         output_format=output_format,
         symmetric=symmetric,
     )
-    opts.format()  # option errors before anything is opened
     hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline)
     calibration = None
     if dataset is not None:

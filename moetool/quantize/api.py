@@ -12,7 +12,6 @@ folder. Any failure, Ctrl-C or failed check leaves nothing at the output path.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,134 +20,16 @@ from typing import Any
 
 from moetool.data import DatasetSpec
 from moetool.errors import CheckpointError, UsageError
-from moetool.io.sizes import DEFAULT_MAX_SHARD_SIZE
 from moetool.progress import LAYERS, Progress, report
-from moetool.quantize.calibrate import CoverageOptions
-from moetool.quantize.engine import METHODS, LayerReport, MethodOptions
-from moetool.quantize.storage import UNIFORM_BITS, QuantFormat
+from moetool.quantize.engine import LayerReport
+from moetool.quantize.methods import method_named
+from moetool.quantize.request import QuantizeOptions
+from moetool.quantize.storage import QuantFormat
 from moetool.quantize.verify import Verification, tensor_digest
 
 SCHEMA_VERSION = 1
 
-
-@dataclass(frozen=True)
-class QuantizeOptions:
-    """What to quantize and how.
-
-    Attributes:
-        bits: bits per code (2, 3, 4 or 8); ignored with ``ternary``; must be 4 for ``nf4``.
-        ternary: codes -1/0/+1 per group scale, entropy coded on disk (QMoE-style).
-        method: ``gptq`` (needs calibration data), ``rtn`` or ``nf4``.
-        group_size: input columns per scale; 0 for one scale per row. A last, shorter group is
-            allowed when it does not divide a row.
-        act_order: GPTQ: columns in order of decreasing Hessian diagonal.
-        damp: GPTQ dampening, as a fraction of the mean Hessian diagonal.
-        clip_search: uniform grids: search a shrunken range per group (GPTQ's ``mse`` option).
-        ternary_bits: ternary: the bits per expert parameter (coded codes plus scales) to stay under.
-            Each expert's scale is the smallest multiple of its rows' absmax whose codes are estimated
-            to fit (a larger scale leaves more codes at 0); 0 turns this off and uses ``ternary_scale``.
-        ternary_scale: ternary without a bit target: the scale as a multiple of each row's (or group's)
-            absmax.
-        attention / shared_experts: quantize those projections too.
-        coverage: how calibration tokens reach experts.
-        expert_batch: experts GPTQ quantizes together (0: as many as fit the memory budget of
-            :func:`auto_expert_batch`; more is faster, fewer holds less).
-        device: where calibration and GPTQ run (``auto``: CUDA when available); one decoder layer at a
-            time is read from the checkpoint onto it.
-        dtype: the compute dtype (``auto``: float32 on the CPU, the checkpoint's dtype on a GPU).
-        max_shard_size: largest output weight file, in bytes.
-        whole_model: load the whole model first instead of streaming it layer by layer (for comparison).
-        offload_activations: keep the calibration activations in CPU memory between layers.
-        output_format: ``auto`` (compressed-tensors when the settings fit what servers read, else
-            moetool's format), ``compressed-tensors`` or ``moetool`` (see :mod:`moetool.quantize.formats`).
-        symmetric: uniform codes without a zero point; ``None``: symmetric in compressed-tensors,
-            asymmetric in moetool's format.
-    """
-
-    bits: int | None = 4
-    ternary: bool = False
-    method: str = "gptq"
-    group_size: int = 128
-    act_order: bool = True
-    damp: float = 0.01
-    clip_search: bool = False
-    ternary_bits: float = 1.0
-    ternary_scale: float = 1.0
-    attention: bool = False
-    shared_experts: bool = False
-    coverage: CoverageOptions = field(default_factory=CoverageOptions)
-    expert_batch: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
-    whole_model: bool = False
-    offload_activations: bool = False
-    output_format: str = "auto"
-    symmetric: bool | None = None
-
-    @property
-    def categories(self) -> tuple[str, ...]:
-        return (
-            ("routed_experts",)
-            + (("shared_experts",) if self.shared_experts else ())
-            + (("attention",) if self.attention else ())
-        )
-
-    def format(self) -> QuantFormat:
-        """The storage format these options give, after checking them.
-
-        Raises:
-            UsageError: an unknown method, bits outside {2, 3, 4, 8}, nf4 with other than 4 bits or with
-                --ternary, a negative group size, a dampening outside (0, 1], a bad coverage option.
-        """
-        if self.method not in METHODS:
-            raise UsageError(f"unknown --method {self.method!r}", hint="use gptq, rtn or nf4")
-        if self.ternary:
-            if self.method == "nf4":
-                raise UsageError("--ternary and --method nf4 exclude each other", hint="use --method gptq or rtn")
-            scheme, bits = "ternary", None
-        elif self.method == "nf4":
-            if self.bits not in (None, 4):
-                raise UsageError(f"--method nf4 has 4-bit codes, not {self.bits}", hint="drop --bits or pass --bits 4")
-            scheme, bits = "nf4", 4
-        else:
-            if self.bits not in UNIFORM_BITS:
-                raise UsageError(
-                    f"--bits must be 2, 3, 4 or 8, not {self.bits}",
-                    hint="or pass --ternary for 1.58-bit codes stored below 1 bit",
-                    code="BITS_INVALID",
-                )
-            scheme, bits = "uniform", self.bits
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 0:
-            raise UsageError(f"--group-size must be 0 (one per row) or positive, not {self.group_size}")
-        if not 0 < self.damp <= 1:
-            raise UsageError(f"--damp must be in (0, 1], not {self.damp}")
-        if not 0 < self.ternary_scale <= 4:
-            raise UsageError(f"--ternary-scale must be in (0, 4], not {self.ternary_scale}")
-        if self.ternary_bits < 0 or 0 < self.ternary_bits < 0.3:
-            raise UsageError(
-                f"--ternary-bits must be 0 (off) or at least 0.3, not {self.ternary_bits}",
-                hint="ternary codes cannot be coded much below 0.3 bit with their scales",
-            )
-        if self.expert_batch < 0:
-            raise UsageError("--expert-batch must be 0 (all experts) or positive")
-        from moetool.quantize.formats import AUTO, format_named
-
-        if self.output_format != AUTO:
-            format_named(self.output_format)
-        if self.symmetric is not None and scheme != "uniform":
-            raise UsageError(f"--sym/--asym apply to uniform codes, not to {scheme}", code="SYMMETRY_INVALID")
-        self.coverage.validate()
-        details: dict[str, Any] = {}
-        if self.method == "gptq":
-            details = {"act_order": self.act_order, "damp": self.damp}
-        if scheme == "uniform" and self.clip_search:
-            details["clip_search"] = True
-        if scheme == "ternary":
-            details["ternary_bits_target"] = self.ternary_bits or None
-            if not self.ternary_bits:
-                details["ternary_scale"] = self.ternary_scale
-        return QuantFormat(scheme, bits, self.group_size, self.categories, self.method, details)
+__all__ = ["SCHEMA_VERSION", "QuantizeOptions", "QuantizeResult", "auto_expert_batch", "quantize"]
 
 
 @dataclass
@@ -432,27 +313,13 @@ def _quantize_pass(
     process's), the Hessians are summed, every process quantizes the same way and only the first one
     writes (``writer`` is ``None`` on the others).
     """
-    from moetool.quantize.engine import quantize_layer
+    from moetool.quantize.engine import LayerJob, quantize_layer
     from moetool.quantize.loader import experts_module
     from moetool.runner.skeleton import layer_index
 
+    method = method_named(options.method)
     grid = fmt.grid(clip_search=options.clip_search, ternary_scale=options.ternary_scale)
-    method_opts = MethodOptions(
-        method=options.method,
-        group_size=options.group_size,
-        act_order=options.act_order,
-        damp=options.damp,
-        expert_batch=result.expert_batch,
-        ternary_bits=options.ternary_bits if fmt.scheme == "ternary" else 0.0,
-        split_gate_up=not any(e.fused for e in layout.experts.values()),
-    )
-
-    def fixed_threads() -> Any:
-        if options.method != "gptq":
-            return contextlib.nullcontext()
-        from moetool.quantize.gptq import reproducible_threads
-
-        return reproducible_threads(runner.device)
+    split_gate_up = not any(e.fused for e in layout.experts.values())
 
     calib = set(range(len(calibration_batches)))
     probe_original, probe_quantized = len(calibration_batches), len(calibration_batches) + 1
@@ -466,7 +333,7 @@ def _quantize_pass(
         for step in schedule.steps():
             # GPTQ's inputs must not depend on the thread count: every layer run of the pass (also the
             # layers only passed through) on the fixed thread count of moetool.quantize.gptq.
-            with fixed_threads():
+            with method.fixed_threads(runner.device):
                 layer = layer_index(step.path)
                 step.run(keep=True, only={probe_original})
                 if layer in layout.experts or layer in layout.linears:
@@ -476,18 +343,21 @@ def _quantize_pass(
                     linears = _linear_modules(layout, layer, step.module)
                     _check_mapping(runner.checkpoint, layout, layer, experts, linears)
                     inputs = None
-                    if calib and options.method == "gptq":
+                    if calib and method.needs_data:
                         inputs = _StepInputs(step, calib, outcome.calibration_tokens, ranks)
-                    layer_result = quantize_layer(
+                    job = LayerJob(
                         layer,
                         step.module,
                         experts,
                         linears,
-                        grid=grid,
-                        opts=method_opts,
-                        coverage=options.coverage,
-                        inputs=inputs,
+                        grid,
+                        options,
+                        inputs,
+                        expert_batch=result.expert_batch,
+                        split_gate_up=split_gate_up,
                     )
+                    layer_result = quantize_layer(job)
+                    del job
                     if writer is not None:
                         storage.write_layer(writer, layout, layer, layer_result, fmt)
                         outcome.digests[layer] = _layer_digests(layout, layer, experts, linears)
@@ -563,26 +433,123 @@ def quantize(
         InsufficientMemoryError: one layer and the calibration activations cannot fit.
         VerificationError: a failed check (nothing is published).
     """
-    from moetool.arch.dims import resolve_dims
-    from moetool.arch.registry import family_for_config, require_capability
-    from moetool.io.checkpoint import Checkpoint
-    from moetool.io.sizes import estimate_quantized_bytes
-    from moetool.io.writer import check_disk_space, check_output_path
-    from moetool.modeling import check_device_name, check_dtype_name, open_checkpoint
-    from moetool.quantize.layout import build_layout
-    from moetool.validate import check_input
 
     def status(message: str) -> None:
         report(progress, message)
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    fmt = options.format()
+    plan = _plan(
+        source,
+        out,
+        options,
+        calibration,
+        overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
+        revision=revision,
+        token=token,
+        offline=offline,
+        status=status,
+    )
+    timings["plan"] = time.perf_counter() - started
+    step = time.perf_counter()
+    loaded = _load(plan, options, calibration, status)
+    timings["load"] = time.perf_counter() - step
+    result = QuantizeResult(
+        source=plan.checkpoint.name,
+        output=str(plan.out),
+        format=plan.fmt,
+        options=options,
+        family=plan.spec.name,
+        source_revision=plan.checkpoint.revision,
+        device=str(loaded.runner.device),
+        calibration=loaded.calibration_report,
+        timings=timings,
+        warnings=plan.warnings,
+        memory=loaded.memory.to_json(loaded.positions) | {"streamed": not options.whole_model},
+        expert_batch=options.expert_batch or auto_expert_batch(plan.layout, loaded.runner.device),
+        format_reason=plan.choice.reason,
+    )
+    status(_memory_line(plan, loaded, options, result.expert_batch))
+    if not loaded.ranks.is_main:
+        # The other processes calibrate their share and quantize alike; the first one writes and checks.
+        _quantize_pass(
+            loaded.runner, plan.layout, plan.spec, plan.fmt, options, loaded.batches,
+            _probe_batch(loaded.probe_ids), None, result, status, None, loaded.ranks,
+        )  # fmt: skip
+        loaded.ranks.barrier()
+        return result
+    _write_output(
+        plan,
+        loaded,
+        options,
+        result,
+        verify=verify,
+        full_check=full_check,
+        overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
+        command=command,
+        status=status,
+        progress=progress,
+    )
+    loaded.ranks.barrier()
+    timings["total"] = time.perf_counter() - started
+    return result
+
+
+@dataclass
+class _Plan:
+    """What the checks before any heavy work settled: the source, what to rewrite, how, and where."""
+
+    checkpoint: Any
+    spec: Any
+    layout: Any
+    choice: Any  # moetool.quantize.formats.Choice: the storage format and the settings it stores
+    out: Path
+    warnings: list[str]
+    documents: list[Any] | None
+
+    @property
+    def storage(self) -> Any:
+        return self.choice.storage
+
+    @property
+    def fmt(self) -> QuantFormat:
+        return self.choice.fmt
+
+
+def _plan(
+    source: Any,
+    out: Path | str,
+    options: QuantizeOptions,
+    calibration: DatasetSpec | None,
+    *,
+    overwrite: bool,
+    allow_nonfinite: bool,
+    revision: str | None,
+    token: str | bool | None,
+    offline: bool | None,
+    status: Callable[[str], None],
+) -> _Plan:
+    """Step 1: check the run's devices and data, open and check the source (refusing a dense or quantized
+    model), plan the tensors to rewrite, choose the storage format, check the output path and disk space,
+    and read the calibration text. Nothing heavy is loaded yet."""
+    from moetool.arch.dims import resolve_dims
+    from moetool.arch.registry import family_for_config, require_capability
+    from moetool.io.checkpoint import Checkpoint
+    from moetool.io.sizes import estimate_quantized_bytes
+    from moetool.io.writer import check_disk_space, check_output_path
+    from moetool.modeling import check_device_name, check_dtype_name, open_checkpoint
+    from moetool.quantize.formats import resolve
+    from moetool.quantize.layout import build_layout
+    from moetool.validate import check_input
+
+    method = method_named(options.method)
     check_device_name(options.device)
     check_dtype_name(options.dtype)
-    needs_data = options.method == "gptq"
+    needs_data = method.needs_data
     if needs_data and calibration is None:
-        raise UsageError("--method gptq needs calibration text", hint="pass --dataset, or use --method rtn")
+        raise UsageError(f"--method {method.name} needs calibration text", hint="pass --dataset, or use --method rtn")
     warnings: list[str] = []
     if calibration is not None and not needs_data:
         warnings.append(f"--dataset is not used by --method {options.method}")
@@ -598,28 +565,44 @@ def quantize(
     require_capability(spec, "quantize")
     dims = resolve_dims(spec, checkpoint.config)
     layout = build_layout(spec, dims, checkpoint, options.categories)
-    from moetool.quantize.formats import resolve
-
-    choice = resolve(options.output_format, options.symmetric, fmt, layout, checkpoint)
-    storage, fmt = choice.storage, choice.fmt
+    choice = resolve(options.output_format, options.symmetric, options.format(), layout, checkpoint)
     warnings += [choice.warning] if choice.warning else []
     out = Path(out)
     check_output_path(out, [checkpoint.root], overwrite=overwrite)
-    predicted = estimate_quantized_bytes(checkpoint, layout.quantized_names(), fmt)
+    predicted = estimate_quantized_bytes(checkpoint, layout.quantized_names(), choice.fmt)
     check_disk_space(out, predicted, what="the quantized model")
     documents = _read_calibration(calibration, status) if needs_data and calibration is not None else None
-    timings["plan"] = time.perf_counter() - started
+    return _Plan(checkpoint, spec, layout, choice, out, warnings, documents)
 
+
+@dataclass
+class _Loaded:
+    """The opened model and its inputs: calibration batches (this process's share) and the probe window."""
+
+    runner: Any
+    ranks: Any
+    batches: list[Any]
+    calibration_report: dict[str, Any] | None
+    probe_ids: Any
+    positions: int
+    memory: Any
+
+
+def _load(
+    plan: _Plan, options: QuantizeOptions, calibration: DatasetSpec | None, status: Callable[[str], None]
+) -> _Loaded:
+    """Step 2: open the model (one layer at a time, or whole), tokenize the calibration windows, pick the
+    probe window, and check that one layer and the activations fit in memory."""
     import torch
 
     from moetool.modeling import load_tokenizer
     from moetool.runner.dist import current_ranks
-    from moetool.runner.memory import check_fits, estimate, human
+    from moetool.runner.memory import check_fits, estimate
     from moetool.runner.stream import StreamedModel, StreamOptions
 
+    checkpoint = plan.checkpoint
+    needs_data = method_named(options.method).needs_data
     ranks = current_ranks(options.device)
-
-    step = time.perf_counter()
     status(f"opening {checkpoint.name}" + (" (whole model)" if options.whole_model else " (one layer at a time)"))
     tokenizer = load_tokenizer(checkpoint) if needs_data else None
     runner = StreamedModel(
@@ -631,84 +614,88 @@ def quantize(
             whole_model=options.whole_model,
         ),
     )
-    calibration_batches: list[Any] = []
+    batches: list[Any] = []
     calibration_report = None
     if needs_data:
+        documents = plan.documents
         assert calibration is not None and documents is not None and tokenizer is not None
-        calibration_batches, seq_len = _calibration_batches(checkpoint, tokenizer, documents, calibration, warnings)
-        probe_ids = calibration_batches[0].input_ids[0, : min(64, int(calibration_batches[0].attention_mask[0].sum()))]
+        batches, seq_len = _calibration_batches(checkpoint, tokenizer, documents, calibration, plan.warnings)
+        probe_ids = batches[0].input_ids[0, : min(64, int(batches[0].attention_mask[0].sum()))]
         calibration_report = {
             "dataset": calibration.dataset,
-            "tokens": sum(int(b.attention_mask.sum()) for b in calibration_batches),
-            "windows": sum(int(b.input_ids.shape[0]) for b in calibration_batches),
+            "tokens": sum(int(b.attention_mask.sum()) for b in batches),
+            "windows": sum(int(b.input_ids.shape[0]) for b in batches),
             "seq_len": seq_len,
             "processes": ranks.world,
         }
-        calibration_batches = list(ranks.shard(calibration_batches))
-        del documents
+        batches = list(ranks.shard(batches))
+        plan.documents = None  # the windows hold the text now
     else:
         vocab = int(runner.model.get_input_embeddings().weight.shape[0])
         probe_ids = torch.randint(0, vocab, (32,), generator=torch.Generator().manual_seed(0))
-    positions = sum(int(b.input_ids.numel()) for b in calibration_batches) + 2 * int(probe_ids.numel())
+    positions = sum(int(b.input_ids.numel()) for b in batches) + 2 * int(probe_ids.numel())
     memory = estimate(checkpoint, str(runner.dtype).removeprefix("torch."))
     check_fits(memory, tokens=positions, device=runner.device, whole_model=options.whole_model)
-    timings["load"] = time.perf_counter() - step
+    return _Loaded(runner, ranks, batches, calibration_report, probe_ids, positions, memory)
 
+
+def _memory_line(plan: _Plan, loaded: _Loaded, options: QuantizeOptions, expert_batch: int) -> str:
+    """The status line that says where the run computes and what it will hold."""
+    from moetool.runner.memory import human
+
+    memory, positions = loaded.memory, loaded.positions
+    return (
+        f"{'whole model' if options.whole_model else 'one layer at a time'} on {loaded.runner.device} "
+        f"({memory.dtype}): largest layer {human(memory.largest_layer_bytes)}, calibration activations "
+        f"{human(memory.activations(positions))}, "
+        + method_named(options.method).memory_note(expert_batch)
+        + "peak about "
+        f"{human(memory.whole_peak(positions) if options.whole_model else memory.streamed_peak(positions))}"
+    )
+
+
+def _write_output(
+    plan: _Plan,
+    loaded: _Loaded,
+    options: QuantizeOptions,
+    result: QuantizeResult,
+    *,
+    verify: bool,
+    full_check: bool | None,
+    overwrite: bool,
+    allow_nonfinite: bool,
+    command: str | Sequence[str] | None,
+    status: Callable[[str], None],
+    progress: Progress | None,
+) -> None:
+    """Step 3 (the first process): in a staging folder, quantize and write layer by layer, copy the other
+    tensors, write config.json, verify, write the model card; then publish."""
     from moetool.io.model_card import write_model_card
     from moetool.io.shards import ShardWriter
     from moetool.io.writer import copy_aux_files, staged_output, write_json
 
-    result = QuantizeResult(
-        source=checkpoint.name,
-        output=str(out),
-        format=fmt,
-        options=options,
-        family=spec.name,
-        source_revision=checkpoint.revision,
-        device=str(runner.device),
-        calibration=calibration_report,
-        timings=timings,
-        warnings=warnings,
-        memory=memory.to_json(positions) | {"streamed": not options.whole_model},
-        expert_batch=options.expert_batch or auto_expert_batch(layout, runner.device),
-        format_reason=choice.reason,
-    )
-    status(
-        f"{'whole model' if options.whole_model else 'one layer at a time'} on {runner.device} ({memory.dtype}): "
-        f"largest layer {human(memory.largest_layer_bytes)}, calibration activations "
-        f"{human(memory.activations(positions))}, "
-        + (f"GPTQ {result.expert_batch} experts at a time, " if options.method == "gptq" else "")
-        + "peak about "
-        f"{human(memory.whole_peak(positions) if options.whole_model else memory.streamed_peak(positions))}"
-    )
-    if not ranks.is_main:
-        # The other processes calibrate their share and quantize alike; the first one writes and checks.
-        _quantize_pass(
-            runner, layout, spec, fmt, options, calibration_batches, _probe_batch(probe_ids), None, result,
-            status, None, ranks,
-        )  # fmt: skip
-        ranks.barrier()
-        return result
+    checkpoint, layout, storage, fmt, out = plan.checkpoint, plan.layout, plan.storage, plan.fmt, plan.out
+    timings = result.timings
     replaced = layout.quantized_names()
     with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite, allow_nonfinite=allow_nonfinite) as staging:
         step = time.perf_counter()
         with ShardWriter(staging, max_shard_size=options.max_shard_size) as writer:
             outcome = _quantize_pass(
-                runner,
+                loaded.runner,
                 layout,
-                spec,
+                plan.spec,
                 fmt,
                 options,
-                calibration_batches,
-                _probe_batch(probe_ids),
+                loaded.batches,
+                _probe_batch(loaded.probe_ids),
                 writer,
                 result,
                 status,
                 progress,
-                ranks,
+                loaded.ranks,
                 storage,
             )
-            del calibration_batches
+            loaded.batches = []  # free the calibration activations' inputs before copying
             timings["quantize"] = time.perf_counter() - step
             step = time.perf_counter()
             status("copying the other tensors")
@@ -716,7 +703,7 @@ def quantize(
             for name, tensor in checkpoint.iter_tensors(keep):
                 writer.add(name, tensor)
         config = dict(checkpoint.config)
-        config.update(storage.config_entries(fmt, layout, runner.model, checkpoint))
+        config.update(storage.config_entries(fmt, layout, loaded.runner.model, checkpoint))
         result.quantization_config = config["quantization_config"]
         write_json(staging / "config.json", config)
         copy_aux_files(checkpoint.root, staging)
@@ -729,9 +716,9 @@ def quantize(
             checkpoint,
             layout,
             fmt,
-            runner,
+            loaded.runner,
             outcome,
-            probe_ids,
+            loaded.probe_ids,
             storage,
             verify=verify,
             full_check=full_check,
@@ -743,9 +730,6 @@ def quantize(
         result.files = sorted(p.name for p in staging.iterdir())
         result.bytes_written = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
         status("publishing")
-    ranks.barrier()
-    timings["total"] = time.perf_counter() - started
-    return result
 
 
 def _verify(
@@ -832,24 +816,8 @@ def _card(result: QuantizeResult, command: str | Sequence[str] | None, usage: st
         "group size": opts.group_size,
         "quantized": ", ".join(fmt.categories),
     }
-    if opts.method == "gptq":
-        # Key names avoid "token" followed by a word character, which the card masks as a secret.
-        options.update(
-            {
-                "act order": opts.act_order,
-                "dampening": opts.damp,
-                "calibration": result.calibration["dataset"] if result.calibration else None,
-                "calibrate all experts": opts.coverage.all_experts,
-                "min tokens per expert": opts.coverage.min_tokens_per_expert,
-                "max tokens per expert": opts.coverage.max_tokens_per_expert or "no cap",
-                "fallback": opts.coverage.fallback,
-            }
-        )
-    if fmt.scheme == "ternary":
-        if opts.ternary_bits:
-            options["ternary bits target"] = opts.ternary_bits
-        else:
-            options["ternary scale"] = opts.ternary_scale
+    options.update(method_named(opts.method).card_options(opts, result.calibration))
+    options.update(fmt.spec.card_options(opts))
     return {
         "base_models": [result.source],
         "relation": "quantized",

@@ -12,6 +12,9 @@ GPTQ, per layer (true-sequential inside the layer, as in the GPTQ paper):
 
 Round-to-nearest and NF4 need no data: every weight is quantized from the weights alone.
 
+Which of the two a layer gets is the method's choice (:mod:`moetool.quantize.methods`): it calls
+:func:`gptq_layer` or :func:`rtn_layer` with a :class:`LayerJob`.
+
 Besides the codes, each layer reports GPTQ's objective (the output error on the calibration inputs,
 ``tr((W - Q) H (W - Q)^T)``) next to what round-to-nearest would give on the same inputs.
 """
@@ -23,42 +26,15 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moetool.quantize.calibrate import CalibrationRunner, CoverageOptions, ExpertsHessians, LayerCoverage, LinearHessian
-from moetool.quantize.gptq import DEFAULT_DAMP, GPTQStats, gptq_quantize
+from moetool.quantize.calibrate import CalibrationRunner, ExpertsHessians, LayerCoverage, LinearHessian
+from moetool.quantize.gptq import GPTQStats, gptq_quantize
 from moetool.quantize.rtn import QuantizedWeight, rtn_quantize
 
 if TYPE_CHECKING:
     import torch
 
     from moetool.quantize.grids import Grid
-
-METHODS = ("gptq", "rtn", "nf4")
-
-
-@dataclass(frozen=True)
-class MethodOptions:
-    """How codes are chosen.
-
-    Attributes:
-        method: ``gptq``, ``rtn`` or ``nf4`` (round to nearest on the NF4 code book).
-        group_size: input columns per scale (0: per row).
-        act_order: GPTQ: columns in order of decreasing Hessian diagonal.
-        damp: GPTQ dampening (fraction of the mean Hessian diagonal).
-        expert_batch: experts quantized together (0: all of a layer). Smaller bounds GPU memory
-            (Hessians are ``experts x columns^2``) at the cost of extra passes over the layer.
-        ternary_bits: ternary grids: bits per parameter each expert's coded codes and scales must fit
-            in (see :func:`quantize_ternary_to_rate`); 0: the grid's own scale.
-        split_gate_up: the checkpoint stores each expert's gate and up as two tensors (per-expert
-            layout), so their ternary codes are two streams.
-    """
-
-    method: str = "gptq"
-    group_size: int = 128
-    act_order: bool = True
-    damp: float = DEFAULT_DAMP
-    expert_batch: int = 0
-    ternary_bits: float = 0.0
-    split_gate_up: bool = True
+    from moetool.quantize.request import QuantizeOptions
 
 
 @dataclass
@@ -93,6 +69,41 @@ class LayerResult:
     report: LayerReport
     experts: tuple[QuantizedWeight, QuantizedWeight] | None = None
     linears: dict[str, QuantizedWeight] = field(default_factory=dict)
+
+
+@dataclass
+class LayerJob:
+    """One decoder layer to quantize, and how.
+
+    Attributes:
+        layer: decoder layer index.
+        module: the decoder layer (already on the compute device).
+        experts: its transformers experts module, or ``None`` for a layer without routed experts.
+        linears: the ``nn.Linear`` modules to quantize, by name relative to the layer.
+        grid: the quantization grid.
+        request: the run's settings (method, group size, GPTQ and ternary options, coverage).
+        inputs: calibration inputs (GPTQ); the layer's quantized outputs replace them.
+        expert_batch: experts quantized together (0: all of a layer), computed by the run from the
+            request and the device. Smaller bounds GPU memory (Hessians are ``experts x columns^2``) at
+            the cost of extra passes over the layer.
+        split_gate_up: the checkpoint stores each expert's gate and up as two tensors (per-expert
+            layout), so their ternary codes are two streams.
+        result: filled by the method.
+    """
+
+    layer: int
+    module: Any
+    experts: Any | None
+    linears: dict[str, Any]
+    grid: Grid
+    request: QuantizeOptions
+    inputs: CalibrationRunner | None = None
+    expert_batch: int = 0
+    split_gate_up: bool = True
+    result: LayerResult = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.result = LayerResult(LayerReport(self.layer))
 
 
 def _proxy(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -133,7 +144,7 @@ def stored_ternary_bits(codes: torch.Tensor, groups: int, streams: int = 1) -> t
 def quantize_ternary_to_rate(
     weight: torch.Tensor,
     hessian: torch.Tensor | None,
-    opts: MethodOptions,
+    opts: QuantizeOptions,
     stats: GPTQStats | None = None,
     streams: int = 1,
 ) -> QuantizedWeight:
@@ -190,17 +201,11 @@ def quantize_ternary_to_rate(
     return best
 
 
-def _gptq(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    grid: Grid,
-    opts: MethodOptions,
-    report: LayerReport,
-    key: str,
-) -> QuantizedWeight:
+def _gptq(job: LayerJob, weight: torch.Tensor, hessian: torch.Tensor, key: str) -> QuantizedWeight:
+    opts, grid = job.request, job.grid
     stats = GPTQStats()
     if grid.kind == "ternary" and opts.ternary_bits:
-        streams = 2 if key == "gate_up" and opts.split_gate_up else 1
+        streams = 2 if key == "gate_up" and job.split_gate_up else 1
         result = quantize_ternary_to_rate(weight, hessian, opts, stats, streams)
         baseline = quantize_ternary_to_rate(weight, None, opts, streams=streams)
     else:
@@ -208,16 +213,16 @@ def _gptq(
             weight, hessian, grid, opts.group_size, act_order=opts.act_order, damp=opts.damp, stats=stats
         )
         baseline = rtn_quantize(weight, grid, opts.group_size)
-    figures = report.proxy_error.setdefault(key, {"gptq": 0.0, "rtn": 0.0})
+    figures = job.result.report.proxy_error.setdefault(key, {"gptq": 0.0, "rtn": 0.0})
     figures["gptq"] += sum(stats.proxy_error)
     figures["rtn"] += _proxy(weight, baseline.dequantized, hessian)
     return result
 
 
-def _rtn(weight: torch.Tensor, grid: Grid, opts: MethodOptions, streams: int = 1) -> QuantizedWeight:
-    if grid.kind == "ternary" and opts.ternary_bits:
-        return quantize_ternary_to_rate(weight, None, opts, streams=streams)
-    return rtn_quantize(weight, grid, opts.group_size)
+def _rtn(job: LayerJob, weight: torch.Tensor, streams: int = 1) -> QuantizedWeight:
+    if job.grid.kind == "ternary" and job.request.ternary_bits:
+        return quantize_ternary_to_rate(weight, None, job.request, streams=streams)
+    return rtn_quantize(weight, job.grid, job.request.group_size)
 
 
 def _concat(parts: list[QuantizedWeight]) -> QuantizedWeight:
@@ -243,75 +248,41 @@ def _write(param: torch.Tensor, value: torch.Tensor, rows: Any = slice(None)) ->
         param[rows] = value.to(device=param.device, dtype=param.dtype)
 
 
-def quantize_layer(
-    layer: int,
-    layer_module: Any,
-    experts: Any | None,
-    linears: dict[str, Any],
-    *,
-    grid: Grid,
-    opts: MethodOptions,
-    coverage: CoverageOptions,
-    inputs: CalibrationRunner | None,
-) -> LayerResult:
-    """Quantize one decoder layer in place (the model then holds the dequantized weights).
-
-    Args:
-        layer: decoder layer index.
-        layer_module: the decoder layer (already on the compute device).
-        experts: its transformers experts module, or ``None`` for a layer without routed experts.
-        linears: the ``nn.Linear`` modules to quantize, by name relative to the layer.
-        grid: the quantization grid.
-        opts: method options.
-        coverage: calibration coverage options (GPTQ).
-        inputs: calibration inputs (GPTQ); the layer's quantized outputs replace them.
+def quantize_layer(job: LayerJob) -> LayerResult:
+    """Quantize one decoder layer in place with the request's method (the model then holds the
+    dequantized weights).
 
     Returns:
-        The codes and a report.
+        The codes and a report (``job.result``).
     """
-    import contextlib
-
     import torch
 
-    from moetool.quantize.gptq import reproducible_threads
+    from moetool.quantize.methods import method_named
 
-    device = next(layer_module.parameters()).device
-    fixed = reproducible_threads(device) if opts.method == "gptq" else contextlib.nullcontext()
-    with torch.no_grad(), fixed:
-        return _quantize_layer(layer, layer_module, experts, linears, grid, opts, coverage, inputs)
-
-
-def _quantize_layer(
-    layer: int,
-    layer_module: Any,
-    experts: Any | None,
-    linears: dict[str, Any],
-    grid: Grid,
-    opts: MethodOptions,
-    coverage: CoverageOptions,
-    inputs: CalibrationRunner | None,
-) -> LayerResult:
+    method = method_named(job.request.method)
+    device = next(job.module.parameters()).device
     started = time.perf_counter()
-    report = LayerReport(layer)
-    result = LayerResult(report)
-    if opts.method == "gptq":
-        assert inputs is not None
-        _gptq_layer(layer, layer_module, experts, linears, grid, opts, coverage, inputs, result)
-    else:
-        if experts is not None:
-            gate_up = _rtn(experts.gate_up_proj, grid, opts, 2 if opts.split_gate_up else 1)
-            down = _rtn(experts.down_proj, grid, opts)
-            _write(experts.gate_up_proj, gate_up.dequantized)
-            _write(experts.down_proj, down.dequantized)
-            result.experts = (gate_up, down)
-        for name, module in linears.items():
-            weight = _rtn(module.weight[None], grid, opts).select(0)
-            _write(module.weight, weight.dequantized)
-            result.linears[name] = weight
-        if inputs is not None:
-            inputs.run(layer, layer_module, keep=True)
-    report.seconds = time.perf_counter() - started
-    return result
+    with torch.no_grad(), method.fixed_threads(device):
+        method.quantize_layer(job)
+    job.result.report.seconds = time.perf_counter() - started
+    return job.result
+
+
+def rtn_layer(job: LayerJob) -> None:
+    """Round to nearest on every weight of the layer (no data); the calibration inputs, if any, move on."""
+    experts, result = job.experts, job.result
+    if experts is not None:
+        gate_up = _rtn(job, experts.gate_up_proj, 2 if job.split_gate_up else 1)
+        down = _rtn(job, experts.down_proj)
+        _write(experts.gate_up_proj, gate_up.dequantized)
+        _write(experts.down_proj, down.dequantized)
+        result.experts = (gate_up, down)
+    for name, module in job.linears.items():
+        weight = _rtn(job, module.weight[None]).select(0)
+        _write(module.weight, weight.dequantized)
+        result.linears[name] = weight
+    if job.inputs is not None:
+        job.inputs.run(job.layer, job.module, keep=True)
 
 
 def _chunks(count: int, size: int) -> list[list[int]]:
@@ -319,27 +290,19 @@ def _chunks(count: int, size: int) -> list[list[int]]:
     return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
 
 
-def _gptq_experts(
-    layer: int,
-    layer_module: Any,
-    experts: Any,
-    grid: Grid,
-    opts: MethodOptions,
-    coverage: CoverageOptions,
-    inputs: CalibrationRunner,
-    result: LayerResult,
-) -> None:
-    """GPTQ of a layer's routed experts, a chunk of ``opts.expert_batch`` experts at a time.
+def _gptq_experts(job: LayerJob, inputs: CalibrationRunner) -> None:
+    """GPTQ of a layer's routed experts, a chunk of ``job.expert_batch`` experts at a time.
 
     One run of the layer records what reaches the experts module (its inputs and the router's choices:
     tokens x hidden, small); every chunk's gate/up and down Hessians are then computed from that record,
     so a chunk costs no further run of the layer and memory holds one chunk's Hessians and GPTQ work.
     """
-    report = result.report
+    experts, result, coverage = job.experts, job.result, job.request.coverage
+    assert experts is not None
     recorder = ExpertsHessians(experts, inputs, coverage, [])
     handle = recorder.collect_gate_up(keep_inputs=True)
     try:
-        inputs.run(layer, layer_module, keep=False)
+        inputs.run(job.layer, job.module, keep=False)
     finally:
         handle.remove()
     recorder.reduce_all_tokens(inputs)
@@ -347,13 +310,13 @@ def _gptq_experts(
     gate_up_parts: list[QuantizedWeight] = []
     down_parts: list[QuantizedWeight] = []
     expert_coverage = []
-    for chunk in _chunks(int(experts.gate_up_proj.shape[0]), opts.expert_batch):
+    for chunk in _chunks(int(experts.gate_up_proj.shape[0]), job.expert_batch):
         hessians = ExpertsHessians(experts, inputs, coverage, chunk)
         hessians.gate_up_from_cache(cached, recorder)
         hessians.reduce_gate_up(inputs)
         hessians.plan_coverage()
         assert hessians.gate_up is not None
-        gate_up = _gptq(experts.gate_up_proj[chunk], hessians.gate_up, grid, opts, report, "gate_up")
+        gate_up = _gptq(job, experts.gate_up_proj[chunk], hessians.gate_up, "gate_up")
         _write(experts.gate_up_proj, gate_up.dequantized, chunk)
         hessians.gate_up = None  # free before the down Hessians
         # Down Hessians from the quantized gate/up: what the down projection now really receives.
@@ -362,7 +325,7 @@ def _gptq_experts(
         hessians.reduce_down(inputs)
         hessians.finish_down()
         assert hessians.down is not None
-        down = _gptq(experts.down_proj[chunk], hessians.down, grid, opts, report, "down")
+        down = _gptq(job, experts.down_proj[chunk], hessians.down, "down")
         _write(experts.down_proj, down.dequantized, chunk)
         hessians.down = None
         # The module now holds the dequantized weights; the codes are all the writer needs.
@@ -371,37 +334,30 @@ def _gptq_experts(
         del gate_up, down
         expert_coverage += hessians.coverage()
     result.experts = (_concat(gate_up_parts), _concat(down_parts))
-    report.coverage = LayerCoverage(layer, recorder.all_tokens, expert_coverage)
+    result.report.coverage = LayerCoverage(job.layer, recorder.all_tokens, expert_coverage)
 
 
-def _gptq_layer(
-    layer: int,
-    layer_module: Any,
-    experts: Any | None,
-    linears: dict[str, Any],
-    grid: Grid,
-    opts: MethodOptions,
-    coverage: CoverageOptions,
-    inputs: CalibrationRunner,
-    result: LayerResult,
-) -> None:
-    report = result.report
+def gptq_layer(job: LayerJob) -> None:
+    """GPTQ of the layer: its linears first, then its experts (true-sequential), then the quantized
+    layer's outputs feed the next layer."""
+    inputs = job.inputs
+    assert inputs is not None
     # Pass 1: the linears' Hessians (attention, shared experts), quantized first.
-    if linears:
-        collectors = {name: LinearHessian(module, inputs, module.weight.device) for name, module in linears.items()}
+    if job.linears:
+        collectors = {name: LinearHessian(module, inputs, module.weight.device) for name, module in job.linears.items()}
         try:
-            inputs.run(layer, layer_module, keep=False)
+            inputs.run(job.layer, job.module, keep=False)
         finally:
             for collector in collectors.values():
                 collector.remove()
         for name, collector in collectors.items():
             collector.reduce(inputs)
-            module = linears[name]
-            weight = _gptq(module.weight[None], collector.hessian[None], grid, opts, report, name)
+            module = job.linears[name]
+            weight = _gptq(job, module.weight[None], collector.hessian[None], name)
             _write(module.weight, weight.dequantized[0])
-            result.linears[name] = weight.select(0)
+            job.result.linears[name] = weight.select(0)
         del collectors
-    if experts is not None:
-        _gptq_experts(layer, layer_module, experts, grid, opts, coverage, inputs, result)
+    if job.experts is not None:
+        _gptq_experts(job, inputs)
     # Pass 3: the quantized layer's outputs feed the next layer.
-    inputs.run(layer, layer_module, keep=True)
+    inputs.run(job.layer, job.module, keep=True)

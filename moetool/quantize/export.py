@@ -18,7 +18,7 @@ map the family, gives the source's logits.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,7 @@ def export_unfit_reason(fmt: QuantFormat, layout: Any) -> str | None:
     """Why a moetool-format checkpoint's codes cannot become compressed-tensors (``None``: they can)."""
     from moetool.quantize.formats import FORMATS
 
-    if fmt.scheme == "uniform" and not fmt.symmetric:
+    if fmt.zero_point:  # asymmetric uniform codes
         return (
             f"its {fmt.bits}-bit codes are asymmetric (a zero point per group); the servers' MoE kernels and "
             "transformers' MoE loading need symmetric codes"
@@ -158,19 +158,9 @@ def export(
         OutputError: the output path exists (without ``overwrite``), overlaps the input, ...
         VerificationError: a failed check (nothing is published).
     """
-    from moetool.arch.dims import resolve_dims
-    from moetool.arch.registry import family_for_config
     from moetool.errors import UsageError
-    from moetool.io.checkpoint import Checkpoint
-    from moetool.io.model_card import write_model_card
-    from moetool.io.shards import ShardWriter
-    from moetool.io.writer import check_output_path, copy_aux_files, staged_output, write_json
-    from moetool.modeling import open_checkpoint, quant_method_of
-    from moetool.quantize.engine import LayerReport, LayerResult
-    from moetool.quantize.formats import FORMATS, VerifyContext
-    from moetool.quantize.formats.moetool_format import GUARD_KEY
-    from moetool.quantize.layout import build_layout
-    from moetool.quantize.verify import check_coverage, measure_storage
+    from moetool.io.writer import check_output_path, staged_output
+    from moetool.quantize.formats import FORMATS
 
     def status(message: str) -> None:
         report(progress, message)
@@ -180,6 +170,44 @@ def export(
         raise UsageError(
             f"cannot export to {to!r}", hint="moetool export writes compressed-tensors", code="FORMAT_INVALID"
         )
+    checkpoint, spec, layout, fmt = _open_source(source, revision=revision, token=token, offline=offline)
+    ct = FORMATS["compressed-tensors"]
+    target = replace(fmt, storage=ct.name, scale_dtype="float32", value_dtype="float32")
+    out = Path(out)
+    check_output_path(out, [checkpoint.root], overwrite=overwrite)
+    timings: dict[str, float] = {}
+    result = ExportResult(source=checkpoint.name, output=str(out), family=spec.name, format=target)
+    with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite) as staging:
+        step = time.perf_counter()
+        _write_converted(staging, checkpoint, layout, fmt, target, result, max_shard_size, status)
+        timings["write"] = time.perf_counter() - step
+        step = time.perf_counter()
+        result.verification = _verify_export(
+            staging, out, checkpoint, layout, fmt, target, verify=verify, full_check=full_check, status=status
+        )
+        result.storage = result.verification.storage
+        timings["verify"] = time.perf_counter() - step
+        _write_card(staging, checkpoint, spec.name, layout, fmt, target, result.verification, command)
+        result.files = sorted(p.name for p in staging.iterdir())
+        result.bytes_written = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
+        status("publishing")
+    timings["total"] = time.perf_counter() - started
+    result.timings = timings
+    return result
+
+
+def _open_source(
+    source: Any, *, revision: str | None, token: str | bool | None, offline: bool | None
+) -> tuple[Any, Any, Any, QuantFormat]:
+    """Open a moetool-format checkpoint and read its settings and layout, refusing anything else and codes
+    compressed-tensors cannot hold: ``(checkpoint, family spec, layout, settings)``."""
+    from moetool.arch.dims import resolve_dims
+    from moetool.arch.registry import family_for_config
+    from moetool.io.checkpoint import Checkpoint
+    from moetool.modeling import open_checkpoint, quant_method_of
+    from moetool.quantize.formats import FORMATS
+    from moetool.quantize.layout import build_layout
+
     checkpoint = (
         source
         if isinstance(source, Checkpoint)
@@ -196,7 +224,6 @@ def export(
             code="NOT_MOETOOL_FORMAT",
         )
     own = FORMATS["moetool"]
-    ct = FORMATS["compressed-tensors"]
     fmt = own.read_format(checkpoint.config, checkpoint)
     spec = family_for_config(checkpoint.config)
     dims = resolve_dims(spec, checkpoint.config)
@@ -209,89 +236,131 @@ def export(
             "(symmetric int4/int8, groups of 32, 64, 128 or per row)",
             code="EXPORT_UNFIT",
         )
-    target = replace(fmt, storage=ct.name, scale_dtype="float32", value_dtype="float32")
-    out = Path(out)
-    check_output_path(out, [checkpoint.root], overwrite=overwrite)
-    timings: dict[str, float] = {}
-    result = ExportResult(source=checkpoint.name, output=str(out), family=spec.name, format=target)
+    return checkpoint, spec, layout, fmt
+
+
+def _write_converted(
+    staging: Path,
+    checkpoint: Any,
+    layout: Any,
+    fmt: QuantFormat,
+    target: QuantFormat,
+    result: ExportResult,
+    max_shard_size: int,
+    status: Callable[[str], None],
+) -> None:
+    """Every layer's codes read from moetool's format and written in compressed-tensors, one layer at a
+    time; the other tensors copied; config.json with the new ``quantization_config``."""
+    from moetool.io.shards import ShardWriter
+    from moetool.io.writer import copy_aux_files, write_json
+    from moetool.quantize.engine import LayerReport, LayerResult
+    from moetool.quantize.formats import FORMATS
+    from moetool.quantize.formats.moetool_format import GUARD_KEY
+
+    own, ct = FORMATS["moetool"], FORMATS["compressed-tensors"]
     own_stored = {s.name for s in own.stored(layout, fmt)}
-    with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite) as staging:
-        step = time.perf_counter()
-        with ShardWriter(staging, max_shard_size=max_shard_size) as writer:
-            for layer in layout.layers:
-                status(f"converting layer {layer}")
-                decoded = own.read_layer(checkpoint, layout, fmt, layer)
-                layer_result = LayerResult(LayerReport(layer))
-                if "experts" in decoded:
-                    gate_up, down = decoded.pop("experts")
-                    layer_result.experts = (_as_quantized(gate_up, fmt), _as_quantized(down, fmt))
-                layer_result.linears = {name: _as_quantized(w, fmt) for name, w in decoded.items()}
-                ct.write_layer(writer, layout, layer, layer_result, target)
-            status("copying the other tensors")
-            keep = [name for name in checkpoint.tensors if name not in own_stored]
-            for name, tensor in checkpoint.iter_tensors(keep):
-                writer.add(name, tensor)
-        config = {k: v for k, v in checkpoint.config.items() if k != GUARD_KEY}
-        config.update(ct.config_entries(target, layout, None, checkpoint))
-        result.quantization_config = config["quantization_config"]
-        write_json(staging / "config.json", config)
-        copy_aux_files(checkpoint.root, staging)
-        timings["write"] = time.perf_counter() - step
+    with ShardWriter(staging, max_shard_size=max_shard_size) as writer:
+        for layer in layout.layers:
+            status(f"converting layer {layer}")
+            decoded = own.read_layer(checkpoint, layout, fmt, layer)
+            layer_result = LayerResult(LayerReport(layer))
+            if "experts" in decoded:
+                gate_up, down = decoded.pop("experts")
+                layer_result.experts = (_as_quantized(gate_up, fmt), _as_quantized(down, fmt))
+            layer_result.linears = {name: _as_quantized(w, fmt) for name, w in decoded.items()}
+            ct.write_layer(writer, layout, layer, layer_result, target)
+        status("copying the other tensors")
+        keep = [name for name in checkpoint.tensors if name not in own_stored]
+        for name, tensor in checkpoint.iter_tensors(keep):
+            writer.add(name, tensor)
+    config = {k: v for k, v in checkpoint.config.items() if k != GUARD_KEY}
+    config.update(ct.config_entries(target, layout, None, checkpoint))
+    result.quantization_config = config["quantization_config"]
+    write_json(staging / "config.json", config)
+    copy_aux_files(checkpoint.root, staging)
 
-        step = time.perf_counter()
-        written = Checkpoint.open(staging, name=str(out))
-        stored = ct.stored(layout, target)
-        result.storage = measure_storage(written, checkpoint, layout, stored)
-        verification = Verification(storage=result.storage)
-        verification.checks.append(check_coverage(written, checkpoint, layout, stored))
-        if verify:
-            import torch
 
-            full = full_check if full_check is not None else checkpoint.total_bytes() <= FULL_CHECK_BYTES
-            want = sample_ids = None
-            if full:
-                from moetool.modeling import load_weights
+def _verify_export(
+    staging: Path,
+    out: Path,
+    checkpoint: Any,
+    layout: Any,
+    fmt: QuantFormat,
+    target: QuantFormat,
+    *,
+    verify: bool,
+    full_check: bool | None,
+    status: Callable[[str], None],
+) -> Verification:
+    """Coverage, then (``verify``) compressed-tensors' checks against what moetool's loader reconstructs
+    from the source (and its logits, for a source of at most :data:`FULL_CHECK_BYTES` or ``full_check``)."""
+    from moetool.io.checkpoint import Checkpoint
+    from moetool.quantize.formats import FORMATS, VerifyContext
+    from moetool.quantize.verify import check_coverage, measure_storage
 
-                status(f"loading {checkpoint.name} with moetool's loader")
-                model = load_weights(checkpoint, device="cpu", dtype="float32")
-                vocab = int(model.get_input_embeddings().weight.shape[0])
-                sample_ids = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0))
-                with torch.no_grad():
-                    want = model(input_ids=sample_ids, use_cache=False).logits.float()
-                del model
-            status("verifying the written codes")
-            context = VerifyContext(
-                folder=staging,
-                written=written,
-                source=checkpoint,
-                layout=layout,
-                fmt=target,
-                digests=_digests(checkpoint, own, layout, fmt),
-                want_logits=want,
-                sample_ids=sample_ids,
-                dtype=torch.float32,
-                full=full,
-            )
-            verification.checks += ct.verify(context)
-        result.verification = verification
-        timings["verify"] = time.perf_counter() - step
-        write_model_card(
-            staging,
-            base_models=[checkpoint.name],
-            relation="quantized",
-            command=command if command is not None else "moetool export (library call)",
-            options={"format": ct.name, "bits": target.bits, "group size": target.group_size, "symmetric": True},
-            revision=checkpoint.revision,
-            tags=("quantized", "compressed-tensors"),
-            summary=(
-                f"{checkpoint.name} ({spec.name}, quantized by moetool: {fmt.label}) rewritten by moetool export in "
-                f"the compressed-tensors format with the same codes and scales. {ct.usage(target, layout)}"
-            ),
-            results={f"check {c.name}": c.detail for c in verification.checks},
-        )
-        result.files = sorted(p.name for p in staging.iterdir())
-        result.bytes_written = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
-        status("publishing")
-    timings["total"] = time.perf_counter() - started
-    result.timings = timings
-    return result
+    ct = FORMATS["compressed-tensors"]
+    written = Checkpoint.open(staging, name=str(out))
+    stored = ct.stored(layout, target)
+    verification = Verification(storage=measure_storage(written, checkpoint, layout, stored))
+    verification.checks.append(check_coverage(written, checkpoint, layout, stored))
+    if not verify:
+        return verification
+    import torch
+
+    full = full_check if full_check is not None else checkpoint.total_bytes() <= FULL_CHECK_BYTES
+    want = sample_ids = None
+    if full:
+        from moetool.modeling import load_weights
+
+        status(f"loading {checkpoint.name} with moetool's loader")
+        model = load_weights(checkpoint, device="cpu", dtype="float32")
+        vocab = int(model.get_input_embeddings().weight.shape[0])
+        sample_ids = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want = model(input_ids=sample_ids, use_cache=False).logits.float()
+        del model
+    status("verifying the written codes")
+    context = VerifyContext(
+        folder=staging,
+        written=written,
+        source=checkpoint,
+        layout=layout,
+        fmt=target,
+        digests=_digests(checkpoint, FORMATS["moetool"], layout, fmt),
+        want_logits=want,
+        sample_ids=sample_ids,
+        dtype=torch.float32,
+        full=full,
+    )
+    verification.checks += ct.verify(context)
+    return verification
+
+
+def _write_card(
+    staging: Path,
+    checkpoint: Any,
+    family: str,
+    layout: Any,
+    fmt: QuantFormat,
+    target: QuantFormat,
+    verification: Verification,
+    command: str | Sequence[str] | None,
+) -> None:
+    from moetool.io.model_card import write_model_card
+    from moetool.quantize.formats import FORMATS
+
+    ct = FORMATS["compressed-tensors"]
+    write_model_card(
+        staging,
+        base_models=[checkpoint.name],
+        relation="quantized",
+        command=command if command is not None else "moetool export (library call)",
+        options={"format": ct.name, "bits": target.bits, "group size": target.group_size, "symmetric": True},
+        revision=checkpoint.revision,
+        tags=("quantized", "compressed-tensors"),
+        summary=(
+            f"{checkpoint.name} ({family}, quantized by moetool: {fmt.label}) rewritten by moetool export in "
+            f"the compressed-tensors format with the same codes and scales. {ct.usage(target, layout)}"
+        ),
+        results={f"check {c.name}": c.detail for c in verification.checks},
+    )

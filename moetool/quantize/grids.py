@@ -95,7 +95,7 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _storage_scale(scale: torch.Tensor, dtype: str = "float16") -> torch.Tensor:
+def storage_scale(scale: torch.Tensor, dtype: str = "float16") -> torch.Tensor:
     """Round a scale to what its storage dtype holds (the value every later step must use)."""
     top = 65504.0 if dtype == "float16" else 3.0e38
     return scale.clamp(min=_MIN_SCALE, max=top).to(torch_dtype(dtype)).float()
@@ -149,7 +149,7 @@ class UniformGrid:
         flat = (hi - lo) == 0
         lo = torch.where(flat, torch.full_like(lo, -1.0), lo)
         hi = torch.where(flat, torch.full_like(hi, 1.0), hi)
-        scale = _storage_scale((hi - lo) / self.maxq, self.scale_dtype)
+        scale = storage_scale((hi - lo) / self.maxq, self.scale_dtype)
         zero = torch.clamp(torch.round(-lo / scale), 0, self.maxq)
         return scale, zero
 
@@ -235,7 +235,7 @@ class SymmetricGrid:
 
         # A group of zeros still gets a usable scale (its codes are then 0).
         absmax = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
-        return _storage_scale(absmax / (((1 << self.bits) - 1) / 2), self.scale_dtype)
+        return storage_scale(absmax / (((1 << self.bits) - 1) / 2), self.scale_dtype)
 
     def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         import torch
@@ -289,7 +289,7 @@ class NF4Grid:
         return values, (values[1:] + values[:-1]) / 2
 
     def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return _storage_scale(w.float().abs().amax(-1)), None
+        return storage_scale(w.float().abs().amax(-1)), None
 
     def quantize(
         self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
@@ -327,7 +327,7 @@ class TernaryGrid:
     scale_dtype: str = "float16"
 
     def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return _storage_scale(w.float().abs().amax(-1) * self.scale_factor), None
+        return storage_scale(w.float().abs().amax(-1) * self.scale_factor), None
 
     def quantize(
         self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None

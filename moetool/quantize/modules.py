@@ -18,21 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from moetool.quantize.grids import dequantize_groups
-from moetool.quantize.pack import unpack_bits
 from moetool.quantize.storage import PackedWeight, QuantFormat
 
 
 def _dequantize(
     fmt: QuantFormat, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, columns: int
 ) -> torch.Tensor:
-    if fmt.scheme == "nf4":
-        from moetool.quantize import bnb
-
-        if bnb.usable(codes, columns, fmt.group_size):  # bitsandbytes' kernel on CUDA, same values
-            return bnb.dequantize_nf4(codes, scale, columns, fmt.group_size)
-    grid = fmt.grid()
-    return dequantize_groups(grid, unpack_bits(codes, bits, columns), scale, zero, fmt.group_size)
+    return fmt.spec.dequantize(fmt, codes, scale, zero, bits, columns)
 
 
 class _PackedHolder(nn.Module):

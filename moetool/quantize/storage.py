@@ -32,9 +32,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from moetool.errors import CheckpointError, ConfigError
-from moetool.quantize.codec import CODEC_LZMA2_BASE3, CODEC_NAMES, decode_trits, encode_trits
-from moetool.quantize.grids import Grid, NF4Grid, SymmetricGrid, TernaryGrid, UniformGrid, group_bounds
+from moetool.quantize.grids import Grid, group_bounds
 from moetool.quantize.pack import pack_bits, packed_size, unpack_bits
+from moetool.quantize.schemes import SCHEMES as _SCHEMES
+from moetool.quantize.schemes import Scheme, scheme_named
+from moetool.quantize.schemes.ternary import TERNARY_CODEC
+from moetool.quantize.schemes.uniform import UNIFORM_BITS
 
 if TYPE_CHECKING:
     import torch
@@ -47,9 +50,9 @@ FORMAT_VERSION = 1
 FORMAT_VERSION_SYMMETRIC = 2
 CODES, SCALE, ZERO = "qweight", "qscale", "qzero"
 SUFFIXES = (CODES, SCALE, ZERO)
-SCHEMES = ("uniform", "nf4", "ternary")
-UNIFORM_BITS = (2, 3, 4, 8)
-TERNARY_CODEC = CODEC_NAMES[CODEC_LZMA2_BASE3]
+#: The scheme names (the objects: :data:`moetool.quantize.schemes.SCHEMES`).
+SCHEMES = tuple(_SCHEMES)
+__all__ = ["SCHEMES", "TERNARY_CODEC", "UNIFORM_BITS", "PackedWeight", "QuantFormat"]
 
 
 def base_name(name: str) -> str:
@@ -74,7 +77,8 @@ class QuantFormat:
     """How the codes of a checkpoint are stored (what ``quantization_config`` records).
 
     Attributes:
-        scheme: ``uniform``, ``nf4`` or ``ternary``.
+        scheme: a name in :data:`moetool.quantize.schemes.SCHEMES` (``uniform``, ``nf4``, ``ternary``);
+            :attr:`spec` is the object that owns its behaviour.
         bits: bits per code for ``uniform`` (2, 3, 4, 8); 4 for ``nf4``; ``None`` for ``ternary``.
         group_size: input columns per scale (0: one per row).
         categories: the quantized parameter categories.
@@ -99,33 +103,31 @@ class QuantFormat:
     value_dtype: str = "float32"
 
     @property
+    def spec(self) -> Scheme:
+        """The scheme object (grid, stored codes, config checks)."""
+        return scheme_named(self.scheme)
+
+    @property
     def codec(self) -> str | None:
-        return TERNARY_CODEC if self.scheme == "ternary" else None
+        return self.spec.codec
 
     @property
     def zero_point(self) -> bool:
-        return self.scheme == "uniform" and not self.symmetric
+        return self.spec.zero_point(self.symmetric)
 
     def grid(self, *, clip_search: bool = False, ternary_scale: float = 1.0) -> Grid:
         """The grid that chooses (or, with defaults, decodes) this format's codes."""
-        if self.scheme == "uniform":
-            assert self.bits is not None
-            dtypes = {"scale_dtype": self.scale_dtype, "value_dtype": self.value_dtype}
-            if self.symmetric:
-                return SymmetricGrid(self.bits, clip_search=clip_search, **dtypes)
-            return UniformGrid(self.bits, clip_search=clip_search, **dtypes)
-        if self.scheme == "nf4":
-            return NF4Grid()
-        return TernaryGrid(scale_factor=ternary_scale)
+        return self.spec.grid(self, clip_search=clip_search, ternary_scale=ternary_scale)
 
     @property
     def label(self) -> str:
         """``gptq w4 g64``, ``rtn w4 sym g32``, ``nf4 g64``, ``gptq ternary per-row`` ..."""
-        what = "ternary" if self.scheme == "ternary" else "nf4" if self.scheme == "nf4" else f"w{self.bits}"
+        what = self.spec.label(self)
         if self.symmetric:
             what += " sym"
         group = f"g{self.group_size}" if self.group_size else "per-row"
-        method = "" if self.method == "nf4" else f"{self.method} "
+        # A method named after its scheme (nf4) is said once.
+        method = "" if self.method == self.scheme else f"{self.method} "
         return f"{method}{what} {group}"
 
     def to_config(self) -> dict[str, Any]:
@@ -166,15 +168,12 @@ class QuantFormat:
         if version not in (FORMAT_VERSION, FORMAT_VERSION_SYMMETRIC) or isinstance(version, bool):
             raise bad(f"format_version {version!r} (this moetool reads up to {FORMAT_VERSION_SYMMETRIC})")
         scheme = qc.get("scheme")
-        if scheme not in SCHEMES:
+        if scheme not in _SCHEMES:
             raise bad(f"unknown scheme {scheme!r}")
-        bits = qc.get("bits")
-        if scheme == "uniform" and bits not in UNIFORM_BITS:
-            raise bad(f"bits {bits!r} (uniform codes have 2, 3, 4 or 8 bits)")
-        if scheme == "nf4" and bits != 4:
-            raise bad(f"bits {bits!r} (nf4 codes have 4 bits)")
-        if scheme == "ternary" and qc.get("codec") != TERNARY_CODEC:
-            raise bad(f"codec {qc.get('codec')!r} (ternary codes use {TERNARY_CODEC})")
+        spec = _SCHEMES[scheme]
+        why = spec.config_error(qc)
+        if why:
+            raise bad(why)
         group = qc.get("group_size")
         if isinstance(group, bool) or not isinstance(group, int) or group < 0:
             raise bad(f"group_size {group!r}")
@@ -183,17 +182,17 @@ class QuantFormat:
             raise bad(f"quantized {categories!r}")
         symmetric = qc.get("symmetric", False)
         if symmetric not in (True, False) or (
-            symmetric and (scheme != "uniform" or version != FORMAT_VERSION_SYMMETRIC)
+            symmetric and (not spec.symmetry_choice or version != FORMAT_VERSION_SYMMETRIC)
         ):
             raise bad(f"symmetric {symmetric!r} (only uniform codes of format_version 2 are symmetric)")
-        if scheme == "uniform" and bool(qc.get("zero_point", True)) == bool(symmetric):
+        if spec.symmetry_choice and bool(qc.get("zero_point", True)) == bool(symmetric):
             raise bad(f"zero_point {qc.get('zero_point')!r} with symmetric {symmetric!r}")
         known = {"quant_method", "format_version", "scheme", "bits", "group_size", "zero_point", "scale_dtype"}
         known |= {"codec", "quantized", "method", "symmetric"}
         details = {k: v for k, v in qc.items() if k not in known}
         return cls(
             scheme=scheme,
-            bits=bits if scheme != "ternary" else None,
+            bits=spec.config_bits(qc),
             group_size=group,
             categories=tuple(categories),
             method=str(qc.get("method", "rtn")),
@@ -214,12 +213,7 @@ def encode_weight(weight: QuantizedWeight, fmt: QuantFormat) -> dict[str, torch.
     import torch
 
     out: dict[str, torch.Tensor] = {SCALE: weight.scale.to(torch.float16).contiguous()}
-    if fmt.scheme == "ternary":
-        stream = encode_trits(weight.codes)
-        out[CODES] = torch.frombuffer(bytearray(stream), dtype=torch.uint8)
-    else:
-        assert fmt.bits is not None
-        out[CODES] = pack_bits(weight.codes, fmt.bits)
+    out[CODES] = fmt.spec.encode_codes(weight.codes, fmt)
     if fmt.zero_point:
         assert weight.zero is not None and fmt.bits is not None
         out[ZERO] = pack_bits(weight.zero, fmt.bits)
@@ -280,23 +274,10 @@ def decode_weight(
         assert fmt.bits is not None
         packed_zero = expect(read(ZERO), ZERO, torch.uint8, (*lead, rows, packed_size(groups, fmt.bits)))
         zero = unpack_bits(packed_zero, fmt.bits, groups)
-    raw = read(CODES)
-    if fmt.scheme == "ternary":
-        if raw.dtype != torch.uint8 or raw.dim() != 1:
-            raise CheckpointError(
-                f"{base_name(name)}.{CODES} must be a 1-D uint8 stream, got {raw.dtype} {list(raw.shape)}",
-                hint="the checkpoint does not match its quantization_config; re-create it",
-                code="QUANT_SHAPE_MISMATCH",
-            )
-        count = 1
-        for dim in shape:
-            count *= dim
-        trits = decode_trits(raw.numpy().tobytes(), count).reshape(shape)
-        codes = pack_bits(trits, 2)
-        return PackedWeight(codes, scale, None, 2, columns)
-    assert fmt.bits is not None
-    codes = expect(raw, CODES, torch.uint8, (*lead, rows, packed_size(columns, fmt.bits)))
-    return PackedWeight(codes, scale, zero, fmt.bits, columns)
+    codes, code_bits = fmt.spec.decode_codes(
+        read(CODES), shape, fmt, lambda t, dtype, want: expect(t, CODES, dtype, want), f"{base_name(name)}.{CODES}"
+    )
+    return PackedWeight(codes, scale, zero, code_bits, columns)
 
 
 def concat_rows(parts: list[PackedWeight]) -> PackedWeight:

@@ -92,7 +92,7 @@ def resolve(
 
     from moetool.quantize.formats.compressed_tensors import checkpoint_dtype
 
-    if symmetric is not None and fmt.scheme != "uniform":
+    if symmetric is not None and not fmt.spec.symmetry_choice:
         raise UsageError(
             f"--sym/--asym apply to uniform codes, not to {fmt.scheme}",
             hint="drop --sym/--asym",

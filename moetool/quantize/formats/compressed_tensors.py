@@ -96,6 +96,13 @@ def checkpoint_dtype(checkpoint: Checkpoint, layout: QuantLayout) -> str:
     return _SCALE_DTYPES.get(dtype, "float32")
 
 
+#: Why the non-uniform schemes cannot be stored here (any other: "... have no compressed-tensors format").
+_OTHER_SCHEMES = {
+    "ternary": "ternary codes are entropy coded, which compressed-tensors cannot store",
+    "nf4": "NF4 codes have no compressed-tensors (or server) format",
+}
+
+
 class CompressedTensorsFormat(StorageFormat):
     """``quant_method: "compressed-tensors"``, ``format: "pack-quantized"``."""
 
@@ -106,10 +113,8 @@ class CompressedTensorsFormat(StorageFormat):
     # ------------------------------------------------------------------ what fits
 
     def unfit_reason(self, fmt: QuantFormat, layout: QuantLayout) -> str | None:
-        if fmt.scheme == "ternary":
-            return "ternary codes are entropy coded, which compressed-tensors cannot store"
-        if fmt.scheme == "nf4":
-            return "NF4 codes have no compressed-tensors (or server) format"
+        if fmt.scheme != "uniform":  # compressed-tensors' int formats hold uniform codes only
+            return _OTHER_SCHEMES.get(fmt.scheme, f"{fmt.scheme} codes have no compressed-tensors (or server) format")
         if fmt.bits not in CT_BITS:
             return f"{fmt.bits}-bit codes: the servers' int MoE kernels take 4 or 8 bits"
         if fmt.group_size:
