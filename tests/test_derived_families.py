@@ -421,3 +421,63 @@ def test_streamed_runner_routes_a_multimodal_wrapper_like_the_whole_model(tiny_m
     assert opened.streamed and type(opened.model).__name__ == ENTRIES["qwen3_5_moe"]["model_class"]
     streamed = profile_routing(opened.runner, [batch], name="qwen3_5_moe")
     assert [layer.counts for layer in streamed.layers] == [layer.counts for layer in whole.layers]
+
+
+# ----------------------------------------------------------------------------- quantize
+
+
+def _quantizable() -> list[str]:
+    from moetool.arch.derived import derived_families
+
+    return sorted(spec.name for spec in derived_families() if "quantize" not in spec.capabilities)
+
+
+#: Quantized by default: hand-named w1/w2/w3 experts (minimax), gate/up/down with dense layers first and
+#: shared experts (glm4_moe); the other quantizable families run with -m slow.
+FAST_QUANTIZE = ["glm4_moe", "minimax"]
+
+
+def test_quantize_capability_is_data_with_reasons():
+    """Derived families quantize where their experts are per-expert gate/up/down projections of a text
+    model; every other derived family refuses quantize with a reason."""
+    from moetool.arch.derived import QUANTIZE_REFUSED, derived_families
+
+    specs = {spec.name: spec for spec in derived_families()}
+    quantizable = _quantizable()
+    assert len(quantizable) >= 30
+    assert set(FAST_QUANTIZE) <= set(quantizable)
+    for name in QUANTIZE_REFUSED:
+        if name in specs:
+            assert specs[name].capabilities["quantize"] == QUANTIZE_REFUSED[name]
+    for name, spec in specs.items():
+        if name not in quantizable:
+            assert len(spec.capabilities.get("quantize") or "") > 20, name
+    assert "multimodal wrapper" in specs["qwen3_5_moe"].capabilities["quantize"]
+
+
+@pytest.mark.parametrize("model_type", _params(_quantizable(), FAST_QUANTIZE))
+def test_quantize_derived_family_verifies(model_type, tiny_models, tmp_path):
+    """GPTQ 4-bit of a tiny derived checkpoint: every routed expert quantized, the codes decode back
+    exactly, compressed-tensors decompresses them, and stock transformers reloads the output with the
+    quantized model's logits (quantize's own verification, all checks passing)."""
+    import random
+
+    from moetool.data import DatasetSpec, Document
+    from moetool.quantize.api import QuantizeOptions, quantize
+    from tests.helpers import make_tokenizer
+
+    path, model = tiny_models(model_type)
+    vocab = model.get_input_embeddings().num_embeddings
+    words = [f"w{i}" for i in range(min(200, vocab - 10))]  # every token id inside the tiny vocabulary
+    if not (path / "tokenizer.json").exists():
+        make_tokenizer(("<pad>", "<unk>", "</s>", *words), path=path)
+    rng = random.Random(0)
+    docs = [Document(" ".join(rng.choice(words) for _ in range(120))) for _ in range(24)]
+    result = quantize(
+        str(path),
+        tmp_path / "q",
+        QuantizeOptions(method="gptq", bits=4, group_size=0),
+        calibration=DatasetSpec.of_documents(docs, max_tokens=1024, seq_len=64, batch_size=4),
+    )
+    checks = {check["name"]: check["passed"] for check in result.to_json()["verification"]["checks"]}
+    assert checks == {"coverage": True, "exact": True, "logits": True, "compressed-tensors": True, "transformers": True}

@@ -54,6 +54,28 @@ def _template(entry: list[Any]) -> T:
     return T(name, tuple(shape), when=_when(condition), stack=rest[0] if rest else 0)
 
 
+# On-disk names of a per-expert gate / up / down projection in the families transformers ships.
+_ROLE_SUFFIXES = (("gate_proj.weight", "w1.weight"), ("up_proj.weight", "w3.weight"), ("down_proj.weight", "w2.weight"))
+
+
+def named_expert_roles(templates: tuple[T, ...] | list[T]) -> tuple[tuple[T, T, T], str] | None:
+    """A layer's routed-expert templates as (gate, up, down) found by name, with their width expression;
+    ``None`` unless they are exactly three bias-free per-expert projections shaped ``[W, H]``, ``[W, H]``
+    and ``[H, W]`` (what ``moetool quantize`` rewrites)."""
+    if len(templates) != 3 or not all("{E}" in t.name and t.name.endswith(".weight") for t in templates):
+        return None
+    found: list[T] = []
+    for suffixes in _ROLE_SUFFIXES:
+        match = [t for t in templates if t.name.endswith(suffixes)]
+        if len(match) != 1:
+            return None
+        found.append(match[0])
+    gate, up, down = found
+    if len(gate.shape) != 2 or gate.shape != up.shape or gate.shape[1] != "H" or down.shape != ("H", gate.shape[0]):
+        return None
+    return (gate, up, down), gate.shape[0]
+
+
 def family_from_entry(entry: Mapping[str, Any]) -> FamilySpec:
     """A :class:`FamilySpec` from one generated entry."""
     layers: dict[str, list[T]] = {field: [] for field in _LAYER_FIELDS.values()}
@@ -97,9 +119,38 @@ def family_from_entry(entry: Mapping[str, Any]) -> FamilySpec:
         model_class=entry.get("model_class"),
         stacks=stacks,
         tie_from_root=bool(entry.get("tie_from_root")),
-        capabilities=dict(entry.get("capabilities") or {}),
+        capabilities=_capabilities(entry, layers.get("routed_experts", [])),
         **{field: tuple(ts) for field, ts in layers.items()},
     )
+
+
+#: Derived families whose experts quantize could name but whose output was seen to fail (tiny random
+#: checkpoints of transformers 5.25, every family quantized and verified once): the reason quantize gives.
+QUANTIZE_REFUSED = {
+    "bailing_hybrid": "stock transformers 5.25 cannot convert its compressed-tensors experts on load",
+    "kimi_linear": "stock transformers 5.25 cannot convert its compressed-tensors experts on load",
+    "deepseek_v4": "its hash-routing tables (tid2eid) are stored as integers, which quantize's input check refuses",
+}
+_WRAPPER_REFUSAL = (
+    "a multimodal wrapper (the MoE sits in text_config): quantize writes and verifies text models only; "
+    "quantize the text model's checkpoint"
+)
+
+
+def _capabilities(entry: Mapping[str, Any], routed: list[T]) -> dict[str, str]:
+    """The table's per-command refusals, less quantize where the experts are per-expert gate/up/down
+    projections of a text model: quantize then checks the in-memory experts module itself and verifies
+    its output through stock transformers (tests/test_derived_families.py quantizes each of them)."""
+    capabilities = dict(entry.get("capabilities") or {})
+    model_type = entry["model_type"]
+    if entry.get("expert_layout", "per_expert") == "per_expert" and named_expert_roles(routed) is not None:
+        if model_type in QUANTIZE_REFUSED:
+            capabilities["quantize"] = QUANTIZE_REFUSED[model_type]
+        elif entry.get("text_config_key"):
+            capabilities["quantize"] = _WRAPPER_REFUSAL
+        else:
+            capabilities.pop("quantize", None)
+    return capabilities
 
 
 def derived_families() -> list[FamilySpec]:

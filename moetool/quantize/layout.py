@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from moetool.arch.derived import named_expert_roles
 from moetool.arch.dims import Dims, eval_dim, template_applies
 from moetool.arch.spec import ExpertLayout, ExpertsProtocol, FamilySpec, T
 from moetool.errors import CheckpointError, ShapeMismatchError, UnsupportedArchitectureError
@@ -133,7 +134,9 @@ def check_quantizable_family(spec: FamilySpec, dims: Dims, name: str) -> None:
             hint="moetool quantize quantizes routed experts; give it an MoE checkpoint",
             code="NOT_MOE",
         )
-    if spec.experts_protocol is not ExpertsProtocol.GATE_UP_DOWN:
+    # A family derived from transformers records no experts protocol: the in-memory experts module is
+    # checked when the model is built (moetool.quantize.loader.experts_module).
+    if spec.experts_protocol is not ExpertsProtocol.GATE_UP_DOWN and not spec.derived:
         raise UnsupportedArchitectureError(
             f"moetool quantize does not handle the experts layout of {spec.name} yet",
             hint="supported: families whose transformers experts hold gate_up_proj [E, 2I, H] and down_proj "
@@ -141,18 +144,22 @@ def check_quantizable_family(spec: FamilySpec, dims: Dims, name: str) -> None:
         )
 
 
-def _expert_roles(spec: FamilySpec) -> tuple[T, ...]:
-    """The routed-expert templates in role order, checked against the shapes a gate/up/down MLP has."""
+def _expert_roles(spec: FamilySpec) -> tuple[tuple[T, ...], str]:
+    """The routed-expert templates in role order (gate, up, down; or fused gate_up, down), checked against
+    the shapes a gate/up/down MLP has, and the expression of the experts' width."""
     templates = spec.routed_experts
     if spec.expert_layout is ExpertLayout.PER_EXPERT:
         shapes = [t.shape for t in templates]
         if len(templates) == 3 and shapes == [("I", "H"), ("I", "H"), ("H", "I")]:
-            return templates  # gate, up, down (per_expert() lists them in that order)
+            return templates, "I"  # gate, up, down (per_expert() lists them in that order)
+        roles = named_expert_roles(templates)
+        if roles is not None:
+            return roles
     elif len(templates) == 2 and [t.shape for t in templates] == [("E", "2*I", "H"), ("E", "H", "I")]:
-        return templates  # fused gate_up, down
+        return templates, "I"  # fused gate_up, down
     raise UnsupportedArchitectureError(
         f"moetool quantize does not know the on-disk expert layout of {spec.name}",
-        hint="please report it; the family's routed-expert templates are not gate/up/down",
+        hint="its routed experts are not gate/up/down projections per expert (or fused gate_up + down)",
     )
 
 
@@ -199,7 +206,7 @@ def build_layout(
         ShapeMismatchError: a stored tensor's shape differs from the config's.
     """
     check_quantizable_family(spec, dims, checkpoint.name)
-    roles = _expert_roles(spec)
+    roles, width = _expert_roles(spec)
     layout = QuantLayout(spec=spec, dims=dims, categories=categories)
     stored = checkpoint.tensors
     packed = probe is not None
@@ -227,7 +234,7 @@ def build_layout(
     for layer in sorted(dims.moe_layers):
         values = dims.for_layer(layer)
         prefix = spec.layer_prefix.format(L=layer)
-        e, i, h = (eval_dim(s, values) for s in ("E", "I", "H"))
+        e, i, h = (eval_dim(s, values) for s in ("E", width, "H"))
         if spec.expert_layout is ExpertLayout.PER_EXPERT:
             gate, up, down = (_expand(prefix, t, values, e) for t in roles)
             experts = ExpertTensors(layer, e, i, h, gate=gate, up=up, down=down)
