@@ -273,6 +273,7 @@ def distill(
     """
     options = options or DistillOptions()
     options.check()
+    _precheck(teacher, out, revision=revision, token=token, offline=offline, overwrite=overwrite)
     started = time.perf_counter()
     out_path = Path(os.path.abspath(out))
     ckpt_dir = Path(os.path.abspath(checkpoint_dir)) if checkpoint_dir is not None else default_checkpoint_dir(out)
@@ -313,6 +314,25 @@ def distill(
     eval_name = eval_data.dataset if eval_data is not None else ""
     with _cleanup_on_failure(ckpt_dir, accelerator), thread_count(threads):
         return _run(run, documents, eval_documents, eval_name)
+
+
+def _precheck(
+    teacher: str,
+    out: str | Path,
+    *,
+    revision: str | None,
+    token: str | bool | None,
+    offline: bool | None,
+    overwrite: bool,
+) -> None:
+    """The cheap checks first, from headers and paths only: a typo should not cost a dataset read or a load."""
+    from moetool.io.source import parse_model_ref
+    from moetool.io.writer import check_output_path
+    from moetool.validate import preflight
+
+    local = parse_model_ref(teacher, revision=revision).local_path
+    check_output_path(Path(out), [local] if local is not None else [], overwrite=overwrite)
+    preflight(teacher, revision=revision, token=token, offline=offline, float_weights=True)
 
 
 def _open_teacher(

@@ -149,11 +149,16 @@ def upcycle(
             (:func:`~moetool.io.writer.check_output_path`), ``VERIFY_FAILED`` when the check fails.
     """
     from moetool.io.writer import check_disk_space, check_output_path
-    from moetool.validate import check_input
+    from moetool.validate import check_input, preflight
 
     def status(message: str) -> None:
         report(progress, message)
 
+    from moetool.io.checkpoint import Checkpoint
+
+    if not isinstance(source, Checkpoint):
+        # Headers only, no torch: a malformed input is refused before anything is downloaded or read.
+        preflight(str(source), revision=revision, token=token, offline=offline, float_weights=True)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     if options.router_init == "kmeans" and kmeans_data is None:
