@@ -185,16 +185,15 @@ COMMANDS = {
 @pytest.fixture
 def stubbed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Replace each command's heavy step (the first one after its validation) by :func:`_reached`."""
-    import moetool.distill.api
     import moetool.merge.api
     import moetool.modeling
     import moetool.quantize
-    import moetool.upcycle
+    import moetool.upcycle.api
 
     monkeypatch.setattr(moetool.merge.api, "merge", _reached)
     monkeypatch.setattr(moetool.quantize, "quantize", _reached)
-    monkeypatch.setattr(moetool.upcycle, "upcycle", _reached)
-    monkeypatch.setattr(moetool.distill.api, "distill", _reached)
+    # upcycle and distill validate inside the library: stub the step after (distill's is open_checkpoint).
+    monkeypatch.setattr(moetool.upcycle.api, "_open_source", _reached)
     monkeypatch.setattr(moetool.modeling, "load_model", _reached)
     monkeypatch.setattr(moetool.modeling, "open_checkpoint", _reached)
     # typer's CliRunner rebuilds the click command from the app on every call, most of its time here.

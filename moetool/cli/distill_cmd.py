@@ -291,9 +291,6 @@ def distill_cmd(
     The student starts from the teacher (attention, norms and embeddings copied, the FFN from the experts), and is trained on KL(teacher || student) at --temperature mixed with cross-entropy by --alpha. Checkpoints go to OUT.partial; Ctrl-C leaves one and --resume continues. At the end the perplexities of the teacher, the student at init and the trained student on held-out text are printed and recorded in the model card. Runs on CPU, one GPU, or several with accelerate launch -m moetool distill.
     """  # noqa: E501
     from moetool.io.sizes import parse_size
-    from moetool.io.source import parse_model_ref
-    from moetool.io.writer import check_output_path
-    from moetool.validate import preflight
 
     opts = DistillOptions(
         init=init,
@@ -323,12 +320,7 @@ def distill_cmd(
         threads=threads,
         whole_model=whole_model,
     )
-    # Cheap checks first: a typo should not cost a dataset read or a model load.
-    opts.check()
     shard_size = parse_size(max_shard_size)
-    local = parse_model_ref(teacher, revision=revision).local_path
-    check_output_path(out, [local] if local is not None else [], overwrite=overwrite)
-    preflight(teacher, revision=revision, token=token, offline=offline or None, float_weights=True)
     hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline)
 
     def text(name: str) -> DatasetSpec:

@@ -132,9 +132,7 @@ def upcycle_cmd(
     """
     from moetool.io.sizes import parse_size
     from moetool.upcycle import UpcycleOptions, upcycle
-    from moetool.validate import preflight
 
-    preflight(model, revision=revision, token=token, offline=offline or None, float_weights=True)
     opts = UpcycleOptions(
         num_experts=num_experts,
         top_k=top_k,

@@ -24,7 +24,9 @@ import json
 import os
 import shlex
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -271,64 +273,109 @@ def distill(
     """
     options = options or DistillOptions()
     options.check()
+    _precheck(teacher, out, revision=revision, token=token, offline=offline, overwrite=overwrite)
     started = time.perf_counter()
-    from moetool.modeling import open_checkpoint
-    from moetool.validate import check_input
-
     out_path = Path(os.path.abspath(out))
     ckpt_dir = Path(os.path.abspath(checkpoint_dir)) if checkpoint_dir is not None else default_checkpoint_dir(out)
-    checkpoint = open_checkpoint(teacher, revision=revision, token=token, offline=offline)
-    check_input(checkpoint, float_weights=True, allow_nonfinite=allow_nonfinite)
-    spec = check_teacher(checkpoint, teacher)
-    inputs = [checkpoint.root] if checkpoint.root is not None else []
-    if options.init_is_path and Path(options.init).exists():
-        inputs.append(Path(options.init))
+    checkpoint, spec, inputs = _open_teacher(
+        teacher, options, revision=revision, token=token, offline=offline, allow_nonfinite=allow_nonfinite
+    )
     _check_paths(out_path, ckpt_dir, inputs, overwrite=overwrite, resume=resume)
-    if not resume and options.init_is_path and not Path(options.init).expanduser().exists() and "/" not in options.init:
-        raise UsageError(
-            f"unknown --init {options.init!r}",
-            hint="use concat, top1, average, random, or the path of a dense checkpoint",
-            code="OPTION_INVALID",
-        )
+    _check_init(options, resume)
     documents = data.load()
     eval_documents = eval_data.load() if eval_data is not None else None
     accelerator = _accelerator(device, options.dtype)
     threads = None
     if accelerator.device.type == "cpu" and accelerator.num_processes == 1:
         threads = choose_threads(options.threads).threads
+    run = _Run(
+        teacher=teacher,
+        checkpoint=checkpoint,
+        spec=spec,
+        out_path=out_path,
+        ckpt_dir=ckpt_dir,
+        inputs=inputs,
+        options=options,
+        resume=resume,
+        keep_checkpoint=keep_checkpoint,
+        accelerator=accelerator,
+        threads=threads,
+        revision=revision,
+        token=token,
+        offline=offline,
+        shard_size=max_shard_size,
+        overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
+        command=command,
+        progress=progress,
+        started=started,
+        dataset_name=data.dataset,
+    )
+    eval_name = eval_data.dataset if eval_data is not None else ""
+    with _cleanup_on_failure(ckpt_dir, accelerator), thread_count(threads):
+        return _run(run, documents, eval_documents, eval_name)
+
+
+def _precheck(
+    teacher: str,
+    out: str | Path,
+    *,
+    revision: str | None,
+    token: str | bool | None,
+    offline: bool | None,
+    overwrite: bool,
+) -> None:
+    """The cheap checks first, from headers and paths only: a typo should not cost a dataset read or a load."""
+    from moetool.io.source import parse_model_ref
+    from moetool.io.writer import check_output_path
+    from moetool.validate import preflight
+
+    local = parse_model_ref(teacher, revision=revision).local_path
+    check_output_path(Path(out), [local] if local is not None else [], overwrite=overwrite)
+    preflight(teacher, revision=revision, token=token, offline=offline, float_weights=True)
+
+
+def _open_teacher(
+    teacher: str,
+    options: DistillOptions,
+    *,
+    revision: str | None,
+    token: str | bool | None,
+    offline: bool | None,
+    allow_nonfinite: bool,
+) -> tuple[Checkpoint, Any, list[Path]]:
+    """Open and check the teacher; returns it, its family spec, and the inputs the outputs must not touch."""
+    from moetool.modeling import open_checkpoint
+    from moetool.validate import check_input
+
+    checkpoint = open_checkpoint(teacher, revision=revision, token=token, offline=offline)
+    check_input(checkpoint, float_weights=True, allow_nonfinite=allow_nonfinite)
+    spec = check_teacher(checkpoint, teacher)
+    inputs = [checkpoint.root] if checkpoint.root is not None else []
+    if options.init_is_path and Path(options.init).exists():
+        inputs.append(Path(options.init))
+    return checkpoint, spec, inputs
+
+
+def _check_init(options: DistillOptions, resume: bool) -> None:
+    """Refuse an ``--init`` that is neither a method, an existing folder, nor a Hub id (a fresh run)."""
+    if not resume and options.init_is_path and not Path(options.init).expanduser().exists() and "/" not in options.init:
+        raise UsageError(
+            f"unknown --init {options.init!r}",
+            hint="use concat, top1, average, random, or the path of a dense checkpoint",
+            code="OPTION_INVALID",
+        )
+
+
+@contextmanager
+def _cleanup_on_failure(ckpt_dir: Path, accelerator: Any) -> Iterator[None]:
+    """A run that fails or is interrupted before its first checkpoint leaves nothing behind."""
     from moetool.distill.checkpoint import latest_checkpoint
 
     created = not ckpt_dir.exists()
     try:
-        with thread_count(threads):
-            return _run(
-                teacher=teacher,
-                checkpoint=checkpoint,
-                spec=spec,
-                out_path=out_path,
-                ckpt_dir=ckpt_dir,
-                inputs=inputs,
-                documents=documents,
-                dataset_name=data.dataset,
-                eval_documents=eval_documents,
-                eval_name=eval_data.dataset if eval_data is not None else "",
-                options=options,
-                resume=resume,
-                keep_checkpoint=keep_checkpoint,
-                accelerator=accelerator,
-                threads=threads,
-                revision=revision,
-                token=token,
-                offline=offline,
-                shard_size=max_shard_size,
-                overwrite=overwrite,
-                allow_nonfinite=allow_nonfinite,
-                command=command,
-                progress=progress,
-                started=started,
-            )
+        yield
     except BaseException:
-        # A run that fails or is interrupted before its first checkpoint leaves nothing behind.
         if created and accelerator.is_main_process and latest_checkpoint(ckpt_dir) is None:
             import shutil
 
@@ -345,291 +392,418 @@ def _resume_command(command: str | Sequence[str] | None, teacher: str, out: Path
     return text if "--resume" in text.split() else f"{text} --resume"
 
 
+@dataclass
+class _Run:
+    """What the steps of one distillation share: the request, the runtime, and what earlier steps built."""
+
+    teacher: str
+    checkpoint: Checkpoint
+    spec: Any
+    out_path: Path
+    ckpt_dir: Path
+    inputs: list[Path]
+    options: DistillOptions
+    resume: bool
+    keep_checkpoint: bool
+    accelerator: Any
+    threads: int | None
+    revision: str | None
+    token: str | bool | None
+    offline: bool | None
+    shard_size: int
+    overwrite: bool
+    allow_nonfinite: bool
+    command: str | Sequence[str] | None
+    progress: Progress | None
+    started: float
+    dataset_name: str
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    resume_hint: str = ""
+    tokenizer: Any = None
+    # set by _prepare_data
+    data: Any = None
+    train_docs: list[Document] = field(default_factory=list)
+    heldout: list[Document] = field(default_factory=list)
+    heldout_name: str = ""
+    # set by _load_state and later steps
+    state: TrainState | None = None
+    existing: Path | None = None
+    student: Any = None
+    cache: Any = None
+    cache_expected: Any = None
+    teacher_model: Any = None
+    model: Any = None
+    unwrapped: Any = None
+    optimizer: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def processes(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def device(self) -> Any:
+        return self.accelerator.device
+
+    @property
+    def need_cache(self) -> bool:
+        return self.options.cache_topk > 0
+
+    @property
+    def live(self) -> bool:
+        """Whether the teacher runs beside the student at every step (KD on, no cache)."""
+        return self.options.alpha > 0 and not self.need_cache
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+
 def _run(
-    *,
-    teacher: str,
-    checkpoint: Checkpoint,
-    spec: Any,
-    out_path: Path,
-    ckpt_dir: Path,
-    inputs: list[Path],
-    documents: Sequence[Document],
-    dataset_name: str,
-    eval_documents: Sequence[Document] | None,
-    eval_name: str,
-    options: DistillOptions,
-    resume: bool,
-    keep_checkpoint: bool,
-    accelerator: Any,
-    threads: int | None,
-    revision: str | None,
-    token: str | bool | None,
-    offline: bool | None,
-    shard_size: int,
-    overwrite: bool,
-    allow_nonfinite: bool,
-    command: str | Sequence[str] | None,
-    progress: Progress | None,
-    started: float,
+    run: _Run, documents: Sequence[Document], eval_documents: Sequence[Document] | None, eval_name: str
 ) -> DistillResult:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The run after the checks: data, state, student, teacher, measurements, training, publishing."""
+    _start(run)
+    _prepare_data(run, documents, eval_documents, eval_name)
+    _load_state(run)
+    needs_teacher_eval = not run.state.measurements
+    _init_student(run)
+    _open_teacher_cache(run)
+    _load_teacher(run, needs_teacher_eval)
+    if needs_teacher_eval and run.is_main and run.heldout:
+        _measure_before(run)
+    run.state.measurements = run.state.measurements or {}
+    save = _prepare_training(run)
+    if run.need_cache and run.cache is None:
+        _fill_teacher_cache(run)
+    _free_teacher(run)
+    from moetool.distill.train import run_training
 
-    from moetool.distill import checkpoint as ckpt
-    from moetool.distill.data import build_train_data, split_heldout
-    from moetool.distill.student import build_student
-    from moetool.distill.train import param_groups, run_training
+    session = run_training(
+        accelerator=run.accelerator,
+        model=run.model,
+        unwrapped=run.unwrapped,
+        optimizer=run.optimizer,
+        teacher=run.teacher_model if run.live else None,
+        cache=run.cache,
+        data=run.data,
+        options=run.options,
+        state=run.state,
+        checkpoint_dir=run.ckpt_dir,
+        save=save,
+        resume_hint=run.resume_hint,
+        progress=run.progress,
+    )
+    run.timings["train_s"] = session.seconds
+    result = _result(run, session)
+    _publish(run, result)
+    if run.is_main and not run.keep_checkpoint:
+        import shutil
+
+        shutil.rmtree(run.ckpt_dir, ignore_errors=True)
+    run.timings["total_s"] = time.perf_counter() - run.started
+    result.timings = run.timings
+    return result
+
+
+def _start(run: _Run) -> None:
+    """The resume hint, the sequence-length check and the teacher's tokenizer."""
     from moetool.evaluate import check_seq_len
-    from moetool.io.writer import write_json
-    from moetool.modeling import load_tokenizer, load_weights
+    from moetool.modeling import load_tokenizer
 
-    timings: dict[str, float] = {}
-    warnings: list[str] = []
-    is_main = accelerator.is_main_process
-    barrier = accelerator.wait_for_everyone
-    processes, rank = accelerator.num_processes, accelerator.process_index
-    resume_hint = _resume_command(command, teacher, out_path)
-    if processes > 1:
-        resume_hint += f" (launched the same way, {processes} processes)"
-    check_seq_len(checkpoint.config, options.seq_len, teacher)
-    tokenizer = load_tokenizer(checkpoint)
+    run.resume_hint = _resume_command(run.command, run.teacher, run.out_path)
+    if run.processes > 1:
+        run.resume_hint += f" (launched the same way, {run.processes} processes)"
+    check_seq_len(run.checkpoint.config, run.options.seq_len, run.teacher)
+    run.tokenizer = load_tokenizer(run.checkpoint)
 
-    # ---- data (before any model is loaded: a dataset too small for one window should not cost a load)
+
+def _prepare_data(
+    run: _Run, documents: Sequence[Document], eval_documents: Sequence[Document] | None, eval_name: str
+) -> None:
+    """Split off the held-out text and tokenize the training windows.
+
+    Before any model is loaded: a dataset too small for one window should not cost a load.
+    """
+    from moetool.distill.data import build_train_data, split_heldout
+
     t0 = time.perf_counter()
     documents = list(documents)
     if eval_documents is not None:
-        train_docs, heldout = documents, list(eval_documents)
-        heldout_name = eval_name
+        run.train_docs, run.heldout = documents, list(eval_documents)
+        run.heldout_name = eval_name
     else:
-        train_docs, heldout = split_heldout(documents)
-        heldout_name = f"{dataset_name} (1 document in 20, held out of training)"
-        if not heldout:
-            train_docs = documents
-            warnings.append("fewer than 20 documents and no --eval-dataset: no held-out perplexity is measured")
-    data = build_train_data(
-        tokenizer, train_docs, seq_len=options.seq_len, max_tokens=options.max_train_tokens, name=dataset_name
+        run.train_docs, run.heldout = split_heldout(documents)
+        run.heldout_name = f"{run.dataset_name} (1 document in 20, held out of training)"
+        if not run.heldout:
+            run.train_docs = documents
+            run.warnings.append("fewer than 20 documents and no --eval-dataset: no held-out perplexity is measured")
+    run.data = build_train_data(
+        run.tokenizer,
+        run.train_docs,
+        seq_len=run.options.seq_len,
+        max_tokens=run.options.max_train_tokens,
+        name=run.dataset_name,
     )
-    timings["tokenize_s"] = time.perf_counter() - t0
-    fingerprint = _fingerprint(options, teacher, checkpoint.revision, data.fingerprint, processes)
+    run.timings["tokenize_s"] = time.perf_counter() - t0
 
-    existing = ckpt.latest_checkpoint(ckpt_dir) if resume else None
-    state: TrainState
-    if existing is not None:
-        state, _ = ckpt.read_state(existing)
-        _check_resume(state.fingerprint, fingerprint)
+
+def _load_state(run: _Run) -> None:
+    """A fresh training state, or the one of the checkpoint to resume (whose settings must match)."""
+    from moetool.distill import checkpoint as ckpt
+
+    fingerprint = _fingerprint(run.options, run.teacher, run.checkpoint.revision, run.data.fingerprint, run.processes)
+    run.existing = ckpt.latest_checkpoint(run.ckpt_dir) if run.resume else None
+    if run.existing is not None:
+        run.state, _ = ckpt.read_state(run.existing)
+        _check_resume(run.state.fingerprint, fingerprint)
     else:
-        state = ckpt.TrainState(fingerprint=fingerprint)
-    if is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
+        run.state = ckpt.TrainState(fingerprint=fingerprint)
+    if run.is_main:
+        run.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    run.barrier()
 
-    device = accelerator.device
-    teacher_dtype = (
-        "float32"
-        if accelerator.mixed_precision == "no"
-        else ("bfloat16" if accelerator.mixed_precision == "bf16" else "float16")
-    )
-    needs_teacher_eval = not state.measurements
-    need_cache = options.cache_topk > 0
 
-    # ---- the student
+def _init_student(run: _Run) -> None:
+    """Build the student (a fresh run) or recreate it from the saved config (a resumed one)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moetool.distill.student import build_student
+    from moetool.io.writer import write_json
+
     t0 = time.perf_counter()
-    if existing is None:
+    if run.existing is None:
         merge_progress = None
+        progress = run.progress
         if progress is not None:
 
             def merge_progress(stage: str, advance: float = 0, total: float | None = None, **kwargs: Any) -> None:
                 progress(f"student init: {stage}", advance, total, **kwargs)
 
         student, info = build_student(
-            teacher,
-            checkpoint,
-            options,
-            calibration=train_docs,
-            calibration_name=dataset_name,
-            work_dir=ckpt_dir,
-            device=device_name(device),
-            teacher_tokenizer=tokenizer,
-            revision=revision,
-            token=token,
-            offline=offline,
-            is_main=is_main,
-            barrier=barrier,
+            run.teacher,
+            run.checkpoint,
+            run.options,
+            calibration=run.train_docs,
+            calibration_name=run.dataset_name,
+            work_dir=run.ckpt_dir,
+            device=device_name(run.device),
+            teacher_tokenizer=run.tokenizer,
+            revision=run.revision,
+            token=run.token,
+            offline=run.offline,
+            is_main=run.is_main,
+            barrier=run.barrier,
             progress=merge_progress,
         )
-        state.student = info.to_json()
-        if is_main:
-            write_json(ckpt_dir / STUDENT_CONFIG, student.config.to_dict())
+        run.state.student = info.to_json()
+        if run.is_main:
+            write_json(run.ckpt_dir / STUDENT_CONFIG, student.config.to_dict())
     else:
-        config_dict = dict(json.loads((ckpt_dir / STUDENT_CONFIG).read_text(encoding="utf-8")))
+        config_dict = dict(json.loads((run.ckpt_dir / STUDENT_CONFIG).read_text(encoding="utf-8")))
         config = AutoConfig.for_model(
             config_dict.pop("model_type"), **{k: v for k, v in config_dict.items() if k != "transformers_version"}
         )
         student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         student.train()
-    timings["student_init_s"] = time.perf_counter() - t0
+    run.student = student
+    run.timings["student_init_s"] = time.perf_counter() - t0
 
-    # ---- the teacher (not needed again once its measurements and cache exist)
-    cache = None
-    cache_expected = None
-    teacher_model = None
-    if need_cache:
-        from moetool.distill import teacher_cache as tc
 
-        vocab = int(student.get_input_embeddings().weight.shape[0])
-        cache_expected = tc.expected_meta(
-            k=options.cache_topk,
-            temperature=options.temperature,
-            fingerprint=data.fingerprint,
-            teacher=teacher,
-            windows=data.num_windows,
-            seq_len=options.seq_len,
-            vocab=vocab,
-        )
-        cache = tc.open_cache(ckpt_dir / TEACHER_CACHE, cache_expected)
-        if options.cache_topk > vocab:
-            raise UsageError(f"--cache-topk {options.cache_topk} is more than the vocabulary ({vocab} tokens)")
-    live = options.alpha > 0 and not need_cache
-    if live or needs_teacher_eval or (need_cache and cache is None):
-        t0 = time.perf_counter()
-        if live or options.whole_model:
-            # Beside the student, the teacher runs every training step: it must be in memory.
-            teacher_model = load_weights(checkpoint, device=device_name(device), dtype=teacher_dtype)
-            teacher_model.requires_grad_(False)
-        else:
-            # Its evaluations and the top-k cache are passes over fixed windows: one layer at a time.
-            from moetool.runner.stream import StreamedModel, StreamOptions
+def _open_teacher_cache(run: _Run) -> None:
+    """With ``cache_topk``: open the teacher cache if a complete one is there (else it is filled later)."""
+    if not run.need_cache:
+        return
+    from moetool.distill import teacher_cache as tc
 
-            teacher_model = StreamedModel(checkpoint, StreamOptions(device=device_name(device), dtype=teacher_dtype))
-        timings["teacher_load_s"] = time.perf_counter() - t0
+    options = run.options
+    vocab = int(run.student.get_input_embeddings().weight.shape[0])
+    run.cache_expected = tc.expected_meta(
+        k=options.cache_topk,
+        temperature=options.temperature,
+        fingerprint=run.data.fingerprint,
+        teacher=run.teacher,
+        windows=run.data.num_windows,
+        seq_len=options.seq_len,
+        vocab=vocab,
+    )
+    run.cache = tc.open_cache(run.ckpt_dir / TEACHER_CACHE, run.cache_expected)
+    if options.cache_topk > vocab:
+        raise UsageError(f"--cache-topk {options.cache_topk} is more than the vocabulary ({vocab} tokens)")
 
-    # ---- measurements before training (main process)
-    if needs_teacher_eval and is_main and heldout:
-        t0 = time.perf_counter()
-        student.to(device)
-        teacher_eval = report.evaluate_on(
-            teacher_model, tokenizer, heldout, options, stage="evaluating teacher", progress=progress
-        )
-        init_eval = report.evaluate_on(
-            student, tokenizer, heldout, options, reference=teacher_model, stage="evaluating student", progress=progress
-        )
-        state.measurements = {
-            "dataset": heldout_name,
-            "tokens": teacher_eval.tokens,
-            "teacher": teacher_eval.perplexity,
-            "student_init": init_eval.perplexity,
-            "init_kl": init_eval.kl,
-            "init_top1": init_eval.top1_agreement,
-        }
-        timings["eval_before_s"] = time.perf_counter() - t0
-    state.measurements = state.measurements or {}
 
-    # ---- optimizer, Accelerator, checkpoint
+def _teacher_dtype(accelerator: Any) -> str:
+    """The teacher's dtype: the Accelerator's mixed precision, float32 without."""
+    if accelerator.mixed_precision == "no":
+        return "float32"
+    return "bfloat16" if accelerator.mixed_precision == "bf16" else "float16"
+
+
+def _load_teacher(run: _Run, needs_teacher_eval: bool) -> None:
+    """Load the teacher when something still needs it: live KD, the first measurements, or the cache."""
+    from moetool.modeling import load_weights
+
+    if not (run.live or needs_teacher_eval or (run.need_cache and run.cache is None)):
+        return
+    t0 = time.perf_counter()
+    device, dtype = device_name(run.device), _teacher_dtype(run.accelerator)
+    if run.live or run.options.whole_model:
+        # Beside the student, the teacher runs every training step: it must be in memory.
+        run.teacher_model = load_weights(run.checkpoint, device=device, dtype=dtype)
+        run.teacher_model.requires_grad_(False)
+    else:
+        # Its evaluations and the top-k cache are passes over fixed windows: one layer at a time.
+        from moetool.runner.stream import StreamedModel, StreamOptions
+
+        run.teacher_model = StreamedModel(run.checkpoint, StreamOptions(device=device, dtype=dtype))
+    run.timings["teacher_load_s"] = time.perf_counter() - t0
+
+
+def _measure_before(run: _Run) -> None:
+    """The teacher's and the initial student's perplexity on the held-out text (main process)."""
+    t0 = time.perf_counter()
+    run.student.to(run.device)
+    teacher_eval = report.evaluate_on(
+        run.teacher_model, run.tokenizer, run.heldout, run.options, stage="evaluating teacher", progress=run.progress
+    )
+    init_eval = report.evaluate_on(
+        run.student,
+        run.tokenizer,
+        run.heldout,
+        run.options,
+        reference=run.teacher_model,
+        stage="evaluating student",
+        progress=run.progress,
+    )
+    run.state.measurements = {
+        "dataset": run.heldout_name,
+        "tokens": teacher_eval.tokens,
+        "teacher": teacher_eval.perplexity,
+        "student_init": init_eval.perplexity,
+        "init_kl": init_eval.kl,
+        "init_top1": init_eval.top1_agreement,
+    }
+    run.timings["eval_before_s"] = time.perf_counter() - t0
+
+
+def _prepare_training(run: _Run) -> Callable[[], Path]:
+    """The optimizer, the Accelerator's wrapping, the resumed optimizer state, and the step-0 checkpoint.
+
+    Returns:
+        ``save``: writes a checkpoint of the current state (every process calls it).
+    """
+    from moetool.distill import checkpoint as ckpt
     from moetool.distill.optim import make_optimizer
+    from moetool.distill.train import param_groups
 
-    groups = param_groups(student, options.weight_decay)
-    optimizer = make_optimizer(options.optimizer, groups, options.lr, accelerator.device)
-    model, optimizer = accelerator.prepare(student, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    if existing is not None:
+    accelerator, state = run.accelerator, run.state
+    groups = param_groups(run.student, run.options.weight_decay)
+    optimizer = make_optimizer(run.options.optimizer, groups, run.options.lr, accelerator.device)
+    run.model, run.optimizer = accelerator.prepare(run.student, optimizer)
+    run.unwrapped = accelerator.unwrap_model(run.model)
+    if run.existing is not None:
         # The optimizer state goes in after prepare, onto the parameters where they now live.
-        ckpt.load_checkpoint(existing, model=unwrapped, optimizer=optimizer, rank=rank)
+        ckpt.load_checkpoint(run.existing, model=run.unwrapped, optimizer=run.optimizer, rank=run.rank)
     state.sessions.append(state.step)
 
     def save() -> Path:
         return ckpt.save_checkpoint(
-            ckpt_dir, model=unwrapped, optimizer=optimizer, state=state, rank=rank, world_size=processes,
-            barrier=barrier,
+            run.ckpt_dir, model=run.unwrapped, optimizer=run.optimizer, state=state, rank=run.rank,
+            world_size=run.processes, barrier=run.barrier,
         )  # fmt: skip
 
-    if existing is None:
+    if run.existing is None:
         save()  # step 0: from here on Ctrl-C always leaves something to resume
+    return save
 
-    # ---- teacher cache
-    if need_cache and cache is None:
-        from moetool.distill import teacher_cache as tc
 
-        assert cache_expected is not None and teacher_model is not None
-        t0 = time.perf_counter()
-        folder = ckpt_dir / TEACHER_CACHE
-        if is_main:
-            tc.create_cache(folder, cache_expected, create=True)
-        barrier()
-        cache = tc.create_cache(folder, cache_expected, create=False)
+def _fill_teacher_cache(run: _Run) -> None:
+    """Run the teacher over this process's training windows and cache its top-k log-probabilities."""
+    from moetool.distill import teacher_cache as tc
 
-        def on_batch(tokens: int) -> None:
-            if progress is not None:
-                progress("caching teacher", tokens, None, unit=TOKENS)
+    assert run.cache_expected is not None and run.teacher_model is not None
+    progress = run.progress
+    t0 = time.perf_counter()
+    folder = run.ckpt_dir / TEACHER_CACHE
+    if run.is_main:
+        tc.create_cache(folder, run.cache_expected, create=True)
+    run.barrier()
+    run.cache = tc.create_cache(folder, run.cache_expected, create=False)
 
-        try:
-            tc.fill_cache(
-                cache,
-                teacher_model,
-                _teacher_windows(data, options, processes, rank, state.windows_consumed),
-                temperature=options.temperature,
-                on_batch=on_batch,
-            )
-        except KeyboardInterrupt:
-            raise DistillInterrupted(
-                f"interrupted while caching the teacher; the step-{state.step} checkpoint in {ckpt_dir} is kept",
-                hint=f"resume with: {resume_hint}",
-            ) from None
-        barrier()
-        if is_main:
-            cache.mark_complete()
-        barrier()
-        timings["teacher_cache_s"] = time.perf_counter() - t0
-    if cache is not None and not live and not _holds_no_weights(teacher_model):
-        # Training reads the cache: the teacher can go (the point of caching). A streamed teacher holds no
-        # weights between passes and stays, for the final comparison.
-        teacher_model = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    def on_batch(tokens: int) -> None:
+        if progress is not None:
+            progress("caching teacher", tokens, None, unit=TOKENS)
 
-    # ---- training
-    session = run_training(
-        accelerator=accelerator,
-        model=model,
-        unwrapped=unwrapped,
-        optimizer=optimizer,
-        teacher=teacher_model if live else None,
-        cache=cache,
-        data=data,
-        options=options,
-        state=state,
-        checkpoint_dir=ckpt_dir,
-        save=save,
-        resume_hint=resume_hint,
-        progress=progress,
-    )
-    timings["train_s"] = session.seconds
+    try:
+        tc.fill_cache(
+            run.cache,
+            run.teacher_model,
+            _teacher_windows(run.data, run.options, run.processes, run.rank, run.state.windows_consumed),
+            temperature=run.options.temperature,
+            on_batch=on_batch,
+        )
+    except KeyboardInterrupt:
+        raise DistillInterrupted(
+            f"interrupted while caching the teacher; the step-{run.state.step} checkpoint in {run.ckpt_dir} is kept",
+            hint=f"resume with: {run.resume_hint}",
+        ) from None
+    run.barrier()
+    if run.is_main:
+        run.cache.mark_complete()
+    run.barrier()
+    run.timings["teacher_cache_s"] = time.perf_counter() - t0
 
-    # ---- write, load back, evaluate, publish
+
+def _free_teacher(run: _Run) -> None:
+    """Training reads the cache: the teacher can go (the point of caching).
+
+    A streamed teacher holds no weights between passes and stays, for the final comparison.
+    """
+    if run.cache is None or run.live or _holds_no_weights(run.teacher_model):
+        return
+    import torch
+
+    run.teacher_model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _result(run: _Run, session: Any) -> DistillResult:
+    """The result object, with the measurements taken before training (the final ones come at publishing)."""
+    state = run.state
     result = DistillResult(
-        teacher=teacher,
-        revision=checkpoint.revision,
-        output=str(out_path),
-        family=spec.name,
-        teacher_params=report.checkpoint_params(checkpoint),
+        teacher=run.teacher,
+        revision=run.checkpoint.revision,
+        output=str(run.out_path),
+        family=run.spec.name,
+        teacher_params=report.checkpoint_params(run.checkpoint),
         student=state.student,
-        options=options,
-        dataset=dataset_name,
-        train_windows=data.num_windows,
-        train_documents=data.documents,
-        processes=processes,
-        device=device_name(device),
-        mixed_precision=str(accelerator.mixed_precision),
-        threads=threads,
+        options=run.options,
+        dataset=run.dataset_name,
+        train_windows=run.data.num_windows,
+        train_documents=run.data.documents,
+        processes=run.processes,
+        device=device_name(run.device),
+        mixed_precision=str(run.accelerator.mixed_precision),
+        threads=run.threads,
         state=state,
         session_start_step=session.start_step,
         session_seconds=session.seconds,
         session_tokens_per_s=session.tokens_per_s,
         evaluation=None,
         files=[],
-        checkpoint_dir=str(ckpt_dir),
-        checkpoint_kept=keep_checkpoint,
-        warnings=warnings,
+        checkpoint_dir=str(run.ckpt_dir),
+        checkpoint_kept=run.keep_checkpoint,
+        warnings=run.warnings,
     )
     if state.measurements:
         m = state.measurements
@@ -641,34 +815,32 @@ def _run(
             init_kl=m.get("init_kl"),
             init_top1=m.get("init_top1"),
         )
+    return result
+
+
+def _publish(run: _Run, result: DistillResult) -> None:
+    """Write the student, load it back and measure it, write the card, publish (main process)."""
     try:
-        if is_main:
+        if run.is_main:
             t0 = time.perf_counter()
             report.publish(
                 result,
-                unwrapped=unwrapped,
-                checkpoint=checkpoint,
-                tokenizer=tokenizer,
-                heldout=heldout,
-                teacher_model=teacher_model,
-                inputs=inputs,
-                overwrite=overwrite,
-                allow_nonfinite=allow_nonfinite,
-                shard_size=shard_size,
-                command=command or f"moetool distill {teacher} -o {out_path}",
-                progress=progress,
+                unwrapped=run.unwrapped,
+                checkpoint=run.checkpoint,
+                tokenizer=run.tokenizer,
+                heldout=run.heldout,
+                teacher_model=run.teacher_model,
+                inputs=run.inputs,
+                overwrite=run.overwrite,
+                allow_nonfinite=run.allow_nonfinite,
+                shard_size=run.shard_size,
+                command=run.command or f"moetool distill {run.teacher} -o {run.out_path}",
+                progress=run.progress,
             )
-            timings["write_eval_s"] = time.perf_counter() - t0
-        barrier()
+            run.timings["write_eval_s"] = time.perf_counter() - t0
+        run.barrier()
     except KeyboardInterrupt:
         raise DistillInterrupted(
-            f"interrupted after training; nothing was written to {out_path}",
-            hint=f"the trained student is in {ckpt_dir}; write it with: {resume_hint}",
+            f"interrupted after training; nothing was written to {run.out_path}",
+            hint=f"the trained student is in {run.ckpt_dir}; write it with: {run.resume_hint}",
         ) from None
-    if is_main and not keep_checkpoint:
-        import shutil
-
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    timings["total_s"] = time.perf_counter() - started
-    result.timings = timings
-    return result

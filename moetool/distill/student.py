@@ -143,85 +143,25 @@ def build_student(
             ``NO_DENSE_COUNTERPART`` for a teacher family without a dense architecture.
         ModelLoadError: ``TOKENIZER_MISMATCH`` for a checkpoint student with another tokenizer.
     """
-    import torch
-
-    from moetool.modeling import check_same_tokenizer, load_tokenizer, load_weights, open_checkpoint
-
     if options.init_from_teacher:
-        from moetool.data import DatasetSpec
-        from moetool.merge import MergeOptions, merge
-
-        folder = work_dir / INIT_FOLDER
-        summary: dict[str, Any] = {}
-        if is_main:
-            merge_options = MergeOptions(
-                to_dense=True,
-                dense_strategy=options.init,
-                intermediate_size=options.intermediate_size if options.init == "concat" else None,
-                seed=options.seed,
-                evaluate=False,
-                device=device,
-                dtype="auto",
-            )
-            text = DatasetSpec.of_documents(
-                calibration,
-                calibration_name,
-                max_tokens=options.calibration_tokens,
-                seq_len=options.seq_len,
-                batch_size=options.eval_batch_size,
-            )
-            result = merge(
-                teacher,
-                folder,
-                merge_options,
-                calibration=text,
-                revision=revision,
-                token=token,
-                offline=offline,
-                overwrite=True,
-                command=f"moetool merge {teacher} --to-dense --dense-strategy {options.init} (distill --init)",
-                progress=progress,
-            )
-            summary = _describe_merge(result)
-            gc.collect()
-        barrier()
-        model = load_weights(open_checkpoint(str(folder)), device="cpu", dtype="float32")
-        barrier()
-        if is_main:
-            shutil.rmtree(folder, ignore_errors=True)
-        what = {
-            "concat": "the most used experts' neurons concatenated",
-            "top1": "each layer's most used expert",
-            "average": "the experts averaged after neuron alignment",
-        }[options.init]
-        description = (
-            f"initialised from the teacher: attention, norms and embeddings copied, each FFN {what} "
-            f"(moetool merge --to-dense --dense-strategy {options.init})"
+        model, description, summary = _from_teacher(
+            teacher,
+            options,
+            calibration=calibration,
+            calibration_name=calibration_name,
+            work_dir=work_dir,
+            device=device,
+            revision=revision,
+            token=token,
+            offline=offline,
+            is_main=is_main,
+            barrier=barrier,
+            progress=progress,
         )
     elif options.init == "random":
-        from transformers import AutoModelForCausalLM
-
-        width = options.intermediate_size or default_width(checkpoint)
-        config = dense_student_config(checkpoint, width)
-        torch.manual_seed(options.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        description = "randomly initialised (the teacher's dense architecture, transformers' initialisation)"
-        summary = {}
+        model, description, summary = _random(checkpoint, options)
     else:
-        from moetool.arch.registry import family_for_config
-
-        student_checkpoint = open_checkpoint(options.init)
-        spec = family_for_config(student_checkpoint.config)
-        if spec.is_moe:
-            raise UnsupportedArchitectureError(
-                f"--init {options.init} is a Mixture-of-Experts ({spec.name}); distill trains a dense student",
-                hint="pass a dense checkpoint, or one of concat, top1, average, random",
-                code="NOT_DENSE",
-            )
-        check_same_tokenizer(teacher_tokenizer, load_tokenizer(student_checkpoint), names=(teacher, options.init))
-        model = load_weights(student_checkpoint, device="cpu", dtype="float32")
-        description = f"initialised from the dense checkpoint {options.init}"
-        summary = {}
+        model, description, summary = _from_checkpoint(teacher, options, teacher_tokenizer)
     model.train()
     config = model.config
     info = StudentInit(
@@ -234,3 +174,139 @@ def build_student(
         merge=summary,
     )
     return model, info
+
+
+#: How each from-teacher init builds a layer's FFN, for the student's description.
+_FROM_TEACHER = {
+    "concat": "the most used experts' neurons concatenated",
+    "top1": "each layer's most used expert",
+    "average": "the experts averaged after neuron alignment",
+}
+
+
+def _from_teacher(
+    teacher: str,
+    options: DistillOptions,
+    *,
+    calibration: Sequence[Document],
+    calibration_name: str,
+    work_dir: Path,
+    device: str,
+    revision: str | None,
+    token: str | bool | None,
+    offline: bool | None,
+    is_main: bool,
+    barrier: Callable[[], None],
+    progress: Progress | None,
+) -> tuple[Any, str, dict[str, Any]]:
+    """The student as ``merge --to-dense`` makes it from the teacher (the main process merges, all load it).
+
+    Returns:
+        ``(model, description, merge summary)``.
+    """
+    from moetool.modeling import load_weights, open_checkpoint
+
+    folder = work_dir / INIT_FOLDER
+    summary: dict[str, Any] = {}
+    if is_main:
+        summary = _merge_to_dense(
+            teacher,
+            folder,
+            options,
+            calibration=calibration,
+            calibration_name=calibration_name,
+            device=device,
+            revision=revision,
+            token=token,
+            offline=offline,
+            progress=progress,
+        )
+        gc.collect()
+    barrier()
+    model = load_weights(open_checkpoint(str(folder)), device="cpu", dtype="float32")
+    barrier()
+    if is_main:
+        shutil.rmtree(folder, ignore_errors=True)
+    description = (
+        f"initialised from the teacher: attention, norms and embeddings copied, each FFN {_FROM_TEACHER[options.init]} "
+        f"(moetool merge --to-dense --dense-strategy {options.init})"
+    )
+    return model, description, summary
+
+
+def _merge_to_dense(
+    teacher: str,
+    folder: Path,
+    options: DistillOptions,
+    *,
+    calibration: Sequence[Document],
+    calibration_name: str,
+    device: str,
+    revision: str | None,
+    token: str | bool | None,
+    offline: bool | None,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """Run ``merge --to-dense`` on the teacher into ``folder``; returns its summary for the card."""
+    from moetool.data import DatasetSpec
+    from moetool.merge import MergeOptions, merge
+
+    merge_options = MergeOptions(
+        to_dense=True,
+        dense_strategy=options.init,
+        intermediate_size=options.intermediate_size if options.init == "concat" else None,
+        seed=options.seed,
+        evaluate=False,
+        device=device,
+        dtype="auto",
+    )
+    text = DatasetSpec.of_documents(
+        calibration,
+        calibration_name,
+        max_tokens=options.calibration_tokens,
+        seq_len=options.seq_len,
+        batch_size=options.eval_batch_size,
+    )
+    result = merge(
+        teacher,
+        folder,
+        merge_options,
+        calibration=text,
+        revision=revision,
+        token=token,
+        offline=offline,
+        overwrite=True,
+        command=f"moetool merge {teacher} --to-dense --dense-strategy {options.init} (distill --init)",
+        progress=progress,
+    )
+    return _describe_merge(result)
+
+
+def _random(checkpoint: Checkpoint, options: DistillOptions) -> tuple[Any, str, dict[str, Any]]:
+    """A randomly initialised student of the teacher's dense architecture (seeded)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    width = options.intermediate_size or default_width(checkpoint)
+    config = dense_student_config(checkpoint, width)
+    torch.manual_seed(options.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model, "randomly initialised (the teacher's dense architecture, transformers' initialisation)", {}
+
+
+def _from_checkpoint(teacher: str, options: DistillOptions, teacher_tokenizer: Any) -> tuple[Any, str, dict[str, Any]]:
+    """The dense checkpoint ``options.init`` as the student (refused if it is an MoE or has another tokenizer)."""
+    from moetool.arch.registry import family_for_config
+    from moetool.modeling import check_same_tokenizer, load_tokenizer, load_weights, open_checkpoint
+
+    student_checkpoint = open_checkpoint(options.init)
+    spec = family_for_config(student_checkpoint.config)
+    if spec.is_moe:
+        raise UnsupportedArchitectureError(
+            f"--init {options.init} is a Mixture-of-Experts ({spec.name}); distill trains a dense student",
+            hint="pass a dense checkpoint, or one of concat, top1, average, random",
+            code="NOT_DENSE",
+        )
+    check_same_tokenizer(teacher_tokenizer, load_tokenizer(student_checkpoint), names=(teacher, options.init))
+    model = load_weights(student_checkpoint, device="cpu", dtype="float32")
+    return model, f"initialised from the dense checkpoint {options.init}", {}

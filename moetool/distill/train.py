@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -172,132 +172,50 @@ def run_training(
     """
     import torch
 
-    from moetool.distill.loss import kd_loss
-    from moetool.distill.schedule import lr_factor
-
-    processes, rank = accelerator.num_processes, accelerator.process_index
-    micro, accum = options.batch_size, options.grad_accum
-    per_step = micro * accum * processes
-    seq_len = int(data.windows.shape[1])
-    device = accelerator.device
-    use_teacher = options.alpha > 0 and cache is None
+    processes = accelerator.num_processes
+    loop = _Loop(
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        teacher=teacher,
+        use_teacher=options.alpha > 0 and cache is None,
+        cache=cache,
+        data=data,
+        options=options,
+        state=state,
+        per_step=options.batch_size * options.grad_accum * processes,
+        seq_len=int(data.windows.shape[1]),
+    )
     session = Session(start_step=state.step)
-    window_sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "steps": 0}
-    window_start = time.perf_counter()
-    window_tokens = 0
     model.train()
     stop = StopFlag()
     in_step = False
-    started = time.perf_counter()
+    loop.started = time.perf_counter()
     try:
         with stop.installed():
             while state.step < options.steps:
                 step_started = time.perf_counter()
                 in_step = True
-                lr = options.lr * lr_factor(
-                    state.step,
-                    total=options.steps,
-                    warmup=options.warmup,
-                    schedule=options.schedule,
-                    min_ratio=options.min_lr_ratio,
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                sums = [0.0, 0.0, 0.0]
-                for m in range(accum):
-                    base = state.windows_consumed + m * micro * processes + rank * micro
-                    ids = data.window_ids(base, micro, options.seed)
-                    input_ids = data.batch(ids).to(device)
-                    labels = input_ids[:, 1:]
-                    mask = torch.ones_like(labels)
-                    # Gradients are all-reduced only on the last micro-batch of a step.
-                    sync = contextlib.nullcontext() if m == accum - 1 else accelerator.no_sync(model)
-                    with sync:
-                        # The teacher first: its activations are gone before the student's are built.
-                        teacher_logits = teacher_topk = None
-                        if use_teacher:
-                            with torch.no_grad(), accelerator.autocast():
-                                teacher_logits = forward_logits(teacher, input_ids)[:, :-1]
-                        elif cache is not None:
-                            teacher_topk = cache.read(ids, device)
-                        with accelerator.autocast():
-                            logits = forward_logits(model, input_ids)[:, :-1]
-                        parts = kd_loss(
-                            logits,
-                            labels,
-                            mask,
-                            alpha=options.alpha,
-                            temperature=options.temperature,
-                            teacher_logits=teacher_logits,
-                            teacher_topk=teacher_topk,
-                        )
-                        if not math.isfinite(float(parts.loss.detach())):
-                            raise MoetoolError(
-                                f"the loss became {float(parts.loss.detach())} at step {state.step + 1}",
-                                hint="lower --lr, or train in --dtype float32",
-                                code="NON_FINITE",
-                            )
-                        accelerator.backward(parts.loss / accum)
-                    sums[0] += float(parts.loss.detach()) / accum
-                    sums[1] += parts.kd / accum
-                    sums[2] += parts.ce / accum
-                    del logits, teacher_logits, teacher_topk, parts
-                if options.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                state.windows_consumed += per_step
-                state.tokens += per_step * seq_len
+                lr = _set_lr(optimizer, options, state.step)
+                sums = _accumulate(loop, torch)
+                _update(loop)
                 in_step = False
-
-                elapsed = time.perf_counter() - step_started
-                session.seconds += elapsed
-                session.tokens += per_step * seq_len
-                window_tokens += per_step * seq_len
-                for key, value in zip(("loss", "kd", "ce"), sums, strict=True):
-                    window_sums[key] += value
-                window_sums["steps"] += 1
-                tokens_per_s = per_step * seq_len / elapsed if elapsed > 0 else 0.0
+                tokens_per_s = _count_step(loop, session, sums, time.perf_counter() - step_started)
                 if state.step % options.log_every == 0 or state.step == options.steps:
-                    # Mean over the processes and over the steps since the last entry.
-                    means = torch.tensor([window_sums["loss"], window_sums["kd"], window_sums["ce"]], device=device)
-                    means = accelerator.reduce(means, reduction="mean") / window_sums["steps"]
-                    window_time = time.perf_counter() - window_start
-                    state.loss_curve.append(
-                        {
-                            "step": state.step,
-                            "loss": round(float(means[0]), 5),
-                            "kd": round(float(means[1]), 5),
-                            "ce": round(float(means[2]), 5),
-                            "lr": lr,
-                            "tokens_per_s": round(window_tokens / window_time, 1) if window_time > 0 else 0.0,
-                        }
-                    )
-                    window_sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "steps": 0}
-                    window_start, window_tokens = time.perf_counter(), 0
+                    _log_curve(loop, lr, torch)
                 if progress is not None:
                     try:
-                        detail = (
-                            f"step {state.step}/{options.steps}  loss {sums[0]:.4f} (kd {sums[1]:.4f}, "
-                            f"ce {sums[2]:.4f})  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s"
-                        )
-                        log = state.step % options.log_every == 0 or state.step == options.steps
-                        progress("training", 1, options.steps, unit=STEPS, detail=detail, log=log)
+                        _report_step(progress, options, state.step, sums, lr, tokens_per_s)
                     except KeyboardInterrupt:  # raised by a caller's callback: a stop request like Ctrl-C
                         stop.requested = True
                 if _stop_everywhere(accelerator, stop.requested):
-                    state.elapsed_s += time.perf_counter() - started
-                    started = time.perf_counter()
-                    save()
+                    _save(loop, save)
                     raise DistillInterrupted(
                         f"interrupted at step {state.step}/{options.steps}; checkpoint saved in {checkpoint_dir}",
                         hint=f"resume with: {resume_hint}",
                     )
                 if state.step % options.save_every == 0 or state.step == options.steps:
-                    state.elapsed_s += time.perf_counter() - started
-                    started = time.perf_counter()
-                    save()
+                    _save(loop, save)
     except KeyboardInterrupt:
         # A second Ctrl-C, or one that reached us outside the handler: the update in flight may be half
         # applied, so nothing is saved; the last checkpoint stands.
@@ -307,3 +225,157 @@ def run_training(
             hint=f"resume with: {resume_hint}",
         ) from None
     return session
+
+
+@dataclass
+class _Loop:
+    """What the steps of the training loop share, and the loss-curve window since the last entry."""
+
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    teacher: Any | None
+    use_teacher: bool  # the live teacher runs at every step (KD on, no cache)
+    cache: TeacherCache | None
+    data: TrainData
+    options: DistillOptions
+    state: TrainState
+    per_step: int
+    seq_len: int
+    started: float = 0.0
+    window_sums: dict[str, float] = field(default_factory=lambda: _empty_window())
+    window_start: float = field(default_factory=time.perf_counter)
+    window_tokens: int = 0
+
+
+def _empty_window() -> dict[str, float]:
+    return {"loss": 0.0, "kd": 0.0, "ce": 0.0, "steps": 0}
+
+
+def _set_lr(optimizer: Any, options: DistillOptions, step: int) -> float:
+    """Set this step's learning rate from the schedule; returns it."""
+    from moetool.distill.schedule import lr_factor
+
+    lr = options.lr * lr_factor(
+        step,
+        total=options.steps,
+        warmup=options.warmup,
+        schedule=options.schedule,
+        min_ratio=options.min_lr_ratio,
+    )
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _accumulate(loop: _Loop, torch: Any) -> list[float]:
+    """Forward and backward over this step's micro-batches; returns the step's mean loss, KD and CE."""
+    from moetool.distill.loss import kd_loss
+
+    accelerator, options, state, data = loop.accelerator, loop.options, loop.state, loop.data
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    micro, accum = options.batch_size, options.grad_accum
+    device = accelerator.device
+    sums = [0.0, 0.0, 0.0]
+    for m in range(accum):
+        base = state.windows_consumed + m * micro * processes + rank * micro
+        ids = data.window_ids(base, micro, options.seed)
+        input_ids = data.batch(ids).to(device)
+        labels = input_ids[:, 1:]
+        mask = torch.ones_like(labels)
+        # Gradients are all-reduced only on the last micro-batch of a step.
+        sync = contextlib.nullcontext() if m == accum - 1 else accelerator.no_sync(loop.model)
+        with sync:
+            # The teacher first: its activations are gone before the student's are built.
+            teacher_logits = teacher_topk = None
+            if loop.use_teacher:
+                with torch.no_grad(), accelerator.autocast():
+                    teacher_logits = forward_logits(loop.teacher, input_ids)[:, :-1]
+            elif loop.cache is not None:
+                teacher_topk = loop.cache.read(ids, device)
+            with accelerator.autocast():
+                logits = forward_logits(loop.model, input_ids)[:, :-1]
+            parts = kd_loss(
+                logits,
+                labels,
+                mask,
+                alpha=options.alpha,
+                temperature=options.temperature,
+                teacher_logits=teacher_logits,
+                teacher_topk=teacher_topk,
+            )
+            if not math.isfinite(float(parts.loss.detach())):
+                raise MoetoolError(
+                    f"the loss became {float(parts.loss.detach())} at step {state.step + 1}",
+                    hint="lower --lr, or train in --dtype float32",
+                    code="NON_FINITE",
+                )
+            accelerator.backward(parts.loss / accum)
+        sums[0] += float(parts.loss.detach()) / accum
+        sums[1] += parts.kd / accum
+        sums[2] += parts.ce / accum
+        del logits, teacher_logits, teacher_topk, parts
+    return sums
+
+
+def _update(loop: _Loop) -> None:
+    """Clip, step and zero the gradients, and move the state one step on."""
+    options, state = loop.options, loop.state
+    if options.max_grad_norm > 0:
+        loop.accelerator.clip_grad_norm_(loop.model.parameters(), options.max_grad_norm)
+    loop.optimizer.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.windows_consumed += loop.per_step
+    state.tokens += loop.per_step * loop.seq_len
+
+
+def _count_step(loop: _Loop, session: Session, sums: list[float], elapsed: float) -> float:
+    """Add the step to the session's figures and the loss-curve window; returns its tokens per second."""
+    tokens = loop.per_step * loop.seq_len
+    session.seconds += elapsed
+    session.tokens += tokens
+    loop.window_tokens += tokens
+    for key, value in zip(("loss", "kd", "ce"), sums, strict=True):
+        loop.window_sums[key] += value
+    loop.window_sums["steps"] += 1
+    return tokens / elapsed if elapsed > 0 else 0.0
+
+
+def _log_curve(loop: _Loop, lr: float, torch: Any) -> None:
+    """A loss-curve entry: the mean over the processes and over the steps since the last entry."""
+    sums = loop.window_sums
+    means = torch.tensor([sums["loss"], sums["kd"], sums["ce"]], device=loop.accelerator.device)
+    means = loop.accelerator.reduce(means, reduction="mean") / sums["steps"]
+    window_time = time.perf_counter() - loop.window_start
+    loop.state.loss_curve.append(
+        {
+            "step": loop.state.step,
+            "loss": round(float(means[0]), 5),
+            "kd": round(float(means[1]), 5),
+            "ce": round(float(means[2]), 5),
+            "lr": lr,
+            "tokens_per_s": round(loop.window_tokens / window_time, 1) if window_time > 0 else 0.0,
+        }
+    )
+    loop.window_sums = _empty_window()
+    loop.window_start, loop.window_tokens = time.perf_counter(), 0
+
+
+def _report_step(
+    progress: Progress, options: DistillOptions, step: int, sums: list[float], lr: float, tokens_per_s: float
+) -> None:
+    """Report the step (the loss as detail; a log line every ``log_every`` steps and at the end)."""
+    detail = (
+        f"step {step}/{options.steps}  loss {sums[0]:.4f} (kd {sums[1]:.4f}, "
+        f"ce {sums[2]:.4f})  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s"
+    )
+    log = step % options.log_every == 0 or step == options.steps
+    progress("training", 1, options.steps, unit=STEPS, detail=detail, log=log)
+
+
+def _save(loop: _Loop, save: Callable[[], Path]) -> None:
+    """Add the time since the last save to the state, and checkpoint."""
+    loop.state.elapsed_s += time.perf_counter() - loop.started
+    loop.started = time.perf_counter()
+    save()

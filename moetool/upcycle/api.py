@@ -149,21 +149,16 @@ def upcycle(
             (:func:`~moetool.io.writer.check_output_path`), ``VERIFY_FAILED`` when the check fails.
     """
     from moetool.io.writer import check_disk_space, check_output_path
-    from moetool.validate import check_input
 
     def status(message: str) -> None:
         report(progress, message)
 
+    _precheck(source, revision=revision, token=token, offline=offline)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    if options.router_init == "kmeans" and kmeans_data is None:
-        raise UsageError("--router-init kmeans needs --dataset", hint="pass the text to cluster with --dataset")
-    if options.router_init != "kmeans" and kmeans_data is not None:
-        raise UsageError("--dataset is only used with --router-init kmeans", hint="drop --dataset or add it")
-    checkpoint = _open_source(source, revision=revision, token=token, offline=offline)
-    deep = not dry_run  # a dry run reads headers only, and stays free of torch
-    check_input(
-        checkpoint, float_weights=True, scan_nonfinite=deep, transformers_config=deep, allow_nonfinite=allow_nonfinite
+    _check_data_options(options, kmeans_data)
+    checkpoint = _open_checked(
+        source, dry_run=dry_run, allow_nonfinite=allow_nonfinite, revision=revision, token=token, offline=offline
     )
     plan = build_plan(checkpoint, options)
     if out is not None:
@@ -184,13 +179,83 @@ def upcycle(
         routers = _kmeans(plan, checkpoint, kmeans_data, device, status)
         timings["kmeans"] = time.perf_counter() - step
 
+    result = UpcycleResult(plan=plan, output=str(out), dry_run=False, timings=timings)
+    _write(
+        result,
+        checkpoint,
+        out,
+        routers,
+        verify=verify,
+        full_check=full_check,
+        overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
+        command=command,
+        progress=progress,
+        status=status,
+    )
+    timings["total"] = time.perf_counter() - started
+    return result
+
+
+def _precheck(source: Any, *, revision: str | None, token: str | bool | None, offline: bool | None) -> None:
+    """Headers only, no torch: a malformed input is refused before anything is downloaded or read."""
+    from moetool.io.checkpoint import Checkpoint
+    from moetool.validate import preflight
+
+    if not isinstance(source, Checkpoint):
+        preflight(str(source), revision=revision, token=token, offline=offline, float_weights=True)
+
+
+def _check_data_options(options: UpcycleOptions, kmeans_data: DatasetSpec | None) -> None:
+    """``--dataset`` goes with ``--router-init kmeans``, and only with it."""
+    if options.router_init == "kmeans" and kmeans_data is None:
+        raise UsageError("--router-init kmeans needs --dataset", hint="pass the text to cluster with --dataset")
+    if options.router_init != "kmeans" and kmeans_data is not None:
+        raise UsageError("--dataset is only used with --router-init kmeans", hint="drop --dataset or add it")
+
+
+def _open_checked(
+    source: Any,
+    *,
+    dry_run: bool,
+    allow_nonfinite: bool,
+    revision: str | None,
+    token: str | bool | None,
+    offline: bool | None,
+) -> Any:
+    """Open the source and check it (a dry run reads headers only, and stays free of torch)."""
+    from moetool.validate import check_input
+
+    checkpoint = _open_source(source, revision=revision, token=token, offline=offline)
+    deep = not dry_run
+    check_input(
+        checkpoint, float_weights=True, scan_nonfinite=deep, transformers_config=deep, allow_nonfinite=allow_nonfinite
+    )
+    return checkpoint
+
+
+def _write(
+    result: UpcycleResult,
+    checkpoint: Any,
+    out: Path,
+    routers: dict,
+    *,
+    verify: bool,
+    full_check: bool | None,
+    overwrite: bool,
+    allow_nonfinite: bool,
+    command: str | Sequence[str] | None,
+    progress: Progress | None,
+    status: Callable[[str], None],
+) -> None:
+    """Write the tensors, config and aux files into a staging folder, verify, write the card, publish."""
     from moetool.io.model_card import write_model_card
     from moetool.io.shards import ShardWriter
     from moetool.io.writer import copy_aux_files, staged_output, write_json
     from moetool.upcycle.tensors import iter_output_tensors
     from moetool.upcycle.verify import verify as run_verify
 
-    result = UpcycleResult(plan=plan, output=str(out), dry_run=False, timings=timings)
+    plan, timings = result.plan, result.timings
     with staged_output(out, inputs=[checkpoint.root], overwrite=overwrite, allow_nonfinite=allow_nonfinite) as staging:
         step = time.perf_counter()
         status(f"writing {plan.predicted_bytes / 1e9:.2f} GB")
@@ -217,8 +282,6 @@ def upcycle(
         result.files = sorted(p.name for p in staging.iterdir())
         result.bytes_written = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
         status("publishing")
-    timings["total"] = time.perf_counter() - started
-    return result
 
 
 def _card(plan: UpcyclePlan, result: UpcycleResult, command: str | Sequence[str] | None) -> dict[str, Any]:

@@ -390,6 +390,78 @@ def build_plan(checkpoint: Checkpoint, options: UpcycleOptions) -> UpcyclePlan:
         CheckpointError: tensors missing (``TENSOR_MISSING``) or mis-shaped (``SHAPE_MISMATCH``).
     """
     config = checkpoint.config
+    source = _check_source(checkpoint)
+    target = _writable_target(source, options.arch)
+    dims = resolve_dims(source, config)
+    num_layers, hidden = dims.num_layers, dims.values["H"]
+    dense_width = _dense_width(checkpoint, dims)
+    _check_numbers(options, dense_width)
+    e, k, g, n = options.num_experts, options.top_k, options.granularity, options.shared_experts
+    _check_shared(source, target, n)
+    dense_layers, step, moe_layers = _moe_layers(source, target, options, num_layers)
+    _check_mlp(source, target, dims)
+    shared_templates, gate_template = _shared_templates(target)
+    routed_down_scale, shared_down_scale = _down_scales(g, n, gate_template)
+    shared_width = (n * dense_width) if target.shared_experts else None
+    out_dtype = options.dtype if options.dtype != "auto" else _source_dtype(checkpoint)
+    tconfig = target_config(
+        source=source,
+        source_dims=dims,
+        source_config=config,
+        target=target,
+        num_experts=e * g,
+        top_k=k * g,
+        expert_width=dense_width // g,
+        shared_width=shared_width,
+        dense_layers=dense_layers,
+        sparse_step=step,
+        dtype=out_dtype,
+    )
+    tdims = _read_back(target, tconfig, moe_layers)
+    _check_source_tensors(checkpoint, source, dims)
+    entries, recipes = _plan_tensors(
+        checkpoint, source, dims, target, tdims, options, shared_templates, gate_template, out_dtype
+    )
+    warnings = _copy_unknown_tensors(checkpoint, source, dims, options, entries, recipes)
+
+    from moetool.count.params import count_from_config
+
+    report = count_from_config(tconfig)
+    source_report = count_from_config(config)
+    shards = plan_shards(entries, options.max_shard_size)
+    return UpcyclePlan(
+        source_name=checkpoint.name,
+        source_revision=checkpoint.revision,
+        source_family=source,
+        target_family=target,
+        options=options,
+        num_layers=num_layers,
+        hidden_size=hidden,
+        dense_width=dense_width,
+        expert_width=dense_width // g,
+        num_experts=e * g,
+        top_k=k * g,
+        shared_width=shared_width,
+        moe_layers=moe_layers,
+        moe_layers_spec=options.moe_layers,
+        routed_down_scale=routed_down_scale,
+        shared_down_scale=shared_down_scale,
+        router_std=_router_std(options, config),
+        config=tconfig,
+        entries=tuple(entries),
+        recipes=tuple(recipes),
+        shards=tuple(shards),
+        source_dtype=_source_dtype(checkpoint),
+        source_params=source_report.total_params,
+        total_params=report.total_params,
+        active_params=report.active_params,
+        warnings=tuple(warnings),
+    )
+
+
+def _check_source(checkpoint: Checkpoint) -> FamilySpec:
+    """The source's family, refusing a quantized model, an MoE, or a family upcycle has no target for."""
+    config = checkpoint.config
     if config.get("quantization_config"):
         method = (
             config["quantization_config"].get("quant_method", "?")
@@ -413,23 +485,39 @@ def build_plan(checkpoint: Checkpoint, options: UpcycleOptions) -> UpcyclePlan:
             f"moetool cannot upcycle {source.name} models",
             hint=f"upcycle supports {', '.join(upcyclable_families())}",
         )
-    target = _choose_target(source, options.arch)
+    return source
+
+
+def _writable_target(source: FamilySpec, arch: str | None) -> FamilySpec:
+    """The target family (``--arch`` or the source's counterpart), if moetool can write it."""
+    target = _choose_target(source, arch)
     if target.expert_layout is not ExpertLayout.PER_EXPERT or target.routing.rule is not Routing.SOFTMAX_TOPK:
         raise UnsupportedArchitectureError(f"moetool cannot write {target.name} models yet")
+    return target
 
-    dims = resolve_dims(source, config)
-    num_layers, hidden, dense_width = dims.num_layers, dims.values["H"], dims.values.get("D")
+
+def _dense_width(checkpoint: Checkpoint, dims: Dims) -> int:
+    """The source's FFN width (``D``), refusing a config without one."""
+    dense_width = dims.values.get("D")
     if not isinstance(dense_width, int) or dense_width <= 0:
         raise CheckpointError(f"{checkpoint.name} has no intermediate size in config.json", code="CONFIG_INVALID")
-    _check_numbers(options, dense_width)
-    e, k, g, n = options.num_experts, options.top_k, options.granularity, options.shared_experts
+    return dense_width
 
+
+def _check_shared(source: FamilySpec, target: FamilySpec, n: int) -> None:
+    """Refuse ``--shared-experts`` for a target family without shared experts."""
     if n and not target.shared_experts:
         raise UsageError(
             f"{target.name} has no shared experts, so --shared-experts {n} cannot be written",
             hint=_alternatives(source, "shared"),
             code="SHARED_UNSUPPORTED",
         )
+
+
+def _moe_layers(
+    source: FamilySpec, target: FamilySpec, options: UpcycleOptions, num_layers: int
+) -> tuple[list[int], int, tuple[int, ...]]:
+    """``--moe-layers`` as ``(dense layers, sparse step, MoE layers)``, if the target can write it."""
     dense_layers, step = parse_moe_layers(options.moe_layers, num_layers)
     if (dense_layers or step != 1) and target.schedule != "qwen":
         raise UsageError(
@@ -441,8 +529,11 @@ def build_plan(checkpoint: Checkpoint, options: UpcycleOptions) -> UpcyclePlan:
     moe_layers = moe_layer_set(dense_layers, step, num_layers)
     if not moe_layers:
         raise UsageError(f"--moe-layers {options.moe_layers} leaves no MoE layer", code="NO_MOE_LAYERS")
+    return dense_layers, step, moe_layers
 
-    # The dense MLP must be exactly gate/up/down: experts have no biases in any family we write.
+
+def _check_mlp(source: FamilySpec, target: FamilySpec, dims: Dims) -> None:
+    """The dense MLP must be exactly gate/up/down: experts have no biases in any family we write."""
     layer_values = dims.for_layer(0)
     mlp_templates = [t for t in source.dense_mlp if template_applies(t, layer_values)]
     if len(mlp_templates) != 3:
@@ -453,42 +544,43 @@ def build_plan(checkpoint: Checkpoint, options: UpcycleOptions) -> UpcyclePlan:
             hint="upcycle a model without MLP biases (mlp_bias: false)",
             code="ARCH_INCOMPATIBLE",
         )
-    shared_templates, gate_template = _shared_templates(target)
-    # Exactness: the routed copies carry half of the output when a shared expert carries the other
-    # half (behind a sigmoid gate with zero weight, sigmoid(0) = 1/2: its down projection is then
-    # 1/N * 1/2 / 1/2). Each copy's G shards together carry 1/G of its weight: scale by G.
+
+
+def _down_scales(g: int, n: int, gate_template: T | None) -> tuple[float, float]:
+    """The scales of the routed and the shared experts' down projections that keep the output exact.
+
+    The routed copies carry half of the output when a shared expert carries the other half (behind a
+    sigmoid gate with zero weight, sigmoid(0) = 1/2: its down projection is then 1/N * 1/2 / 1/2). Each
+    copy's G shards together carry 1/G of its weight: scale by G.
+    """
     shared_fraction = 0.5 if n else 0.0
     gate_value = 0.5 if gate_template is not None else 1.0
     shared_down_scale = shared_fraction / (gate_value * n) if n else 1.0
     routed_down_scale = g * (1.0 - shared_fraction)  # routed_scaling_factor is written as 1.0
-    shared_width = (n * dense_width) if target.shared_experts else None
-    out_dtype = options.dtype if options.dtype != "auto" else _source_dtype(checkpoint)
+    return routed_down_scale, shared_down_scale
 
-    tconfig = target_config(
-        source=source,
-        source_dims=dims,
-        source_config=config,
-        target=target,
-        num_experts=e * g,
-        top_k=k * g,
-        expert_width=dense_width // g,
-        shared_width=shared_width,
-        dense_layers=dense_layers,
-        sparse_step=step,
-        dtype=out_dtype,
-    )
+
+def _read_back(target: FamilySpec, tconfig: dict[str, Any], moe_layers: tuple[int, ...]) -> Dims:
+    """The target config's dims; the registry must read back the MoE layers we wrote."""
     tdims = resolve_dims(target, tconfig)
-    if tuple(sorted(tdims.moe_layers)) != moe_layers:  # the registry reads back what we wrote
+    if tuple(sorted(tdims.moe_layers)) != moe_layers:
         raise MoetoolError(
             f"internal error: the {target.name} config gives MoE layers {sorted(tdims.moe_layers)}, "
             f"expected {list(moe_layers)}",
             code="INTERNAL",
         )
+    return tdims
 
-    _check_source_tensors(checkpoint, source, dims)
-    entries, recipes = _plan_tensors(
-        checkpoint, source, dims, target, tdims, options, shared_templates, gate_template, out_dtype
-    )
+
+def _copy_unknown_tensors(
+    checkpoint: Checkpoint,
+    source: FamilySpec,
+    dims: Dims,
+    options: UpcycleOptions,
+    entries: list[PlannedEntry],
+    recipes: list[Recipe],
+) -> list[str]:
+    """Plan a copy of each tensor the source layout does not know (unless it collides); returns the warnings."""
     warnings: list[str] = []
     known = set(t.name for t in planned_tensors(source, dims))
     extras = [name for name in checkpoint.tensors if name not in known]
@@ -509,44 +601,15 @@ def build_plan(checkpoint: Checkpoint, options: UpcycleOptions) -> UpcyclePlan:
         warnings.append(
             f"{len(extras)} tensor(s) the {source.name} layout does not know were copied unchanged: {shown}"
         )
+    return warnings
 
-    from moetool.count.params import count_from_config
 
-    report = count_from_config(tconfig)
-    source_report = count_from_config(config)
-    shards = plan_shards(entries, options.max_shard_size)
-    router_std = options.router_std
-    if router_std is None:
-        init = config.get("initializer_range")
-        router_std = float(init) if isinstance(init, (int, float)) and not isinstance(init, bool) and init > 0 else 0.02
-    return UpcyclePlan(
-        source_name=checkpoint.name,
-        source_revision=checkpoint.revision,
-        source_family=source,
-        target_family=target,
-        options=options,
-        num_layers=num_layers,
-        hidden_size=hidden,
-        dense_width=dense_width,
-        expert_width=dense_width // g,
-        num_experts=e * g,
-        top_k=k * g,
-        shared_width=shared_width,
-        moe_layers=moe_layers,
-        moe_layers_spec=options.moe_layers,
-        routed_down_scale=routed_down_scale,
-        shared_down_scale=shared_down_scale,
-        router_std=router_std,
-        config=tconfig,
-        entries=tuple(entries),
-        recipes=tuple(recipes),
-        shards=tuple(shards),
-        source_dtype=_source_dtype(checkpoint),
-        source_params=source_report.total_params,
-        total_params=report.total_params,
-        active_params=report.active_params,
-        warnings=tuple(warnings),
-    )
+def _router_std(options: UpcycleOptions, config: dict[str, Any]) -> float:
+    """The router's init std: ``options.router_std``, else the config's ``initializer_range``, else 0.02."""
+    if options.router_std is not None:
+        return options.router_std
+    init = config.get("initializer_range")
+    return float(init) if isinstance(init, (int, float)) and not isinstance(init, bool) and init > 0 else 0.02
 
 
 def _choose_target(source: FamilySpec, arch: str | None) -> FamilySpec:

@@ -226,115 +226,221 @@ def check_layers(
     """
     import torch
 
+    block = _block_shape(plan)
+    tally = _Tally()
+    with torch.no_grad(), _one_thread():
+        for layer in plan.moe_layers:
+            _check_layer(plan, source, written, layer, block, tally, tokens)
+    return _layer_results(plan, tally, tokens)
+
+
+@dataclass
+class _BlockShape:
+    """How the target's MoE block computes: its activation, routing rule and tensor templates."""
+
+    act: Any
+    renormalize: bool
+    scaling: float
+    routed_t: list[Any]
+    shared_t: list[Any]
+    shared_gate: str | None
+
+
+@dataclass
+class _Tally:
+    """The figures of the layer checks, accumulated over the layers."""
+
+    block_diff: float = 0.0
+    expert_diff: float = 0.0
+    block_tol: float = 0.0
+    expert_tol: float = 0.0
+    identical: int = 0
+    mismatched: int = 0
+    finite: bool = True
+    per_layer: dict[int, float] = field(default_factory=dict)
+
+
+def _block_shape(plan: UpcyclePlan) -> _BlockShape:
+    """Read the target family's routing rule and templates for this plan's config."""
     from moetool.arch.dims import template_applies
 
-    src_spec, tgt = plan.source_family, plan.target_family
-    act = _act(plan)
+    tgt = plan.target_family
     routing = tgt.routing
     renormalize = routing.renormalize_default
     if routing.renormalize_key:
         renormalize = bool(plan.config.get(routing.renormalize_key, routing.renormalize_default))
     scaling = float(plan.config.get(routing.scaling_key, 1.0)) if routing.scaling_key else 1.0
     values = {**plan.config, "E": plan.num_experts}
-    routed_t = [t for t in tgt.routed_experts if template_applies(t, values)]
     shared_gate = tgt.shared_expert_gate
-    shared_t = [t for t in tgt.shared_experts if t.name != shared_gate]
+    return _BlockShape(
+        act=_act(plan),
+        renormalize=renormalize,
+        scaling=scaling,
+        routed_t=[t for t in tgt.routed_experts if template_applies(t, values)],
+        shared_t=[t for t in tgt.shared_experts if t.name != shared_gate],
+        shared_gate=shared_gate,
+    )
+
+
+def _read_written(plan: UpcyclePlan, written: Checkpoint, layer: int, block: _BlockShape) -> dict[str, torch.Tensor]:
+    """The layer's written router, experts and shared expert, keyed ``router``, ``e{E}.{role}``, ``s.{role}``."""
+    prefix_t = plan.target_family.layer_prefix.format(L=layer)
+    names = {
+        "router": prefix_t + plan.target_family.router[0].name,
+        **{
+            f"e{e}.{role}": prefix_t + t.name.replace("{E}", str(e))
+            for role, t in enumerate(block.routed_t)
+            for e in range(plan.num_experts)
+        },
+        **{f"s.{role}": prefix_t + t.name for role, t in enumerate(block.shared_t)},
+    }
+    if block.shared_gate:
+        names["s.gate"] = prefix_t + block.shared_gate
+    # iter_tensors groups by shard: map back by name, not by order.
+    by_name = dict(written.iter_tensors(names.values()))
+    return {key: by_name[name] for key, name in names.items()}
+
+
+def _check_layer(
+    plan: UpcyclePlan,
+    source: Checkpoint,
+    written: Checkpoint,
+    layer: int,
+    block: _BlockShape,
+    tally: _Tally,
+    tokens: int,
+) -> None:
+    """Check one MoE layer's experts and block against the dense MLP on random inputs; add to ``tally``."""
+    import torch
+
+    src_spec = plan.source_family
+    act = block.act
+    got = _read_written(plan, written, layer, block)
+    dtype = got["e0.0"].dtype
+    dtype_name = str(dtype).removeprefix("torch.")
+    prefix_s = src_spec.layer_prefix.format(L=layer)
+    raw = [source.read_tensor(prefix_s + t.name) for t in src_spec.dense_mlp[:3]]
+    dense = [t.to(dtype).float() for t in raw]
+    x = torch.randn(tokens, plan.hidden_size, generator=generator(plan.options.seed, "verify", layer))
+    reference = _mlp(x, *dense, act)
+    tol = _tol(reference, dtype_name)
+
+    expected = _expected_shards(plan, raw, dtype) if plan.exact else {}
+    shard_out = _shard_outputs(plan, x, dense, expected, act) if plan.exact else {}
+    outputs = _expert_outputs(plan, x, got, expected, shard_out, act, tally, dtype_name)
+    out = _block_output(plan, x, got, outputs, block, reference)
+    tally.finite &= bool(torch.isfinite(out).all())
+    diff = float((out - reference).abs().max())
+    tally.per_layer[layer] = diff
+    tally.block_diff = max(tally.block_diff, diff) if diff == diff else math.inf
+    tally.block_tol = max(tally.block_tol, tol)
+
+
+def _shard_outputs(
+    plan: UpcyclePlan, x: torch.Tensor, dense: list[torch.Tensor], expected: dict[tuple[int, int], Any], act: Any
+) -> dict[int, torch.Tensor]:
+    """Each dense shard's MLP output on ``x`` (exact plans): what every copy of that shard must give."""
+    shard_out = {}
+    width = plan.expert_width
+    for j in range(plan.options.granularity):
+        rows = slice(j * width, (j + 1) * width)
+        # gate/up shards hold exactly the rounded dense rows: slice the float copy we have.
+        down = expected[(2, j)].float() if plan.routed_down_scale != 1.0 else dense[2][:, rows]
+        shard_out[j] = _mlp(x, dense[0][rows], dense[1][rows], down, act)
+    return shard_out
+
+
+def _expert_outputs(
+    plan: UpcyclePlan,
+    x: torch.Tensor,
+    got: dict[str, torch.Tensor],
+    expected: dict[tuple[int, int], Any],
+    shard_out: dict[int, torch.Tensor],
+    act: Any,
+    tally: _Tally,
+    dtype_name: str,
+) -> dict[int, torch.Tensor]:
+    """Every expert's output on ``x``; experts that differ from their shard are run and compared."""
+    import torch
+
     granularity = plan.options.granularity
-    block_diff = expert_diff = 0.0
-    block_tol = expert_tol = 0.0
-    identical = mismatched = 0
-    finite = True
-    per_layer: dict[int, float] = {}
-    with torch.no_grad(), _one_thread():
-        for layer in plan.moe_layers:
-            prefix_s = src_spec.layer_prefix.format(L=layer)
-            prefix_t = tgt.layer_prefix.format(L=layer)
-            names = {
-                "router": prefix_t + tgt.router[0].name,
-                **{
-                    f"e{e}.{role}": prefix_t + t.name.replace("{E}", str(e))
-                    for role, t in enumerate(routed_t)
-                    for e in range(plan.num_experts)
-                },
-                **{f"s.{role}": prefix_t + t.name for role, t in enumerate(shared_t)},
-            }
-            if shared_gate:
-                names["s.gate"] = prefix_t + shared_gate
-            # iter_tensors groups by shard: map back by name, not by order.
-            by_name = dict(written.iter_tensors(names.values()))
-            got = {key: by_name[name] for key, name in names.items()}
-            del by_name
-            dtype = got["e0.0"].dtype
-            dtype_name = str(dtype).removeprefix("torch.")
-            raw = [source.read_tensor(prefix_s + t.name) for t in src_spec.dense_mlp[:3]]
-            dense = [t.to(dtype).float() for t in raw]
-            x = torch.randn(tokens, plan.hidden_size, generator=generator(plan.options.seed, "verify", layer))
-            reference = _mlp(x, *dense, act)
-            tol = _tol(reference, dtype_name)
+    outputs: dict[int, torch.Tensor] = {}
+    for e in range(plan.num_experts):
+        j = e % granularity
+        if plan.exact and all(_same_bytes(got[f"e{e}.{r}"], expected[(r, j)]) for r in range(3)):
+            tally.identical += 1
+            continue
+        output = _mlp(x, *(got[f"e{e}.{r}"].float() for r in range(3)), act)
+        outputs[e] = output
+        tally.finite &= bool(torch.isfinite(output).all())
+        if plan.exact:
+            tally.mismatched += 1
+            diff = float((output - shard_out[j]).abs().max())
+            tally.expert_diff = max(tally.expert_diff, diff) if diff == diff else math.inf  # NaN fails
+            tally.expert_tol = max(tally.expert_tol, _tol(shard_out[j], dtype_name))
 
-            expected = _expected_shards(plan, raw, dtype) if plan.exact else {}
-            shard_out = {}
-            if plan.exact:
-                width = plan.expert_width
-                for j in range(granularity):
-                    rows = slice(j * width, (j + 1) * width)
-                    # gate/up shards hold exactly the rounded dense rows: slice the float copy we have.
-                    down = expected[(2, j)].float() if plan.routed_down_scale != 1.0 else dense[2][:, rows]
-                    shard_out[j] = _mlp(x, dense[0][rows], dense[1][rows], down, act)
-            outputs: dict[int, torch.Tensor] = {}
-            for e in range(plan.num_experts):
-                j = e % granularity
-                if plan.exact and all(_same_bytes(got[f"e{e}.{r}"], expected[(r, j)]) for r in range(3)):
-                    identical += 1
-                    continue
-                output = _mlp(x, *(got[f"e{e}.{r}"].float() for r in range(3)), act)
-                outputs[e] = output
-                finite &= bool(torch.isfinite(output).all())
-                if plan.exact:
-                    mismatched += 1
-                    diff = float((output - shard_out[j]).abs().max())
-                    expert_diff = max(expert_diff, diff) if diff == diff else math.inf  # NaN fails
-                    expert_tol = max(expert_tol, _tol(shard_out[j], dtype_name))
+    # Experts shown bit-identical to their shard have that shard's output: computed once per shard.
+    for e in range(plan.num_experts):
+        outputs.setdefault(e, shard_out.get(e % granularity))
+    return outputs
 
-            # Experts shown bit-identical to their shard have that shard's output: computed once per shard.
-            for e in range(plan.num_experts):
-                outputs.setdefault(e, shard_out.get(e % granularity))
 
-            probs = torch.softmax(x @ got["router"].float().T, dim=-1)
-            top_w, top_i = torch.topk(probs, plan.top_k, dim=-1)
-            if renormalize:
-                top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-            out = torch.zeros_like(reference)
-            for e in top_i.unique().tolist():
-                rows, slot = (top_i == e).nonzero(as_tuple=True)
-                out[rows] += top_w[rows, slot, None] * outputs[e][rows]
-            out = out * scaling
-            if shared_t:
-                shared = _mlp(x, *(got[f"s.{r}"].float() for r in range(3)), act)
-                if shared_gate:
-                    shared = torch.sigmoid(x @ got["s.gate"].float().T) * shared
-                out = out + shared
-            finite &= bool(torch.isfinite(out).all())
-            diff = float((out - reference).abs().max())
-            per_layer[layer] = diff
-            block_diff = max(block_diff, diff) if diff == diff else math.inf
-            block_tol = max(block_tol, tol)
-            del got, raw, dense, expected, shard_out, outputs
-    if not finite:
-        return [CheckResult("layers", False, block_diff, block_tol, "non-finite outputs from the written experts")]
+def _block_output(
+    plan: UpcyclePlan,
+    x: torch.Tensor,
+    got: dict[str, torch.Tensor],
+    outputs: dict[int, torch.Tensor],
+    block: _BlockShape,
+    reference: torch.Tensor,
+) -> torch.Tensor:
+    """The MoE block's output: the written router's top-k mix of the experts, scaled, plus the shared expert."""
+    import torch
+
+    probs = torch.softmax(x @ got["router"].float().T, dim=-1)
+    top_w, top_i = torch.topk(probs, plan.top_k, dim=-1)
+    if block.renormalize:
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    out = torch.zeros_like(reference)
+    for e in top_i.unique().tolist():
+        rows, slot = (top_i == e).nonzero(as_tuple=True)
+        out[rows] += top_w[rows, slot, None] * outputs[e][rows]
+    out = out * block.scaling
+    if block.shared_t:
+        shared = _mlp(x, *(got[f"s.{r}"].float() for r in range(3)), block.act)
+        if block.shared_gate:
+            shared = torch.sigmoid(x @ got["s.gate"].float().T) * shared
+        out = out + shared
+    return out
+
+
+def _layer_results(plan: UpcyclePlan, tally: _Tally, tokens: int) -> list[CheckResult]:
+    """The ``layers`` and ``experts`` checks from the tally."""
+    if not tally.finite:
+        return [
+            CheckResult(
+                "layers", False, tally.block_diff, tally.block_tol, "non-finite outputs from the written experts"
+            )
+        ]
     detail = f"{len(plan.moe_layers)} MoE layers, {tokens} random inputs each"
     results = [
         CheckResult(
-            "layers", (block_diff <= block_tol) if plan.exact else None, block_diff, block_tol, detail, per_layer
+            "layers",
+            (tally.block_diff <= tally.block_tol) if plan.exact else None,
+            tally.block_diff,
+            tally.block_tol,
+            detail,
+            tally.per_layer,
         )
     ]
     total = plan.num_experts * len(plan.moe_layers)
     if plan.exact:
-        passed = expert_diff <= expert_tol
-        detail = f"{identical} of {total} experts bit-identical to their dense shard"
-        if mismatched:
-            detail += f"; {mismatched} differ (compared on random inputs)"
-        results.append(CheckResult("experts", passed, expert_diff, expert_tol if mismatched else 0.0, detail))
+        passed = tally.expert_diff <= tally.expert_tol
+        detail = f"{tally.identical} of {total} experts bit-identical to their dense shard"
+        if tally.mismatched:
+            detail += f"; {tally.mismatched} differ (compared on random inputs)"
+        results.append(
+            CheckResult("experts", passed, tally.expert_diff, tally.expert_tol if tally.mismatched else 0.0, detail)
+        )
     else:
         results.append(CheckResult("experts", None, None, None, f"{total} experts differ from the dense MLP by design"))
     return results
