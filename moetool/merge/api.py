@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from moetool.arch.dims import Dims, get_path, resolve_dims
 from moetool.arch.registry import family_for_config, require_capability
-from moetool.arch.spec import FamilySpec, Routing
+from moetool.arch.spec import FamilySpec, MergeTraits, Routing
 from moetool.errors import ConfigError, MoetoolError, UnsupportedArchitectureError, UsageError
 from moetool.io.dtypes import FLOAT_DTYPES, torch_dtype
 from moetool.io.jsonfile import json_number
@@ -41,11 +41,11 @@ from moetool.merge.plan import (
     check_against_registry,
     dense_config,
     dense_target,
+    merge_traits,
     moe_width,
     output_tensors,
     reduced_config,
 )
-from moetool.merge.traits import MergeTraits, traits_for
 from moetool.progress import LAYERS, Progress, token_counter
 
 if TYPE_CHECKING:
@@ -635,7 +635,7 @@ def merge(
     config = checkpoint.config
     spec = family_for_config(config)
     require_capability(spec, "merge")
-    traits = traits_for(spec)
+    traits = merge_traits(spec)
     if quant_method_of(config):
         raise MoetoolError(
             f"{model} is quantized ({quant_method_of(config)}); merge reads float weights",
@@ -937,7 +937,9 @@ def _activation(traits: MergeTraits, config: dict[str, Any]) -> Callable:
     from moetool.arch.registry import family_for_config
     from moetool.merge.ffn import activation
 
-    name = traits.activation(text_config(family_for_config(config), config))
+    cfg = text_config(family_for_config(config), config)
+    # The first of the family's activation keys present wins; transformers' default is silu.
+    name = next((v for key in traits.act_keys if isinstance(v := get_path(cfg, key), str)), "silu")
     try:
         return activation(name)
     except KeyError:
