@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from moetool.arch import family_for_config, get_family
 from moetool.data import DatasetSpec
 from moetool.errors import MoetoolError, UnsupportedArchitectureError, UsageError
 from moetool.merge import MergeOptions
 from moetool.merge import merge as merge_model
 from moetool.merge.api import METHODS
-from moetool.merge.traits import REFUSED
 from tests.helpers import corpus, make_tokenizer
 from tests.tiny import MOE_TYPES, build_tiny
 
-SUPPORTED = [t for t in MOE_TYPES if t not in REFUSED]
+SUPPORTED = [t for t in MOE_TYPES if family_for_config({"model_type": t}).merge.refused is None]
 # Families whose top-k weights sum to a constant (renormalised, or a fixed scaling): with identical
 # experts the layer output is then the same whatever the router picks, so any merge must be exact.
 # DeepSeek-V2 (no renormalisation at all) and Llama-4 (a sigmoid weight on the expert's input) are not.
@@ -301,15 +301,13 @@ def test_stats_file_in_place_of_a_dataset(tiny_mixtral, tmp_path):
 
 
 def test_default_method_is_search_where_it_can_run():
-    from moetool.arch import get_family
     from moetool.merge.api import default_method
-    from moetool.merge.traits import traits_for
 
     mixtral, llama4 = get_family("mixtral"), get_family("llama4")
-    assert default_method(mixtral, traits_for(mixtral), have_stats=False) == "search"
-    assert default_method(mixtral, traits_for(mixtral), have_stats=True) == "frequency"
+    assert default_method(mixtral, mixtral.merge, have_stats=False) == "search"
+    assert default_method(mixtral, mixtral.merge, have_stats=True) == "frequency"
     # Llama-4's router weight scales the expert's input: search cannot model the layer output.
-    assert default_method(llama4, traits_for(llama4), have_stats=False) == "frequency"
+    assert default_method(llama4, llama4.merge, have_stats=False) == "frequency"
 
 
 def test_refusals(tiny_mixtral, tmp_path):

@@ -15,6 +15,8 @@ from moetool.arch.spec import (
     ExpertLayout,
     ExpertsProtocol,
     FamilySpec,
+    GroupRule,
+    MergeTraits,
     RouterOutput,
     Routing,
     RoutingSpec,
@@ -433,6 +435,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         model_types=("deepseek_v2",),
         architectures=("DeepseekV2ForCausalLM",),
         is_moe=True,
+        merge=MergeTraits(groups=GroupRule(min_per_group=1)),
         fields={"E": ("n_routed_experts",), "NS": ("n_shared_experts",), **MLA_FIELDS},
         defaults={"NS": 0},
         flags={**DEEPSEEK_FLAGS, "mlp_bias": ("mlp_bias", False)},
@@ -452,6 +455,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         model_types=("deepseek_v3", "kimi_k2"),
         architectures=("DeepseekV3ForCausalLM",),
         is_moe=True,
+        merge=MergeTraits(groups=GroupRule(min_per_group=2)),
         fields={"E": ("n_routed_experts",), "NS": ("n_shared_experts",), **MLA_FIELDS},
         defaults={"NS": 0},
         flags=DEEPSEEK_FLAGS,
@@ -482,6 +486,10 @@ FAMILIES: tuple[FamilySpec, ...] = (
         model_types=("deepseek",),
         architectures=("DeepseekForCausalLM",),
         is_moe=True,
+        merge=MergeTraits(
+            refused="DeepSeekMoE 16B needs its own Python code (no transformers class), so its output could not "
+            "be loaded or checked"
+        ),
         fields={"E": ("n_routed_experts",), "NS": ("n_shared_experts",)},
         defaults={"NS": 0},
         flags={"attention_bias": ("attention_bias", False)},
@@ -515,6 +523,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         model_types=("dbrx",),
         architectures=("DbrxForCausalLM",),
         is_moe=True,
+        merge=MergeTraits(act_keys=("ffn_config.ffn_act_fn.name",)),
         fields={
             "L": ("n_layers",),
             "H": ("d_model",),
@@ -554,6 +563,10 @@ FAMILIES: tuple[FamilySpec, ...] = (
         model_types=("gpt_oss",),
         architectures=("GptOssForCausalLM",),
         is_moe=True,
+        merge=MergeTraits(
+            refused="gpt-oss experts use a clamped SwiGLU with biases and interleaved gate/up columns, and are "
+            "usually stored as MXFP4; averaging them is not supported"
+        ),
         fields={
             "E": ("num_local_experts",),
             "K": ("num_experts_per_tok", "experts_per_token"),
@@ -600,6 +613,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         model_types=("llama4", "llama4_text"),
         architectures=("Llama4ForConditionalGeneration", "Llama4ForCausalLM"),
         is_moe=True,
+        merge=MergeTraits(router_scales_input=True),
         fields={"E": ("num_local_experts",), "I": ("intermediate_size",), "D": ("intermediate_size_mlp",)},
         flags={"attention_bias": ("attention_bias", False)},
         globals_=STANDARD_GLOBALS,

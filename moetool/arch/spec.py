@@ -151,6 +151,44 @@ class WindowRule:
 
 
 @dataclass(frozen=True)
+class GroupRule:
+    """Group-limited routing (DeepSeek): experts split into ``n_group`` contiguous groups.
+
+    Attributes:
+        n_group_key / topk_group_key: the config keys.
+        min_per_group: the fewest experts a group may hold; DeepSeek-V3 scores a group by its two best
+            experts (``topk(2)``), so its groups need at least two.
+    """
+
+    n_group_key: str = "n_group"
+    topk_group_key: str = "topk_group"
+    min_per_group: int = 1
+
+
+@dataclass(frozen=True)
+class MergeTraits:
+    """What a command rewriting the experts (merge) needs to know about a family beyond its templates.
+
+    Attributes:
+        act_keys: config keys (dotted) holding the experts' activation name, first present wins
+            (``silu`` when none is present, as transformers does).
+        router_scales_input: the router weight multiplies the expert's input (Llama-4) rather than
+            its output; an expert's contribution is then ``E(w x)``, not ``w E(x)``.
+        groups: group-limited routing, when the family has it.
+        extra_expert_keys: config keys that also hold the routed expert count (besides the
+            registry's ``E`` fields and their aliases).
+        refused: why merge cannot handle this family's experts (``None``: it can). Kept apart from
+            ``capabilities`` because merge reports it as ``UNSUPPORTED_ARCH``, not ``FAMILY_UNSUPPORTED``.
+    """
+
+    act_keys: tuple[str, ...] = ("hidden_act",)
+    router_scales_input: bool = False
+    groups: GroupRule | None = None
+    extra_expert_keys: tuple[str, ...] = ()
+    refused: str | None = None
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """Everything moetool knows about one model family.
 
@@ -207,6 +245,8 @@ class FamilySpec:
             decides whether the head is tied.
         capabilities: per command, ``None`` (supported) or the reason it is not (see
             :func:`moetool.arch.registry.require_capability`).
+        merge: what merge needs to know about the experts (see :class:`MergeTraits`); derived families
+            keep the defaults (their ``capabilities`` refuse merge before these are read).
     """
 
     name: str
@@ -253,6 +293,7 @@ class FamilySpec:
     layers_module: str | None = None
     stacks: tuple[Stack, ...] = ()
     tie_from_root: bool = False
+    merge: MergeTraits = MergeTraits()
 
     def layer_templates(self) -> dict[str, tuple[T, ...]]:
         """Per-layer templates by category (MoE and dense parts both listed)."""

@@ -1,17 +1,19 @@
 """``merge``: N routed experts to M per MoE layer, or all of them into one dense FFN.
 
-The flow, one function (:func:`merge`):
+The flow (:func:`merge` is its outline, one named step per line):
 
-1. open the checkpoint (headers only), check the family and options, and plan the output: config and
-   every output tensor with its shape and dtype, so the output size is known exactly before anything
-   runs and the output path is checked before any compute;
-2. calibrate: one pass of ``calibration`` text through the model (the only time the model is built),
-   or read a profile-routing stats file;
-3. stream: one layer at a time, read its tensors from the checkpoint, decide which experts are kept
-   or merged, combine them, write; every other tensor is copied unchanged. Output goes through a
-   staging folder published atomically (nothing is left behind on an error or Ctrl-C);
-4. optionally evaluate the output against the source on held-out text (perplexity before and after,
-   KL and top-1 next-token agreement), and record everything in the model card and the result.
+1. ``_check_request`` / ``_open_source`` / ``_plan`` / ``_check_output``: check the options, open the
+   checkpoint (headers only), check the family, and plan the output: config and every output tensor
+   with its shape and dtype, so the output size is known exactly before anything runs and the output
+   path is checked before any compute;
+2. ``_run_calibration``: one pass of ``calibration`` text through the model (the only time the source
+   model is built before evaluation), or read a profile-routing stats file;
+3. ``_stream_layers``: one layer at a time, read its tensors from the checkpoint, decide which experts
+   are kept or merged, combine them, write; every other tensor is copied unchanged. Output goes through
+   a staging folder published atomically (nothing is left behind on an error or Ctrl-C);
+4. ``_evaluate_output``: optionally evaluate the output against the source on held-out text (perplexity
+   before and after, KL and top-1 next-token agreement); ``_result`` / ``_write_card`` record
+   everything in the result and the model card.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from moetool.arch.dims import Dims, get_path, resolve_dims
 from moetool.arch.registry import family_for_config, require_capability
-from moetool.arch.spec import FamilySpec, Routing
+from moetool.arch.spec import FamilySpec, MergeTraits, Routing
 from moetool.errors import ConfigError, MoetoolError, UnsupportedArchitectureError, UsageError
 from moetool.io.dtypes import FLOAT_DTYPES, torch_dtype
 from moetool.io.jsonfile import json_number
@@ -41,11 +43,11 @@ from moetool.merge.plan import (
     check_against_registry,
     dense_config,
     dense_target,
+    merge_traits,
     moe_width,
     output_tensors,
     reduced_config,
 )
-from moetool.merge.traits import MergeTraits, traits_for
 from moetool.progress import LAYERS, Progress, token_counter
 
 if TYPE_CHECKING:
@@ -600,42 +602,151 @@ def merge(
         OutputError: the output path overlaps the input, exists, or is a symlink.
         MoetoolError: whatever reading the checkpoint, loading the model or the data raises.
     """
-    from moetool.data import DatasetSpec
-    from moetool.io.model_card import write_model_card
-    from moetool.io.source import parse_model_ref
-    from moetool.io.writer import check_disk_space, check_output_path, copy_aux_files, staged_output, write_json
-    from moetool.modeling import open_checkpoint, quant_method_of
-    from moetool.validate import check_input
+    from moetool.io.writer import staged_output
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    warnings: list[str] = []
+    hub = {"revision": revision, "token": token, "offline": offline}
+    out_path = Path(out)
     # Cheap checks first: a typo should not cost a dataset read or a model load.
+    texts = _check_request(
+        model, out_path, options, calibration, stats, eval_data, revision=revision, overwrite=overwrite
+    )
+    source = _open_source(model, options, hub=hub, allow_nonfinite=allow_nonfinite)
+    plan = _plan(source, options, have_stats=stats is not None, have_calibration=calibration is not None)
+    inputs = _check_output(source, plan, out_path, overwrite=overwrite)
+
+    t0 = time.perf_counter()
+    cal, counted = _run_calibration(model, source, plan, options, texts, stats, hub=hub, progress=progress)
+    timings["calibration_s"] = time.perf_counter() - t0
+
+    with staged_output(out_path, inputs=inputs, overwrite=overwrite, allow_nonfinite=allow_nonfinite) as staging:
+        t0 = time.perf_counter()
+        decisions, files = _stream_layers(source, plan, cal, staging, options, progress=progress)
+        timings["write_s"] = time.perf_counter() - t0
+        figures = _evaluate_output(model, staging, options, texts, counted, plan.warnings, hub=hub, progress=progress)
+        if figures is not None:
+            timings["eval_s"] = figures.seconds
+        result = _result(model, out_path, source, plan, options, cal, decisions, files, figures)
+        _write_card(staging, result, model, out, command, source, plan, options, texts)
+    timings["total_s"] = time.perf_counter() - started
+    result.timings = timings
+    if result.written_bytes != plan.predicted_bytes:  # the writer and the plan count the same tensors
+        raise MoetoolError(
+            f"internal check failed: wrote {result.written_bytes} bytes, predicted {plan.predicted_bytes}",
+            code="MERGE_PLAN_MISMATCH",
+        )
+    return result
+
+
+# ----------------------------------------------------------------------------- steps of merge()
+
+
+@dataclass(frozen=True)
+class _Texts:
+    """The calibration and evaluation text, loaded once, and the windows both passes cut it into."""
+
+    calibration: list[Document] | None
+    evaluation: list[Document] | None
+    calibration_name: str
+    eval_name: str
+    max_tokens: int | None
+    seq_len: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The input checkpoint (headers only), checked, and what the registry says about it."""
+
+    checkpoint: Checkpoint
+    config: dict[str, Any]
+    spec: FamilySpec
+    traits: MergeTraits
+    dims: Dims
+    moe_layers: list[int]
+    n: int
+    top_k: int
+    prefix: str
+    layout: LayerTensors
+    expert_dtype: str
+
+
+@dataclass
+class _Plan:
+    """Everything decided before any compute: the method, the output config and every output tensor."""
+
+    method: str
+    refit_down: bool
+    dense_spec: FamilySpec | None
+    out_spec: FamilySpec
+    m: int
+    new_top_k: int
+    new_config: dict[str, Any]
+    changes: dict[str, list[Any]]
+    routed_width: int | None
+    dense_width: int | None
+    shared_widths: dict[int, int]
+    tensors: list[OutputTensor]
+    sources: dict[int | None, list[str]]
+    zeros: list[OutputTensor]
+    predicted_bytes: int
+    act: Callable
+    sigmoid_router: bool
+    renormalises: bool
+    scaling: float
+    rule: RoutingRule | None
+    adjustments: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _check_request(
+    model: str,
+    out_path: Path,
+    options: MergeOptions,
+    calibration: DatasetSpec | None,
+    stats: Any,
+    eval_data: DatasetSpec | None,
+    *,
+    revision: str | None,
+    overwrite: bool,
+) -> _Texts:
+    """Check the options, the data specs and the output path, then load the text (no model, no weights)."""
+    from moetool.data import DatasetSpec
+    from moetool.io.source import parse_model_ref
+    from moetool.io.writer import check_output_path
+
     options.check(have_data=calibration is not None, have_stats=stats is not None)
     for data in (calibration, eval_data):
         if data is not None:
             data.check()
     local = parse_model_ref(model, revision=revision).local_path
-    check_output_path(Path(out), [local] if local is not None else [], overwrite=overwrite)
+    check_output_path(out_path, [local] if local is not None else [], overwrite=overwrite)
     calibration_docs = calibration.load() if calibration is not None else None
     eval_documents = eval_data.load() if eval_data is not None else None
     windows = calibration or eval_data or DatasetSpec("")
-    num_experts, to_dense, method = options.num_experts, options.to_dense, options.method
-    refit_down = options.refit_down
-    dense_strategy, intermediate_size = options.dense_strategy, options.intermediate_size
-    refit_router = options.refit_router
-    align, sample_tokens, seed = options.align, options.sample_tokens, options.seed
-    device, dtype, whole_model = options.device, options.dtype, options.whole_model
-    max_tokens = calibration.max_tokens if calibration is not None else None
-    seq_len, batch_size = windows.seq_len, windows.batch_size
-    calibration_name = calibration.dataset if calibration is not None else ""
-    eval_name = eval_data.dataset if eval_data is not None else ""
-    checkpoint = open_checkpoint(model, revision=revision, token=token, offline=offline)
+    return _Texts(
+        calibration=calibration_docs,
+        evaluation=eval_documents,
+        calibration_name=calibration.dataset if calibration is not None else "",
+        eval_name=eval_data.dataset if eval_data is not None else "",
+        max_tokens=calibration.max_tokens if calibration is not None else None,
+        seq_len=windows.seq_len,
+        batch_size=windows.batch_size,
+    )
+
+
+def _open_source(model: str, options: MergeOptions, *, hub: dict[str, Any], allow_nonfinite: bool) -> _Source:
+    """Open the checkpoint's headers and refuse what merge cannot read (family, quantized or missing experts)."""
+    from moetool.modeling import open_checkpoint, quant_method_of
+    from moetool.validate import check_input
+
+    checkpoint = open_checkpoint(model, **hub)
     check_input(checkpoint, float_weights=True, allow_nonfinite=allow_nonfinite)
     config = checkpoint.config
     spec = family_for_config(config)
     require_capability(spec, "merge")
-    traits = traits_for(spec)
+    traits = merge_traits(spec)
     if quant_method_of(config):
         raise MoetoolError(
             f"{model} is quantized ({quant_method_of(config)}); merge reads float weights",
@@ -649,8 +760,8 @@ def merge(
             f"{model} has no MoE layer (its config makes every layer dense)", code="NOT_MOE"
         )
     n = int(dims.values["E"])
-    top_k = dims.values["K"]
-    top_k = max(top_k) if isinstance(top_k, list) else int(top_k)
+    top_k = _top_k_of(spec, dims)
+    num_experts = options.num_experts
     if num_experts is not None and not 1 <= num_experts < n:
         raise UsageError(
             f"--num-experts {num_experts}: the model has {n} experts per MoE layer; choose 1 to {n - 1}",
@@ -673,20 +784,34 @@ def merge(
             hint="dequantize the checkpoint first",
             code="UNSUPPORTED_DTYPE",
         )
-    sigmoid_router = spec.routing.rule in (Routing.SIGMOID_GROUPED_TOPK, Routing.TOPK_SIGMOID)
-    if method is None:
-        method = default_method(spec, traits, have_stats=stats is not None)
-    if refit_down is None:
-        refit_down = to_dense and calibration is not None
+    return _Source(checkpoint, config, spec, traits, dims, moe_layers, n, top_k, prefix, layout, expert_dtype)
 
-    # ---- plan: config and tensors, before any compute
-    dense_spec = dense_target(spec) if to_dense else None
+
+def _plan(source: _Source, options: MergeOptions, *, have_stats: bool, have_calibration: bool) -> _Plan:
+    """Decide the method, the output config and every output tensor, checked against the registry."""
+    src = source
+    spec, traits, config = src.spec, src.traits, src.config
+    method = options.method
+    if method is None:
+        method = default_method(spec, traits, have_stats=have_stats)
+    refit_down = options.refit_down
+    if refit_down is None:
+        refit_down = options.to_dense and have_calibration
+    dense_spec = dense_target(spec) if options.to_dense else None
     adjustments: list[str] = []
+    warnings: list[str] = []
     dense_width = routed_width = None
     shared_widths: dict[int, int] = {}
     if dense_spec is not None:
         routed_width, dense_width, shared_widths, width_notes = _dense_widths(
-            checkpoint, spec, dims, layout, dense_strategy, intermediate_size, top_k, n
+            src.checkpoint,
+            spec,
+            src.dims,
+            src.layout,
+            options.dense_strategy,
+            options.intermediate_size,
+            src.top_k,
+            src.n,
         )
         adjustments += width_notes
         new_config, changes = dense_config(config, spec, dense_spec, dense_width)
@@ -694,16 +819,23 @@ def merge(
         m = 1
         new_top_k = 1
     else:
-        assert num_experts is not None
-        m = num_experts
-        new_config, changes, notes = reduced_config(config, spec, traits, dims, m)
+        assert options.num_experts is not None
+        m = options.num_experts
+        new_config, changes, notes = reduced_config(config, spec, traits, src.dims, m)
         adjustments += notes
         out_spec = spec
         new_top_k = _top_k_of(spec, resolve_dims(spec, new_config))
     tensors, sources, dropped_tensors = output_tensors(
-        checkpoint, spec, dims, layout, m=m, dense_spec=dense_spec, dense_width=dense_width, expert_dtype=expert_dtype
+        src.checkpoint,
+        spec,
+        src.dims,
+        src.layout,
+        m=m,
+        dense_spec=dense_spec,
+        dense_width=dense_width,
+        expert_dtype=src.expert_dtype,
     )
-    zeros, extra = check_against_registry(tensors, out_spec, new_config, prefix=prefix)
+    zeros, extra = check_against_registry(tensors, out_spec, new_config, prefix=src.prefix)
     if zeros:
         adjustments.append(
             f"{len(zeros)} bias tensor(s) the {out_spec.name} architecture expects were written as zeros "
@@ -716,208 +848,261 @@ def merge(
     if dropped_tensors:
         adjustments.append(f"{len(dropped_tensors)} multi-token-prediction tensor(s) left out")
     tensors += zeros
-    predicted_bytes = sum(t.nbytes for t in tensors)
-    source_bytes = checkpoint.total_bytes()
-    out_path = Path(out)
-    inputs = [checkpoint.root] if checkpoint.root is not None else []
-    check_output_path(out_path, inputs, overwrite=overwrite)
-    check_disk_space(out_path, predicted_bytes)
-
-    # ---- calibration
-    t0 = time.perf_counter()
-    counted: _Counting | None = None
-    if stats is not None:
-        cal = _calibration_from_stats(stats, n=n, moe_layers=moe_layers, top_k=top_k)
-    else:
-        assert calibration_docs is not None
-        counted = _Counting(calibration_docs)
-        cal = _calibrate(
-            model,
-            spec,
-            counted,
-            name=calibration_name,
-            max_tokens=max_tokens,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            sample_tokens=sample_tokens if _needs_sample(method, dense_spec is not None, refit_router, align) else 0,
-            seed=seed,
-            device=device,
-            dtype=dtype,
-            whole_model=whole_model,
-            revision=revision,
-            token=token,
-            offline=offline,
-            progress=progress,
-        )
-    timings["calibration_s"] = time.perf_counter() - t0
     renormalises = _routing_renormalises(spec, config)
     scaling = _scaling(spec, config)
-    rule = _routing_rule(spec, traits, renormalises, scaling, new_top_k) if dense_spec is None else None
+    return _Plan(
+        method=method,
+        refit_down=refit_down,
+        dense_spec=dense_spec,
+        out_spec=out_spec,
+        m=m,
+        new_top_k=new_top_k,
+        new_config=new_config,
+        changes=changes,
+        routed_width=routed_width,
+        dense_width=dense_width,
+        shared_widths=shared_widths,
+        tensors=tensors,
+        sources=sources,
+        zeros=zeros,
+        predicted_bytes=sum(t.nbytes for t in tensors),
+        act=_activation(traits, config),
+        sigmoid_router=spec.routing.rule in (Routing.SIGMOID_GROUPED_TOPK, Routing.TOPK_SIGMOID),
+        renormalises=renormalises,
+        scaling=scaling,
+        rule=_routing_rule(spec, traits, renormalises, scaling, new_top_k) if dense_spec is None else None,
+        adjustments=adjustments,
+        warnings=warnings,
+    )
 
-    # ---- stream the layers
-    t0 = time.perf_counter()
+
+def _check_output(source: _Source, plan: _Plan, out_path: Path, *, overwrite: bool) -> list[Path]:
+    """Check the output path against the resolved input and the disk against the predicted size."""
+    from moetool.io.writer import check_disk_space, check_output_path
+
+    inputs = [source.checkpoint.root] if source.checkpoint.root is not None else []
+    check_output_path(out_path, inputs, overwrite=overwrite)
+    check_disk_space(out_path, plan.predicted_bytes)
+    return inputs
+
+
+def _run_calibration(
+    model: str,
+    source: _Source,
+    plan: _Plan,
+    options: MergeOptions,
+    texts: _Texts,
+    stats: Any,
+    *,
+    hub: dict[str, Any],
+    progress: Progress | None,
+) -> tuple[Calibration, _Counting | None]:
+    """The routing statistics each layer's decision reads: from a stats file, or one pass of the text."""
+    if stats is not None:
+        return _calibration_from_stats(stats, n=source.n, moe_layers=source.moe_layers, top_k=source.top_k), None
+    assert texts.calibration is not None
+    counted = _Counting(texts.calibration)
+    keep_sample = _needs_sample(plan.method, plan.dense_spec is not None, options.refit_router, options.align)
+    cal = _calibrate(
+        model,
+        source.spec,
+        counted,
+        name=texts.calibration_name,
+        max_tokens=texts.max_tokens,
+        seq_len=texts.seq_len,
+        batch_size=texts.batch_size,
+        sample_tokens=options.sample_tokens if keep_sample else 0,
+        seed=options.seed,
+        device=options.device,
+        dtype=options.dtype,
+        whole_model=options.whole_model,
+        progress=progress,
+        **hub,
+    )
+    return cal, counted
+
+
+def _stream_layers(
+    source: _Source,
+    plan: _Plan,
+    cal: Calibration,
+    staging: Path,
+    options: MergeOptions,
+    *,
+    progress: Progress | None,
+) -> tuple[list[LayerDecision], WriteResult]:
+    """Write every planned tensor, one layer at a time, each checked against the plan; then config.json."""
+    from moetool.io.writer import copy_aux_files, write_json
+
+    checkpoint, dims = source.checkpoint, source.dims
+    dense_spec = plan.dense_spec
     decisions: list[LayerDecision] = []
-    act = _activation(traits, config)
-    with staged_output(out_path, inputs=inputs, overwrite=overwrite, allow_nonfinite=allow_nonfinite) as staging:
-        expected = {t.name: t for t in tensors}
-        copies_by_layer: dict[int | None, list[str]] = {}
-        for t in tensors:
-            if t.kind == "copy" and t.source is not None:
-                copies_by_layer.setdefault(t.layer, []).append(t.source)
-        with open_writer(staging, tensors, max_shard_size=options.max_shard_size) as writer:
+    expected = {t.name: t for t in plan.tensors}
+    copies_by_layer: dict[int | None, list[str]] = {}
+    for t in plan.tensors:
+        if t.kind == "copy" and t.source is not None:
+            copies_by_layer.setdefault(t.layer, []).append(t.source)
+    with open_writer(staging, plan.tensors, max_shard_size=options.max_shard_size) as writer:
 
-            def emit(name: str, tensor: torch.Tensor) -> None:
-                planned = expected.pop(name, None)
-                got = (tuple(tensor.shape), _safetensors_dtype(tensor))
-                if planned is None or got != (planned.shape, planned.dtype):
-                    want = None if planned is None else (planned.shape, planned.dtype)
-                    raise MoetoolError(
-                        f"internal check failed: {name} came out as {got}, the plan said {want}",
-                        hint="this is a bug in moetool merge; please report it",
-                        code="MERGE_PLAN_MISMATCH",
-                    )
-                writer.add(name, tensor)
-
-            for layer in sources:
-                # Read a layer's unchanged tensors (one shard open at a time), write them in plan order.
-                wanted = copies_by_layer.get(layer, [])
-                copied = dict(checkpoint.iter_tensors(wanted))
-                for name in wanted:
-                    emit(name, copied.pop(name))
-                if layer is None:
-                    continue
-                if dims.is_moe_layer(layer):
-                    decision = _process_moe_layer(
-                        checkpoint,
-                        layer,
-                        layout=layout,
-                        dims=dims,
-                        cal=cal,
-                        act=act,
-                        traits=traits,
-                        emit=emit,
-                        expert_dtype=expert_dtype,
-                        method=method,
-                        m=m,
-                        to_dense=dense_spec is not None,
-                        dense_strategy=dense_strategy,
-                        dense_spec=dense_spec,
-                        routed_width=routed_width,
-                        dense_width=dense_width,
-                        weight_sum=_weight_sum(cal.layers[layer], renormalises, scaling),
-                        align=align,
-                        refit_router=refit_router,
-                        refit_down=refit_down,
-                        sigmoid_router=sigmoid_router,
-                        rule=rule,
-                        has_shared=layer in shared_widths,
-                    )
-                    decisions.append(decision)
-                elif dense_spec is not None:
-                    _process_dense_layer(checkpoint, layer, spec, dense_spec, layout, dense_width, expert_dtype, emit)
-                if progress is not None:
-                    progress("writing", 1, len(sources) - 1, unit=LAYERS)
-            for t in zeros:
-                import torch
-
-                emit(t.name, torch.zeros(t.shape, dtype=torch_dtype(t.dtype)))
-        if expected:
-            raise MoetoolError(
-                f"internal check failed: {len(expected)} planned tensor(s) were not written ({next(iter(expected))})",
-                hint="this is a bug in moetool merge; please report it",
-                code="MERGE_PLAN_MISMATCH",
-            )
-        result_files: WriteResult = writer.result
-        write_json(staging / "config.json", new_config)
-        copy_aux_files(checkpoint.root, staging)
-        timings["write_s"] = time.perf_counter() - t0
-
-        # ---- evaluate
-        figures = None
-        if options.evaluate:
-            documents, name = _eval_documents(eval_documents, eval_name, calibration_docs, calibration_name, counted)
-            if documents is None:
-                if calibration is not None or eval_documents is not None:
-                    warnings.append("no held-out text left for evaluation (calibration read every document)")
-            else:
-                t0 = time.perf_counter()
-                figures = _evaluate(
-                    model,
-                    staging,
-                    documents,
-                    name=name,
-                    seq_len=seq_len,
-                    batch_size=batch_size,
-                    max_tokens=options.eval_max_tokens,
-                    device=device,
-                    dtype=dtype,
-                    whole_model=whole_model,
-                    revision=revision,
-                    token=token,
-                    offline=offline,
-                    progress=progress,
+        def emit(name: str, tensor: torch.Tensor) -> None:
+            planned = expected.pop(name, None)
+            got = (tuple(tensor.shape), _safetensors_dtype(tensor))
+            if planned is None or got != (planned.shape, planned.dtype):
+                want = None if planned is None else (planned.shape, planned.dtype)
+                raise MoetoolError(
+                    f"internal check failed: {name} came out as {got}, the plan said {want}",
+                    hint="this is a bug in moetool merge; please report it",
+                    code="MERGE_PLAN_MISMATCH",
                 )
-                figures.seconds = time.perf_counter() - t0
-                timings["eval_s"] = figures.seconds
+            writer.add(name, tensor)
 
-        result = MergeResult(
-            model=model,
-            output=str(out_path),
-            revision=checkpoint.revision,
-            family=spec.name,
-            model_type=config.get("model_type"),
-            output_model_type=new_config.get("model_type"),
-            mode="dense" if dense_spec is not None else "experts",
-            method=None if dense_spec is not None else method,
-            dense_strategy=dense_strategy if dense_spec is not None else None,
-            align=align,
-            refit_router=refit_router,
-            refit_down=bool(refit_down),
-            num_experts_before=n,
-            num_experts_after=0 if dense_spec is not None else m,
-            top_k_before=top_k,
-            top_k_after=0 if dense_spec is not None else new_top_k,
-            intermediate_size=dense_width,
-            config_changes=changes,
-            adjustments=adjustments,
-            calibration={
-                "source": cal.source,
-                "tokens": cal.tokens,
-                "sample_tokens_per_layer": max((c.sample.size for c in cal.layers.values() if c.sample), default=0),
-                **cal.description,
-            },
-            layers=decisions,
-            source_bytes=source_bytes,
-            predicted_bytes=predicted_bytes,
-            written_bytes=result_files.total_size,
-            source_params=sum(_numel(info.shape) for info in checkpoint.tensors.values()),
-            output_params=sum(t.numel for t in tensors),
-            files=[*result_files.files, "config.json", "README.md"],
-            eval=figures,
-            warnings=warnings,
-        )
-        write_model_card(
-            staging,
-            base_models=[model],
-            relation="merge",
-            command=command or f"moetool merge {model} -o {out}",
-            options=_card_options(result, max_tokens, seq_len, sample_tokens, seed),
-            revision=checkpoint.revision,
-            tags=["merge", "pruned" if method in PRUNING_METHODS and not to_dense else "expert-merging"],
-            summary=card_summary(result),
-            results=_card_results(result),
-        )
-    timings["total_s"] = time.perf_counter() - started
-    result.timings = timings
-    if result.written_bytes != predicted_bytes:  # the writer and the plan count the same tensors
+        for layer in plan.sources:
+            # Read a layer's unchanged tensors (one shard open at a time), write them in plan order.
+            wanted = copies_by_layer.get(layer, [])
+            copied = dict(checkpoint.iter_tensors(wanted))
+            for name in wanted:
+                emit(name, copied.pop(name))
+            if layer is None:
+                continue
+            if dims.is_moe_layer(layer):
+                decisions.append(_process_moe_layer(source, plan, options, cal, layer, emit))
+            elif dense_spec is not None:
+                _process_dense_layer(source, plan, layer, emit)
+            if progress is not None:
+                progress("writing", 1, len(plan.sources) - 1, unit=LAYERS)
+        for t in plan.zeros:
+            import torch
+
+            emit(t.name, torch.zeros(t.shape, dtype=torch_dtype(t.dtype)))
+    if expected:
         raise MoetoolError(
-            f"internal check failed: wrote {result.written_bytes} bytes, predicted {predicted_bytes}",
+            f"internal check failed: {len(expected)} planned tensor(s) were not written ({next(iter(expected))})",
+            hint="this is a bug in moetool merge; please report it",
             code="MERGE_PLAN_MISMATCH",
         )
-    return result
+    write_json(staging / "config.json", plan.new_config)
+    copy_aux_files(checkpoint.root, staging)
+    return decisions, writer.result
 
 
-# ----------------------------------------------------------------------------- steps of merge()
+def _evaluate_output(
+    model: str,
+    staging: Path,
+    options: MergeOptions,
+    texts: _Texts,
+    counted: _Counting | None,
+    warnings: list[str],
+    *,
+    hub: dict[str, Any],
+    progress: Progress | None,
+) -> EvalFigures | None:
+    """Measure the staged output against the source on held-out text (``None``: not asked, or no text left)."""
+    if not options.evaluate:
+        return None
+    documents, name = _eval_documents(
+        texts.evaluation, texts.eval_name, texts.calibration, texts.calibration_name, counted
+    )
+    if documents is None:
+        if texts.calibration is not None or texts.evaluation is not None:
+            warnings.append("no held-out text left for evaluation (calibration read every document)")
+        return None
+    t0 = time.perf_counter()
+    figures = _evaluate(
+        model,
+        staging,
+        documents,
+        name=name,
+        seq_len=texts.seq_len,
+        batch_size=texts.batch_size,
+        max_tokens=options.eval_max_tokens,
+        device=options.device,
+        dtype=options.dtype,
+        whole_model=options.whole_model,
+        progress=progress,
+        **hub,
+    )
+    figures.seconds = time.perf_counter() - t0
+    return figures
+
+
+def _result(
+    model: str,
+    out_path: Path,
+    source: _Source,
+    plan: _Plan,
+    options: MergeOptions,
+    cal: Calibration,
+    decisions: list[LayerDecision],
+    files: WriteResult,
+    figures: EvalFigures | None,
+) -> MergeResult:
+    """The result object (timings are added by the caller once everything is done)."""
+    checkpoint = source.checkpoint
+    dense = plan.dense_spec is not None
+    return MergeResult(
+        model=model,
+        output=str(out_path),
+        revision=checkpoint.revision,
+        family=source.spec.name,
+        model_type=source.config.get("model_type"),
+        output_model_type=plan.new_config.get("model_type"),
+        mode="dense" if dense else "experts",
+        method=None if dense else plan.method,
+        dense_strategy=options.dense_strategy if dense else None,
+        align=options.align,
+        refit_router=options.refit_router,
+        refit_down=bool(plan.refit_down),
+        num_experts_before=source.n,
+        num_experts_after=0 if dense else plan.m,
+        top_k_before=source.top_k,
+        top_k_after=0 if dense else plan.new_top_k,
+        intermediate_size=plan.dense_width,
+        config_changes=plan.changes,
+        adjustments=plan.adjustments,
+        calibration={
+            "source": cal.source,
+            "tokens": cal.tokens,
+            "sample_tokens_per_layer": max((c.sample.size for c in cal.layers.values() if c.sample), default=0),
+            **cal.description,
+        },
+        layers=decisions,
+        source_bytes=checkpoint.total_bytes(),
+        predicted_bytes=plan.predicted_bytes,
+        written_bytes=files.total_size,
+        source_params=sum(_numel(info.shape) for info in checkpoint.tensors.values()),
+        output_params=sum(t.numel for t in plan.tensors),
+        files=[*files.files, "config.json", "README.md"],
+        eval=figures,
+        warnings=plan.warnings,
+    )
+
+
+def _write_card(
+    staging: Path,
+    result: MergeResult,
+    model: str,
+    out: str | Path,
+    command: str | Sequence[str] | None,
+    source: _Source,
+    plan: _Plan,
+    options: MergeOptions,
+    texts: _Texts,
+) -> None:
+    """The output's model card: what was done, with which options, and the figures."""
+    from moetool.io.model_card import write_model_card
+
+    pruned = plan.method in PRUNING_METHODS and not options.to_dense
+    write_model_card(
+        staging,
+        base_models=[model],
+        relation="merge",
+        command=command or f"moetool merge {model} -o {out}",
+        options=_card_options(result, texts.max_tokens, texts.seq_len, options.sample_tokens, options.seed),
+        revision=source.checkpoint.revision,
+        tags=["merge", "pruned" if pruned else "expert-merging"],
+        summary=card_summary(result),
+        results=_card_results(result),
+    )
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -937,7 +1122,9 @@ def _activation(traits: MergeTraits, config: dict[str, Any]) -> Callable:
     from moetool.arch.registry import family_for_config
     from moetool.merge.ffn import activation
 
-    name = traits.activation(text_config(family_for_config(config), config))
+    cfg = text_config(family_for_config(config), config)
+    # The first of the family's activation keys present wins; transformers' default is silu.
+    name = next((v for key in traits.act_keys if isinstance(v := get_path(cfg, key), str)), "silu")
     try:
         return activation(name)
     except KeyError:
@@ -1084,49 +1271,34 @@ def _calibrate(
 
 
 def _process_moe_layer(
-    checkpoint: Checkpoint,
-    layer: int,
-    *,
-    layout: LayerTensors,
-    dims: Dims,
+    source: _Source,
+    plan: _Plan,
+    options: MergeOptions,
     cal: Calibration,
-    act: Callable,
-    traits: MergeTraits,
+    layer: int,
     emit: Callable[[str, Any], None],
-    expert_dtype: str,
-    method: str,
-    m: int,
-    to_dense: bool,
-    dense_strategy: str,
-    dense_spec: FamilySpec | None,
-    routed_width: int | None,
-    dense_width: int | None,
-    weight_sum: float,
-    align: str,
-    refit_router: bool,
-    refit_down: bool,
-    sigmoid_router: bool,
-    rule: RoutingRule | None,
-    has_shared: bool,
 ) -> LayerDecision:
+    """Read one MoE layer's router and experts, decide, combine and write its new tensors."""
     from moetool.merge.combine import pad
 
-    n = int(dims.values["E"])
-    experts = layout.read_experts(checkpoint, layer, n, moe_width(dims, layer))
+    checkpoint, layout, traits = source.checkpoint, source.layout, source.traits
+    dense_spec, routed_width, dense_width = plan.dense_spec, plan.routed_width, plan.dense_width
+    n = int(source.dims.values["E"])
+    experts = layout.read_experts(checkpoint, layer, n, moe_width(source.dims, layer))
     router_names = layout.router_names(layer)
     router = [checkpoint.read_tensor(name) for name in router_names]
-    inputs = LayerInputs(layer, experts, router, cal.layers[layer], act)
-    dtype = torch_dtype(expert_dtype)
-    if not to_dense:
+    inputs = LayerInputs(layer, experts, router, cal.layers[layer], plan.act)
+    dtype = torch_dtype(source.expert_dtype)
+    if dense_spec is None:
         decision, merged, new_router = _reduce_layer(
-            method,
-            m,
+            plan.method,
+            plan.m,
             inputs,
             traits,
-            align=align,
-            refit_router=refit_router,
-            sigmoid_router=sigmoid_router,
-            rule=rule,
+            align=options.align,
+            refit_router=options.refit_router,
+            sigmoid_router=plan.sigmoid_router,
+            rule=plan.rule,
         )
         # The layer's original experts are no longer needed: free them before the output is converted.
         del experts, inputs
@@ -1135,9 +1307,9 @@ def _process_moe_layer(
         for name, tensor in layout.expert_tensors(layer, merged, dtype):
             emit(name, tensor)
         return decision
-    assert dense_spec is not None and routed_width is not None and dense_width is not None
+    assert routed_width is not None and dense_width is not None
     shared = shared_gate = None
-    if has_shared:
+    if layer in plan.shared_widths:
         names = layout.shared_names(layer)
         shared = tuple(checkpoint.read_tensor(name).float() for name in names)
         gate_name = layout.shared_gate_name(layer)
@@ -1151,14 +1323,14 @@ def _process_moe_layer(
                 )
             shared_gate = checkpoint.read_tensor(gate_name)
     decision, ffn = _dense_layer(
-        dense_strategy,
+        options.dense_strategy,
         inputs,
         routed_width=routed_width,
-        weight_sum=weight_sum,
+        weight_sum=_weight_sum(cal.layers[layer], plan.renormalises, plan.scaling),
         shared=shared,
         shared_gate=shared_gate,
-        align=align,
-        refit_down=refit_down,
+        align=options.align,
+        refit_down=plan.refit_down,
         scales_input=traits.router_scales_input,
     )
     gate, up, down = pad(ffn, dense_width)
@@ -1168,25 +1340,17 @@ def _process_moe_layer(
     return decision
 
 
-def _process_dense_layer(
-    checkpoint: Checkpoint,
-    layer: int,
-    spec: FamilySpec,
-    dense_spec: FamilySpec,
-    layout: LayerTensors,
-    dense_width: int | None,
-    expert_dtype: str,
-    emit: Callable[[str, Any], None],
-) -> None:
+def _process_dense_layer(source: _Source, plan: _Plan, layer: int, emit: Callable[[str, Any], None]) -> None:
     """A dense layer of the MoE, rewritten with the dense target's names and padded to its width."""
     from moetool.merge.combine import pad
 
-    assert dense_width is not None
+    dense_spec, dense_width, layout = plan.dense_spec, plan.dense_width, source.layout
+    assert dense_spec is not None and dense_width is not None
     base = layout.layer_prefix(layer)
-    ffn = tuple(checkpoint.read_tensor(base + t.name).float() for t in spec.dense_mlp[:3])
+    ffn = tuple(source.checkpoint.read_tensor(base + t.name).float() for t in source.spec.dense_mlp[:3])
     gate, up, down = pad(ffn, dense_width)
     out_base = layout.prefix + dense_spec.layer_prefix.format(L=layer)
-    dtype = torch_dtype(expert_dtype)
+    dtype = torch_dtype(source.expert_dtype)
     for template, tensor in zip(dense_spec.dense_mlp[:3], (gate, up, down), strict=True):
         emit(out_base + template.name, tensor.to(dtype).contiguous())
 

@@ -214,7 +214,7 @@ def calibrate(
 
     import torch
 
-    from moetool.routing.observe import _top_k_of, find_routers
+    from moetool.routing.observe import find_routers, router_top_k
     from moetool.runner.stream import StreamedModel, WholeModel
 
     runner = model if isinstance(model, (StreamedModel, WholeModel)) else WholeModel(model)
@@ -247,7 +247,8 @@ def calibrate(
     start = time.perf_counter()
     try:
         for layer, module in routers.items():
-            handles.append(module.register_forward_hook(hook_for(layer, _top_k_of(module, spec, runner.model.config))))
+            top_k = router_top_k(module, spec, runner.model.config)
+            handles.append(module.register_forward_hook(hook_for(layer, top_k)))
         runner.forward_batches(batches, before_batch=before_batch, on_tokens=on_batch)
     finally:
         for handle in handles:

@@ -19,10 +19,10 @@ from moetool.errors import UnsupportedArchitectureError
 if TYPE_CHECKING:
     import torch
 
+    from moetool.arch.spec import MergeTraits
     from moetool.merge.calibrate import LayerCalibration
     from moetool.merge.layout import Experts
     from moetool.merge.router import RoutingRule
-    from moetool.merge.traits import MergeTraits
 
 __all__ = ["MERGE", "METHODS", "PRUNE", "LayerInputs", "MergeMethod", "output_similarity"]
 

@@ -2,6 +2,7 @@
 
 From the source checkpoint's headers and config alone:
 
+* :func:`merge_traits` refuses a family whose experts merge cannot rewrite (the registry says which);
 * :func:`reduced_config` / :func:`dense_config` give the output config.json (expert count, top-k and
   DeepSeek's groups adjusted; or the dense counterpart's config), with every change listed;
 * :func:`output_tensors` lists each output tensor (name, shape, dtype, and where it comes from) in
@@ -23,12 +24,43 @@ from typing import Any
 
 from moetool.arch.dims import ALIASES, COMMON_FIELDS, Dims, get_path, lookup, resolve_dims
 from moetool.arch.plan import planned_tensors
-from moetool.arch.spec import FamilySpec
+from moetool.arch.spec import FamilySpec, MergeTraits
 from moetool.count.classify import TensorClassifier
 from moetool.errors import ConfigError, UnsupportedArchitectureError, UsageError
 from moetool.io.safetensors_header import DTYPE_BITS
 from moetool.merge.layout import LayerTensors, template_shape
-from moetool.merge.traits import MergeTraits
+
+
+def merge_traits(spec: FamilySpec) -> MergeTraits:
+    """The registry's merge traits of a family, once merge is known to handle its experts.
+
+    Raises:
+        UnsupportedArchitectureError: ``NOT_MOE`` for a dense family, ``UNSUPPORTED_ARCH`` for one whose
+            experts merge does not handle.
+    """
+    if not spec.is_moe:
+        raise UnsupportedArchitectureError(
+            f"{spec.name} is a dense model family: there are no experts to merge",
+            hint="merge takes a Mixture-of-Experts checkpoint (Mixtral, Qwen-MoE, DeepSeek, ...)",
+            code="NOT_MOE",
+        )
+    if spec.merge.refused is not None:
+        raise UnsupportedArchitectureError(
+            f"merge does not support {spec.name}: {spec.merge.refused}",
+            hint=f"supported families: {', '.join(supported_families())}",
+        )
+    return spec.merge
+
+
+def supported_families() -> list[str]:
+    """The registry names of the families merge handles, sorted."""
+    from moetool.arch.registry import ALL_FAMILIES, capability
+
+    return sorted(
+        spec.name
+        for spec in ALL_FAMILIES
+        if spec.is_moe and spec.merge.refused is None and capability(spec, "merge") is None
+    )
 
 
 def _value(config: Mapping[str, Any], dotted: str) -> Any:

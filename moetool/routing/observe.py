@@ -80,15 +80,32 @@ def find_routers(model: Any, spec: FamilySpec) -> dict[int, Any]:
     return routers
 
 
-def _top_k_of(module: Any, spec: FamilySpec, model_config: Any) -> int:
+def router_top_k(module: Any, spec: FamilySpec, model_config: Any) -> int:
+    """How many experts a router module picks per token.
+
+    The module's own ``top_k`` when it has one, else the first of the registry's top-k config keys
+    (``spec.fields["K"]``, dotted: DBRX keeps it in ``ffn_config.moe_top_k``) present on the loaded
+    model's config, else ``num_experts_per_tok``.
+    """
     for attr in ("top_k", "num_experts_per_tok"):
         value = getattr(module, attr, None)
         if isinstance(value, int):
             return value
-    ffn = getattr(model_config, "ffn_config", None)  # DBRX keeps top-k in the nested ffn config
-    if ffn is not None and isinstance(getattr(ffn, "moe_top_k", None), int):
-        return ffn.moe_top_k
+    for key in spec.fields.get("K", ()):
+        value = _config_value(model_config, key)
+        if isinstance(value, int):
+            return value
     return int(model_config.num_experts_per_tok)
+
+
+def _config_value(config: Any, dotted: str) -> Any:
+    """A dotted key of a transformers config object (nested configs are objects or dicts), or None."""
+    node = config
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
+        if node is None:
+            return None
+    return node
 
 
 def decode_router_output(output: Any, spec: FamilySpec, top_k: int) -> tuple[Any, Any]:
@@ -201,7 +218,7 @@ class RouterObserver:
             return self
         for layer, module in self.routers.items():
             capacity = self.spec.router_output in (RouterOutput.SWITCH_MASK, RouterOutput.NLLB_MASK)
-            top_k = 0 if capacity else _top_k_of(module, self.spec, self._config)
+            top_k = 0 if capacity else router_top_k(module, self.spec, self._config)
             self._handles.append(module.register_forward_hook(self._hook(layer, top_k)))
         return self
 

@@ -394,13 +394,8 @@ def _routing(spec: FamilySpec, dims: Dims, cfg: Mapping[str, Any], prefix: str) 
 
 
 def _groups(spec: FamilySpec) -> tuple[str, str] | None:
-    """The group-routing config keys of a family (kept with merge's family traits)."""
-    try:
-        from moetool.merge.traits import TRAITS
-    except ImportError:  # pragma: no cover - part of moetool
-        return None
-    traits = TRAITS.get(spec.name)
-    rule = getattr(traits, "groups", None)
+    """The group-routing config keys of a family (the registry's merge traits)."""
+    rule = spec.merge.groups
     return (rule.n_group_key, rule.topk_group_key) if rule is not None else None
 
 
