@@ -78,4 +78,18 @@ def main() -> None:
     from moetool.cli._faults import install_fault_handlers
 
     install_fault_handlers()
-    app(prog_name="moetool")
+    try:
+        app(prog_name="moetool")
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """End the communication of a multi-process run (torchrun / accelerate launch) before the interpreter
+    exits: a gloo process group left to interpreter shutdown can abort (SIGABRT) in its destructor while
+    its threads still run. Single-process runs never import torch.distributed for this."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
