@@ -234,3 +234,27 @@ def test_push_without_a_token_fails_before_any_work(setup, hub, monkeypatch, tmp
 def test_upcycle_dry_run_cannot_push(setup, hub):
     result = invoke(*COMMANDS["upcycle"](setup, setup["root"] / "never"), "--dry-run", "--push-to-hub", "me/x")
     assert result.exit_code == 2 and "--dry-run" in result.output
+
+
+def test_export_pushes_the_verified_conversion(setup, hub, umask_022):
+    """`moetool export --push-to-hub` uploads the converted folder once its checks passed."""
+    source = setup["root"] / "w4-moetool"
+    made = invoke("quantize", str(setup["moe"]), "-o", str(source), "--method", "rtn", "--bits", "4", "-g", "0",
+                  "--sym", "--format", "moetool")  # fmt: skip
+    assert made.exit_code == 0, made.output
+    hub.calls.clear()
+    out = setup["root"] / "w4-ct"
+    result = invoke("export", str(source), "-o", str(out), "--push-to-hub", "me/tiny-w4-ct", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["hub"]["repo_id"] == "me/tiny-w4-ct"
+    assert [call for call, _ in hub.calls] == ["create_repo", "upload_folder"]
+    assert Path(hub.calls[1][1]["folder_path"]) == out and MANIFEST_NAME in hub.calls[1][1]["uploaded"]
+    check_output(out)
+
+
+def test_export_push_options_are_checked_before_any_work(setup, hub):
+    out = setup["root"] / "never-exported"
+    result = invoke("export", str(setup["moe"]), "-o", str(out), "--push-to-hub", "not a repo")
+    assert result.exit_code == 2, result.output
+    assert hub.calls == [] and not out.exists()

@@ -11,6 +11,7 @@ from moetool.cli import options
 from moetool.cli._errors import handle_errors
 from moetool.cli._output import human_bytes, print_json, stdout
 from moetool.cli._progress import progress_display, progress_enabled
+from moetool.cli._push import add_push, push_output, push_target, render_push
 
 if TYPE_CHECKING:
     from moetool.quantize.export import ExportResult
@@ -21,6 +22,8 @@ Examples:
   moetool export ./my-moe-w4-moetool -o ./my-moe-w4-ct
 
   moetool export ./my-moe-w4-moetool -o ./my-moe-w4-ct --json
+
+  moetool export ./my-moe-w4-moetool -o ./my-moe-w4-ct --push-to-hub me/my-moe-w4-ct
 """
 
 
@@ -44,6 +47,9 @@ def export_cmd(
     revision: options.RevisionOpt = None,
     token: options.TokenOpt = None,
     offline: options.OfflineOpt = False,
+    push_to_hub: options.PushToHubOpt = None,
+    private: options.PrivateOpt = False,
+    create_pr: options.CreatePrOpt = False,
     json_output: options.JsonOpt = False,
 ) -> None:
     """Rewrite a checkpoint quantized in moetool's format as compressed-tensors, which vLLM and SGLang serve.
@@ -56,6 +62,7 @@ def export_cmd(
     from moetool.quantize.export import export
 
     shard_size = parse_size(max_shard_size)
+    hub = push_target(push_to_hub, private=private, create_pr=create_pr, token=token, offline=offline)
     with progress_display(enabled=progress_enabled(json_output)) as progress:
         result = export(
             model,
@@ -70,10 +77,12 @@ def export_cmd(
             max_shard_size=shard_size,
             progress=progress,
         )
+    pushed = push_output(hub, out, command="export", json_output=json_output)
     if json_output:
-        print_json(result.to_json())
+        print_json(add_push(result.to_json(), pushed))
         return
     render(result)
+    render_push(pushed)
 
 
 def render(result: ExportResult) -> None:
