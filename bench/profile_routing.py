@@ -42,7 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import argparse
-import collections
 import json
 import resource
 import statistics
@@ -109,37 +108,6 @@ DEFAULTS = {
 }
 LAYERS = {"cuda": {"mixtral-8x7b": 4}}
 
-#: aten operations that read values back to the host or have data-dependent shapes.
-SYNC_OPS = {
-    "aten::nonzero",
-    "aten::item",
-    "aten::_local_scalar_dense",
-    "aten::masked_select",
-    "aten::bincount",
-    "aten::repeat_interleave",
-    "aten::unique",
-    "aten::_unique2",
-    "aten::index",
-    "aten::is_nonzero",
-}
-#: aten operations that launch no kernel.
-FREE_OPS = {
-    "aten::slice",
-    "aten::view",
-    "aten::unsqueeze",
-    "aten::as_strided",
-    "aten::empty",
-    "aten::empty_strided",
-    "aten::select",
-    "aten::reshape",
-    "aten::expand",
-    "aten::to",
-    "aten::_to_copy",
-    "aten::resolve_conj",
-    "aten::lift_fresh",
-    "aten::detach_",
-}
-
 
 def update_ops(num_experts: int, top_k: int, rows: int, length: int) -> tuple[int, int]:
     """(kernel-running ops, sync-prone ops) in one LayerAccumulator.update, profiled on the CPU."""
@@ -147,6 +115,7 @@ def update_ops(num_experts: int, top_k: int, rows: int, length: int) -> tuple[in
     from torch.profiler import ProfilerActivity, profile
 
     from moetool.routing.accumulate import BatchContext, LayerAccumulator
+    from moetool.routing.ops import kernel_ops, sync_ops
 
     n = rows * length
     logits = torch.randn(n, num_experts)
@@ -160,9 +129,7 @@ def update_ops(num_experts: int, top_k: int, rows: int, length: int) -> tuple[in
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         acc.update(logits, indices, ctx)
     events = prof.events()
-    kernels = [e for e in events if e.cpu_parent is None and e.name.startswith("aten::") and e.name not in FREE_OPS]
-    syncs = collections.Counter(e.name for e in events if e.name in SYNC_OPS)
-    return len(kernels), sum(syncs.values())
+    return len(kernel_ops(events)), len(sync_ops(events))
 
 
 def update_cost(num_experts: int, top_k: int, rows: int, length: int, rounds: int = 15, calls: int = 20) -> dict:

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from moetool.routing.accumulate import CAPACITY_FACTORS, BatchContext, LayerAccumulator
+from moetool.routing.ops import SYNC_OPS, kernel_ops
 
 
 class ReferenceAccumulator:
@@ -210,51 +211,12 @@ def test_meta_check_catches_the_reference():
         ref.update(*_meta_batch(8, 2, 2, 16, 2))
 
 
-#: aten operations that read tensor values back to the host or have data-dependent shapes.
-SYNC_OPS = {
-    "aten::nonzero",
-    "aten::item",
-    "aten::_local_scalar_dense",
-    "aten::masked_select",
-    "aten::bincount",
-    "aten::repeat_interleave",
-    "aten::unique",
-    "aten::_unique2",
-    "aten::index",  # boolean-mask (and advanced) indexing
-    "aten::is_nonzero",
-}
-
-
 def profiled_ops(acc, logits, indices, ctx):
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         acc.update(logits, indices, ctx)
     return prof.events()
-
-
-#: Operations that launch no kernel (views, slices, allocations, no-op conversions).
-FREE_OPS = {
-    "aten::slice",
-    "aten::view",
-    "aten::unsqueeze",
-    "aten::as_strided",
-    "aten::empty",
-    "aten::empty_strided",
-    "aten::select",
-    "aten::reshape",
-    "aten::expand",
-    "aten::to",
-    "aten::_to_copy",
-    "aten::resolve_conj",
-    "aten::lift_fresh",
-    "aten::detach_",
-}
-
-
-def kernel_ops(events) -> list[str]:
-    """Top-level aten operations that run a kernel (what a GPU would launch for them, at least one)."""
-    return [e.name for e in events if e.cpu_parent is None and e.name.startswith("aten::") and e.name not in FREE_OPS]
 
 
 def test_profiler_sees_no_sync_ops_and_few_operations():

@@ -63,40 +63,31 @@ def _json_usage_error(exc: BaseException, ctx: Any) -> typer.Exit:
     return typer.Exit(error.exit_code)
 
 
-class MoetoolCommand(TyperCommand):
-    """A typer command whose flags show no type in ``--help`` and whose usage errors honour ``--json``."""
+class _MoetoolParsing:
+    """What every moetool command and the group share: flags without a type label in ``--help``, and a
+    usage error under ``--json`` printed as the JSON error document."""
 
     def get_params(self, ctx: Any) -> list[Any]:
-        """The command's parameters (help option included), flags without a type label."""
-        return _hide_flag_types(super().get_params(ctx))
+        """The parameters (help option included), flags without a type label."""
+        return _hide_flag_types(super().get_params(ctx))  # type: ignore[misc]
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         """Parse the command line; with ``--json``, a usage error becomes the JSON error document."""
         wants_json = json_requested(args)
         try:
-            return super().parse_args(ctx, args)
+            return super().parse_args(ctx, args)  # type: ignore[misc]
         except Exception as exc:
             if wants_json and _is_usage_error(exc):
                 raise _json_usage_error(exc, ctx) from None
             raise
 
 
-class MoetoolGroup(TyperGroup):
+class MoetoolCommand(_MoetoolParsing, TyperCommand):
+    """A typer command whose flags show no type in ``--help`` and whose usage errors honour ``--json``."""
+
+
+class MoetoolGroup(_MoetoolParsing, TyperGroup):
     """The ``moetool`` group: like :class:`MoetoolCommand`, also for unknown commands and root options."""
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        """The root options (``--version``, ``-q``, ``--help``), flags without a type label."""
-        return _hide_flag_types(super().get_params(ctx))
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        """Parse the root options; with ``--json`` anywhere, a usage error becomes the JSON document."""
-        wants_json = json_requested(args)
-        try:
-            return super().parse_args(ctx, args)
-        except Exception as exc:
-            if wants_json and _is_usage_error(exc):
-                raise _json_usage_error(exc, ctx) from None
-            raise
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         """Find the subcommand; an unknown one with ``--json`` gives the JSON error document."""

@@ -290,10 +290,11 @@ class _Counting:
 
 
 def _needs_sample(method: str, to_dense: bool, refit_router: bool, align: str) -> bool:
-    """Whether the layers' calibration hidden states are used: counting methods without a refit or an
-    activation alignment decide from counts alone, so no per-layer sample (tokens x hidden, for every
-    layer at once) is kept for them."""
-    return to_dense or refit_router or align == "activations" or method not in ("frequency", "soft-frequency")
+    """Whether the layers' calibration hidden states are used: a pruning method that needs none (it
+    decides from counts) without a refit or an activation alignment keeps no per-layer sample (tokens x
+    hidden, for every layer at once); merging methods use one when there is one."""
+    chosen = METHOD_TABLE[method]
+    return to_dense or refit_router or align == "activations" or chosen.kind == MERGE or chosen.needs_sample
 
 
 def _decide(
