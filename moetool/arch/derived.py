@@ -17,7 +17,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from moetool.arch.experts import roles_of
 from moetool.arch.spec import ExpertLayout, ExpertsProtocol, FamilySpec, RouterOutput, Routing, RoutingSpec, Stack, T
+from moetool.errors import UnsupportedArchitectureError
 
 TABLE = Path(__file__).parent / "data" / "derived_families.json"
 
@@ -54,26 +56,14 @@ def _template(entry: list[Any]) -> T:
     return T(name, tuple(shape), when=_when(condition), stack=rest[0] if rest else 0)
 
 
-# On-disk names of a per-expert gate / up / down projection in the families transformers ships.
-_ROLE_SUFFIXES = (("gate_proj.weight", "w1.weight"), ("up_proj.weight", "w3.weight"), ("down_proj.weight", "w2.weight"))
-
-
-def named_expert_roles(templates: tuple[T, ...] | list[T]) -> tuple[tuple[T, T, T], str] | None:
-    """A layer's routed-expert templates as (gate, up, down) found by name, with their width expression;
-    ``None`` unless they are exactly three bias-free per-expert projections shaped ``[W, H]``, ``[W, H]``
-    and ``[H, W]`` (what ``moetool quantize`` rewrites)."""
-    if len(templates) != 3 or not all("{E}" in t.name and t.name.endswith(".weight") for t in templates):
-        return None
-    found: list[T] = []
-    for suffixes in _ROLE_SUFFIXES:
-        match = [t for t in templates if t.name.endswith(suffixes)]
-        if len(match) != 1:
-            return None
-        found.append(match[0])
-    gate, up, down = found
-    if len(gate.shape) != 2 or gate.shape != up.shape or gate.shape[1] != "H" or down.shape != ("H", gate.shape[0]):
-        return None
-    return (gate, up, down), gate.shape[0]
+def _quantizable_experts(templates: list[T]) -> bool:
+    """Whether a layer's routed experts are what ``moetool quantize`` rewrites: bias-free gate, up and down
+    projections per expert, stored in canonical orientation (see :mod:`moetool.arch.experts`)."""
+    try:
+        roles = roles_of(templates)
+    except UnsupportedArchitectureError:
+        return False
+    return roles.gated and not roles.fused and not roles.has_bias and roles.plain
 
 
 def family_from_entry(entry: Mapping[str, Any]) -> FamilySpec:
@@ -143,7 +133,7 @@ def _capabilities(entry: Mapping[str, Any], routed: list[T]) -> dict[str, str]:
     its output through stock transformers (tests/test_derived_families.py quantizes each of them)."""
     capabilities = dict(entry.get("capabilities") or {})
     model_type = entry["model_type"]
-    if entry.get("expert_layout", "per_expert") == "per_expert" and named_expert_roles(routed) is not None:
+    if entry.get("expert_layout", "per_expert") == "per_expert" and _quantizable_experts(routed):
         if model_type in QUANTIZE_REFUSED:
             capabilities["quantize"] = QUANTIZE_REFUSED[model_type]
         elif entry.get("text_config_key"):

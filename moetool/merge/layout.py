@@ -4,12 +4,8 @@ The canonical form of a layer's routed experts is three stacked float tensors, t
 reads them: ``gate`` and ``up`` ``[E, I, H]`` (rows are intermediate neurons) and ``down`` ``[E, H, I]``
 (columns are neurons), so an expert computes ``down @ (act(gate @ x) * (up @ x))``.
 
-Where the tensors are and how they are stored comes from the registry's templates only:
-
-* per-expert layouts (``{E}`` in the name) list gate, up, down in that order (``swiglu()``);
-* fused layouts hold either a gate/up pair (a ``2*I`` axis, gate first) and down, or gate, up and
-  down separately (DBRX's ``[E*I, H]``); the symbolic shapes say which axis is which, so a template
-  ``("E", "H", "2*I")`` is read as transposed. No family name is tested here.
+Which stored tensor plays which role (per expert or fused, transposed, DBRX-flat) is the registry's
+reading, :func:`moetool.arch.experts.expert_roles`, shared with quantize; no family name is tested here.
 """
 
 from __future__ import annotations
@@ -19,7 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from moetool.arch.dims import Dims, eval_dim, template_applies
-from moetool.arch.spec import ExpertLayout, FamilySpec, T
+from moetool.arch.experts import ExpertRole, expert_roles
+from moetool.arch.spec import FamilySpec, T
 from moetool.errors import CheckpointError, ShapeMismatchError, UnsupportedArchitectureError
 
 # Dtypes merge reads and writes; anything else (FP8, packed integers) needs dequantizing first.
@@ -65,50 +62,21 @@ class Experts:
         return Experts(self.gate.float(), self.up.float(), self.down.float())
 
 
-@dataclass(frozen=True)
-class _Role:
-    """How one routed-expert template maps to the canonical tensors."""
-
-    template: T
-    role: str  # "gate", "up", "down" or "gate_up"
-    transposed: bool  # stored with the two matrix axes swapped relative to canonical
-    flat: bool  # DBRX: experts flattened into the first axis ("E*I")
-
-
 def _shape_terms(template: T) -> tuple[str, ...]:
     return tuple(str(term).replace(" ", "") for term in template.shape)
 
 
-def _expert_roles(spec: FamilySpec) -> list[_Role]:
-    templates = [t for t in spec.routed_experts if not t.name.endswith("bias")]
-    if len(templates) != len(spec.routed_experts):
+def _expert_roles(spec: FamilySpec) -> tuple[ExpertRole, ...]:
+    """The registry's reading of the routed experts (:func:`moetool.arch.experts.expert_roles`), limited
+    to what merge's canonical form holds: gated experts without biases."""
+    if any(t.name.endswith("bias") for t in spec.routed_experts):
         raise UnsupportedArchitectureError(f"{spec.name} experts have biases; merge handles plain SwiGLU experts only")
-    if spec.expert_layout is ExpertLayout.PER_EXPERT:
-        if len(templates) != 3 or not all("{E}" in t.name for t in templates):
-            raise UnsupportedArchitectureError(f"{spec.name}: expected gate, up and down templates per expert")
-        return [
-            _Role(templates[0], "gate", False, False),
-            _Role(templates[1], "up", False, False),
-            _Role(templates[2], "down", False, False),
-        ]
-    roles_for = {2: ("gate_up", "down"), 3: ("gate", "up", "down")}.get(len(templates))
-    if roles_for is None:
-        raise UnsupportedArchitectureError(f"{spec.name}: unrecognised fused expert layout")
-    out = []
-    for template, role in zip(templates, roles_for, strict=True):
-        terms = _shape_terms(template)
-        flat = len(terms) == 2 and terms[0] == "E*I"
-        if flat:
-            # [E*I, H] viewed as [E, I, H]: gate/up are canonical, down is stored transposed.
-            axes = ("I", "H")
-        elif len(terms) == 3 and terms[0] == "E":
-            axes = terms[1:]
-        else:
-            raise UnsupportedArchitectureError(f"{spec.name}: unrecognised fused expert shape {terms}")
-        # Canonical: gate/up/gate_up have H last (rows are neurons); down has H first.
-        transposed = axes[0] == "H" if role != "down" else axes[0] != "H"
-        out.append(_Role(template, role, transposed, flat))
-    return out
+    roles = expert_roles(spec)
+    if not roles.gated:
+        raise UnsupportedArchitectureError(
+            f"{spec.name}: its experts are two-matrix MLPs (no gate projection); merge handles gated experts only"
+        )
+    return roles.roles
 
 
 class LayerTensors:

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from moetool.arch.derived import named_expert_roles
 from moetool.arch.dims import Dims, eval_dim, template_applies
+from moetool.arch.experts import expert_roles
 from moetool.arch.spec import ExpertLayout, ExpertsProtocol, FamilySpec, T
 from moetool.errors import CheckpointError, ShapeMismatchError, UnsupportedArchitectureError
 
@@ -145,18 +145,19 @@ def check_quantizable_family(spec: FamilySpec, dims: Dims, name: str) -> None:
 
 
 def _expert_roles(spec: FamilySpec) -> tuple[tuple[T, ...], str]:
-    """The routed-expert templates in role order (gate, up, down; or fused gate_up, down), checked against
-    the shapes a gate/up/down MLP has, and the expression of the experts' width."""
-    templates = spec.routed_experts
-    if spec.expert_layout is ExpertLayout.PER_EXPERT:
-        shapes = [t.shape for t in templates]
-        if len(templates) == 3 and shapes == [("I", "H"), ("I", "H"), ("H", "I")]:
-            return templates, "I"  # gate, up, down (per_expert() lists them in that order)
-        roles = named_expert_roles(templates)
-        if roles is not None:
-            return roles
-    elif len(templates) == 2 and [t.shape for t in templates] == [("E", "2*I", "H"), ("E", "H", "I")]:
-        return templates, "I"  # fused gate_up, down
+    """The routed-expert templates in role order (gate, up, down; or fused gate_up, down) and the
+    expression of the experts' width: the registry's reading (:func:`moetool.arch.experts.expert_roles`),
+    limited to what quantize maps onto transformers' experts module (bias-free, gated, canonical
+    orientation)."""
+    try:
+        roles = expert_roles(spec)
+    except UnsupportedArchitectureError:
+        roles = None
+    if roles is not None and roles.gated and not roles.has_bias and roles.plain:
+        order = ("gate_up", "down") if roles.fused else ("gate", "up", "down")
+        found = [roles.get(role) for role in order]
+        if all(r is not None for r in found):
+            return tuple(r.template for r in found if r is not None), roles.width
     raise UnsupportedArchitectureError(
         f"moetool quantize does not know the on-disk expert layout of {spec.name}",
         hint="its routed experts are not gate/up/down projections per expert (or fused gate_up + down)",
