@@ -139,6 +139,7 @@ def test_layer_prefix_numbers_across_stacks():
         "num_attention_heads": 2,
         "num_key_value_heads": 1,
         "num_local_experts": 4,
+        "num_experts_per_tok": 2,
         "vocab_size": 32,
     }
     assert layer_prefix(mixtral, resolve_dims(mixtral, config), 1) == "model.layers.1."
