@@ -7,6 +7,8 @@ shared-expert layouts); ``-m slow`` checks every derived family.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from moetool.arch.derived import load_table, refused_model_types
@@ -481,3 +483,85 @@ def test_quantize_derived_family_verifies(model_type, tiny_models, tmp_path):
     )
     checks = {check["name"]: check["passed"] for check in result.to_json()["verification"]["checks"]}
     assert checks == {"coverage": True, "exact": True, "logits": True, "compressed-tensors": True, "transformers": True}
+
+
+# ----------------------------------------------------------------------------- distill
+
+
+def _distillable() -> list[str]:
+    from moetool.arch.derived import derived_families
+
+    return sorted(spec.name for spec in derived_families() if "distill" not in spec.capabilities)
+
+
+#: Distilled by default: a decoder-only family with dense layers first (glm4_moe) and a hybrid (jamba).
+FAST_DISTILL = ["glm4_moe", "jamba"]
+
+
+def test_distill_capability_is_data_with_reasons():
+    """Every decoder-only derived family can be a distill teacher; encoder-decoders and DISTILL_REFUSED
+    refuse with a reason; no derived family is an upcycle target."""
+    from moetool.arch.derived import DISTILL_REFUSED, derived_families
+
+    specs = {spec.name: spec for spec in derived_families()}
+    distillable = _distillable()
+    assert len(distillable) >= 50 and set(FAST_DISTILL) <= set(distillable)
+    for name, spec in specs.items():
+        if name in DISTILL_REFUSED:
+            assert spec.capabilities["distill"] == DISTILL_REFUSED[name]
+        elif spec.stacks:
+            assert "encoder-decoder" in spec.capabilities["distill"]
+        else:
+            assert name in distillable
+        assert "upcycle writes" in spec.capabilities["upcycle"]
+
+
+@pytest.mark.parametrize("model_type", _params(_distillable(), FAST_DISTILL))
+def test_distill_derived_family(model_type, tmp_path):
+    """A tiny derived teacher distils into a dense checkpoint student (--init PATH) sharing its tokenizer:
+    the run trains, evaluates against the teacher (finite KL) and publishes a model stock transformers
+    loads. Students built from the teacher are refused before any work (no dense counterpart)."""
+    import math
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    from moetool.data import DatasetSpec, Document
+    from moetool.distill import DistillOptions, distill
+    from moetool.errors import MoetoolError
+    from moetool.modeling import load_tokenizer, open_checkpoint
+    from tests.helpers import make_tokenizer
+    from tests.tiny import build_tiny
+
+    teacher = tmp_path / "teacher"
+    build_tiny_derived(model_type, teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    vocab = (config.get("text_config") or config)["vocab_size"]
+    words = [f"w{i}" for i in range(min(200, vocab - 10))]
+    make_tokenizer(("<pad>", "<unk>", "</s>", *words), path=teacher)
+    student = tmp_path / "student"
+    build_tiny("llama", student, vocab_size=vocab)
+    make_tokenizer(("<pad>", "<unk>", "</s>", *words), path=student)
+    rng = random.Random(0)
+    docs = [Document(" ".join(rng.choice(words) for _ in range(40))) for _ in range(24)]
+    data = DatasetSpec.of_documents(docs[:20], "train")
+    options = dict(steps=2, batch_size=2, seq_len=16, eval_max_tokens=200, save_every=2, log_every=1, threads=1)
+    run = lambda out, init: distill(  # noqa: E731
+        str(teacher), out, data=data, eval_data=DatasetSpec.of_documents(docs[20:], "held-out"),
+        options=DistillOptions(init=init, **options), device="cpu",
+    )  # fmt: skip
+    with pytest.raises(MoetoolError) as info:
+        run(tmp_path / "never", "concat")
+    assert info.value.code == "NO_DENSE_COUNTERPART" and not (tmp_path / "never").exists()
+    tokenizers = [type(load_tokenizer(open_checkpoint(str(folder)))) for folder in (teacher, student)]
+    if tokenizers[0] is not tokenizers[1]:
+        # transformers picks a tokenizer class from the model type (Qwen3.5's), which splits the tiny
+        # word-level vocabulary differently: distill must say so rather than train on mismatched ids.
+        with pytest.raises(MoetoolError) as info:
+            run(tmp_path / "mismatch", str(student))
+        assert info.value.code == "TOKENIZER_MISMATCH"
+        return
+    result = run(tmp_path / "out", str(student))
+    assert result.state.step == 2 and math.isfinite(result.evaluation.kl)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert type(reloaded).__name__ == "LlamaForCausalLM"

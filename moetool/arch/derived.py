@@ -140,7 +140,38 @@ def _capabilities(entry: Mapping[str, Any], routed: list[T]) -> dict[str, str]:
             capabilities["quantize"] = _WRAPPER_REFUSAL
         else:
             capabilities.pop("quantize", None)
+    distill = _distill_refusal(entry)
+    if distill is None:
+        capabilities.pop("distill", None)
+    else:
+        capabilities["distill"] = distill
+    capabilities["upcycle"] = _UPCYCLE_REFUSAL
     return capabilities
+
+
+#: Why distill refuses a derived family as the teacher, where it does.
+DISTILL_REFUSED = {
+    "deepseek_v4": "its hash-routing tables (tid2eid) are stored as integers, which distill's input check refuses",
+    "nemo_speechlm": "stock transformers 5.25 does not reload a checkpoint of it that it saved (its audio tower's "
+    "diarization sub-config comes back with other shapes), so the teacher cannot be loaded",
+}
+_UPCYCLE_REFUSAL = (
+    "upcycle writes the MoE counterparts of the dense families in the hand-written registry (--arch mixtral, "
+    "qwen2_moe, qwen3_moe); no dense family's config and tensors are mapped onto this one"
+)
+
+
+def _distill_refusal(entry: Mapping[str, Any]) -> str | None:
+    """Distill runs the teacher through the layer-streamed runner (any family profile-routing runs) and
+    trains a dense student given by ``--init PATH`` (students built from the teacher need the registry's
+    dense counterpart, which derived families lack: distill refuses those inits itself). An encoder-decoder
+    teacher is refused: the student is a decoder-only language model (tests/test_derived_families.py
+    distills each family once)."""
+    if entry["model_type"] in DISTILL_REFUSED:
+        return DISTILL_REFUSED[entry["model_type"]]
+    if entry.get("stacks"):
+        return "an encoder-decoder teacher: distill trains a decoder-only student on next-token logits"
+    return None
 
 
 def derived_families() -> list[FamilySpec]:

@@ -282,6 +282,7 @@ def distill(
     )
     _check_paths(out_path, ckpt_dir, inputs, overwrite=overwrite, resume=resume)
     _check_init(options, resume)
+    _check_student_family(spec, options, resume)
     documents = data.load()
     eval_documents = eval_data.load() if eval_data is not None else None
     accelerator = _accelerator(device, options.dtype)
@@ -365,6 +366,19 @@ def _check_init(options: DistillOptions, resume: bool) -> None:
             hint="use concat, top1, average, random, or the path of a dense checkpoint",
             code="OPTION_INVALID",
         )
+
+
+def _check_student_family(spec: Any, options: DistillOptions, resume: bool) -> None:
+    """A student built by moetool (from the teacher's experts, or random) is the teacher family's dense
+    counterpart: refuse a family that has none before anything is read or loaded."""
+    if resume or options.init_is_path or spec.dense_counterpart:
+        return
+    raise UnsupportedArchitectureError(
+        f"--init {options.init}: moetool knows no dense architecture for {spec.name} teachers to build the student in",
+        hint="pass --init PATH, a dense checkpoint that shares the teacher's tokenizer (students built from the "
+        "teacher: Mixtral, Qwen2-MoE, Qwen3-MoE)",
+        code="NO_DENSE_COUNTERPART",
+    )
 
 
 @contextmanager
