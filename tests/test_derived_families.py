@@ -446,7 +446,7 @@ def test_quantize_capability_is_data_with_reasons():
 
     specs = {spec.name: spec for spec in derived_families()}
     quantizable = _quantizable()
-    assert len(quantizable) >= 30
+    assert len(quantizable) >= 32
     assert set(FAST_QUANTIZE) <= set(quantizable)
     for name in QUANTIZE_REFUSED:
         if name in specs:
@@ -565,3 +565,31 @@ def test_distill_derived_family(model_type, tmp_path):
     assert result.state.step == 2 and math.isfinite(result.evaluation.kl)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert type(reloaded).__name__ == "LlamaForCausalLM"
+
+
+def test_hash_routing_tables_are_not_mistaken_for_quantized_weights(tmp_path):
+    """DeepSeek-V4's hash-routed layers store token -> expert tables (tid2eid) as integers: a saved
+    checkpoint passes validation and profile-routing / eval run on it from disk, while an integer router
+    weight is still refused."""
+    from moetool.io.checkpoint import Checkpoint
+    from moetool.validate.tensors import validate_checkpoint
+    from tests.helpers import make_tokenizer, run_cli
+    from tests.malformed import edit_header
+
+    if "deepseek_v4" not in ENTRIES:
+        pytest.skip("deepseek_v4 is not in the derived table")
+    path = tmp_path / "dsv4"
+    build_tiny_derived("deepseek_v4", path)
+    make_tokenizer(path=path)
+    checkpoint = Checkpoint.open(path)
+    assert any(name.endswith("tid2eid") and info.dtype == "I64" for name, info in checkpoint.tensors.items())
+    assert validate_checkpoint(checkpoint, float_weights=True) == []
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": "hello world " * 20}) + "\n" for _ in range(4)))
+    result = run_cli("profile-routing", str(path), "-d", str(data), "--json", one_thread=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["layers"]
+    router = next(name for name in checkpoint.tensors if name.endswith("gate.weight"))
+    edit_header(path, lambda h: h[router].__setitem__("dtype", "I32"))
+    [finding] = validate_checkpoint(Checkpoint.open(path), float_weights=True)
+    assert finding.code == "DTYPE_INVALID" and router in finding.message

@@ -119,7 +119,6 @@ def family_from_entry(entry: Mapping[str, Any]) -> FamilySpec:
 QUANTIZE_REFUSED = {
     "bailing_hybrid": "stock transformers 5.25 cannot convert its compressed-tensors experts on load",
     "kimi_linear": "stock transformers 5.25 cannot convert its compressed-tensors experts on load",
-    "deepseek_v4": "its hash-routing tables (tid2eid) are stored as integers, which quantize's input check refuses",
 }
 _WRAPPER_REFUSAL = (
     "a multimodal wrapper (the MoE sits in text_config): quantize writes and verifies text models only; "
@@ -151,7 +150,6 @@ def _capabilities(entry: Mapping[str, Any], routed: list[T]) -> dict[str, str]:
 
 #: Why distill refuses a derived family as the teacher, where it does.
 DISTILL_REFUSED = {
-    "deepseek_v4": "its hash-routing tables (tid2eid) are stored as integers, which distill's input check refuses",
     "nemo_speechlm": "stock transformers 5.25 does not reload a checkpoint of it that it saved (its audio tower's "
     "diarization sub-config comes back with other shapes), so the teacher cannot be loaded",
 }

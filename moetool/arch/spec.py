@@ -40,6 +40,16 @@ CATEGORIES: tuple[str, ...] = (
     "other",
 )
 
+#: Tensors that hold expert indices rather than weights: hash-routing tables (DeepSeek-V4's ``tid2eid``,
+#: token id -> the experts it goes to). transformers stores them as integers; they are never quantized
+#: storage, and commands copy them unchanged.
+INDEX_TABLE_LEAVES = frozenset({"tid2eid"})
+
+
+def is_index_table(name: str) -> bool:
+    """Whether a tensor name is an expert-index table (:data:`INDEX_TABLE_LEAVES`)."""
+    return name.rsplit(".", 1)[-1] in INDEX_TABLE_LEAVES
+
 
 class Routing(str, Enum):
     """How a family turns router logits into expert choices (GUIDE.md section 3)."""

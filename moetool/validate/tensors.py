@@ -9,7 +9,7 @@ from typing import Any
 
 from moetool.arch.dims import Dims, lookup
 from moetool.arch.plan import planned_tensors
-from moetool.arch.spec import FamilySpec, T
+from moetool.arch.spec import FamilySpec, T, is_index_table
 from moetool.errors import MoetoolError
 from moetool.io.dtypes import FLOAT_DTYPES
 from moetool.validate.config import config_findings, config_prefix, dims_fields
@@ -205,7 +205,7 @@ def _float_findings(checkpoint: Any, spec: FamilySpec, dims: Dims) -> list[Findi
     classifier = TensorClassifier(spec, dims)
     bad: list[Any] = []
     for info in checkpoint.tensors.values():
-        if info.dtype in FLOAT_DTYPES:
+        if info.dtype in FLOAT_DTYPES or is_index_table(info.name):
             continue
         placement = classifier.classify(info.name)
         if placement.category in ("routed_experts", "shared_experts", "attention", "dense_mlp", "router"):
@@ -242,7 +242,9 @@ def _integer_findings(checkpoint: Any, spec: FamilySpec, dims: Dims) -> list[Fin
     bad = [
         info
         for info in checkpoint.tensors.values()
-        if info.dtype in _INTEGER_DTYPES and classifier.classify(info.name).category in _WEIGHT_CATEGORIES
+        if info.dtype in _INTEGER_DTYPES
+        and classifier.classify(info.name).category in _WEIGHT_CATEGORIES
+        and not is_index_table(info.name)  # hash-routing tables are integers by nature
     ]
     if not bad:
         return []
