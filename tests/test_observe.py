@@ -57,6 +57,8 @@ def test_route_events_carry_the_mask_the_weights_and_the_routed_input():
     observer.run(batches)
     real = sum(int(b.attention_mask.sum()) for b in batches)
     assert observer.tokens == real
+    # One mask per batch, shared by its layers' events (made once, not per layer).
+    assert len({id(e.mask) for e in events}) == len(batches)
     assert {e.layer for e in events} == set(observer.layers)
     for layer in observer.layers:
         mine = [e for e in events if e.layer == layer]

@@ -73,12 +73,11 @@ def profile_routing(
         context = contexts.get(index)
         if context is None:
             rows, length = batch.input_ids.shape
-            mask = batch.attention_mask.to(device)
             domain_ids = torch.tensor(
                 [domain_index.get(d, 0) if d is not None else 0 for d in batch.domains], device=device
             )
             context = contexts[index] = BatchContext(
-                mask=mask.reshape(-1).bool(),
+                mask=observer.mask,  # the observer's device mask of this batch
                 window_ids=torch.arange(rows, device=device).repeat_interleave(length),
                 domain_ids=domain_ids.repeat_interleave(length),
                 num_windows=rows,

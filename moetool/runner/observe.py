@@ -224,21 +224,30 @@ class Observer:
         """Run ``batches`` (:class:`moetool.data.Batch`) through the runner with the hooks on.
 
         ``before_batch(index, batch)`` runs before each batch enters each layer, after the observer has
-        set that batch's mask; ``on_tokens`` and ``after_segment`` are the runner's.
+        set that batch's mask (:attr:`mask`, the same tensor at every layer of a segment); ``on_tokens``
+        and ``after_segment`` are the runner's.
         """
-        counted: set[int] = set()
+        # One device mask per batch of the running segment, made when the batch enters the first layer
+        # and reused by the others (a host-to-device copy per layer could wait for the device).
+        masks: dict[int, Any] = {}
         device = self.runner.device
 
         def before(index: int, batch: Any) -> None:
-            self._mask = batch.attention_mask.reshape(-1).bool().to(device)
-            if index not in counted:
-                counted.add(index)
+            mask = masks.get(index)
+            if mask is None:
+                mask = masks[index] = batch.attention_mask.reshape(-1).bool().to(device)
                 self.tokens += int(batch.attention_mask.sum())  # on the host: no device sync
+            self._mask = mask
             if before_batch is not None:
                 before_batch(index, batch)
 
+        def after() -> None:
+            masks.clear()
+            if after_segment is not None:
+                after_segment()
+
         with self.watching():
-            self.runner.forward_batches(batches, before_batch=before, on_tokens=on_tokens, after_segment=after_segment)
+            self.runner.forward_batches(batches, before_batch=before, on_tokens=on_tokens, after_segment=after)
 
     # ------------------------------------------------------------------ hooks
 
