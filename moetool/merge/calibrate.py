@@ -1,8 +1,8 @@
 """One pass of calibration text through the model, recording what merging needs at each MoE layer.
 
-Hooks sit on the router modules (:func:`moetool.routing.observe.find_routers`), so they see the exact
-hidden states every MoE block receives and the exact expert choices and weights the model makes. Per
-layer, over all calibration tokens (padding excluded):
+A consumer of the one observation path (:class:`moetool.runner.observe.Observer`): its router events
+carry the exact hidden states every MoE block receives and the exact expert choices and weights the
+model makes. Per layer, over all calibration tokens (padding excluded):
 
 * ``counts``: top-k selections per expert (what profile-routing calls counts);
 * ``prob_mean``: mean softmax router probability per expert (profile-routing's ``prob_mean``);
@@ -22,12 +22,11 @@ sample: methods that need one then refuse.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moetool.arch.dims import get_path
-from moetool.arch.spec import FamilySpec, RouterOutput
+from moetool.arch.spec import FamilySpec
 from moetool.errors import MoetoolError, UsageError
 
 if TYPE_CHECKING:
@@ -88,32 +87,6 @@ class Calibration:
     @property
     def has_sample(self) -> bool:
         return all(layer.sample is not None for layer in self.layers.values())
-
-
-def routing_decision(
-    output: Any, spec: FamilySpec, config: Mapping[str, Any], top_k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logits, indices, weights)`` of one router call, as the MoE block applies them.
-
-    Routers that return only logits (DBRX) or masked scores (Llama-4) get the family's rule applied.
-    """
-    import torch
-
-    if spec.router_output is RouterOutput.LOGITS_WEIGHTS_INDICES:
-        logits, weights, indices = output
-    elif spec.router_output is RouterOutput.SCORES_LOGITS:
-        scores, logits = output
-        indices = torch.topk(logits, top_k, dim=-1).indices
-        weights = scores.reshape(-1, scores.shape[-1]).gather(-1, indices.reshape(-1, top_k))
-    else:
-        logits = output
-        probs = torch.softmax(logits.float(), dim=-1)
-        weights, indices = torch.topk(probs, top_k, dim=-1)
-        norm = get_path(config, spec.routing.renormalize_key) if spec.routing.renormalize_key else None
-        if isinstance(norm, (int, float)) and not isinstance(norm, bool) and norm > 0:
-            weights = weights / torch.norm(weights, p=float(norm), dim=-1, keepdim=True)
-    logits = logits.reshape(-1, logits.shape[-1])
-    return logits, indices.reshape(-1, indices.shape[-1]), weights.reshape(-1, weights.shape[-1])
 
 
 class _LayerAccumulator:
@@ -214,46 +187,23 @@ def calibrate(
 
     import torch
 
-    from moetool.routing.observe import find_routers, router_top_k
-    from moetool.runner.stream import StreamedModel, WholeModel
+    from moetool.runner.observe import Observer, RouteEvent
 
-    runner = model if isinstance(model, (StreamedModel, WholeModel)) else WholeModel(model)
-    config = runner.model.config.to_dict()
-    routers = find_routers(runner.model, spec)
+    observer = Observer(model, spec)
     accumulators: dict[int, _LayerAccumulator] = {}
-    context: dict[str, torch.Tensor] = {}
-    handles = []
 
-    def hook_for(layer: int, top_k: int) -> Callable[..., None]:
-        def hook(_module: Any, inputs: Any, output: Any) -> None:
-            x = inputs[0]
-            x = x.reshape(-1, x.shape[-1])
-            logits, indices, weights = routing_decision(output, spec, config, top_k)
-            mask = context["mask"]
-            acc = accumulators.get(layer)
-            if acc is None:
-                generator = torch.Generator().manual_seed(seed * 1_000_003 + layer)
-                acc = accumulators[layer] = _LayerAccumulator(layer, logits.shape[-1], sample_tokens, generator)
-            acc.update(x[mask], logits[mask], indices[mask], weights[mask])
-
-        return hook
-
-    counted: dict[int, int] = {}
-
-    def before_batch(index: int, batch: Any) -> None:
-        context["mask"] = batch.attention_mask.reshape(-1).bool().to(runner.device)
-        counted.setdefault(index, int(batch.attention_mask.sum()))
+    def on_route(event: RouteEvent) -> None:
+        acc = accumulators.get(event.layer)
+        if acc is None:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + event.layer)
+            acc = accumulators[event.layer] = _LayerAccumulator(
+                event.layer, event.logits.shape[-1], sample_tokens, generator
+            )
+        acc.update(*(event.masked(t) for t in (event.x, event.logits, event.indices, event.weights)))
 
     start = time.perf_counter()
-    try:
-        for layer, module in routers.items():
-            top_k = router_top_k(module, spec, runner.model.config)
-            handles.append(module.register_forward_hook(hook_for(layer, top_k)))
-        runner.forward_batches(batches, before_batch=before_batch, on_tokens=on_batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    tokens = sum(counted.values())
+    observer.on_route(on_route, weights=True, inputs=True).run(batches, on_tokens=on_batch)
+    tokens = observer.tokens
     if tokens == 0 or not accumulators:
         raise MoetoolError(
             "the calibration data gave no token to route",

@@ -24,6 +24,7 @@ Padding positions never enter a Hessian.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,6 +32,8 @@ from moetool.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
+
+    from moetool.runner.observe import InputEvent
 
 FALLBACKS = ("all-tokens", "rtn")
 
@@ -124,32 +127,22 @@ class CalibrationRunner(Protocol):
 # ----------------------------------------------------------------------------- Hessians
 
 
-def _masked_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    x = x.reshape(-1, x.shape[-1])
-    if mask is not None and mask.numel() == x.shape[0]:
-        x = x[mask]
-    return x
-
-
 class LinearHessian:
-    """``sum x x^T`` of the inputs of one ``nn.Linear`` (hook on its input)."""
+    """``sum x x^T`` of the inputs of one ``nn.Linear``, fed by the observer (:meth:`add`, an
+    :meth:`moetool.runner.observe.Observer.on_input` callback)."""
 
-    def __init__(self, module: Any, inputs: CalibrationRunner, device: torch.device) -> None:
+    def __init__(self, module: Any, device: torch.device) -> None:
         import torch
 
         columns = module.in_features
         self.hessian = torch.zeros((columns, columns), dtype=torch.float32, device=device)
         self.tokens = 0
-        self._inputs = inputs
-        self._handle = module.register_forward_pre_hook(self._hook)
 
-    def _hook(self, _module: Any, args: tuple[Any, ...]) -> None:
-        x = _masked_rows(args[0].detach(), self._inputs.current_mask).float()
+    def add(self, event: InputEvent) -> None:
+        """Add one call's real (not padding) input rows."""
+        x = event.masked(event.args[0]).float()
         self.hessian.addmm_(x.T, x)
         self.tokens += x.shape[0]
-
-    def remove(self) -> None:
-        self._handle.remove()
 
     def reduce(self, runner: CalibrationRunner) -> None:
         """Sum the Hessian and token count over the processes."""
@@ -162,24 +155,22 @@ class LinearHessian:
 class ExpertsHessians:
     """Per-expert Hessians of one layer's routed experts, from the experts module's input.
 
-    Use :meth:`collect_gate_up` for a forward pass collecting ``[E, H, H]`` (and the all-token
-    ``[H, H]``), then :meth:`plan_coverage`, then :meth:`collect_down` for a pass collecting ``[E, I, I]``
-    from ``act(gate) * up`` computed with the module's *current* (by then quantized) gate/up weights.
+    Use :meth:`collect_gate_up` (its callback subscribed to the experts module's input through
+    :class:`moetool.runner.observe.Observer`, which gives each call's padding mask) for a forward pass
+    collecting ``[E, H, H]`` (and the all-token ``[H, H]``) and keeping the experts' inputs, then
+    :meth:`plan_coverage`, then :meth:`down_from_cache` collecting ``[E, I, I]`` from ``act(gate) * up``
+    computed with the module's *current* (by then quantized) gate/up weights.
 
     Args:
         module: the transformers experts module (gate_up_proj ``[E, 2I, H]``, down_proj, act_fn).
-        inputs: the layer inputs (for the padding mask of the running batch).
         options: coverage options.
         experts: the experts to collect for (a chunk, for memory); all when ``None``.
     """
 
-    def __init__(
-        self, module: Any, inputs: CalibrationRunner, options: CoverageOptions, experts: list[int] | None = None
-    ) -> None:
+    def __init__(self, module: Any, options: CoverageOptions, experts: list[int] | None = None) -> None:
         import torch
 
         self.module = module
-        self.inputs = inputs
         self.options = options
         e, two_i, h = module.gate_up_proj.shape
         self.num_experts = int(e)
@@ -201,15 +192,13 @@ class ExpertsHessians:
 
     # -- helpers
 
-    def _call_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-        mask = self.inputs.current_mask
-        x = hidden.detach().reshape(-1, hidden.shape[-1])
-        idx = index.detach().reshape(x.shape[0], -1)
-        if mask is not None and mask.numel() == x.shape[0]:
-            x, idx = x[mask], idx[mask]
-        return x.float(), idx
+    @staticmethod
+    def _call_inputs(event: InputEvent) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts' real (not padding) input rows ``[n, H]`` and their top-k indices ``[n, k]``."""
+        hidden = event.argument(0, "hidden_states")
+        x = hidden.reshape(-1, hidden.shape[-1])
+        idx = event.argument(1, "top_k_index").reshape(x.shape[0], -1)
+        return event.masked(x).float(), event.masked(idx)
 
     def _take(self, rows: torch.Tensor, expert: int, used: torch.Tensor) -> torch.Tensor:
         cap = self.options.max_tokens_per_expert
@@ -221,8 +210,9 @@ class ExpertsHessians:
 
     # -- pass 1: gate/up
 
-    def collect_gate_up(self, *, keep_inputs: bool = False) -> Any:
-        """Start collecting gate/up Hessians; returns the hook handle (``.remove()`` it after the pass).
+    def collect_gate_up(self, *, keep_inputs: bool = False) -> Callable[[InputEvent], None]:
+        """Start collecting gate/up Hessians; returns the callback to subscribe to the experts module's
+        input (:meth:`moetool.runner.observe.Observer.on_input`) for the pass.
 
         Args:
             keep_inputs: also keep the experts' inputs for :meth:`down_from_cache` (valid only while
@@ -236,8 +226,8 @@ class ExpertsHessians:
             self.gate_up = torch.zeros((n, h, h), dtype=torch.float32, device=self.device)
         self.cached = [] if keep_inputs else None
 
-        def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            x, idx = self._call_inputs(args, kwargs)
+        def on_input(event: InputEvent) -> None:
+            x, idx = self._call_inputs(event)
             if self.cached is not None:
                 self.cached.append((x, idx))
             assert self.all_hessian is not None
@@ -251,7 +241,7 @@ class ExpertsHessians:
                     if rows.shape[0]:
                         self.gate_up[slot].addmm_(rows.T, rows)
 
-        return self.module.register_forward_pre_hook(hook, with_kwargs=True)
+        return on_input
 
     def gate_up_from_cache(self, cached: list[tuple[torch.Tensor, torch.Tensor]], recorder: ExpertsHessians) -> None:
         """This chunk's gate/up Hessians from the experts' inputs a recorder kept (same sums, same order,
@@ -328,15 +318,6 @@ class ExpertsHessians:
         i, n = self.intermediate, len(self.experts)
         self.down = torch.zeros((n, i, i), dtype=torch.float32, device=self.device)
         self._down_used.zero_()
-
-    def collect_down(self) -> Any:
-        """Start collecting down-projection Hessians; returns the hook handle."""
-        self._start_down()
-
-        def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self._accumulate_down(*self._call_inputs(args, kwargs))
-
-        return self.module.register_forward_pre_hook(hook, with_kwargs=True)
 
     def down_from_cache(self) -> None:
         """Collect the down-projection Hessians from the inputs kept by the gate/up pass."""

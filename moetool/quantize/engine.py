@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from moetool.quantize.calibrate import CalibrationRunner, ExpertsHessians, LayerCoverage, LinearHessian
 from moetool.quantize.gptq import GPTQStats, gptq_quantize
 from moetool.quantize.rtn import QuantizedWeight, rtn_quantize
+from moetool.runner.observe import Observer
 
 if TYPE_CHECKING:
     import torch
@@ -299,19 +300,17 @@ def _gptq_experts(job: LayerJob, inputs: CalibrationRunner) -> None:
     """
     experts, result, coverage = job.experts, job.result, job.request.coverage
     assert experts is not None
-    recorder = ExpertsHessians(experts, inputs, coverage, [])
-    handle = recorder.collect_gate_up(keep_inputs=True)
-    try:
+    recorder = ExpertsHessians(experts, coverage, [])
+    observer = Observer(mask=lambda: inputs.current_mask)
+    with observer.on_input({job.layer: experts}, recorder.collect_gate_up(keep_inputs=True)).watching():
         inputs.run(job.layer, job.module, keep=False)
-    finally:
-        handle.remove()
     recorder.reduce_all_tokens(inputs)
     cached = recorder.cached or []
     gate_up_parts: list[QuantizedWeight] = []
     down_parts: list[QuantizedWeight] = []
     expert_coverage = []
     for chunk in _chunks(int(experts.gate_up_proj.shape[0]), job.expert_batch):
-        hessians = ExpertsHessians(experts, inputs, coverage, chunk)
+        hessians = ExpertsHessians(experts, coverage, chunk)
         hessians.gate_up_from_cache(cached, recorder)
         hessians.reduce_gate_up(inputs)
         hessians.plan_coverage()
@@ -344,12 +343,12 @@ def gptq_layer(job: LayerJob) -> None:
     assert inputs is not None
     # Pass 1: the linears' Hessians (attention, shared experts), quantized first.
     if job.linears:
-        collectors = {name: LinearHessian(module, inputs, module.weight.device) for name, module in job.linears.items()}
-        try:
+        collectors = {name: LinearHessian(module, module.weight.device) for name, module in job.linears.items()}
+        observer = Observer(mask=lambda: inputs.current_mask)
+        for name, collector in collectors.items():
+            observer.on_input({name: job.linears[name]}, collector.add)
+        with observer.watching():
             inputs.run(job.layer, job.module, keep=False)
-        finally:
-            for collector in collectors.values():
-                collector.remove()
         for name, collector in collectors.items():
             collector.reduce(inputs)
             module = job.linears[name]

@@ -1,33 +1,27 @@
-"""Observe the expert choices a transformers MoE model makes, at its router modules.
+"""What a transformers MoE model's routers are and what their outputs mean (family knowledge).
 
-Hooks sit on the router module of each MoE layer (the registry says where it is and what it returns),
-so they see exactly the top-k indices the model's own forward uses, whatever experts implementation
-(fused 3-D weights, grouped_mm, kernels) runs afterwards. Where a router returns only logits (DBRX),
-the family's rule is applied to them, as its MoE block does. For the families derived from
-transformers (:mod:`moetool.arch.derived`) the choices are read where the model consumes them: the
-top-k indices its experts module receives, paired with the logits of the router module that ran just
-before it in the same layer.
+The hooks themselves are :class:`moetool.runner.observe.Observer`'s (the one observation path); this
+module finds the modules it hooks and decodes what they return. Hooks sit on the router module of each
+MoE layer (the registry says where it is and what it returns), so they see exactly the top-k indices the
+model's own forward uses, whatever experts implementation (fused 3-D weights, grouped_mm, kernels) runs
+afterwards. Where a router returns only logits (DBRX), the family's rule is applied to them, as its MoE
+block does. For the families derived from transformers (:mod:`moetool.arch.derived`) the choices are
+read where the model consumes them: the top-k indices its experts module receives, paired with the
+logits of the router module that ran just before it in the same layer.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
+from moetool.arch.dims import get_path
 from moetool.arch.spec import FamilySpec, RouterOutput, Routing
 from moetool.errors import UnsupportedArchitectureError
 
-
-@dataclass
-class RouterEvent:
-    """One router call: logits [tokens, experts] and the chosen experts [tokens, top_k]."""
-
-    layer: int
-    logits: Any  # torch.Tensor
-    indices: Any  # torch.LongTensor
-    kept: Any = None  # bool [tokens, top_k]: assignments the model processed (capacity-limited models)
+if TYPE_CHECKING:
+    import torch
 
 
 def _layer_pattern(spec: FamilySpec, module: str) -> re.Pattern[str]:
@@ -158,6 +152,32 @@ def decode_capacity_output(output: Any, spec: FamilySpec) -> tuple[Any, Any, Any
     return logits, indices, kept
 
 
+def routing_decision(
+    output: Any, spec: FamilySpec, config: Mapping[str, Any], top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logits, indices, weights)`` of one router call, as the MoE block applies them.
+
+    Routers that return only logits (DBRX) or masked scores (Llama-4) get the family's rule applied.
+    """
+    import torch
+
+    if spec.router_output is RouterOutput.LOGITS_WEIGHTS_INDICES:
+        logits, weights, indices = output
+    elif spec.router_output is RouterOutput.SCORES_LOGITS:
+        scores, logits = output
+        indices = torch.topk(logits, top_k, dim=-1).indices
+        weights = scores.reshape(-1, scores.shape[-1]).gather(-1, indices.reshape(-1, top_k))
+    else:
+        logits = output
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, indices = torch.topk(probs, top_k, dim=-1)
+        norm = get_path(config, spec.routing.renormalize_key) if spec.routing.renormalize_key else None
+        if isinstance(norm, (int, float)) and not isinstance(norm, bool) and norm > 0:
+            weights = weights / torch.norm(weights, p=float(norm), dim=-1, keepdim=True)
+    logits = logits.reshape(-1, logits.shape[-1])
+    return logits, indices.reshape(-1, indices.shape[-1]), weights.reshape(-1, weights.shape[-1])
+
+
 def router_logits(output: Any, tokens: int | None = None) -> Any:
     """The logits in a router module's output: its first floating-point tensor of two or more dims
     (the expert scores; every router output protocol lists them before weights and indices)."""
@@ -180,90 +200,6 @@ def experts_indices(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if is_index and value.dtype is not torch.bool:
             return value
     return None
-
-
-class RouterObserver:
-    """Context manager that forwards every router call of a model to a callback.
-
-    Args:
-        model: an instantiated transformers causal LM of the family.
-        spec: the family's registry entry.
-        callback: called with a :class:`RouterEvent` for each router call, in forward order.
-    """
-
-    def __init__(self, model: Any, spec: FamilySpec, callback: Callable[[RouterEvent], None]) -> None:
-        self.routers = find_routers(model, spec)
-        self.spec = spec
-        self.callback = callback
-        self._config = model.config
-        self._handles: list[Any] = []
-        self._experts: dict[int, Any] = {}
-        if spec.router_output is RouterOutput.EXPERTS_INPUT:
-            self._experts = find_modules(model, spec, "experts" if spec.stacks else spec.experts_module)
-            if set(self._experts) != set(self.routers):
-                raise UnsupportedArchitectureError(
-                    f"this {spec.name} model's routers and experts modules do not pair up by layer",
-                    hint="the installed transformers may lay this family out differently; please report it",
-                )
-
-    @property
-    def layers(self) -> list[int]:
-        """Indices of the MoE layers, ascending."""
-        return sorted(self.routers)
-
-    def __enter__(self) -> RouterObserver:
-        if self.spec.router_output is RouterOutput.EXPERTS_INPUT:
-            for layer in self.routers:
-                self._handles += self._pair_hooks(layer)
-            return self
-        for layer, module in self.routers.items():
-            capacity = self.spec.router_output in (RouterOutput.SWITCH_MASK, RouterOutput.NLLB_MASK)
-            top_k = 0 if capacity else router_top_k(module, self.spec, self._config)
-            self._handles.append(module.register_forward_hook(self._hook(layer, top_k)))
-        return self
-
-    def _hook(self, layer: int, top_k: int) -> Callable[..., None]:
-        def hook(_module: Any, _inputs: Any, output: Any) -> None:
-            if self.spec.router_output in (RouterOutput.SWITCH_MASK, RouterOutput.NLLB_MASK):
-                self.callback(RouterEvent(layer, *decode_capacity_output(output, self.spec)))
-                return
-            logits, indices = decode_router_output(output, self.spec, top_k)
-            self.callback(
-                RouterEvent(layer, logits.reshape(-1, logits.shape[-1]), indices.reshape(-1, indices.shape[-1]))
-            )
-
-        return hook
-
-    def _pair_hooks(self, layer: int) -> list[Any]:
-        """The router's logits, then the indices the experts module receives, as one event."""
-        pending: dict[str, Any] = {}
-
-        def on_router(_module: Any, _inputs: Any, output: Any) -> None:
-            pending["logits"] = router_logits(output)
-            # The router's own top-k indices when it returns them: the experts module may receive
-            # remapped ones (LongCat-Flash sends its zero-compute choices to real experts at weight 0).
-            pending["indices"] = experts_indices(tuple(output) if isinstance(output, (tuple, list)) else (output,), {})
-
-        def on_experts(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            logits = pending.pop("logits", None)
-            indices = pending.pop("indices", None)
-            if indices is None:
-                indices = experts_indices(args, kwargs)
-            if logits is None or indices is None:
-                raise RuntimeError(f"layer {layer}: could not read the router logits or the experts' top-k indices")
-            self.callback(
-                RouterEvent(layer, logits.reshape(-1, logits.shape[-1]), indices.reshape(-1, indices.shape[-1]))
-            )
-
-        return [
-            self.routers[layer].register_forward_hook(on_router),
-            self._experts[layer].register_forward_pre_hook(on_experts, with_kwargs=True),
-        ]
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
 
 def decoder_inputs(model: Any, input_ids: Any, mask: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from moetool.arch.registry import family_for_config, require_capability
 from moetool.errors import UnsupportedArchitectureError
 from moetool.progress import Progress, token_counter
 from moetool.routing.accumulate import BatchContext, LayerAccumulator
-from moetool.routing.observe import RouterEvent, RouterObserver, capacity_info
+from moetool.routing.observe import capacity_info
 from moetool.routing.stats import RoutingStats, layer_stats_from
 
 
@@ -41,9 +41,9 @@ def profile_routing(
     """
     import torch
 
-    from moetool.runner.stream import StreamedModel, WholeModel
+    from moetool.runner.observe import Observer, RouteEvent, as_runner
 
-    runner = model if isinstance(model, (StreamedModel, WholeModel)) else WholeModel(model)
+    runner = as_runner(model)
     config = runner.model.config.to_dict()
     spec = family_for_config(config)
     require_capability(spec, "profile-routing")
@@ -61,7 +61,7 @@ def profile_routing(
     contexts: dict[int, BatchContext] = {}
     current: dict[str, BatchContext] = {}
 
-    def on_router(event: RouterEvent) -> None:
+    def on_route(event: RouteEvent) -> None:
         acc = accumulators.get(event.layer)
         if acc is None:
             acc = accumulators[event.layer] = LayerAccumulator(
@@ -73,36 +73,32 @@ def profile_routing(
         context = contexts.get(index)
         if context is None:
             rows, length = batch.input_ids.shape
-            mask = batch.attention_mask.to(device)
             domain_ids = torch.tensor(
                 [domain_index.get(d, 0) if d is not None else 0 for d in batch.domains], device=device
             )
-            tokens = int(batch.attention_mask.sum())  # on the host: no device sync per layer
             context = contexts[index] = BatchContext(
-                mask=mask.reshape(-1).bool(),
+                mask=observer.mask,  # the observer's device mask of this batch
                 window_ids=torch.arange(rows, device=device).repeat_interleave(length),
                 domain_ids=domain_ids.repeat_interleave(length),
                 num_windows=rows,
-                tokens=tokens,
+                tokens=int(batch.attention_mask.sum()),  # on the host: no device sync per layer
             )
-            counted.append(tokens)
         current["batch"] = context
 
     from moetool.runner.dist import current_ranks
 
     ranks = current_ranks(str(device))
-    counted: list[int] = []
     start = time.perf_counter()
-    with RouterObserver(runner.model, spec, on_router) as observer:
-        runner.forward_batches(
-            ranks.shard(batches),
-            before_batch=before_batch,
-            on_tokens=token_counter(progress, "routing", expected_tokens),
-            after_segment=contexts.clear,
-        )
-        layers = observer.layers
+    observer = Observer(runner, spec).on_route(on_route)
+    observer.run(
+        ranks.shard(batches),
+        before_batch=before_batch,
+        on_tokens=token_counter(progress, "routing", expected_tokens),
+        after_segment=contexts.clear,
+    )
+    layers = observer.layers
     elapsed = time.perf_counter() - start
-    tokens = sum(counted)
+    tokens = observer.tokens
     if ranks.world > 1:
         tokens = _sum_across(ranks, accumulators, tokens, len(domain_names), device, capacity is not None)
 

@@ -6,9 +6,10 @@ have bit-identical logits) and the rows of different copies differ (random, k-me
 between copies can split a copy's shards. ``zeros`` ties everything and is only allowed for G = 1,
 where any choice among identical experts is exact.
 
-k-means: the dense model runs over a dataset (it must fit in memory), the inputs of each MoE layer's
-MLP are collected, and spherical k-means (cosine assignment, a few Lloyd iterations from a seeded
-k-means++ start) gives E centroids per layer. Router rows are the unit centroids divided by the mean
+k-means: the dense model runs over a dataset through the one observation path
+(:class:`moetool.runner.observe.Observer`), the inputs of each MoE layer's MLP are collected, and
+spherical k-means (cosine assignment, a few Lloyd iterations from a seeded k-means++ start) gives E
+centroids per layer. Router rows are the unit centroids divided by the mean
 hidden-state norm, so that a logit is about the cosine between the token and the centroid: a token
 goes first to the copy whose cluster it is closest to.
 """
@@ -109,32 +110,15 @@ def kmeans_routers(
     """
     import torch
 
-    from moetool.runner.stream import StreamedModel, WholeModel
+    from moetool.runner.observe import InputEvent, Observer
 
-    runner = model if isinstance(model, (StreamedModel, WholeModel)) else WholeModel(model)
-    model = runner.model
-    source = plan.source_family
-    # The dense MLP module of a layer, from the registry: "mlp.gate_proj.weight" -> "mlp".
-    mlp_module = source.dense_mlp[0].name.rsplit(".", 2)[0]
-    modules = dict(model.named_modules())
+    observer = Observer(model, plan.source_family)
     collected: dict[int, list[torch.Tensor]] = {layer: [] for layer in plan.moe_layers}
-    mask_holder: dict[str, torch.Tensor] = {}
-    handles = []
 
-    def hook_for(layer: int) -> Callable[..., None]:
-        def hook(_module: Any, args: tuple[Any, ...]) -> None:
-            hidden = args[0].detach()
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            mask = mask_holder["mask"].to(hidden.device).bool()
-            collected[layer].append(hidden[mask].float().cpu())
+    def on_mlp_input(event: InputEvent) -> None:
+        collected[event.key].append(event.masked(event.args[0]).float().cpu())
 
-        return hook
-
-    for layer in plan.moe_layers:
-        name = source.layer_prefix.format(L=layer) + mlp_module
-        if name not in modules:
-            raise ValueError(f"the dense model has no module {name!r}")
-        handles.append(modules[name].register_forward_pre_hook(hook_for(layer)))
+    observer.on_input(observer.mlp_modules(plan.moe_layers), on_mlp_input)
     seen = 0
 
     def limited() -> Iterable[Any]:
@@ -145,14 +129,7 @@ def kmeans_routers(
             if seen >= max_tokens:
                 return
 
-    def before_batch(_index: int, batch: Any) -> None:
-        mask_holder["mask"] = batch.attention_mask.reshape(-1)
-
-    try:
-        runner.forward_batches(limited(), before_batch=before_batch, on_tokens=on_tokens)
-    finally:
-        for handle in handles:
-            handle.remove()
+    observer.run(limited(), on_tokens=on_tokens)
     if seen < plan.options.num_experts:
         raise DatasetError(
             f"the dataset gave {seen} tokens; k-means router init needs at least one per expert "
