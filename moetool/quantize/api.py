@@ -314,8 +314,8 @@ def _quantize_pass(
     writes (``writer`` is ``None`` on the others).
     """
     from moetool.quantize.engine import LayerJob, quantize_layer
+    from moetool.quantize.layout import layer_of_path
     from moetool.quantize.loader import experts_module
-    from moetool.runner.skeleton import layer_index
 
     method = method_named(options.method)
     grid = fmt.grid(clip_search=options.clip_search, ternary_scale=options.ternary_scale)
@@ -334,7 +334,7 @@ def _quantize_pass(
             # GPTQ's inputs must not depend on the thread count: every layer run of the pass (also the
             # layers only passed through) on the fixed thread count of moetool.quantize.gptq.
             with method.fixed_threads(runner.device):
-                layer = layer_index(step.path)
+                layer = layer_of_path(spec, layout.dims, step.path)
                 step.run(keep=True, only={probe_original})
                 if layer in layout.experts or layer in layout.linears:
                     seen.add(layer)
@@ -355,6 +355,11 @@ def _quantize_pass(
                         inputs,
                         expert_batch=result.expert_batch,
                         split_gate_up=split_gate_up,
+                        routed={
+                            lin.module: (lin.expert, lin.role)
+                            for lin in layout.linears.get(layer, [])
+                            if lin.expert is not None and lin.role is not None
+                        },
                     )
                     layer_result = quantize_layer(job)
                     del job

@@ -50,6 +50,21 @@ def decoder_layers(model: Any) -> dict[int, Any]:
     return {int(m.group(1)): module for name, module in model.named_modules() if (m := _LAYER_RE.search(name))}
 
 
+def layer_modules(model: Any, layout: QuantLayout) -> dict[int, Any]:
+    """Decoder-layer modules of an instantiated model by the layout's layer index (numbered across an
+    encoder-decoder's stacks, encoder first)."""
+    if not layout.spec.stacks:
+        return decoder_layers(model)
+    from moetool.quantize.layout import layer_of_path
+
+    found = {}
+    for name, module in model.named_modules():
+        index = layer_of_path(layout.spec, layout.dims, name)
+        if index >= 0:
+            found[index] = module
+    return found
+
+
 def experts_module(layer_module: Any, spec: Any, layer: int) -> Any:
     """The routed-experts module of a decoder layer, checked against the gate_up/down protocol.
 
@@ -130,7 +145,7 @@ def prepare_model(model: Any, plan: _Plan) -> None:
     """Swap in empty quantized modules (the model is still on the meta device)."""
     from moetool.quantize.modules import QuantizedExperts, QuantizedLinear
 
-    layers = decoder_layers(model)
+    layers = layer_modules(model, plan.layout)
     for layer in plan.layout.experts:
         module = experts_module(layers[layer], plan.layout.spec, layer)
         _set_submodule(layers[layer], plan.layout.spec.experts_module, QuantizedExperts.like(module, plan.fmt))
@@ -158,7 +173,7 @@ def install_weights(model: Any, plan: _Plan) -> None:
     from moetool.io.checkpoint import Checkpoint
 
     checkpoint = Checkpoint.open(plan.root)
-    layers = decoder_layers(model)
+    layers = layer_modules(model, plan.layout)
     for layer in plan.layout.layers:
         decoded = plan.storage.read_layer(checkpoint, plan.layout, plan.fmt, layer)
         layer_module = layers[layer]
