@@ -159,3 +159,14 @@ def test_other_two_matrix_families_still_refuse_quantize():
     with pytest.raises(UnsupportedArchitectureError) as info:
         require_capability(family_for_config({"model_type": "nemotron_h"}), "quantize")
     assert info.value.code == "FAMILY_UNSUPPORTED"
+
+
+def test_switch_rtn_in_moetools_format_reloads(tiny, tmp_path):
+    """Where compressed-tensors does not fit (group size 128 does not divide the tiny widths), moetool's
+    own format: its loader's quantized linears give the experts' forward the ``.weight`` it reads."""
+    from moetool.quantize.api import QuantizeOptions, quantize
+
+    path, _ = tiny("switch_transformers")
+    result = quantize(str(path), tmp_path / "q", QuantizeOptions(method="rtn", bits=4)).to_json()
+    assert result["format"]["name"] == "moetool"
+    assert _checks(result) == {"coverage": True, "exact": True, "logits": True, "reload": True}
