@@ -127,6 +127,12 @@ def test_switch_gptq_quantizes_both_stacks_and_verifies(tiny, tmp_path):
                     assert f"{base}.weight_packed" in names and f"{base}.weight" not in names, base
     ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
     assert not any(".experts." in name for name in ignore)
+    # moetool's loader (eval, profile-routing) loads it through transformers too, decompressed at load.
+    from moetool.modeling import load_model
+
+    model = load_model(str(out), device="cpu")
+    assert type(model).__name__ == "SwitchTransformersForConditionalGeneration"
+    assert type(model.decoder.block[1].layer[2].mlp.experts.expert_0.wi).__name__ == "Linear"
 
 
 def test_cli_json_nllb_rtn(tiny, tmp_path):

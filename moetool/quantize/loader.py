@@ -335,6 +335,20 @@ def transformers_maps(checkpoint: Checkpoint) -> bool:
     return transformers_limit(spec, symmetric) is None
 
 
+def _dequantizing_config(checkpoint: Checkpoint) -> Any:
+    """The checkpoint's transformers config with compressed-tensors' ``dequantize`` set: encoder-decoders
+    (Switch Transformers) read their linears' ``.weight`` in their weight init, which a linear that stays
+    compressed does not have; decompressed at load, they are plain ``nn.Linear`` modules."""
+    from transformers import AutoConfig
+
+    from moetool.modeling import quiet_transformers
+
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(str(checkpoint.root), local_files_only=True, trust_remote_code=False)
+    config.quantization_config = {**checkpoint.config["quantization_config"], "dequantize": True}
+    return config
+
+
 def load_compressed_tensors(checkpoint: Checkpoint, *, dtype: Any, device: Any, device_map: str | None = None) -> Any:
     """The :data:`moetool.modeling.LOADERS` entry for ``quant_method: "compressed-tensors"``.
 
@@ -350,8 +364,11 @@ def load_compressed_tensors(checkpoint: Checkpoint, *, dtype: Any, device: Any, 
     from moetool.quantize.formats import FORMATS
 
     if transformers_maps(checkpoint):
+        config = _dequantizing_config(checkpoint) if checkpoint.config.get("is_encoder_decoder") else None
         with quiet_compressed_tensors():
-            return load_weights_transformers(checkpoint, dtype=dtype, device=device, device_map=device_map)
+            return load_weights_transformers(
+                checkpoint, dtype=dtype, device=device, device_map=device_map, config=config
+            )
     FORMATS["compressed-tensors"].read_format(checkpoint.config, checkpoint)  # refuse early what we cannot decode
     register_with_transformers()
     config = _config_for_moetool_quantizer(checkpoint)
