@@ -66,6 +66,20 @@ def _quantizable_experts(templates: list[T]) -> bool:
     return roles.gated and not roles.fused and not roles.has_bias and roles.plain
 
 
+def _linear_experts(templates: list[T]) -> bool:
+    """Whether each stack's routed experts are two-matrix MLPs stored per expert in canonical orientation
+    (Switch Transformers' ``wi``/``wo``, NLLB-MoE's ``fc1``/``fc2`` with biases): ``nn.Linear`` modules
+    in memory, which quantize rewrites one linear map at a time (:mod:`moetool.quantize.linear_experts`)."""
+    for stack in sorted({t.stack for t in templates}):
+        try:
+            roles = roles_of([t for t in templates if t.stack == stack])
+        except UnsupportedArchitectureError:
+            return False
+        if roles.gated or roles.fused or not roles.plain:
+            return False
+    return bool(templates)
+
+
 def family_from_entry(entry: Mapping[str, Any]) -> FamilySpec:
     """A :class:`FamilySpec` from one generated entry."""
     layers: dict[str, list[T]] = {field: [] for field in _LAYER_FIELDS.values()}
@@ -128,8 +142,9 @@ _WRAPPER_REFUSAL = (
 
 def _capabilities(entry: Mapping[str, Any], routed: list[T]) -> dict[str, str]:
     """The table's per-command refusals, less quantize where the experts are per-expert gate/up/down
-    projections of a text model: quantize then checks the in-memory experts module itself and verifies
-    its output through stock transformers (tests/test_derived_families.py quantizes each of them)."""
+    projections of a text model (quantize then checks the in-memory experts module itself), or per-expert
+    two-matrix MLPs of an encoder-decoder (quantized as linear maps); quantize verifies its output through
+    stock transformers (tests/test_derived_families.py quantizes each of them)."""
     capabilities = dict(entry.get("capabilities") or {})
     model_type = entry["model_type"]
     if entry.get("expert_layout", "per_expert") == "per_expert" and _quantizable_experts(routed):
@@ -139,6 +154,9 @@ def _capabilities(entry: Mapping[str, Any], routed: list[T]) -> dict[str, str]:
             capabilities["quantize"] = _WRAPPER_REFUSAL
         else:
             capabilities.pop("quantize", None)
+    elif entry.get("stacks") and entry.get("expert_layout", "per_expert") == "per_expert" and _linear_experts(routed):
+        # Encoder-decoders with per-expert two-matrix experts: quantized as per-expert linear maps.
+        capabilities.pop("quantize", None)
     distill = _distill_refusal(entry)
     if distill is None:
         capabilities.pop("distill", None)

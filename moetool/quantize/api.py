@@ -132,9 +132,11 @@ def _linear_modules(layout: Any, layer: int, layer_module: Any) -> dict[str, Any
         except AttributeError:
             module = None
         if not isinstance(module, nn.Linear) or tuple(module.weight.shape) != linear.shape:
+            hint = f"drop --quantize-{linear.category.replace('_', '-')} for this family"
+            if linear.category == "routed_experts":
+                hint = "the installed transformers lays this family's experts out differently; please report it"
             raise UnsupportedArchitectureError(
-                f"{linear.name} is not an nn.Linear named {linear.module} in the transformers model",
-                hint=f"drop --quantize-{linear.category.replace('_', '-')} for this family",
+                f"{linear.name} is not an nn.Linear named {linear.module} in the transformers model", hint=hint
             )
         out[linear.module] = module
     return out
@@ -222,14 +224,20 @@ def auto_expert_batch(layout: Any, device: Any) -> int:
     """
     from moetool.runner.memory import available_bytes
 
+    # (experts, hidden, intermediate) per MoE layer: fused or per-expert experts, or linear-map experts.
+    shapes = [(info.num_experts, info.hidden, info.intermediate) for info in layout.experts.values()]
+    for group in layout.linears.values():
+        ups = [lin for lin in group if lin.expert is not None and lin.role == "up"]
+        if ups:
+            shapes.append((len(ups), ups[0].shape[1], ups[0].shape[0]))
     largest = 1
-    for info in layout.experts.values():
-        per_expert = gptq_bytes_per_expert(info.hidden, info.intermediate)
+    for num_experts, hidden, intermediate in shapes:
+        per_expert = gptq_bytes_per_expert(hidden, intermediate)
         if getattr(device, "type", "cpu") == "cpu":
-            budget = max(MIN_GPTQ_BUDGET, info.num_experts * 3 * info.intermediate * info.hidden * 2)
+            budget = max(MIN_GPTQ_BUDGET, num_experts * 3 * intermediate * hidden * 2)
         else:
             budget = available_bytes(device) // 4
-        largest = max(largest, min(info.num_experts, max(1, budget // per_expert)))
+        largest = max(largest, min(num_experts, max(1, budget // per_expert)))
     return largest
 
 
@@ -314,8 +322,8 @@ def _quantize_pass(
     writes (``writer`` is ``None`` on the others).
     """
     from moetool.quantize.engine import LayerJob, quantize_layer
+    from moetool.quantize.layout import layer_of_path
     from moetool.quantize.loader import experts_module
-    from moetool.runner.skeleton import layer_index
 
     method = method_named(options.method)
     grid = fmt.grid(clip_search=options.clip_search, ternary_scale=options.ternary_scale)
@@ -334,7 +342,7 @@ def _quantize_pass(
             # GPTQ's inputs must not depend on the thread count: every layer run of the pass (also the
             # layers only passed through) on the fixed thread count of moetool.quantize.gptq.
             with method.fixed_threads(runner.device):
-                layer = layer_index(step.path)
+                layer = layer_of_path(spec, layout.dims, step.path)
                 step.run(keep=True, only={probe_original})
                 if layer in layout.experts or layer in layout.linears:
                     seen.add(layer)
@@ -355,6 +363,11 @@ def _quantize_pass(
                         inputs,
                         expert_batch=result.expert_batch,
                         split_gate_up=split_gate_up,
+                        routed={
+                            lin.module: (lin.expert, lin.role)
+                            for lin in layout.linears.get(layer, [])
+                            if lin.expert is not None and lin.role is not None
+                        },
                     )
                     layer_result = quantize_layer(job)
                     del job

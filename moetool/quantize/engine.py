@@ -89,6 +89,9 @@ class LayerJob:
             the cost of extra passes over the layer.
         split_gate_up: the checkpoint stores each expert's gate and up as two tensors (per-expert
             layout), so their ternary codes are two streams.
+        routed: the ``linears`` that are routed experts (two-matrix experts stored as ``nn.Linear``
+            modules), by name: ``(expert, "up" | "down")``; GPTQ calibrates them on their routed tokens
+            (:mod:`moetool.quantize.linear_experts`).
         result: filled by the method.
     """
 
@@ -101,6 +104,7 @@ class LayerJob:
     inputs: CalibrationRunner | None = None
     expert_batch: int = 0
     split_gate_up: bool = True
+    routed: dict[str, tuple[int, str]] = field(default_factory=dict)
     result: LayerResult = field(init=False)
 
     def __post_init__(self) -> None:
@@ -342,11 +346,12 @@ def gptq_layer(job: LayerJob) -> None:
     inputs = job.inputs
     assert inputs is not None
     # Pass 1: the linears' Hessians (attention, shared experts), quantized first.
-    if job.linears:
-        collectors = {name: LinearHessian(module, module.weight.device) for name, module in job.linears.items()}
+    linears = {name: module for name, module in job.linears.items() if name not in job.routed}
+    if linears:
+        collectors = {name: LinearHessian(module, module.weight.device) for name, module in linears.items()}
         observer = Observer(mask=lambda: inputs.current_mask)
         for name, collector in collectors.items():
-            observer.on_input({name: job.linears[name]}, collector.add)
+            observer.on_input({name: linears[name]}, collector.add)
         with observer.watching():
             inputs.run(job.layer, job.module, keep=False)
         for name, collector in collectors.items():
@@ -356,6 +361,10 @@ def gptq_layer(job: LayerJob) -> None:
             _write(module.weight, weight.dequantized[0])
             job.result.linears[name] = weight.select(0)
         del collectors
+    if job.routed:
+        from moetool.quantize.linear_experts import gptq_linear_experts
+
+        gptq_linear_experts(job, inputs)
     if job.experts is not None:
         _gptq_experts(job, inputs)
     # Pass 3: the quantized layer's outputs feed the next layer.

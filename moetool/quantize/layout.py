@@ -5,7 +5,11 @@ for each expert, as :func:`moetool.arch.families.per_expert` lays them out; fuse
 gate-up and one ``[E, H, I]`` down tensor) and how they map onto transformers' in-memory experts module
 (``gate_up_proj [E, 2I, H]``, gate rows first, and ``down_proj [E, H, I]``). Optionally the attention
 and shared-expert projections (2-D ``.weight`` templates that are ``nn.Linear`` modules of the same name
-in memory). Everything else (router, norms, embeddings, lm_head, biases) is copied unchanged.
+in memory). Routed experts that are two-matrix MLPs stored per expert (Switch Transformers' ``wi``/``wo``,
+NLLB-MoE's ``fc1``/``fc2``) are ``nn.Linear`` modules in memory too: they are planned as linear maps
+(:class:`LinearTensor` of category ``routed_experts``, with their expert and role). Layers are numbered
+across an encoder-decoder's stacks (:func:`moetool.arch.experts.layer_prefix`). Everything else (router,
+norms, embeddings, lm_head, biases) is copied unchanged.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moetool.arch.dims import Dims, eval_dim, template_applies
-from moetool.arch.experts import expert_roles
+from moetool.arch.experts import ExpertRoles, expert_roles, layer_prefix
 from moetool.arch.spec import ExpertLayout, ExpertsProtocol, FamilySpec, T
 from moetool.errors import CheckpointError, ShapeMismatchError, UnsupportedArchitectureError
 
@@ -62,14 +66,16 @@ class ExpertTensors:
 
 @dataclass(frozen=True)
 class LinearTensor:
-    """A 2-D projection quantized as a plain linear map (attention, shared experts).
+    """A 2-D projection quantized as a plain linear map (attention, shared experts, two-matrix experts).
 
     Attributes:
         layer: decoder layer index.
-        category: ``attention`` or ``shared_experts``.
+        category: ``attention``, ``shared_experts`` or ``routed_experts``.
         name: the on-disk tensor name (``model.layers.3.self_attn.q_proj.weight``).
         module: the ``nn.Linear``'s name relative to its decoder layer (``self_attn.q_proj``).
         shape: ``(out, in)``.
+        expert: a routed expert's index (``None`` for the other categories).
+        role: a routed expert's ``up`` or ``down`` projection.
     """
 
     layer: int
@@ -77,6 +83,8 @@ class LinearTensor:
     name: str
     module: str
     shape: tuple[int, int]
+    expert: int | None = None
+    role: str | None = None
 
 
 @dataclass
@@ -100,6 +108,12 @@ class QuantLayout:
         """On-disk names of every tensor replaced by packed codes."""
         names = {n for experts in self.experts.values() for n in experts.names()}
         names |= {lin.name for group in self.linears.values() for lin in group}
+        return names
+
+    def routed_names(self) -> list[str]:
+        """On-disk names of every routed-expert tensor quantized (fused, per expert, or linear maps)."""
+        names = [n for experts in self.experts.values() for n in experts.names()]
+        names += [lin.name for group in self.linears.values() for lin in group if lin.category == "routed_experts"]
         return names
 
     def numel(self) -> dict[str, int]:
@@ -164,6 +178,47 @@ def _expert_roles(spec: FamilySpec) -> tuple[tuple[T, ...], str]:
     )
 
 
+def linear_expert_roles(spec: FamilySpec, dims: Dims, layer: int) -> ExpertRoles | None:
+    """A layer's routed-expert roles when they are two-matrix MLPs stored per expert in canonical
+    orientation (biases allowed: copied unchanged), which quantize rewrites as linear maps; else ``None``."""
+    try:
+        roles = expert_roles(spec, dims, layer)
+    except UnsupportedArchitectureError:
+        return None
+    if roles.gated or roles.fused or not roles.plain:
+        return None
+    return roles
+
+
+def layer_of_path(spec: FamilySpec, dims: Dims, path: str) -> int:
+    """The layer index (numbered across an encoder-decoder's stacks) of a decoder-layer module path
+    (``decoder.block.2`` -> 2 + the encoder's layer count); -1 when the path is no stack's layer."""
+    from moetool.runner.skeleton import layer_index
+
+    if not spec.stacks:
+        return layer_index(path)
+    for stack, start in zip(spec.stacks, dims.stack_starts, strict=False):
+        head, _, local = path.rpartition(".")
+        if stack.layers_module and head == stack.layers_module and local.isdigit():
+            return start + int(local)
+    return -1
+
+
+def _linear_experts(spec: FamilySpec, dims: Dims, layer: int, roles: ExpertRoles, prefix: str) -> list[LinearTensor]:
+    """Each expert's up and down projection of one layer as linear maps, expert by expert (up first)."""
+    values = dims.for_layer(layer)
+    e, i, h = (eval_dim(s, values) for s in ("E", roles.width, "H"))
+    out = []
+    for expert in range(e):
+        for role in ("up", "down"):
+            found = roles.get(role)
+            assert found is not None
+            module = found.template.name.replace("{E}", str(expert)).removesuffix(".weight")
+            shape = (i, h) if role == "up" else (h, i)
+            out.append(LinearTensor(layer, "routed_experts", f"{prefix}{module}.weight", module, shape, expert, role))
+    return out
+
+
 def _expand(prefix: str, template: T, values: dict[str, Any], num_experts: int) -> tuple[str, ...]:
     if "{E}" in template.name:
         return tuple(prefix + template.name.replace("{E}", str(e)) for e in range(num_experts))
@@ -207,7 +262,10 @@ def build_layout(
         ShapeMismatchError: a stored tensor's shape differs from the config's.
     """
     check_quantizable_family(spec, dims, checkpoint.name)
-    roles, width = _expert_roles(spec)
+    linear_roles = {layer: linear_expert_roles(spec, dims, layer) for layer in sorted(dims.moe_layers)}
+    as_linears = all(roles is not None for roles in linear_roles.values())
+    if not as_linears:
+        roles, width = _expert_roles(spec)
     layout = QuantLayout(spec=spec, dims=dims, categories=categories)
     stored = checkpoint.tensors
     packed = probe is not None
@@ -234,7 +292,13 @@ def build_layout(
 
     for layer in sorted(dims.moe_layers):
         values = dims.for_layer(layer)
-        prefix = spec.layer_prefix.format(L=layer)
+        prefix = layer_prefix(spec, dims, layer)
+        two_matrix = linear_roles[layer]
+        if as_linears and two_matrix is not None:
+            for linear in _linear_experts(spec, dims, layer, two_matrix, prefix):
+                check(linear.name, linear.shape, layer)
+                layout.linears.setdefault(layer, []).append(linear)
+            continue
         e, i, h = (eval_dim(s, values) for s in ("E", width, "H"))
         if spec.expert_layout is ExpertLayout.PER_EXPERT:
             gate, up, down = (_expand(prefix, t, values, e) for t in roles)
@@ -258,9 +322,10 @@ def build_layout(
             if category == "shared_experts" and not dims.is_moe_layer(layer):
                 continue
             values = dims.for_layer(layer)
-            prefix = spec.layer_prefix.format(L=layer)
+            prefix = layer_prefix(spec, dims, layer)
+            stack = dims.stack_of(layer)[0] if spec.stacks else 0
             for template in templates:
-                if not template_applies(template, values):
+                if not template_applies(template, values) or template.stack != stack:
                     continue
                 name = prefix + template.name
                 if not present(name):

@@ -50,6 +50,21 @@ def decoder_layers(model: Any) -> dict[int, Any]:
     return {int(m.group(1)): module for name, module in model.named_modules() if (m := _LAYER_RE.search(name))}
 
 
+def layer_modules(model: Any, layout: QuantLayout) -> dict[int, Any]:
+    """Decoder-layer modules of an instantiated model by the layout's layer index (numbered across an
+    encoder-decoder's stacks, encoder first)."""
+    if not layout.spec.stacks:
+        return decoder_layers(model)
+    from moetool.quantize.layout import layer_of_path
+
+    found = {}
+    for name, module in model.named_modules():
+        index = layer_of_path(layout.spec, layout.dims, name)
+        if index >= 0:
+            found[index] = module
+    return found
+
+
 def experts_module(layer_module: Any, spec: Any, layer: int) -> Any:
     """The routed-experts module of a decoder layer, checked against the gate_up/down protocol.
 
@@ -130,7 +145,7 @@ def prepare_model(model: Any, plan: _Plan) -> None:
     """Swap in empty quantized modules (the model is still on the meta device)."""
     from moetool.quantize.modules import QuantizedExperts, QuantizedLinear
 
-    layers = decoder_layers(model)
+    layers = layer_modules(model, plan.layout)
     for layer in plan.layout.experts:
         module = experts_module(layers[layer], plan.layout.spec, layer)
         _set_submodule(layers[layer], plan.layout.spec.experts_module, QuantizedExperts.like(module, plan.fmt))
@@ -158,7 +173,7 @@ def install_weights(model: Any, plan: _Plan) -> None:
     from moetool.io.checkpoint import Checkpoint
 
     checkpoint = Checkpoint.open(plan.root)
-    layers = decoder_layers(model)
+    layers = layer_modules(model, plan.layout)
     for layer in plan.layout.layers:
         decoded = plan.storage.read_layer(checkpoint, plan.layout, plan.fmt, layer)
         layer_module = layers[layer]
@@ -320,6 +335,20 @@ def transformers_maps(checkpoint: Checkpoint) -> bool:
     return transformers_limit(spec, symmetric) is None
 
 
+def _dequantizing_config(checkpoint: Checkpoint) -> Any:
+    """The checkpoint's transformers config with compressed-tensors' ``dequantize`` set: encoder-decoders
+    (Switch Transformers) read their linears' ``.weight`` in their weight init, which a linear that stays
+    compressed does not have; decompressed at load, they are plain ``nn.Linear`` modules."""
+    from transformers import AutoConfig
+
+    from moetool.modeling import quiet_transformers
+
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(str(checkpoint.root), local_files_only=True, trust_remote_code=False)
+    config.quantization_config = {**checkpoint.config["quantization_config"], "dequantize": True}
+    return config
+
+
 def load_compressed_tensors(checkpoint: Checkpoint, *, dtype: Any, device: Any, device_map: str | None = None) -> Any:
     """The :data:`moetool.modeling.LOADERS` entry for ``quant_method: "compressed-tensors"``.
 
@@ -335,8 +364,11 @@ def load_compressed_tensors(checkpoint: Checkpoint, *, dtype: Any, device: Any, 
     from moetool.quantize.formats import FORMATS
 
     if transformers_maps(checkpoint):
+        config = _dequantizing_config(checkpoint) if checkpoint.config.get("is_encoder_decoder") else None
         with quiet_compressed_tensors():
-            return load_weights_transformers(checkpoint, dtype=dtype, device=device, device_map=device_map)
+            return load_weights_transformers(
+                checkpoint, dtype=dtype, device=device, device_map=device_map, config=config
+            )
     FORMATS["compressed-tensors"].read_format(checkpoint.config, checkpoint)  # refuse early what we cannot decode
     register_with_transformers()
     config = _config_for_moetool_quantizer(checkpoint)

@@ -153,6 +153,15 @@ class QuantizedLinear(_PackedHolder):
     def dequantize(self) -> torch.Tensor:
         return self._weight("weight")
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight: model code reads its linears' ``.weight`` (Switch Transformers' and
+        NLLB-MoE's experts check its dtype in their forward, Switch's weight init draws into it); before
+        the codes are installed, an empty placeholder on the meta device."""
+        if getattr(self, "weight_codes", None) is None:
+            return torch.empty((self.out_features, self.in_features), device="meta")
+        return self.dequantize()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, self.dequantize().to(x.dtype), bias)

@@ -139,17 +139,16 @@ def check_coverage(output: Checkpoint, source: Checkpoint, layout: QuantLayout, 
     problems: list[str] = []
     total = quantized = 0
     logical = layout.numel()
-    for experts in layout.experts.values():
-        for name in experts.names():
-            numel = logical[name]
-            total += numel
-            absent = [n for n in needed.get(name, []) if n not in output.tensors]
-            if name in output.tensors:
-                problems.append(f"{name} stored in full precision")
-            elif needed.get(name) and not absent:
-                quantized += numel
-            else:
-                problems.append(f"{absent[0] if absent else name} missing")
+    for name in layout.routed_names():
+        numel = logical[name]
+        total += numel
+        absent = [n for n in needed.get(name, []) if n not in output.tensors]
+        if name in output.tensors:
+            problems.append(f"{name} stored in full precision")
+        elif needed.get(name) and not absent:
+            quantized += numel
+        else:
+            problems.append(f"{absent[0] if absent else name} missing")
     fraction = quantized / total if total else 0.0
     if problems or fraction < 1.0:
         shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
@@ -244,6 +243,15 @@ def check_probe_logits(original: Any, quantized: Any) -> Check:
     )
 
 
+def probe_inputs(model: Any, input_ids: Any) -> dict[str, Any]:
+    """The forward arguments of the probe window: an encoder-decoder's decoder reads the same tokens
+    (teacher forcing, as the streamed runner feeds it)."""
+    ids = input_ids.reshape(1, -1)
+    if getattr(model.config, "is_encoder_decoder", False):
+        return {"input_ids": ids, "decoder_input_ids": ids}
+    return {"input_ids": ids}
+
+
 def check_reload(folder: Path, want: Any, input_ids: Any, dtype: Any) -> Check:
     """Load the output the way users do (transformers, through the registered quantizer) and compare its
     logits on the probe tokens with the quantized model's from the streamed pass.
@@ -261,7 +269,7 @@ def check_reload(folder: Path, want: Any, input_ids: Any, dtype: Any) -> Check:
     loaded = loader_for(checkpoint.config)(checkpoint, dtype=dtype, device=torch.device("cpu"))
     try:
         with torch.no_grad():
-            got = loaded(input_ids=input_ids.reshape(1, -1), use_cache=False).logits.float()
+            got = loaded(**probe_inputs(loaded, input_ids), use_cache=False).logits.float()
     finally:
         del loaded
     want = want.float().reshape(got.shape)

@@ -38,6 +38,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from moetool.arch.experts import layer_prefix
 from moetool.errors import CheckpointError, ConfigError
 from moetool.quantize.formats.base import StorageFormat, Stored, VerifyContext
 from moetool.quantize.formats.ct_pack import (
@@ -83,7 +84,7 @@ def expert_bases(layout: QuantLayout, info: ExpertTensors) -> tuple[list[str], l
             [stored_base(n) for n in info.up],
             [stored_base(n) for n in info.down],
         )
-    root = layout.spec.layer_prefix.format(L=info.layer) + layout.spec.experts_module
+    root = layer_prefix(layout.spec, layout.dims, info.layer) + layout.spec.experts_module
     return tuple(  # type: ignore[return-value]
         [f"{root}.{e}.{proj}" for e in range(info.num_experts)] for proj in FUSED_PROJ_NAMES
     )
@@ -91,8 +92,7 @@ def expert_bases(layout: QuantLayout, info: ExpertTensors) -> tuple[list[str], l
 
 def checkpoint_dtype(checkpoint: Checkpoint, layout: QuantLayout) -> str:
     """The dtype of the routed experts in the source (scales are stored in it, as the servers expect)."""
-    info = next(iter(layout.experts.values()))
-    dtype = checkpoint.tensors[info.names()[0]].dtype
+    dtype = checkpoint.tensors[layout.routed_names()[0]].dtype
     return _SCALE_DTYPES.get(dtype, "float32")
 
 

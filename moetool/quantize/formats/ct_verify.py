@@ -3,7 +3,8 @@
 * ``compressed-tensors``: the compressed-tensors library (the format's reference implementation)
   validates the ``quantization_config`` and decompresses every quantized weight; each must equal,
   bit for bit, the weight moetool's quantized model holds.
-* ``transformers``: stock ``AutoModelForCausalLM.from_pretrained`` (with compressed-tensors installed,
+* ``transformers``: stock ``AutoModelForCausalLM.from_pretrained`` (``AutoModelForSeq2SeqLM`` for an
+  encoder-decoder; with compressed-tensors installed,
   no moetool code involved) loads the folder with no missing, unexpected or mis-shaped tensors, and
   its logits match the in-memory quantized model. Where transformers is known not to load these
   experts (families fused on disk, written per expert under names it does not map; asymmetric
@@ -111,18 +112,20 @@ def _logits_diff(want: Any, loaded: Any, input_ids: Any) -> tuple[float, float]:
     """Max abs difference between a loaded model's logits on the probe tokens and the streamed pass's."""
     import torch
 
+    from moetool.quantize.verify import probe_inputs
+
     with torch.no_grad():
-        got = loaded(input_ids=input_ids.reshape(1, -1), use_cache=False).logits.float()
+        got = loaded(**probe_inputs(loaded, input_ids), use_cache=False).logits.float()
     want = want.float().reshape(got.shape)
     return float((want - got).abs().max()), max(1.0, float(want.abs().max()))
 
 
 def _check_loaded_weights(ctx: VerifyContext, loaded: Any, who: str) -> None:
     """Every quantized weight transformers loaded equals moetool's, value for value (by fingerprint)."""
-    from moetool.quantize.loader import decoder_layers
+    from moetool.quantize.loader import layer_modules
     from moetool.quantize.verify import tensor_digest
 
-    layers = decoder_layers(loaded)
+    layers = layer_modules(loaded, ctx.layout)
     for layer in ctx.layout.layers:
         module = layers[layer]
         pairs = []
@@ -145,11 +148,13 @@ def check_transformers(ctx: VerifyContext) -> list[Check]:
         VerificationError: transformers loads a per-expert family with missing or unexpected tensors,
             fails, or gives other logits.
     """
+    import warnings
+
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from moetool.modeling import quiet_transformers
+    from moetool.modeling import auto_model_class, quiet_transformers
     from moetool.quantize.loader import quiet_compressed_tensors
     from moetool.quantize.verify import check_reload
 
@@ -163,10 +168,24 @@ def check_transformers(ctx: VerifyContext) -> list[Check]:
     limit = transformers_limit(ctx.layout.spec, ctx.fmt.symmetric)
     dtype = ctx.dtype
     who = f"transformers {transformers.__version__}"
+    # Encoder-decoders (Switch Transformers, NLLB-MoE) load as their sequence-to-sequence class, and
+    # decompressed at load (transformers' own ``dequantize`` option): their weight init reads each
+    # expert's ``wi.weight``, which a linear that stays compressed does not have.
+    config = ctx.written.config
+    options: dict[str, Any] = {}
+    model_class = AutoModelForCausalLM
+    if config.get("is_encoder_decoder"):
+        from transformers import CompressedTensorsConfig
+
+        model_class = auto_model_class(config)
+        options["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     try:
-        with quiet_transformers(), quiet_compressed_tensors():
-            loaded, info = AutoModelForCausalLM.from_pretrained(
-                str(ctx.folder), dtype=dtype, output_loading_info=True, local_files_only=True
+        with quiet_transformers(), quiet_compressed_tensors(), warnings.catch_warnings():
+            # transformers warns that the folder's own quantization_config wins (it does; only
+            # ``dequantize`` is taken from ours).
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            loaded, info = model_class.from_pretrained(
+                str(ctx.folder), dtype=dtype, output_loading_info=True, local_files_only=True, **options
             )
     except Exception as exc:
         if limit is None:
