@@ -341,11 +341,10 @@ def test_capacity_drops_equal_what_the_model_drops(model_type, overrides, tmp_pa
 
 
 def test_weight_rewriting_commands_refuse_with_a_reason(tiny_models):
-    """merge and quantize refuse a family they cannot rewrite, at their start, with the registry's
-    reason (Switch Transformers: two-matrix ReLU experts in an encoder and a decoder)."""
-    from moetool.data import DatasetSpec, Document
+    """quantize refuses a family it cannot rewrite, at its start, with the registry's reason (Switch
+    Transformers: two-matrix ReLU experts in an encoder and a decoder; merge handles them:
+    tests/test_merge_encoder_decoder.py)."""
     from moetool.errors import UnsupportedArchitectureError
-    from moetool.merge.api import MergeOptions, merge
     from moetool.quantize.api import QuantizeOptions, quantize
 
     for entry in ENTRIES.values():
@@ -355,15 +354,7 @@ def test_weight_rewriting_commands_refuse_with_a_reason(tiny_models):
         pytest.skip("switch_transformers is not in the derived table")
     path, _ = tiny_models("switch_transformers")
     out = path.parent / "never-written"
-    for run in (
-        lambda: merge(
-            str(path),
-            out,
-            MergeOptions(num_experts=2, evaluate=False),
-            calibration=DatasetSpec.of_documents([Document("some text to calibrate on")]),
-        ),
-        lambda: quantize(str(path), out, QuantizeOptions(method="rtn")),
-    ):
+    for run in (lambda: quantize(str(path), out, QuantizeOptions(method="rtn")),):
         with pytest.raises(UnsupportedArchitectureError) as info:
             run()
         assert info.value.code == "FAMILY_UNSUPPORTED"

@@ -140,7 +140,26 @@ def _capabilities(entry: Mapping[str, Any], routed: list[T]) -> dict[str, str]:
             capabilities["quantize"] = _WRAPPER_REFUSAL
         else:
             capabilities.pop("quantize", None)
+    if _mergeable(entry, routed):
+        capabilities.pop("merge", None)
     return capabilities
+
+
+def _mergeable(entry: Mapping[str, Any], routed: list[T]) -> bool:
+    """Whether merge rewrites this family: each stack's routed experts are gated or two-matrix MLPs it
+    reads (:func:`moetool.merge.layout.LayerTensors`), and its calibration decodes the router (the
+    capacity-limited routers of Switch Transformers and NLLB-MoE). tests/test_derived_families.py merges
+    each such family and loads the output with stock transformers."""
+    if not RouterOutput((entry.get("routing") or {}).get("output", "experts_input")).capacity_limited:
+        return False
+    for stack in sorted({t.stack for t in routed}):
+        try:
+            roles = roles_of([t for t in routed if t.stack == stack])
+        except UnsupportedArchitectureError:
+            return False
+        if any(r.role == "gate_up" and r.bias is not None for r in roles.roles):
+            return False
+    return bool(routed)
 
 
 def derived_families() -> list[FamilySpec]:

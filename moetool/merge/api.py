@@ -34,6 +34,7 @@ from moetool.io.jsonfile import json_number
 from moetool.io.shards import WriteResult
 from moetool.io.sizes import DEFAULT_MAX_SHARD_SIZE
 from moetool.merge.calibrate import DEFAULT_SAMPLE_TOKENS, Calibration, LayerCalibration
+from moetool.merge.ffn import FFN
 from moetool.merge.layout import Experts, LayerTensors, find_prefix
 from moetool.merge.methods import MERGE, PRUNE, LayerInputs, output_similarity
 from moetool.merge.methods import METHODS as METHOD_TABLE
@@ -44,7 +45,6 @@ from moetool.merge.plan import (
     dense_config,
     dense_target,
     merge_traits,
-    moe_width,
     output_tensors,
     reduced_config,
 )
@@ -411,7 +411,7 @@ def _refit_outputs(
 
     sample = inputs.calibration.sample
     assert sample is not None
-    m, hidden = experts.num_experts, experts.gate.shape[-1]
+    m, hidden = experts.num_experts, experts.hidden_size
     n = min(sample.size, max(256, _REFIT_FLOATS // max(m * hidden, 1)))
     x = sample.x[:n].float()
     target = routed_output(
@@ -430,12 +430,12 @@ def _dense_layer(
     *,
     routed_width: int,
     weight_sum: float,
-    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    shared: FFN | None,
     shared_gate: torch.Tensor | None,
     align: str,
     refit_down: bool,
     scales_input: bool,
-) -> tuple[LayerDecision, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+) -> tuple[LayerDecision, FFN]:
     import torch
 
     from moetool.merge.combine import concat, dense_average, dense_concat, dense_top1, fit_down, routed_output, scale
@@ -769,7 +769,7 @@ def _open_source(model: str, options: MergeOptions, *, hub: dict[str, Any], allo
             hint="--to-dense writes one dense FFN per layer instead",
             code="M_OUT_OF_RANGE",
         )
-    prefix = find_prefix(spec, checkpoint.tensors, moe_layers[0])
+    prefix = find_prefix(spec, checkpoint.tensors, moe_layers[0], dims)
     layout = LayerTensors(spec, dims, prefix=prefix)
     first_expert = layout.expert_names(moe_layers[0], n)[0]
     if first_expert not in checkpoint.tensors:
@@ -1136,7 +1136,8 @@ def default_method(spec: FamilySpec, traits: MergeTraits, *, have_stats: bool) -
     """The method used when none is given: ``search`` where it can run, else ``frequency``.
 
     ``search`` needs calibration hidden states (a ``--dataset`` pass, not a stats file) and a routing rule
-    that moetool models (not Llama-4's, whose weight scales the expert's input).
+    that moetool models (not Llama-4's, whose weight scales the expert's input, nor a capacity-limited
+    router's, whose drops depend on the other tokens of the batch).
     """
     modelled = _routing_rule(spec, traits, renormalises=True, scaling=1.0, top_k=1) is not None
     return DEFAULT_METHOD if modelled and not have_stats else FALLBACK_METHOD
@@ -1148,7 +1149,7 @@ def _routing_rule(
     """The reduced layer's routing rule, for refitting its router to the layer output (None: not modelled)."""
     from moetool.merge.router import RoutingRule
 
-    if traits.router_scales_input:
+    if traits.router_scales_input or spec.router_output.capacity_limited:
         return None
     kind = {
         Routing.SOFTMAX_TOPK: "softmax",
@@ -1181,7 +1182,7 @@ def _dense_widths(
 ) -> tuple[int, int, dict[int, int], list[str]]:
     """(routed width, output width, shared-expert width per MoE layer, notes) for ``--to-dense``."""
     moe_layers = sorted(dims.moe_layers)
-    widths = {moe_width(dims, layer) for layer in moe_layers}
+    widths = {layout.width(layer) for layer in moe_layers}
     if len(widths) != 1:
         raise UnsupportedArchitectureError("--to-dense: MoE layers of different expert widths are not supported")
     size = widths.pop()
@@ -1285,7 +1286,7 @@ def _process_moe_layer(
     checkpoint, layout, traits = source.checkpoint, source.layout, source.traits
     dense_spec, routed_width, dense_width = plan.dense_spec, plan.routed_width, plan.dense_width
     n = int(source.dims.values["E"])
-    experts = layout.read_experts(checkpoint, layer, n, moe_width(source.dims, layer))
+    experts = layout.read_experts(checkpoint, layer, n, layout.width(layer))
     router_names = layout.router_names(layer)
     router = [checkpoint.read_tensor(name) for name in router_names]
     inputs = LayerInputs(layer, experts, router, cal.layers[layer], plan.act)
@@ -1312,7 +1313,7 @@ def _process_moe_layer(
     shared = shared_gate = None
     if layer in plan.shared_widths:
         names = layout.shared_names(layer)
-        shared = tuple(checkpoint.read_tensor(name).float() for name in names)
+        shared = FFN(*(checkpoint.read_tensor(name).float() for name in names))
         gate_name = layout.shared_gate_name(layer)
         if gate_name is not None:
             if cal.layers[layer].sample is None:
@@ -1334,9 +1335,10 @@ def _process_moe_layer(
         refit_down=plan.refit_down,
         scales_input=traits.router_scales_input,
     )
-    gate, up, down = pad(ffn, dense_width)
+    padded = pad(ffn, dense_width)
     base = layout.prefix + dense_spec.layer_prefix.format(L=layer)
-    for template, tensor in zip(dense_spec.dense_mlp[:3], (gate, up, down), strict=True):
+    for template, tensor in zip(dense_spec.dense_mlp[:3], (padded.gate, padded.up, padded.down), strict=True):
+        assert tensor is not None
         emit(base + template.name, tensor.to(dtype).contiguous())
     return decision
 
@@ -1348,11 +1350,12 @@ def _process_dense_layer(source: _Source, plan: _Plan, layer: int, emit: Callabl
     dense_spec, dense_width, layout = plan.dense_spec, plan.dense_width, source.layout
     assert dense_spec is not None and dense_width is not None
     base = layout.layer_prefix(layer)
-    ffn = tuple(source.checkpoint.read_tensor(base + t.name).float() for t in source.spec.dense_mlp[:3])
-    gate, up, down = pad(ffn, dense_width)
+    ffn = FFN(*(source.checkpoint.read_tensor(base + t.name).float() for t in source.spec.dense_mlp[:3]))
+    padded = pad(ffn, dense_width)
     out_base = layout.prefix + dense_spec.layer_prefix.format(L=layer)
     dtype = torch_dtype(source.expert_dtype)
-    for template, tensor in zip(dense_spec.dense_mlp[:3], (gate, up, down), strict=True):
+    for template, tensor in zip(dense_spec.dense_mlp[:3], (padded.gate, padded.up, padded.down), strict=True):
+        assert tensor is not None
         emit(out_base + template.name, tensor.to(dtype).contiguous())
 
 

@@ -96,9 +96,18 @@ def routing_decision(
     """``(logits, indices, weights)`` of one router call, as the MoE block applies them.
 
     Routers that return only logits (DBRX) or masked scores (Llama-4) get the family's rule applied.
+    Capacity-limited routers (Switch, NLLB-MoE) are decoded as profile-routing decodes them; a choice
+    dropped for capacity gets weight 0, as the model gives it.
     """
     import torch
 
+    if spec.router_output in (RouterOutput.SWITCH_MASK, RouterOutput.NLLB_MASK):
+        from moetool.routing.observe import decode_capacity_output
+
+        logits, indices, kept = decode_capacity_output(output, spec)
+        # Switch weighs its one expert by the softmax probability; NLLB returns its combine weights.
+        scores = torch.softmax(logits.float(), dim=-1) if spec.router_output is RouterOutput.SWITCH_MASK else output[1]
+        return logits, indices, scores.reshape(logits.shape).gather(1, indices).float() * kept
     if spec.router_output is RouterOutput.LOGITS_WEIGHTS_INDICES:
         logits, weights, indices = output
     elif spec.router_output is RouterOutput.SCORES_LOGITS:
@@ -247,7 +256,8 @@ def calibrate(
     start = time.perf_counter()
     try:
         for layer, module in routers.items():
-            top_k = router_top_k(module, spec, runner.model.config)
+            capacity = spec.router_output in (RouterOutput.SWITCH_MASK, RouterOutput.NLLB_MASK)
+            top_k = 0 if capacity else router_top_k(module, spec, runner.model.config)
             handles.append(module.register_forward_hook(hook_for(layer, top_k)))
         runner.forward_batches(batches, before_batch=before_batch, on_tokens=on_batch)
     finally:
