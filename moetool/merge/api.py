@@ -618,14 +618,14 @@ def merge(
     inputs = _check_output(source, plan, out_path, overwrite=overwrite)
 
     t0 = time.perf_counter()
-    cal, counted = _run_calibration(model, source, plan, options, texts, stats, hub=hub, progress=progress)
+    cal, counted = _run_calibration(source, plan, options, texts, stats, progress=progress)
     timings["calibration_s"] = time.perf_counter() - t0
 
     with staged_output(out_path, inputs=inputs, overwrite=overwrite, allow_nonfinite=allow_nonfinite) as staging:
         t0 = time.perf_counter()
         decisions, files = _stream_layers(source, plan, cal, staging, options, progress=progress)
         timings["write_s"] = time.perf_counter() - t0
-        figures = _evaluate_output(model, staging, options, texts, counted, plan.warnings, hub=hub, progress=progress)
+        figures = _evaluate_output(source, staging, options, texts, counted, plan.warnings, progress=progress)
         if figures is not None:
             timings["eval_s"] = figures.seconds
         result = _result(model, out_path, source, plan, options, cal, decisions, files, figures)
@@ -888,14 +888,12 @@ def _check_output(source: _Source, plan: _Plan, out_path: Path, *, overwrite: bo
 
 
 def _run_calibration(
-    model: str,
     source: _Source,
     plan: _Plan,
     options: MergeOptions,
     texts: _Texts,
     stats: Any,
     *,
-    hub: dict[str, Any],
     progress: Progress | None,
 ) -> tuple[Calibration, _Counting | None]:
     """The routing statistics each layer's decision reads: from a stats file, or one pass of the text."""
@@ -905,7 +903,7 @@ def _run_calibration(
     counted = _Counting(texts.calibration)
     keep_sample = _needs_sample(plan.method, plan.dense_spec is not None, options.refit_router, options.align)
     cal = _calibrate(
-        model,
+        source.checkpoint,
         source.spec,
         counted,
         name=texts.calibration_name,
@@ -918,7 +916,6 @@ def _run_calibration(
         dtype=options.dtype,
         whole_model=options.whole_model,
         progress=progress,
-        **hub,
     )
     return cal, counted
 
@@ -987,14 +984,13 @@ def _stream_layers(
 
 
 def _evaluate_output(
-    model: str,
+    source: _Source,
     staging: Path,
     options: MergeOptions,
     texts: _Texts,
     counted: _Counting | None,
     warnings: list[str],
     *,
-    hub: dict[str, Any],
     progress: Progress | None,
 ) -> EvalFigures | None:
     """Measure the staged output against the source on held-out text (``None``: not asked, or no text left)."""
@@ -1009,7 +1005,7 @@ def _evaluate_output(
         return None
     t0 = time.perf_counter()
     figures = _evaluate(
-        model,
+        source.checkpoint,
         staging,
         documents,
         name=name,
@@ -1020,7 +1016,6 @@ def _evaluate_output(
         dtype=options.dtype,
         whole_model=options.whole_model,
         progress=progress,
-        **hub,
     )
     figures.seconds = time.perf_counter() - t0
     return figures
@@ -1225,7 +1220,7 @@ def _calibration_from_stats(stats: Any, *, n: int, moe_layers: list[int], top_k:
 
 
 def _calibrate(
-    model: str,
+    checkpoint: Checkpoint,
     spec: FamilySpec,
     documents: Iterable[Document],
     *,
@@ -1238,18 +1233,14 @@ def _calibrate(
     device: str,
     dtype: str,
     whole_model: bool,
-    revision: str | None,
-    token: str | bool | None,
-    offline: bool | None,
     progress: Progress | None,
 ) -> Calibration:
     from moetool.data import iter_batches, iter_windows
     from moetool.merge.calibrate import calibrate
     from moetool.runner.open import open_runner
 
-    opened = open_runner(
-        model, device=device, dtype=dtype, whole_model=whole_model, revision=revision, token=token, offline=offline
-    )
+    # The checkpoint merge opened: its headers are not read again.
+    opened = open_runner(checkpoint, device=device, dtype=dtype, whole_model=whole_model)
     tokenizer = opened.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     windows = iter_windows(tokenizer, documents, seq_len=seq_len, max_tokens=max_tokens)
@@ -1376,7 +1367,7 @@ def _eval_documents(
 
 
 def _evaluate(
-    model: str,
+    checkpoint: Checkpoint,
     staging: Path,
     documents: list[Document],
     *,
@@ -1387,9 +1378,6 @@ def _evaluate(
     device: str,
     dtype: str,
     whole_model: bool,
-    revision: str | None,
-    token: str | bool | None,
-    offline: bool | None,
     progress: Progress | None,
 ) -> EvalFigures:
     """Perplexity of the original and the merged model, KL and top-1 agreement: one pass of each."""
@@ -1397,9 +1385,7 @@ def _evaluate(
     from moetool.evaluate import evaluate
     from moetool.runner.open import open_runner
 
-    original = open_runner(
-        model, device=device, dtype=dtype, whole_model=whole_model, revision=revision, token=token, offline=offline
-    )
+    original = open_runner(checkpoint, device=device, dtype=dtype, whole_model=whole_model)
     merged = open_runner(str(staging), device=device, dtype=dtype, whole_model=whole_model)
 
     data = DatasetSpec.of_documents(documents, name, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size)
