@@ -121,6 +121,9 @@ QUANTIZE_REFUSED = {
     "kimi_linear": "stock transformers 5.25 cannot convert its compressed-tensors experts on load",
     "deepseek_v4": "its hash-routing tables (tid2eid) are stored as integers, which quantize's input check refuses",
 }
+#: Derived families whose experts merge reads but whose merged output was seen to fail (tiny random
+#: checkpoints of transformers 5.25, every family merged and loaded once): the reason merge gives.
+MERGE_REFUSED: dict[str, str] = {}
 _WRAPPER_REFUSAL = (
     "a multimodal wrapper (the MoE sits in text_config): quantize writes and verifies text models only; "
     "quantize the text model's checkpoint"
@@ -140,18 +143,18 @@ def _capabilities(entry: Mapping[str, Any], routed: list[T]) -> dict[str, str]:
             capabilities["quantize"] = _WRAPPER_REFUSAL
         else:
             capabilities.pop("quantize", None)
-    if _mergeable(entry, routed):
+    if entry["model_type"] in MERGE_REFUSED:
+        capabilities["merge"] = MERGE_REFUSED[entry["model_type"]]
+    elif _mergeable(entry, routed):
         capabilities.pop("merge", None)
     return capabilities
 
 
 def _mergeable(entry: Mapping[str, Any], routed: list[T]) -> bool:
     """Whether merge rewrites this family: each stack's routed experts are gated or two-matrix MLPs it
-    reads (:func:`moetool.merge.layout.LayerTensors`), and its calibration decodes the router (the
-    capacity-limited routers of Switch Transformers and NLLB-MoE). tests/test_derived_families.py merges
-    each such family and loads the output with stock transformers."""
-    if not RouterOutput((entry.get("routing") or {}).get("output", "experts_input")).capacity_limited:
-        return False
+    reads (:class:`moetool.merge.layout.LayerTensors`), and no verified failure refuses it
+    (:data:`MERGE_REFUSED`). tests/test_derived_families.py merges each such family and loads the output
+    with stock transformers."""
     for stack in sorted({t.stack for t in routed}):
         try:
             roles = roles_of([t for t in routed if t.stack == stack])

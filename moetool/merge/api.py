@@ -867,7 +867,7 @@ def _plan(source: _Source, options: MergeOptions, *, have_stats: bool, have_cali
         sources=sources,
         zeros=zeros,
         predicted_bytes=sum(t.nbytes for t in tensors),
-        act=_activation(traits, config),
+        act=expert_activation(traits, config),
         sigmoid_router=spec.routing.rule in (Routing.SIGMOID_GROUPED_TOPK, Routing.TOPK_SIGMOID),
         renormalises=renormalises,
         scaling=scaling,
@@ -1113,7 +1113,9 @@ def _top_k_of(spec: FamilySpec, dims: Dims) -> int:
     return max(value) if isinstance(value, list) else int(value)
 
 
-def _activation(traits: MergeTraits, config: dict[str, Any]) -> Callable:
+def expert_activation(traits: MergeTraits, config: dict[str, Any]) -> Callable:
+    """The routed experts' activation: the first of the family's activation keys present (silu, as
+    transformers, when none is)."""
     from moetool.arch.dims import text_config
     from moetool.arch.registry import family_for_config
     from moetool.merge.ffn import activation

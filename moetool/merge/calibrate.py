@@ -101,12 +101,13 @@ def routing_decision(
     """
     import torch
 
-    if spec.router_output in (RouterOutput.SWITCH_MASK, RouterOutput.NLLB_MASK):
+    if spec.router_output.capacity_limited:
         from moetool.routing.observe import decode_capacity_output
 
         logits, indices, kept = decode_capacity_output(output, spec)
         # Switch weighs its one expert by the softmax probability; NLLB returns its combine weights.
-        scores = torch.softmax(logits.float(), dim=-1) if spec.router_output is RouterOutput.SWITCH_MASK else output[1]
+        switch = spec.router_output is RouterOutput.SWITCH_MASK
+        scores = torch.softmax(logits.float(), dim=-1) if switch else output[1]
         return logits, indices, scores.reshape(logits.shape).gather(1, indices).float() * kept
     if spec.router_output is RouterOutput.LOGITS_WEIGHTS_INDICES:
         logits, weights, indices = output
@@ -233,17 +234,18 @@ def calibrate(
     context: dict[str, torch.Tensor] = {}
     handles = []
 
+    def record(layer: int, x: Any, logits: Any, indices: Any, weights: Any) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        mask = context["mask"]
+        acc = accumulators.get(layer)
+        if acc is None:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+            acc = accumulators[layer] = _LayerAccumulator(layer, logits.shape[-1], sample_tokens, generator)
+        acc.update(x[mask], logits[mask], indices[mask], weights[mask])
+
     def hook_for(layer: int, top_k: int) -> Callable[..., None]:
         def hook(_module: Any, inputs: Any, output: Any) -> None:
-            x = inputs[0]
-            x = x.reshape(-1, x.shape[-1])
-            logits, indices, weights = routing_decision(output, spec, config, top_k)
-            mask = context["mask"]
-            acc = accumulators.get(layer)
-            if acc is None:
-                generator = torch.Generator().manual_seed(seed * 1_000_003 + layer)
-                acc = accumulators[layer] = _LayerAccumulator(layer, logits.shape[-1], sample_tokens, generator)
-            acc.update(x[mask], logits[mask], indices[mask], weights[mask])
+            record(layer, inputs[0], *routing_decision(output, spec, config, top_k))
 
         return hook
 
@@ -255,10 +257,13 @@ def calibrate(
 
     start = time.perf_counter()
     try:
-        for layer, module in routers.items():
-            capacity = spec.router_output in (RouterOutput.SWITCH_MASK, RouterOutput.NLLB_MASK)
-            top_k = 0 if capacity else router_top_k(module, spec, runner.model.config)
-            handles.append(module.register_forward_hook(hook_for(layer, top_k)))
+        if spec.router_output is RouterOutput.EXPERTS_INPUT:
+            handles += _experts_input_hooks(runner.model, spec, routers, record)
+        else:
+            for layer, module in routers.items():
+                capacity = spec.router_output.capacity_limited
+                top_k = 0 if capacity else router_top_k(module, spec, runner.model.config)
+                handles.append(module.register_forward_hook(hook_for(layer, top_k)))
         runner.forward_batches(batches, before_batch=before_batch, on_tokens=on_batch)
     finally:
         for handle in handles:
@@ -278,6 +283,40 @@ def calibrate(
         description=dict(description or {}),
         seconds=time.perf_counter() - start,
     )
+
+
+def _experts_input_hooks(model: Any, spec: FamilySpec, routers: dict[int, Any], record: Callable[..., None]) -> list:
+    """Hooks for the families derived from transformers, whose choices are read where the model uses
+    them (as profile-routing reads them): the router's logits, then the hidden states, top-k indices and
+    weights its experts module is called with (``experts(hidden_states, top_k_index, top_k_weights)``)."""
+    from moetool.routing.observe import experts_indices, find_modules, router_logits
+
+    experts = find_modules(model, spec, "experts" if spec.stacks else spec.experts_module)
+    pending: dict[int, Any] = {}
+
+    def pair(layer: int) -> tuple[Callable[..., None], Callable[..., None]]:
+        def on_router(_module: Any, _inputs: Any, output: Any) -> None:
+            pending[layer] = router_logits(output)
+
+        def on_experts(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            logits, indices = pending.pop(layer, None), experts_indices(args, kwargs)
+            floats = [v for v in (*args, *kwargs.values()) if hasattr(v, "is_floating_point") and v.is_floating_point()]
+            weights = next((v for v in floats if indices is not None and v.shape == indices.shape), None)
+            if logits is None or indices is None or weights is None or not floats:
+                raise MoetoolError(
+                    f"layer {layer}: could not read the router logits, or the experts' inputs, top-k and weights",
+                    hint="the installed transformers may lay this family out differently; please report it",
+                )
+            record(layer, floats[0], logits.reshape(-1, logits.shape[-1]), indices, weights)
+
+        return on_router, on_experts
+
+    handles = []
+    for layer, router in routers.items():
+        on_router, on_experts = pair(layer)
+        handles.append(router.register_forward_hook(on_router))
+        handles.append(experts[layer].register_forward_pre_hook(on_experts, with_kwargs=True))
+    return handles
 
 
 def from_stats(stats: RoutingStats, *, num_experts: int, moe_layers: Iterable[int], top_k: int) -> Calibration:

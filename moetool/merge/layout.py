@@ -153,8 +153,10 @@ class LayerTensors:
         """The router weight of a layer, and its other tensors with one entry per expert (DeepSeek's
         correction bias, a router bias)."""
         templates = self._applies(self.spec.router, layer) if self.spec.stacks else list(self.spec.router)
-        vectors = tuple(t for t in templates[1:] if _shape_terms(t)[:1] == ("E",))
-        return templates[0], vectors
+        # The weight is the matrix (derived families list templates by name: a bias may come first).
+        weight = next((t for t in templates if _shape_terms(t) == ("E", "H")), templates[0])
+        vectors = tuple(t for t in templates if t is not weight and _shape_terms(t)[:1] == ("E",))
+        return weight, vectors
 
     def _shared(self, layer: int) -> tuple[tuple[T, ...], T | None]:
         """The shared expert's (gate, up, down) templates and its sigmoid gate template, for one layer."""

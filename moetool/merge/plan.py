@@ -25,7 +25,7 @@ from typing import Any
 
 from moetool.arch.dims import ALIASES, COMMON_FIELDS, Dims, get_path, lookup, resolve_dims
 from moetool.arch.plan import planned_tensors
-from moetool.arch.spec import FamilySpec, MergeTraits
+from moetool.arch.spec import FamilySpec, GroupRule, MergeTraits
 from moetool.count.classify import TensorClassifier
 from moetool.errors import ConfigError, UnsupportedArchitectureError, UsageError
 from moetool.io.safetensors_header import DTYPE_BITS
@@ -205,8 +205,13 @@ def reduced_config(
             code="M_TOO_SMALL",
         )
     new_k = min(top_k, m)
-    if traits.groups is not None:
-        rule = traits.groups
+    groups = traits.groups
+    if groups is None and spec.derived and _value(cfg, GroupRule.n_group_key) is not None:
+        # Families derived from transformers carry no merge traits; their group-limited routers are
+        # DeepSeek-V3's (a group scored by its two best experts), the strictest rule.
+        groups = GroupRule(min_per_group=2)
+    if groups is not None:
+        rule = groups
         n_group = int(_value(cfg, rule.n_group_key) or 1)
         topk_group = int(_value(cfg, rule.topk_group_key) or 1)
         if m < rule.min_per_group:
