@@ -121,9 +121,19 @@ QUANTIZE_REFUSED = {
     "kimi_linear": "stock transformers 5.25 cannot convert its compressed-tensors experts on load",
     "deepseek_v4": "its hash-routing tables (tid2eid) are stored as integers, which quantize's input check refuses",
 }
+_CLAMPED_SWIGLU = (
+    "its experts compute a clamped SwiGLU (swiglu_limit, swiglu_alpha, up + 1), which merge's expert "
+    "math does not model (the experts' outputs were seen to differ)"
+)
 #: Derived families whose experts merge reads but whose merged output was seen to fail (tiny random
 #: checkpoints of transformers 5.25, every family merged and loaded once): the reason merge gives.
-MERGE_REFUSED: dict[str, str] = {}
+MERGE_REFUSED = {
+    "deepseek_v4": "its hash-routing tables (tid2eid) are stored as integers, which merge's input check refuses",
+    "minimax_m3_vl": _CLAMPED_SWIGLU,
+    "minimax_m3_vl_text": _CLAMPED_SWIGLU,
+    "nemo_speechlm": "stock transformers 5.25 cannot reload its own saved checkpoint (its audio tower's attention "
+    "shapes change on load), so a merged output could not be checked",
+}
 _WRAPPER_REFUSAL = (
     "a multimodal wrapper (the MoE sits in text_config): quantize writes and verifies text models only; "
     "quantize the text model's checkpoint"
@@ -143,26 +153,35 @@ def _capabilities(entry: Mapping[str, Any], routed: list[T]) -> dict[str, str]:
             capabilities["quantize"] = _WRAPPER_REFUSAL
         else:
             capabilities.pop("quantize", None)
-    if entry["model_type"] in MERGE_REFUSED:
-        capabilities["merge"] = MERGE_REFUSED[entry["model_type"]]
-    elif _mergeable(entry, routed):
+    # merge: a separate rule (see _merge_refusal), the precise reason where it refuses.
+    merge_refusal = MERGE_REFUSED.get(model_type) or _merge_refusal(entry, routed)
+    if merge_refusal is None:
         capabilities.pop("merge", None)
+    else:
+        capabilities["merge"] = merge_refusal
     return capabilities
 
 
-def _mergeable(entry: Mapping[str, Any], routed: list[T]) -> bool:
-    """Whether merge rewrites this family: each stack's routed experts are gated or two-matrix MLPs it
-    reads (:class:`moetool.merge.layout.LayerTensors`), and no verified failure refuses it
-    (:data:`MERGE_REFUSED`). tests/test_derived_families.py merges each such family and loads the output
-    with stock transformers."""
+def _merge_refusal(entry: Mapping[str, Any], routed: list[T]) -> str | None:
+    """Why merge cannot rewrite this family, or ``None``: each stack's routed experts must be gated or
+    two-matrix MLPs merge reads (:class:`moetool.merge.layout.LayerTensors`), and the router one row per
+    routed expert. tests/test_derived_families.py merges each family that passes and loads the output
+    with stock transformers; :data:`MERGE_REFUSED` holds the ones seen to fail."""
     for stack in sorted({t.stack for t in routed}):
         try:
-            roles = roles_of([t for t in routed if t.stack == stack])
-        except UnsupportedArchitectureError:
-            return False
+            roles = roles_of([t for t in routed if t.stack == stack], family=entry["model_type"])
+        except UnsupportedArchitectureError as exc:
+            return exc.message
         if any(r.role == "gate_up" and r.bias is not None for r in roles.roles):
-            return False
-    return bool(routed)
+            return "its fused gate/up projection has a bias; merge reads biases of separate projections only"
+    for item in entry["layers"]:
+        shape = tuple(str(term).replace(" ", "") for term in item[1])
+        if item[2] == "router" and any("E" in term for term in shape) and shape not in (("E", "H"), ("E",)):
+            return (
+                f"its router tensor {item[0]} is {list(shape)}, not one row per routed expert (extra rows for "
+                "shared or zero-compute experts, or a [1, E] bias): merge reduces one row per expert"
+            )
+    return None if routed else "no routed-expert tensors"
 
 
 def derived_families() -> list[FamilySpec]:

@@ -188,9 +188,16 @@ class MergeTraits:
     A family merge cannot handle says so in ``FamilySpec.capabilities["merge"]``, as for every command.
     """
 
-    #: The activation keys transformers' configs use (Switch's ``dense_act_fn``, NLLB's
-    #: ``activation_function``, Gemma's ``hidden_activation``), first present wins.
-    act_keys: tuple[str, ...] = ("hidden_act", "hidden_activation", "dense_act_fn", "activation_function")
+    #: The activation keys transformers' configs use (Nemotron-H's ``mlp_hidden_act`` beside its Mamba's,
+    #: Switch's ``dense_act_fn``, NLLB's ``activation_function``, Gemma's ``hidden_activation``), first
+    #: present wins.
+    act_keys: tuple[str, ...] = (
+        "mlp_hidden_act",
+        "hidden_act",
+        "hidden_activation",
+        "dense_act_fn",
+        "activation_function",
+    )
     router_scales_input: bool = False
     groups: GroupRule | None = None
     extra_expert_keys: tuple[str, ...] = ()

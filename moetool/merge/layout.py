@@ -99,11 +99,11 @@ def _merge_roles(spec: FamilySpec, dims: Dims, layer: int) -> ExpertRoles:
     limited to what merge's canonical form holds: gated or two-matrix projections, with or without a
     bias per projection, except a bias on a fused gate/up pair (its halves' order is not recorded)."""
     roles = expert_roles(spec, dims, layer)
-    fused_bias = next((r for r in roles.roles if r.role == "gate_up" and r.bias is not None), None)
+    fused_bias = next((r.bias for r in roles.roles if r.role == "gate_up" and r.bias is not None), None)
     if fused_bias is not None:
         raise UnsupportedArchitectureError(
-            f"{spec.name}: its fused gate/up projection has a bias ({fused_bias.bias.name if fused_bias.bias else ''})"
-            "; merge reads biases of separate projections only"
+            f"{spec.name}: its fused gate/up projection has a bias ({fused_bias.name}); merge reads biases "
+            "of separate projections only"
         )
     return roles
 

@@ -161,6 +161,10 @@ def _present(config: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
     return [k for k in keys if _value(config, k) is not None]
 
 
+#: The group-count keys of the group-limited routers transformers ships (DeepSeek-V3's and Ling's).
+_DERIVED_GROUP_KEYS = ("n_group", "num_expert_group")
+
+
 def reduced_config(
     config: dict[str, Any], spec: FamilySpec, traits: MergeTraits, dims: Dims, m: int
 ) -> tuple[dict[str, Any], dict[str, list[Any]], list[str]]:
@@ -206,10 +210,11 @@ def reduced_config(
         )
     new_k = min(top_k, m)
     groups = traits.groups
-    if groups is None and spec.derived and _value(cfg, GroupRule.n_group_key) is not None:
+    group_key = next((key for key in _DERIVED_GROUP_KEYS if _value(cfg, key) is not None), None)
+    if groups is None and spec.derived and group_key is not None:
         # Families derived from transformers carry no merge traits; their group-limited routers are
         # DeepSeek-V3's (a group scored by its two best experts), the strictest rule.
-        groups = GroupRule(min_per_group=2)
+        groups = GroupRule(n_group_key=group_key, min_per_group=2)
     if groups is not None:
         rule = groups
         n_group = int(_value(cfg, rule.n_group_key) or 1)
