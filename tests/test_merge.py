@@ -19,7 +19,7 @@ from moetool.merge.api import METHODS
 from tests.helpers import corpus, make_tokenizer
 from tests.tiny import MOE_TYPES, build_tiny
 
-SUPPORTED = [t for t in MOE_TYPES if family_for_config({"model_type": t}).merge.refused is None]
+SUPPORTED = [t for t in MOE_TYPES if "merge" not in family_for_config({"model_type": t}).capabilities]
 # Families whose top-k weights sum to a constant (renormalised, or a fixed scaling): with identical
 # experts the layer output is then the same whatever the router picks, so any merge must be exact.
 # DeepSeek-V2 (no renormalisation at all) and Llama-4 (a sigmoid weight on the expert's input) are not.
@@ -332,7 +332,7 @@ def test_refusals(tiny_mixtral, tmp_path):
     build_tiny("gpt_oss", oss)
     with pytest.raises(UnsupportedArchitectureError) as err:
         merge(str(oss), tmp_path / "z", num_experts=2, calibration=docs)
-    assert err.value.code == "UNSUPPORTED_ARCH" and "clamped" in err.value.message
+    assert err.value.code == "FAMILY_UNSUPPORTED" and "clamped" in err.value.message
     olmoe = tmp_path / "olmoe"
     build_tiny("olmoe", olmoe)
     with pytest.raises(UnsupportedArchitectureError) as err:

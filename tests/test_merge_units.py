@@ -28,31 +28,31 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("width", [1, 7, 64])
 def test_align_recovers_a_random_permutation_exactly(width):
     experts = random_experts(n=1, width=width, hidden=16, seed=width)
-    reference = (experts.gate[0], experts.up[0], experts.down[0])
+    reference = experts.ffn(0)
     shuffle = torch.randperm(width, generator=torch.Generator().manual_seed(1))
     shuffled = align.permute(reference, shuffle)
     perm = align.match_neurons(reference, shuffled)
     realigned = align.permute(shuffled, perm)
     for a, b in zip(realigned, reference, strict=True):
-        assert torch.equal(a, b)
+        assert (a is None and b is None) or torch.equal(a, b)
     # perm undoes the shuffle: neuron i of the aligned expert is neuron perm[i] of the shuffled one.
     assert torch.equal(shuffle[perm], torch.arange(width))
 
 
 def test_permuting_neurons_keeps_the_function():
     experts = random_experts(n=1, width=8, hidden=5)
-    ffn = (experts.gate[0], experts.up[0], experts.down[0])
+    ffn = experts.ffn(0)
     x = torch.randn(3, 5)
     perm = torch.randperm(8)
     from moetool.merge.ffn import forward
 
-    assert torch.allclose(forward(*ffn, x, silu), forward(*align.permute(ffn, perm), x, silu), atol=1e-6)
+    assert torch.allclose(forward(ffn, x, silu), forward(align.permute(ffn, perm), x, silu), atol=1e-6)
 
 
 def test_merging_a_permuted_copy_with_alignment_is_exact():
     base = random_experts(n=1, width=10, hidden=6)
     perm = torch.randperm(10, generator=torch.Generator().manual_seed(3))
-    shuffled = align.permute((base.gate[0], base.up[0], base.down[0]), perm)
+    shuffled = align.permute(base.ffn(0), perm)
     pair = Experts(
         torch.stack([base.gate[0], shuffled[0]]),
         torch.stack([base.up[0], shuffled[1]]),
@@ -60,7 +60,8 @@ def test_merging_a_permuted_copy_with_alignment_is_exact():
     )
     merged = combine.merge_group(pair, [0, 1], [0.3, 0.7], align=True)
     assert all(
-        torch.allclose(a, b, atol=1e-6) for a, b in zip(merged, (base.gate[0], base.up[0], base.down[0]), strict=True)
+        torch.allclose(a, b, atol=1e-6)
+        for a, b in zip(merged[:3], (base.gate[0], base.up[0], base.down[0]), strict=True)
     )
     unaligned = combine.merge_group(pair, [0, 1], [0.3, 0.7], align=False)
     assert not torch.allclose(unaligned[0], base.gate[0])
@@ -216,7 +217,7 @@ def test_dense_concat_is_the_expected_gate_mixture():
 
     x = torch.randn(7, 5)
     expected = sum(c * expert_forward(experts, e, x, silu) for e, c in enumerate(coefficients))
-    assert torch.allclose(forward(*ffn, x, silu), expected, atol=1e-5)
+    assert torch.allclose(forward(ffn, x, silu), expected, atol=1e-5)
     # A narrower width keeps the experts with the largest coefficients, renormalised.
     narrow, used = combine.dense_concat(experts, coefficients, width=6, weight_sum=1.0)
     assert used == [0, 1] and narrow[0].shape == (6, 5)
@@ -224,13 +225,13 @@ def test_dense_concat_is_the_expected_gate_mixture():
 
 def test_pad_adds_exact_zero_neurons():
     experts = random_experts(n=1, width=3, hidden=4)
-    ffn = (experts.gate[0], experts.up[0], experts.down[0])
+    ffn = experts.ffn(0)
     padded = combine.pad(ffn, 8)
     from moetool.merge.ffn import forward
 
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     assert padded[0].shape == (8, 4) and padded[2].shape == (4, 8)
-    assert torch.allclose(forward(*padded, x, silu), forward(*ffn, x, silu), atol=1e-5)
+    assert torch.allclose(forward(padded, x, silu), forward(ffn, x, silu), atol=1e-5)
     with pytest.raises(ValueError):
         combine.pad(ffn, 2)
 
@@ -243,7 +244,7 @@ def test_dense_top1_and_average():
     avg, order = combine.dense_average(same, [1, 2, 3], 1.0)
     assert order == [2, 1, 0]
     assert all(
-        torch.allclose(a, b, atol=1e-6) for a, b in zip(avg, (same.gate[0], same.up[0], same.down[0]), strict=True)
+        torch.allclose(a, b, atol=1e-6) for a, b in zip(avg[:3], (same.gate[0], same.up[0], same.down[0]), strict=True)
     )
 
 
@@ -304,3 +305,48 @@ def test_refit_to_outputs_improves_a_bad_router():
     fitted, losses = refit_to_outputs(x, outputs, target, torch.randn(m, hidden, generator=g), rule, steps=300)
     assert losses["loss_after"] < 0.5 * losses["loss_before"]
     assert fitted.shape == (m, hidden)
+
+
+# ----------------------------------------------------------------------------- two-matrix experts with biases
+
+
+def _two_matrix(n: int, width: int, hidden: int, seed: int = 0) -> Experts:
+    """NLLB-MoE-like experts: ``fc2(relu(fc1 x + b1)) + b2``."""
+    g = torch.Generator().manual_seed(seed)
+    return Experts(
+        None,
+        torch.randn(n, width, hidden, generator=g),
+        torch.randn(n, hidden, width, generator=g),
+        up_bias=torch.randn(n, width, generator=g),
+        down_bias=torch.randn(n, hidden, generator=g),
+    )
+
+
+def test_two_matrix_expert_forward_is_the_mlp():
+    from moetool.merge.ffn import expert_forward
+
+    experts = _two_matrix(2, 6, 4)
+    x = torch.randn(5, 4)
+    expected = torch.relu(x @ experts.up[1].T + experts.up_bias[1]) @ experts.down[1].T + experts.down_bias[1]
+    assert torch.allclose(expert_forward(experts, 1, x, torch.relu), expected, atol=1e-6)
+
+
+def test_two_matrix_alignment_and_merge_carry_the_biases():
+    """Neurons and their biases move together; a permuted copy merges back exactly; the output bias
+    is averaged with the same weights; pruning keeps every tensor of the kept experts."""
+    base = _two_matrix(1, 9, 5, seed=2)
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(4))
+    shuffled = align.permute(base.ffn(0), perm)
+    x = torch.randn(7, 5)
+    from moetool.merge.ffn import forward
+
+    assert torch.allclose(forward(shuffled, x, torch.relu), forward(base.ffn(0), x, torch.relu), atol=1e-5)
+    pair = Experts.stack([base.ffn(0), shuffled._replace(down_bias=shuffled.down_bias + 1.0)])
+    merged = combine.merge_experts(pair, [[0, 1]], [[0.25, 0.75]], align=True)
+    assert merged.gate is None and merged.up_bias is not None
+    assert torch.allclose(merged.up[0], base.up[0], atol=1e-6)
+    assert torch.allclose(merged.up_bias[0], base.up_bias[0], atol=1e-6)
+    assert torch.allclose(merged.down_bias[0], base.down_bias[0] + 0.75, atol=1e-6)
+    kept = _two_matrix(4, 3, 2).select([3, 1])
+    assert kept.num_experts == 2 and kept.up_bias.shape == (2, 3) and kept.down_bias.shape == (2, 2)
+    assert combine.pad(base.ffn(0), 12).up_bias.shape == (12,)

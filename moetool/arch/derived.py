@@ -134,6 +134,19 @@ QUANTIZE_REFUSED = {
     "bailing_hybrid": "stock transformers 5.25 cannot convert its compressed-tensors experts on load",
     "kimi_linear": "stock transformers 5.25 cannot convert its compressed-tensors experts on load",
 }
+_CLAMPED_SWIGLU = (
+    "its experts compute a clamped SwiGLU (swiglu_limit, swiglu_alpha, up + 1), which merge's expert "
+    "math does not model (the experts' outputs were seen to differ)"
+)
+#: Derived families whose experts merge reads but whose merged output was seen to fail (tiny random
+#: checkpoints of transformers 5.25, every family merged and loaded once): the reason merge gives.
+MERGE_REFUSED = {
+    "deepseek_v4": "its hash-routing tables (tid2eid) are stored as integers, which merge's input check refuses",
+    "minimax_m3_vl": _CLAMPED_SWIGLU,
+    "minimax_m3_vl_text": _CLAMPED_SWIGLU,
+    "nemo_speechlm": "stock transformers 5.25 cannot reload its own saved checkpoint (its audio tower's attention "
+    "shapes change on load), so a merged output could not be checked",
+}
 _WRAPPER_REFUSAL = (
     "a multimodal wrapper (the MoE sits in text_config): quantize writes and verifies text models only; "
     "quantize the text model's checkpoint"
@@ -157,6 +170,12 @@ def _capabilities(entry: Mapping[str, Any], routed: list[T]) -> dict[str, str]:
     elif entry.get("stacks") and entry.get("expert_layout", "per_expert") == "per_expert" and _linear_experts(routed):
         # Encoder-decoders with per-expert two-matrix experts: quantized as per-expert linear maps.
         capabilities.pop("quantize", None)
+    # merge: a separate rule (see _merge_refusal), the precise reason where it refuses.
+    merge_refusal = MERGE_REFUSED.get(model_type) or _merge_refusal(entry, routed)
+    if merge_refusal is None:
+        capabilities.pop("merge", None)
+    else:
+        capabilities["merge"] = merge_refusal
     distill = _distill_refusal(entry)
     if distill is None:
         capabilities.pop("distill", None)
@@ -188,6 +207,28 @@ def _distill_refusal(entry: Mapping[str, Any]) -> str | None:
     if entry.get("stacks"):
         return "an encoder-decoder teacher: distill trains a decoder-only student on next-token logits"
     return None
+
+
+def _merge_refusal(entry: Mapping[str, Any], routed: list[T]) -> str | None:
+    """Why merge cannot rewrite this family, or ``None``: each stack's routed experts must be gated or
+    two-matrix MLPs merge reads (:class:`moetool.merge.layout.LayerTensors`), and the router one row per
+    routed expert. tests/test_derived_families.py merges each family that passes and loads the output
+    with stock transformers; :data:`MERGE_REFUSED` holds the ones seen to fail."""
+    for stack in sorted({t.stack for t in routed}):
+        try:
+            roles = roles_of([t for t in routed if t.stack == stack], family=entry["model_type"])
+        except UnsupportedArchitectureError as exc:
+            return exc.message
+        if any(r.role == "gate_up" and r.bias is not None for r in roles.roles):
+            return "its fused gate/up projection has a bias; merge reads biases of separate projections only"
+    for item in entry["layers"]:
+        shape = tuple(str(term).replace(" ", "") for term in item[1])
+        if item[2] == "router" and any("E" in term for term in shape) and shape not in (("E", "H"), ("E",)):
+            return (
+                f"its router tensor {item[0]} is {list(shape)}, not one row per routed expert (extra rows for "
+                "shared or zero-compute experts, or a [1, E] bias): merge reduces one row per expert"
+            )
+    return None if routed else "no routed-expert tensors"
 
 
 def derived_families() -> list[FamilySpec]:

@@ -486,10 +486,10 @@ FAMILIES: tuple[FamilySpec, ...] = (
         model_types=("deepseek",),
         architectures=("DeepseekForCausalLM",),
         is_moe=True,
-        merge=MergeTraits(
-            refused="DeepSeekMoE 16B needs its own Python code (no transformers class), so its output could not "
+        capabilities={
+            "merge": "DeepSeekMoE 16B needs its own Python code (no transformers class), so its output could not "
             "be loaded or checked"
-        ),
+        },
         fields={"E": ("n_routed_experts",), "NS": ("n_shared_experts",)},
         defaults={"NS": 0},
         flags={"attention_bias": ("attention_bias", False)},
@@ -563,10 +563,10 @@ FAMILIES: tuple[FamilySpec, ...] = (
         model_types=("gpt_oss",),
         architectures=("GptOssForCausalLM",),
         is_moe=True,
-        merge=MergeTraits(
-            refused="gpt-oss experts use a clamped SwiGLU with biases and interleaved gate/up columns, and are "
+        capabilities={
+            "merge": "gpt-oss experts use a clamped SwiGLU with biases and interleaved gate/up columns, and are "
             "usually stored as MXFP4; averaging them is not supported"
-        ),
+        },
         fields={
             "E": ("num_local_experts",),
             "K": ("num_experts_per_tok", "experts_per_token"),

@@ -75,6 +75,11 @@ class RouterOutput(str, Enum):
     # NLLB-MoE: (top_1_mask or dispatch mask [T, E] after capacity, router_probs); logits recomputed.
     NLLB_MASK = "nllb_mask"
 
+    @property
+    def capacity_limited(self) -> bool:
+        """The router drops choices beyond an expert capacity (Switch Transformers, NLLB-MoE)."""
+        return self in (RouterOutput.SWITCH_MASK, RouterOutput.NLLB_MASK)
+
 
 class ExpertsProtocol(str, Enum):
     """What a family's in-memory routed-experts module (transformers v5) looks like, for commands that
@@ -187,15 +192,26 @@ class MergeTraits:
         groups: group-limited routing, when the family has it.
         extra_expert_keys: config keys that also hold the routed expert count (besides the
             registry's ``E`` fields and their aliases).
-        refused: why merge cannot handle this family's experts (``None``: it can). Kept apart from
-            ``capabilities`` because merge reports it as ``UNSUPPORTED_ARCH``, not ``FAMILY_UNSUPPORTED``.
+        capacity_keys: config keys holding a capacity-limited router's tokens per expert, scaled by
+            ``N / M`` when the experts are reduced so the capacity factor stays the same.
+
+    A family merge cannot handle says so in ``FamilySpec.capabilities["merge"]``, as for every command.
     """
 
-    act_keys: tuple[str, ...] = ("hidden_act",)
+    #: The activation keys transformers' configs use (Nemotron-H's ``mlp_hidden_act`` beside its Mamba's,
+    #: Switch's ``dense_act_fn``, NLLB's ``activation_function``, Gemma's ``hidden_activation``), first
+    #: present wins.
+    act_keys: tuple[str, ...] = (
+        "mlp_hidden_act",
+        "hidden_act",
+        "hidden_activation",
+        "dense_act_fn",
+        "activation_function",
+    )
     router_scales_input: bool = False
     groups: GroupRule | None = None
     extra_expert_keys: tuple[str, ...] = ()
-    refused: str | None = None
+    capacity_keys: tuple[str, ...] = ("expert_capacity",)
 
 
 @dataclass(frozen=True)
@@ -256,7 +272,7 @@ class FamilySpec:
         capabilities: per command, ``None`` (supported) or the reason it is not (see
             :func:`moetool.arch.registry.require_capability`).
         merge: what merge needs to know about the experts (see :class:`MergeTraits`); derived families
-            keep the defaults (their ``capabilities`` refuse merge before these are read).
+            keep the defaults.
     """
 
     name: str

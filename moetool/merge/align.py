@@ -1,6 +1,6 @@
-"""Align the intermediate neurons of two SwiGLU experts by a permutation, before averaging them.
+"""Align the intermediate neurons of two experts by a permutation, before averaging them.
 
-A SwiGLU expert is unchanged when its intermediate neurons are permuted: row ``i`` of gate and up and
+An MLP expert is unchanged when its intermediate neurons are permuted: row ``i`` of gate and up and
 column ``i`` of down move together. Two experts trained apart compute similar features in different
 neuron orders, so averaging them position by position mixes unrelated neurons; matching neurons first
 (weight matching, as in Git Re-Basin and MC-SMoE) makes the average meaningful. The match maximises the
@@ -15,23 +15,25 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from moetool.merge.ffn import FFN
 
-def neuron_features(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """One row per neuron: ``[gate[i], up[i], down[:, i]]`` -> ``[I, 3H]``."""
+
+def neuron_features(ffn: FFN) -> torch.Tensor:
+    """One row per neuron: ``[gate[i], up[i], down[:, i]]`` -> ``[I, 3H]`` (no gate row for a two-matrix
+    expert; a neuron's gate and up biases are one more column each)."""
     import torch
 
-    return torch.cat([gate, up, down.T], dim=1)
+    columns = [t[:, None] for t in (ffn.gate_bias, ffn.up_bias) if t is not None]
+    rows = [ffn.gate] if ffn.gate is not None else []
+    return torch.cat([*rows, ffn.up, ffn.down.T, *columns], dim=1)
 
 
-def match_neurons(
-    reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    other: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-) -> torch.Tensor:
+def match_neurons(reference: FFN, other: FFN) -> torch.Tensor:
     """The permutation of ``other``'s neurons that best matches ``reference``'s.
 
     Args:
-        reference: (gate ``[I, H]``, up ``[I, H]``, down ``[H, I]``).
-        other: the same for the expert to align.
+        reference: the expert aligned to.
+        other: the expert to align.
 
     Returns:
         ``perm`` (long ``[I]``) such that neuron ``i`` of the aligned expert is neuron ``perm[i]`` of
@@ -41,8 +43,8 @@ def match_neurons(
     import torch
     from scipy.optimize import linear_sum_assignment
 
-    ref = neuron_features(*reference).double()
-    oth = neuron_features(*other).double()
+    ref = neuron_features(reference).double()
+    oth = neuron_features(other).double()
     similarity = (ref @ oth.T).cpu().numpy()
     rows, cols = linear_sum_assignment(similarity, maximize=True)
     perm = np.empty(len(rows), dtype=np.int64)
@@ -50,12 +52,22 @@ def match_neurons(
     return torch.from_numpy(perm)
 
 
-def permute(
-    expert: tuple[torch.Tensor, torch.Tensor, torch.Tensor], perm: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reorder an expert's neurons: gate/up rows and down columns move together (the function is unchanged)."""
-    gate, up, down = expert
-    return gate[perm], up[perm], down[:, perm]
+def permute(expert: FFN, perm: torch.Tensor) -> FFN:
+    """Reorder an expert's neurons: gate/up rows (and biases) and down columns move together (the function
+    is unchanged)."""
+    from moetool.merge.ffn import FFN
+
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[perm]
+
+    return FFN(
+        rows(expert.gate),
+        expert.up[perm],
+        expert.down[:, perm],
+        rows(expert.gate_bias),
+        rows(expert.up_bias),
+        expert.down_bias,
+    )
 
 
 def match_by_activations(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

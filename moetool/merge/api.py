@@ -34,6 +34,7 @@ from moetool.io.jsonfile import json_number
 from moetool.io.shards import WriteResult
 from moetool.io.sizes import DEFAULT_MAX_SHARD_SIZE
 from moetool.merge.calibrate import DEFAULT_SAMPLE_TOKENS, Calibration, LayerCalibration
+from moetool.merge.ffn import FFN
 from moetool.merge.layout import Experts, LayerTensors, find_prefix
 from moetool.merge.methods import MERGE, PRUNE, LayerInputs, output_similarity
 from moetool.merge.methods import METHODS as METHOD_TABLE
@@ -44,7 +45,6 @@ from moetool.merge.plan import (
     dense_config,
     dense_target,
     merge_traits,
-    moe_width,
     output_tensors,
     reduced_config,
 )
@@ -411,7 +411,7 @@ def _refit_outputs(
 
     sample = inputs.calibration.sample
     assert sample is not None
-    m, hidden = experts.num_experts, experts.gate.shape[-1]
+    m, hidden = experts.num_experts, experts.hidden_size
     n = min(sample.size, max(256, _REFIT_FLOATS // max(m * hidden, 1)))
     x = sample.x[:n].float()
     target = routed_output(
@@ -430,12 +430,12 @@ def _dense_layer(
     *,
     routed_width: int,
     weight_sum: float,
-    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    shared: FFN | None,
     shared_gate: torch.Tensor | None,
     align: str,
     refit_down: bool,
     scales_input: bool,
-) -> tuple[LayerDecision, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+) -> tuple[LayerDecision, FFN]:
     import torch
 
     from moetool.merge.combine import concat, dense_average, dense_concat, dense_top1, fit_down, routed_output, scale
@@ -618,14 +618,14 @@ def merge(
     inputs = _check_output(source, plan, out_path, overwrite=overwrite)
 
     t0 = time.perf_counter()
-    cal, counted = _run_calibration(model, source, plan, options, texts, stats, hub=hub, progress=progress)
+    cal, counted = _run_calibration(source, plan, options, texts, stats, progress=progress)
     timings["calibration_s"] = time.perf_counter() - t0
 
     with staged_output(out_path, inputs=inputs, overwrite=overwrite, allow_nonfinite=allow_nonfinite) as staging:
         t0 = time.perf_counter()
         decisions, files = _stream_layers(source, plan, cal, staging, options, progress=progress)
         timings["write_s"] = time.perf_counter() - t0
-        figures = _evaluate_output(model, staging, options, texts, counted, plan.warnings, hub=hub, progress=progress)
+        figures = _evaluate_output(source, staging, options, texts, counted, plan.warnings, progress=progress)
         if figures is not None:
             timings["eval_s"] = figures.seconds
         result = _result(model, out_path, source, plan, options, cal, decisions, files, figures)
@@ -769,7 +769,7 @@ def _open_source(model: str, options: MergeOptions, *, hub: dict[str, Any], allo
             hint="--to-dense writes one dense FFN per layer instead",
             code="M_OUT_OF_RANGE",
         )
-    prefix = find_prefix(spec, checkpoint.tensors, moe_layers[0])
+    prefix = find_prefix(spec, checkpoint.tensors, moe_layers[0], dims)
     layout = LayerTensors(spec, dims, prefix=prefix)
     first_expert = layout.expert_names(moe_layers[0], n)[0]
     if first_expert not in checkpoint.tensors:
@@ -867,7 +867,7 @@ def _plan(source: _Source, options: MergeOptions, *, have_stats: bool, have_cali
         sources=sources,
         zeros=zeros,
         predicted_bytes=sum(t.nbytes for t in tensors),
-        act=_activation(traits, config),
+        act=expert_activation(traits, config),
         sigmoid_router=spec.routing.rule in (Routing.SIGMOID_GROUPED_TOPK, Routing.TOPK_SIGMOID),
         renormalises=renormalises,
         scaling=scaling,
@@ -888,14 +888,12 @@ def _check_output(source: _Source, plan: _Plan, out_path: Path, *, overwrite: bo
 
 
 def _run_calibration(
-    model: str,
     source: _Source,
     plan: _Plan,
     options: MergeOptions,
     texts: _Texts,
     stats: Any,
     *,
-    hub: dict[str, Any],
     progress: Progress | None,
 ) -> tuple[Calibration, _Counting | None]:
     """The routing statistics each layer's decision reads: from a stats file, or one pass of the text."""
@@ -905,7 +903,7 @@ def _run_calibration(
     counted = _Counting(texts.calibration)
     keep_sample = _needs_sample(plan.method, plan.dense_spec is not None, options.refit_router, options.align)
     cal = _calibrate(
-        model,
+        source.checkpoint,
         source.spec,
         counted,
         name=texts.calibration_name,
@@ -918,7 +916,6 @@ def _run_calibration(
         dtype=options.dtype,
         whole_model=options.whole_model,
         progress=progress,
-        **hub,
     )
     return cal, counted
 
@@ -987,14 +984,13 @@ def _stream_layers(
 
 
 def _evaluate_output(
-    model: str,
+    source: _Source,
     staging: Path,
     options: MergeOptions,
     texts: _Texts,
     counted: _Counting | None,
     warnings: list[str],
     *,
-    hub: dict[str, Any],
     progress: Progress | None,
 ) -> EvalFigures | None:
     """Measure the staged output against the source on held-out text (``None``: not asked, or no text left)."""
@@ -1009,7 +1005,7 @@ def _evaluate_output(
         return None
     t0 = time.perf_counter()
     figures = _evaluate(
-        model,
+        source.checkpoint,
         staging,
         documents,
         name=name,
@@ -1020,7 +1016,6 @@ def _evaluate_output(
         dtype=options.dtype,
         whole_model=options.whole_model,
         progress=progress,
-        **hub,
     )
     figures.seconds = time.perf_counter() - t0
     return figures
@@ -1118,7 +1113,9 @@ def _top_k_of(spec: FamilySpec, dims: Dims) -> int:
     return max(value) if isinstance(value, list) else int(value)
 
 
-def _activation(traits: MergeTraits, config: dict[str, Any]) -> Callable:
+def expert_activation(traits: MergeTraits, config: dict[str, Any]) -> Callable:
+    """The routed experts' activation: the first of the family's activation keys present (silu, as
+    transformers, when none is)."""
     from moetool.arch.dims import text_config
     from moetool.arch.registry import family_for_config
     from moetool.merge.ffn import activation
@@ -1136,7 +1133,8 @@ def default_method(spec: FamilySpec, traits: MergeTraits, *, have_stats: bool) -
     """The method used when none is given: ``search`` where it can run, else ``frequency``.
 
     ``search`` needs calibration hidden states (a ``--dataset`` pass, not a stats file) and a routing rule
-    that moetool models (not Llama-4's, whose weight scales the expert's input).
+    that moetool models (not Llama-4's, whose weight scales the expert's input, nor a capacity-limited
+    router's, whose drops depend on the other tokens of the batch).
     """
     modelled = _routing_rule(spec, traits, renormalises=True, scaling=1.0, top_k=1) is not None
     return DEFAULT_METHOD if modelled and not have_stats else FALLBACK_METHOD
@@ -1148,7 +1146,7 @@ def _routing_rule(
     """The reduced layer's routing rule, for refitting its router to the layer output (None: not modelled)."""
     from moetool.merge.router import RoutingRule
 
-    if traits.router_scales_input:
+    if traits.router_scales_input or spec.router_output.capacity_limited:
         return None
     kind = {
         Routing.SOFTMAX_TOPK: "softmax",
@@ -1181,7 +1179,7 @@ def _dense_widths(
 ) -> tuple[int, int, dict[int, int], list[str]]:
     """(routed width, output width, shared-expert width per MoE layer, notes) for ``--to-dense``."""
     moe_layers = sorted(dims.moe_layers)
-    widths = {moe_width(dims, layer) for layer in moe_layers}
+    widths = {layout.width(layer) for layer in moe_layers}
     if len(widths) != 1:
         raise UnsupportedArchitectureError("--to-dense: MoE layers of different expert widths are not supported")
     size = widths.pop()
@@ -1224,7 +1222,7 @@ def _calibration_from_stats(stats: Any, *, n: int, moe_layers: list[int], top_k:
 
 
 def _calibrate(
-    model: str,
+    checkpoint: Checkpoint,
     spec: FamilySpec,
     documents: Iterable[Document],
     *,
@@ -1237,18 +1235,14 @@ def _calibrate(
     device: str,
     dtype: str,
     whole_model: bool,
-    revision: str | None,
-    token: str | bool | None,
-    offline: bool | None,
     progress: Progress | None,
 ) -> Calibration:
     from moetool.data import iter_batches, iter_windows
     from moetool.merge.calibrate import calibrate
     from moetool.runner.open import open_runner
 
-    opened = open_runner(
-        model, device=device, dtype=dtype, whole_model=whole_model, revision=revision, token=token, offline=offline
-    )
+    # The checkpoint merge opened: its headers are not read again.
+    opened = open_runner(checkpoint, device=device, dtype=dtype, whole_model=whole_model)
     tokenizer = opened.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     windows = iter_windows(tokenizer, documents, seq_len=seq_len, max_tokens=max_tokens)
@@ -1285,7 +1279,7 @@ def _process_moe_layer(
     checkpoint, layout, traits = source.checkpoint, source.layout, source.traits
     dense_spec, routed_width, dense_width = plan.dense_spec, plan.routed_width, plan.dense_width
     n = int(source.dims.values["E"])
-    experts = layout.read_experts(checkpoint, layer, n, moe_width(source.dims, layer))
+    experts = layout.read_experts(checkpoint, layer, n, layout.width(layer))
     router_names = layout.router_names(layer)
     router = [checkpoint.read_tensor(name) for name in router_names]
     inputs = LayerInputs(layer, experts, router, cal.layers[layer], plan.act)
@@ -1312,7 +1306,7 @@ def _process_moe_layer(
     shared = shared_gate = None
     if layer in plan.shared_widths:
         names = layout.shared_names(layer)
-        shared = tuple(checkpoint.read_tensor(name).float() for name in names)
+        shared = FFN(*(checkpoint.read_tensor(name).float() for name in names))
         gate_name = layout.shared_gate_name(layer)
         if gate_name is not None:
             if cal.layers[layer].sample is None:
@@ -1334,9 +1328,10 @@ def _process_moe_layer(
         refit_down=plan.refit_down,
         scales_input=traits.router_scales_input,
     )
-    gate, up, down = pad(ffn, dense_width)
+    padded = pad(ffn, dense_width)
     base = layout.prefix + dense_spec.layer_prefix.format(L=layer)
-    for template, tensor in zip(dense_spec.dense_mlp[:3], (gate, up, down), strict=True):
+    for template, tensor in zip(dense_spec.dense_mlp[:3], (padded.gate, padded.up, padded.down), strict=True):
+        assert tensor is not None
         emit(base + template.name, tensor.to(dtype).contiguous())
     return decision
 
@@ -1348,11 +1343,12 @@ def _process_dense_layer(source: _Source, plan: _Plan, layer: int, emit: Callabl
     dense_spec, dense_width, layout = plan.dense_spec, plan.dense_width, source.layout
     assert dense_spec is not None and dense_width is not None
     base = layout.layer_prefix(layer)
-    ffn = tuple(source.checkpoint.read_tensor(base + t.name).float() for t in source.spec.dense_mlp[:3])
-    gate, up, down = pad(ffn, dense_width)
+    ffn = FFN(*(source.checkpoint.read_tensor(base + t.name).float() for t in source.spec.dense_mlp[:3]))
+    padded = pad(ffn, dense_width)
     out_base = layout.prefix + dense_spec.layer_prefix.format(L=layer)
     dtype = torch_dtype(source.expert_dtype)
-    for template, tensor in zip(dense_spec.dense_mlp[:3], (gate, up, down), strict=True):
+    for template, tensor in zip(dense_spec.dense_mlp[:3], (padded.gate, padded.up, padded.down), strict=True):
+        assert tensor is not None
         emit(out_base + template.name, tensor.to(dtype).contiguous())
 
 
@@ -1373,7 +1369,7 @@ def _eval_documents(
 
 
 def _evaluate(
-    model: str,
+    checkpoint: Checkpoint,
     staging: Path,
     documents: list[Document],
     *,
@@ -1384,9 +1380,6 @@ def _evaluate(
     device: str,
     dtype: str,
     whole_model: bool,
-    revision: str | None,
-    token: str | bool | None,
-    offline: bool | None,
     progress: Progress | None,
 ) -> EvalFigures:
     """Perplexity of the original and the merged model, KL and top-1 agreement: one pass of each."""
@@ -1394,9 +1387,7 @@ def _evaluate(
     from moetool.evaluate import evaluate
     from moetool.runner.open import open_runner
 
-    original = open_runner(
-        model, device=device, dtype=dtype, whole_model=whole_model, revision=revision, token=token, offline=offline
-    )
+    original = open_runner(checkpoint, device=device, dtype=dtype, whole_model=whole_model)
     merged = open_runner(str(staging), device=device, dtype=dtype, whole_model=whole_model)
 
     data = DatasetSpec.of_documents(documents, name, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size)

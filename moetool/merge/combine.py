@@ -1,7 +1,7 @@
 """Combine experts: frequency-weighted averages after neuron alignment, and the dense strategies.
 
-Pure functions over canonical tensors (:class:`moetool.merge.layout.Experts`). An FFN is a tuple
-``(gate [I, H], up [I, H], down [H, I])``.
+Pure functions over canonical tensors (:class:`moetool.merge.layout.Experts`). An FFN is a
+:class:`moetool.merge.ffn.FFN` (gate ``[I, H]`` or none, up ``[I, H]``, down ``[H, I]``, optional biases).
 
 Dense strategies (``--to-dense``), for replacing ``sum_k w_k E_k(x)`` by one FFN:
 
@@ -19,16 +19,20 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from moetool.merge.ffn import FFN
+
 if TYPE_CHECKING:
     import torch
 
     from moetool.merge.layout import Experts
 
-FFN = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]
-
 
 def _expert(experts: Experts, e: int) -> FFN:
-    return experts.gate[e], experts.up[e], experts.down[e]
+    return experts.ffn(e)
+
+
+def _add(total: torch.Tensor | None, w: float, t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if total is None or t is None else total + w * t
 
 
 def merge_group(
@@ -57,18 +61,16 @@ def merge_group(
     from moetool.merge.ffn import hidden
 
     reference = _expert(experts, members[0])
-    ref_h = hidden(reference[0], reference[1], tokens, act) if align and tokens is not None and act else None
-    gate, up, down = (t * weights[0] for t in reference)
+    ref_h = hidden(reference, tokens, act) if align and tokens is not None and act else None
+    total = reference.map(lambda t: t * weights[0])
     for e, w in zip(members[1:], weights[1:], strict=True):
         member = _expert(experts, e)
         if align and ref_h is not None:
-            member = permute(member, match_by_activations(ref_h, hidden(member[0], member[1], tokens, act)))
+            member = permute(member, match_by_activations(ref_h, hidden(member, tokens, act)))
         elif align:
             member = permute(member, match_neurons(reference, member))
-        gate = gate + w * member[0]
-        up = up + w * member[1]
-        down = down + w * member[2]
-    return gate, up, down
+        total = FFN(*(_add(a, w, b) for a, b in zip(total, member, strict=True)))
+    return total
 
 
 def merge_experts(
@@ -81,8 +83,6 @@ def merge_experts(
     act: Callable | None = None,
 ) -> Experts:
     """One merged expert per group (see :func:`merge_group`); singleton groups are copied exactly."""
-    import torch
-
     from moetool.merge.layout import Experts
 
     parts = []
@@ -91,39 +91,65 @@ def merge_experts(
             parts.append(_expert(experts, members[0]))
         else:
             parts.append(merge_group(experts, members, w, align=align, tokens=tokens, act=act))
-    return Experts(*(torch.stack([p[i] for p in parts]) for i in range(3)))
+    return Experts.stack(parts)
 
 
 def scale(ffn: FFN, factor: float) -> FFN:
-    """Multiply an FFN's output by ``factor`` (its down projection)."""
-    gate, up, down = ffn
-    return gate, up, down * factor
+    """Multiply an FFN's output by ``factor`` (its down projection and bias)."""
+    down_bias = None if ffn.down_bias is None else ffn.down_bias * factor
+    return ffn._replace(down=ffn.down * factor, down_bias=down_bias)
+
+
+def _cat(parts: Sequence[torch.Tensor | None], dim: int) -> torch.Tensor | None:
+    import torch
+
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+    if len(present) != len(parts):
+        raise ValueError("cannot concatenate FFNs with and without this projection")
+    return torch.cat(list(present), dim=dim)
 
 
 def concat(parts: Sequence[FFN]) -> FFN:
-    """FFNs side by side: one FFN computing the sum of their outputs."""
-    import torch
-
-    return (
-        torch.cat([p[0] for p in parts], dim=0),
-        torch.cat([p[1] for p in parts], dim=0),
-        torch.cat([p[2] for p in parts], dim=1),
+    """FFNs side by side: one FFN computing the sum of their outputs (their output biases add up)."""
+    down_biases = [p.down_bias for p in parts if p.down_bias is not None]
+    up = _cat([p.up for p in parts], 0)
+    down = _cat([p.down for p in parts], 1)
+    assert up is not None and down is not None
+    return FFN(
+        _cat([p.gate for p in parts], 0),
+        up,
+        down,
+        _cat([p.gate_bias for p in parts], 0),
+        _cat([p.up_bias for p in parts], 0),
+        sum(down_biases[1:], down_biases[0]) if down_biases else None,
     )
 
 
 def pad(ffn: FFN, width: int) -> FFN:
-    """Widen an FFN with zero neurons (exact: a zero neuron outputs ``act(0) * 0 = 0``)."""
+    """Widen an FFN with zero neurons (exact: a neuron whose down column is zero adds nothing)."""
     import torch
 
-    gate, up, down = ffn
-    extra = width - gate.shape[0]
+    extra = width - ffn.width
     if extra < 0:
-        raise ValueError(f"cannot pad an FFN of width {gate.shape[0]} to {width}")
+        raise ValueError(f"cannot pad an FFN of width {ffn.width} to {width}")
     if extra == 0:
         return ffn
-    zeros_in = torch.zeros(extra, gate.shape[1], dtype=gate.dtype)
-    zeros_out = torch.zeros(down.shape[0], extra, dtype=down.dtype)
-    return torch.cat([gate, zeros_in]), torch.cat([up, zeros_in]), torch.cat([down, zeros_out], dim=1)
+    zeros_in = torch.zeros(extra, ffn.up.shape[1], dtype=ffn.up.dtype)
+    zeros_out = torch.zeros(ffn.down.shape[0], extra, dtype=ffn.down.dtype)
+
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else torch.cat([t, zeros_in if t.dim() == 2 else torch.zeros(extra, dtype=t.dtype)])
+
+    return FFN(
+        rows(ffn.gate),
+        rows(ffn.up),
+        torch.cat([ffn.down, zeros_out], dim=1),
+        rows(ffn.gate_bias),
+        rows(ffn.up_bias),
+        ffn.down_bias,
+    )
 
 
 def dense_top1(experts: Experts, scores: Sequence[float], weight_sum: float) -> tuple[FFN, list[int]]:
@@ -176,12 +202,13 @@ def dense_concat(
         if left <= 0:
             break
         take = min(size, left)
-        gate, up, down = _expert(experts, e)
+        ffn = _expert(experts, e)
         if take < size:  # a partial expert: its neurons with the largest weight norms
-            norms = gate.norm(dim=1) * up.norm(dim=1) * down.norm(dim=0)
+            norms = ffn.up.norm(dim=1) if ffn.gate is None else ffn.gate.norm(dim=1) * ffn.up.norm(dim=1)
+            norms = norms * ffn.down.norm(dim=0)
             keep = torch.topk(norms, take).indices.sort().values
-            gate, up, down = gate[keep], up[keep], down[:, keep]
-        parts.append((gate, up, down))
+            ffn = _keep_neurons(ffn, keep)
+        parts.append(ffn)
         used.append(e)
         left -= take
     kept = sum(max(float(coefficients[e]), 0.0) for e in used)
@@ -190,6 +217,13 @@ def dense_concat(
     ]
     ffn = concat([scale(p, f) for p, f in zip(parts, factors, strict=True)])
     return ffn, used
+
+
+def _keep_neurons(ffn: FFN, keep: torch.Tensor) -> FFN:
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[keep]
+
+    return FFN(rows(ffn.gate), ffn.up[keep], ffn.down[:, keep], rows(ffn.gate_bias), rows(ffn.up_bias), ffn.down_bias)
 
 
 def fit_down(
@@ -216,9 +250,10 @@ def fit_down(
 
     from moetool.merge.ffn import hidden
 
-    gate, up, down = ffn
-    h = hidden(gate, up, x.float(), act).double()
-    y = target.double()
+    down = ffn.down
+    h = hidden(ffn, x.float(), act).double()
+    # An output bias stays as it is: the refit reproduces what the neurons add to it.
+    y = target.double() if ffn.down_bias is None else (target - ffn.down_bias).double()
     gram = h.T @ h
     scale = float(gram.diagonal().mean()) or 1.0
     gram += ridge * scale * torch.eye(gram.shape[0], dtype=gram.dtype)
@@ -228,7 +263,7 @@ def fit_down(
     after = float(((h @ new_down.T - y) ** 2).sum()) / norm
     if not after <= before:
         return ffn, {"error_before": before, "error_after": before}
-    return (gate, up, new_down.to(down.dtype)), {"error_before": before, "error_after": after}
+    return ffn._replace(down=new_down.to(down.dtype)), {"error_before": before, "error_after": after}
 
 
 def routed_output(
@@ -245,7 +280,7 @@ def routed_output(
 
     from moetool.merge.ffn import expert_forward
 
-    out = torch.zeros(x.shape[0], experts.gate.shape[-1], dtype=torch.float32)
+    out = torch.zeros(x.shape[0], experts.hidden_size, dtype=torch.float32)
     for e in range(experts.num_experts):
         rows, slots = torch.nonzero(indices == e, as_tuple=True)
         if not rows.numel():

@@ -163,12 +163,12 @@ def _search(inputs: LayerInputs, m: int, traits: MergeTraits, rule: RoutingRule 
     if rule is None:
         raise UnsupportedArchitectureError(
             "--method search models the layer output, which this family's routing (a weight on the "
-            "expert's input) does not allow",
+            "expert's input, or a capacity limit) does not allow",
             hint="use --method reap",
         )
     sample = inputs.calibration.sample
     assert sample is not None
-    n_experts, hidden = inputs.experts.num_experts, inputs.experts.gate.shape[-1]
+    n_experts, hidden = inputs.experts.num_experts, inputs.experts.hidden_size
     n = min(sample.size, max(256, _SEARCH_FLOATS // max(n_experts * hidden, 1)))
     x = sample.x[:n].float()
     target = routed_output(inputs.experts, x, sample.indices[:n], sample.weights[:n], inputs.act, scales_input=False)

@@ -2,7 +2,7 @@
 
 From the source checkpoint's headers and config alone:
 
-* :func:`merge_traits` refuses a family whose experts merge cannot rewrite (the registry says which);
+* :func:`merge_traits` gives the registry's merge traits of an MoE family (refusals are its ``capabilities``);
 * :func:`reduced_config` / :func:`dense_config` give the output config.json (expert count, top-k and
   DeepSeek's groups adjusted; or the dense counterpart's config), with every change listed;
 * :func:`output_tensors` lists each output tensor (name, shape, dtype, and where it comes from) in
@@ -18,13 +18,14 @@ From the source checkpoint's headers and config alone:
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from moetool.arch.dims import ALIASES, COMMON_FIELDS, Dims, get_path, lookup, resolve_dims
 from moetool.arch.plan import planned_tensors
-from moetool.arch.spec import FamilySpec, MergeTraits
+from moetool.arch.spec import FamilySpec, GroupRule, MergeTraits
 from moetool.count.classify import TensorClassifier
 from moetool.errors import ConfigError, UnsupportedArchitectureError, UsageError
 from moetool.io.safetensors_header import DTYPE_BITS
@@ -32,22 +33,17 @@ from moetool.merge.layout import LayerTensors, template_shape
 
 
 def merge_traits(spec: FamilySpec) -> MergeTraits:
-    """The registry's merge traits of a family, once merge is known to handle its experts.
+    """The registry's merge traits of a family (a family merge refuses says so in its ``capabilities``,
+    checked first: :func:`moetool.arch.registry.require_capability`).
 
     Raises:
-        UnsupportedArchitectureError: ``NOT_MOE`` for a dense family, ``UNSUPPORTED_ARCH`` for one whose
-            experts merge does not handle.
+        UnsupportedArchitectureError: ``NOT_MOE`` for a dense family.
     """
     if not spec.is_moe:
         raise UnsupportedArchitectureError(
             f"{spec.name} is a dense model family: there are no experts to merge",
             hint="merge takes a Mixture-of-Experts checkpoint (Mixtral, Qwen-MoE, DeepSeek, ...)",
             code="NOT_MOE",
-        )
-    if spec.merge.refused is not None:
-        raise UnsupportedArchitectureError(
-            f"merge does not support {spec.name}: {spec.merge.refused}",
-            hint=f"supported families: {', '.join(supported_families())}",
         )
     return spec.merge
 
@@ -56,11 +52,7 @@ def supported_families() -> list[str]:
     """The registry names of the families merge handles, sorted."""
     from moetool.arch.registry import ALL_FAMILIES, capability
 
-    return sorted(
-        spec.name
-        for spec in ALL_FAMILIES
-        if spec.is_moe and spec.merge.refused is None and capability(spec, "merge") is None
-    )
+    return sorted(spec.name for spec in ALL_FAMILIES if spec.is_moe and capability(spec, "merge") is None)
 
 
 def _value(config: Mapping[str, Any], dotted: str) -> Any:
@@ -169,6 +161,10 @@ def _present(config: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
     return [k for k in keys if _value(config, k) is not None]
 
 
+#: The group-count keys of the group-limited routers transformers ships (DeepSeek-V3's and Ling's).
+_DERIVED_GROUP_KEYS = ("n_group", "num_expert_group")
+
+
 def reduced_config(
     config: dict[str, Any], spec: FamilySpec, traits: MergeTraits, dims: Dims, m: int
 ) -> tuple[dict[str, Any], dict[str, list[Any]], list[str]]:
@@ -204,9 +200,23 @@ def reduced_config(
     top_k = dims.values["K"]
     if isinstance(top_k, list):
         top_k = max(top_k)
+    # No top-k key: the model's code fixes it (Switch routes to 1 expert, NLLB-MoE to 2).
+    fixed_k = spec.fields.get("K") == ()
+    if fixed_k and m < top_k:
+        raise UsageError(
+            f"{spec.name} routes every token to {top_k} experts (fixed by its code); --num-experts {m} is too few",
+            hint=f"ask for at least {top_k} experts",
+            code="M_TOO_SMALL",
+        )
     new_k = min(top_k, m)
-    if traits.groups is not None:
-        rule = traits.groups
+    groups = traits.groups
+    group_key = next((key for key in _DERIVED_GROUP_KEYS if _value(cfg, key) is not None), None)
+    if groups is None and spec.derived and group_key is not None:
+        # Families derived from transformers carry no merge traits; their group-limited routers are
+        # DeepSeek-V3's (a group scored by its two best experts), the strictest rule.
+        groups = GroupRule(n_group_key=group_key, min_per_group=2)
+    if groups is not None:
+        rule = groups
         n_group = int(_value(cfg, rule.n_group_key) or 1)
         topk_group = int(_value(cfg, rule.topk_group_key) or 1)
         if m < rule.min_per_group:
@@ -230,12 +240,22 @@ def reduced_config(
         new_k = min(new_k, new_topk_group * (m // new_group))
     if new_k != top_k:
         notes.append(f"top-k {top_k} -> {new_k} (at most the {m} experts left)")
-    for key in _present(cfg, _keys(spec, "K")) or _keys(spec, "K")[:1]:
+    for key in [] if fixed_k else _present(cfg, _keys(spec, "K")) or _keys(spec, "K")[:1]:
         value = _value(cfg, key)
         if isinstance(value, list):
             change(key, [min(int(v), new_k) for v in value])
         else:
             change(key, new_k)
+    if spec.router_output.capacity_limited:
+        n = int(dims.values["E"])
+        for key in _present(cfg, traits.capacity_keys):
+            value = _value(cfg, key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                change(key, math.ceil(value * n / m))
+                notes.append(
+                    f"{key} {value} -> {_value(cfg, key)} (x {n}/{m}: each expert takes the tokens of "
+                    f"{n / m:g} before, the capacity factor is kept)"
+                )
     if dims.num_mtp:
         change("num_nextn_predict_layers", 0)
         notes.append("multi-token-prediction module dropped (transformers does not run it, so it was not calibrated)")
@@ -385,7 +405,7 @@ def output_tensors(
         for name in router:
             info = checkpoint.tensors[name]
             out.append(OutputTensor(name, (m, *info.shape[1:]), info.dtype, "router", layer))
-        for name, shape in layout.expert_shapes(layer, m, moe_width(dims, layer)):
+        for name, shape in layout.expert_shapes(layer, m, layout.width(layer)):
             out.append(OutputTensor(name, shape, expert_dtype, "experts", layer))
     return out, sources, dropped
 
@@ -462,6 +482,13 @@ def dense_target(spec: FamilySpec) -> FamilySpec:
     """
     from moetool.arch.registry import get_family
 
+    if not spec.dense_counterpart and spec.stacks:
+        raise UnsupportedArchitectureError(
+            f"--to-dense: {spec.name} is an encoder-decoder, and moetool writes dense counterparts of "
+            "decoder-only families only",
+            hint="use --num-experts M (M >= the experts each token is routed to) to keep the architecture",
+            code="NO_DENSE_COUNTERPART",
+        )
     if not spec.dense_counterpart:
         raise UnsupportedArchitectureError(
             f"--to-dense: the registry names no dense architecture for {spec.name}",

@@ -158,9 +158,17 @@ def routing_decision(
     """``(logits, indices, weights)`` of one router call, as the MoE block applies them.
 
     Routers that return only logits (DBRX) or masked scores (Llama-4) get the family's rule applied.
+    Capacity-limited routers (Switch, NLLB-MoE) are decoded as profile-routing decodes them; a choice
+    dropped for capacity gets weight 0, as the model gives it.
     """
     import torch
 
+    if spec.router_output.capacity_limited:
+        logits, indices, kept = decode_capacity_output(output, spec)
+        # Switch weighs its one expert by the softmax probability; NLLB returns its combine weights.
+        switch = spec.router_output is RouterOutput.SWITCH_MASK
+        scores = torch.softmax(logits.float(), dim=-1) if switch else output[1]
+        return logits, indices, scores.reshape(logits.shape).gather(1, indices).float() * kept
     if spec.router_output is RouterOutput.LOGITS_WEIGHTS_INDICES:
         logits, weights, indices = output
     elif spec.router_output is RouterOutput.SCORES_LOGITS:

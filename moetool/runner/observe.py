@@ -273,7 +273,7 @@ class Observer:
             for layer in routers:
                 self._pair_hooks(layer, routers[layer], experts[layer])
             return
-        capacity = spec.router_output in (RouterOutput.SWITCH_MASK, RouterOutput.NLLB_MASK)
+        capacity = spec.router_output.capacity_limited
         config = self.model.config
         for layer, module in routers.items():
             top_k = 0 if capacity else router_top_k(module, spec, config)
@@ -311,7 +311,9 @@ class Observer:
 
     def _pair_hooks(self, layer: int, router: Any, experts: Any) -> None:
         """The router's logits, then the indices the experts module receives, as one event (the families
-        derived from transformers, whose router output has no fixed protocol)."""
+        derived from transformers, whose router output has no fixed protocol). Subscriptions with
+        ``weights`` or ``inputs`` read them where the model consumes them: the hidden states and top-k
+        weights the experts module is called with (``experts(hidden_states, top_k_index, top_k_weights)``)."""
         from moetool.routing.observe import experts_indices, router_logits
 
         pending: dict[str, Any] = {}
@@ -321,27 +323,36 @@ class Observer:
             # The router's own top-k indices when it returns them: the experts module may receive
             # remapped ones (LongCat-Flash sends its zero-compute choices to real experts at weight 0).
             pending["indices"] = experts_indices(tuple(output) if isinstance(output, (tuple, list)) else (output,), {})
-            pending["x"] = _inputs[0] if _inputs else None
 
         def on_experts(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             logits = pending.pop("logits", None)
             indices = pending.pop("indices", None)
-            x = pending.pop("x", None)
+            received = experts_indices(args, kwargs)
             if indices is None:
-                indices = experts_indices(args, kwargs)
+                indices = received
             if logits is None or indices is None:
                 raise RuntimeError(f"layer {layer}: could not read the router logits or the experts' top-k indices")
             event = RouteEvent(
                 layer, logits.reshape(-1, logits.shape[-1]), indices.reshape(-1, indices.shape[-1]), self.mask
             )
-            for sub in self._routes:
-                if sub.weights:
+            if any(sub.weights or sub.inputs for sub in self._routes):
+                floats = [
+                    v for v in (*args, *kwargs.values()) if hasattr(v, "is_floating_point") and v.is_floating_point()
+                ]
+                shape = received.shape if received is not None else None
+                weights = next((v for v in floats if shape is not None and v.shape == shape), None)
+                if not floats or (weights is None and any(sub.weights for sub in self._routes)):
                     raise UnsupportedArchitectureError(
-                        f"moetool cannot read the routing weights of this {self.spec.name} model",
-                        hint="this command does not support the family yet",
+                        f"layer {layer}: moetool cannot read the hidden states and routing weights this "
+                        f"{self.spec.name} model's experts receive",
+                        hint="the installed transformers may lay this family out differently; please report it",
                     )
-                if sub.inputs and x is not None:
-                    event.x = x.reshape(-1, x.shape[-1])
+                # What the experts compute on: the received indices and weights, and their hidden states.
+                event.x = floats[0].reshape(-1, floats[0].shape[-1])
+                if weights is not None and received is not None:
+                    event.indices = received.reshape(-1, received.shape[-1])
+                    event.weights = weights.reshape(-1, weights.shape[-1])
+            for sub in self._routes:
                 sub.callback(event)
 
         self._handles.append(router.register_forward_hook(on_router))
