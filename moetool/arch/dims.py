@@ -246,7 +246,9 @@ def resolve_dims(spec: FamilySpec, config: Mapping[str, Any]) -> Dims:
     flag_cfg = {**cfg, "tie_word_embeddings": tied}
     starts = [sum(stack_counts[:i]) for i in range(len(stack_counts))] or [0]
     for condition in spec.conditions:
-        if spec.global_conditions and condition in spec.global_conditions:
+        if condition.startswith("at:"):
+            values["c:" + condition] = block_condition(spec, condition, cfg, config, values)
+        elif spec.global_conditions and condition in spec.global_conditions:
             values["c:" + condition] = select_layers(condition, flag_cfg, 1)[0]
         elif stack_counts:  # each stack numbers its own layers
             per_layer_conditions[condition] = [c for n in stack_counts for c in select_layers(condition, flag_cfg, n)]
@@ -282,6 +284,8 @@ def resolve_dims(spec: FamilySpec, config: Mapping[str, Any]) -> Dims:
             dims.per_layer[layer] = {**dims.per_layer.get(layer, {}), **flags}
     # Per-layer lists (Hunyuan's moe_topk, moe_intermediate_size) must be resolved by layer_dims.
     for symbol, value in values.items():
+        if symbol.startswith("c:at:"):
+            continue  # blocks of a tower (block_condition), not layers
         if isinstance(value, list) and not all(symbol in d for d in dims.per_layer.values()):
             raise ConfigError(f"config.json gives {symbol} per layer, which this family does not support")
     return dims
@@ -399,6 +403,30 @@ class _Parser:
         if self._peek() != token:
             raise ValueError(f"bad dimension expression {self.text!r}")
         self.pos += 1
+
+
+def block_condition(
+    spec: FamilySpec, condition: str, cfg: Mapping[str, Any], config: Mapping[str, Any], values: Mapping[str, Any]
+) -> list[bool]:
+    """Which blocks of a tower a global template's ``at:SYMBOL:CONDITION`` selects: ``CONDITION`` (a
+    layer condition, :mod:`moetool.arch.layers`) over the config node that holds the block count
+    ``SYMBOL`` (``^vision_config.sam_config.num_hidden_layers`` -> ``vision_config.sam_config``), for
+    ``range(SYMBOL)``: a SAM encoder's global-attention blocks ``idx:global_attn_indexes``.
+
+    Raises:
+        ConfigError: the block count is missing or a field the condition reads is malformed.
+    """
+    symbol, _, inner = condition[len("at:") :].partition(":")
+    count = values.get(symbol)
+    if not isinstance(count, int):
+        raise ConfigError(f"config.json lacks the field that gives dimension {symbol}")
+    key = (spec.fields.get(symbol) or (symbol,))[0]
+    root, dotted = (config, key[1:]) if key.startswith("^") else (cfg, key)
+    parent = dotted.rsplit(".", 1)[0] if "." in dotted else ""
+    node = get_path(root, parent) if parent else root
+    if not isinstance(node, Mapping):
+        node = {}
+    return select_layers(inner, node, count)
 
 
 def template_applies(template: T, values: Mapping[str, Any]) -> bool:

@@ -250,6 +250,7 @@ class Variant:
     exprs: list[fit.Expr] | None = None
     problem: str | None = None
     stack: int = 0
+    tower: str | None = None  # a global template's block placeholder (config field) its ``when`` indexes
 
 
 @dataclass
@@ -376,6 +377,9 @@ def analyze(model_type: str, overrides: Mapping[str, Any], *, text_prefix: str =
         stack_symbol = next((st.symbol for st in stacks if st.field == name), None)
         symbols[site] = stack_symbol or ("E" if name == expert_field else name)
 
+    stack_fields = {st.field for st in stacks}
+    tower_symbols = {sym for site, sym in symbols.items() if sym not in ("E",) and site_field[site] not in stack_fields}
+    tower_symbols -= {st.symbol for st in stacks}
     # Per probe: template key -> {layer or None: shape}; per-layer keys are "@<stack>@<name>".
     instances: dict[frozenset[str], dict[str, dict[int | None, tuple[int, ...]]]] = {}
     dtypes: dict[str, str] = {}
@@ -392,6 +396,17 @@ def analyze(model_type: str, overrides: Mapping[str, Any], *, text_prefix: str =
                     key = f"@{index}@" + template[len(stack.prefix) :]
                     layer = indices.get(stack.symbol)
                     break
+            if layer is None:
+                towers = [sym for sym in indices if sym in tower_symbols]
+                if len(towers) == 1:
+                    # A global template inside a block stack of its own (a vision tower's blocks):
+                    # its shape per block index, for blocks that differ (windowed vs global attention).
+                    by_block = seen.setdefault(TOWER_KEY + key, {})
+                    block = indices[towers[0]]
+                    if by_block.get(block, saved.shape) != saved.shape:
+                        by_block[block] = (-1,)
+                    else:
+                        by_block[block] = saved.shape
             previous = seen.setdefault(key, {}).get(layer)
             if previous is not None and previous != saved.shape:
                 seen[key][layer] = (-1,)  # instances of one name in one layer disagree: unfittable
@@ -436,6 +451,13 @@ def analyze(model_type: str, overrides: Mapping[str, Any], *, text_prefix: str =
 
     variants: list[Variant] = []
     for key in instances[frozenset()]:
+        if key.startswith(TOWER_KEY):
+            continue
+        if not key.startswith("@") and instances[frozenset()][key].get(None) == (-1,):
+            split = _tower_variants(key, dtypes[key], probes, instances, prober, tower_symbols, problems)
+            if split:
+                variants.extend(split)
+                continue
         if not key.startswith("@"):
             variant = Variant(key, False, dtypes[key])
             for p in probes:
@@ -594,13 +616,91 @@ def _per_layer_variants(
     return out
 
 
+#: Prefix of the per-block shapes of a global template in ``instances`` (see :func:`_tower_variants`).
+TOWER_KEY = "#block#"
+
+
+def _tower_node(prober: Prober, changed: frozenset[str], field: str) -> tuple[Mapping[str, Any], int] | None:
+    """The config node holding a block stack's count field, and the count, in one probe."""
+    probe_ = prober.get(changed)
+    if probe_ is None or field not in probe_.fields:
+        return None
+    parent = field.rsplit(".", 1)[0] if "." in field else ""
+    node = get_path(probe_.config, parent) if parent else probe_.config
+    return (node, int(probe_.fields[field])) if isinstance(node, Mapping) else None
+
+
+def _tower_variants(
+    key: str,
+    dtype: str,
+    probes: list[Probe],
+    instances: Mapping[frozenset[str], Mapping[str, Mapping[int | None, tuple[int, ...]]]],
+    prober: Prober,
+    tower_symbols: set[str],
+    problems: list[str],
+) -> list[Variant]:
+    """Split a global template whose blocks differ in shape (a SAM encoder's global-attention blocks,
+    listed in ``global_attn_indexes``, against its windowed ones) into one variant per layer
+    condition over the block stack's own config node; [] when it is not such a template."""
+    towers = [sym for sym in tower_symbols if "{" + sym + "}" in key]
+    by_block = instances[frozenset()].get(TOWER_KEY + key)
+    if len(towers) != 1 or not by_block or any(shape == (-1,) for shape in by_block.values()):
+        return []
+    field = towers[0]
+    groups: dict[tuple[int, ...], set[int]] = {}
+    for block, shape in sorted(by_block.items()):  # type: ignore[type-var]
+        groups.setdefault(shape, set()).add(block)  # type: ignore[arg-type]
+    out = []
+    for shape, blocks in sorted(groups.items(), key=lambda kv: min(kv[1])):
+        base = _tower_node(prober, frozenset(), field)
+        if base is None:
+            return []
+        when = find_condition({frozenset(): blocks}, {frozenset(): base[0]}, {frozenset(): base[1]})
+        variant = Variant(key, False, dtype, when or "all", tower=field)
+        if when is None:
+            variant.problem = f"no rule over its block config explains the blocks of shape {shape} ({sorted(blocks)})"
+            problems.append(f"{key}: {variant.problem}")
+            out.append(variant)
+            continue
+        for p in probes:
+            got = _tower_shape(variant, p.changed, instances, prober)
+            if got is not None:
+                variant.shapes[p.changed] = got
+        out.append(variant)
+    return out
+
+
+def _tower_shape(
+    variant: Variant,
+    changed: frozenset[str],
+    instances: Mapping[frozenset[str], Mapping[str, Mapping[int | None, tuple[int, ...]]]],
+    prober: Prober,
+) -> tuple[int, ...] | None:
+    from moetool.arch.layers import select_layers
+
+    assert variant.tower is not None
+    node = _tower_node(prober, changed, variant.tower)
+    by_block = instances.get(changed, {}).get(TOWER_KEY + variant.name, {})
+    if node is None or not by_block:
+        return None
+    try:
+        chosen = select_layers(variant.when, node[0], node[1])
+    except Exception:
+        return None
+    shapes = {by_block.get(block) for block, on in enumerate(chosen) if on} - {None}
+    return shapes.pop() if len(shapes) == 1 else None  # type: ignore[return-value]
+
+
 def _variant_shape(
     variant: Variant,
     changed: frozenset[str],
     instances: Mapping[frozenset[str], Mapping[str, Mapping[int | None, tuple[int, ...]]]],
     configs: Mapping[frozenset[str], Mapping[str, Any]],
     layer_count: Mapping[frozenset[str], int],
+    prober: Prober | None = None,
 ) -> tuple[int, ...] | None:
+    if variant.tower is not None and prober is not None:
+        return _tower_shape(variant, changed, instances, prober)
     by_layer = instances[changed].get(key_of(variant), {})
     if not variant.per_layer:
         return by_layer.get(None)
@@ -617,6 +717,44 @@ def _variant_shape(
     return shapes.pop() if len(shapes) == 1 else None  # type: ignore[return-value]
 
 
+def _check_remainder(
+    prober: Prober,
+    variant: Variant,
+    axis: int,
+    expr: fit.Expr,
+    collect: Any,
+    instances: dict[frozenset[str], Any],
+    configs: dict[frozenset[str], Mapping[str, Any]],
+    layer_count: dict[frozenset[str], int],
+) -> fit.Expr | fit.Rounded:
+    """A monomial with a fractional coefficient (``downsample_hidden_size*num_mel_bins/8``) is checked
+    where its field does not divide evenly (the field plus one); a strided reduction there rounds
+    (``downsample_hidden_size*ceil(num_mel_bins/8)``), and the rounded form that matches replaces it.
+    Where no such probe builds, or none matches, the monomial stays (checked on every probe as before)."""
+    candidates = fit.rounded_candidates(expr)
+    if not candidates:
+        return expr
+    for name in sorted({c.field for c in candidates}):
+        base = prober.base.fields[name]
+        if not isinstance(base, int):
+            continue
+        key = frozenset([f"{name}+1"])
+        if key not in prober._cache:
+            prober._cache[key] = prober._build(key, apply_change(prober.base_kwargs, name, base + 1))
+        off = prober._cache[key]
+        if off is None or off.fields.get(name) != base + 1:
+            continue
+        collect(off)
+        shape = _variant_shape(variant, key, instances, configs, layer_count, prober)
+        if shape is None or len(shape) <= axis or expr.value(off.fields) == shape[axis]:
+            continue
+        for candidate in candidates:
+            if candidate.field == name and candidate.value(off.fields) == shape[axis]:
+                variant.shapes[key] = shape
+                return candidate
+    return expr
+
+
 def _fit_axis(
     prober: Prober,
     variant: Variant,
@@ -626,7 +764,7 @@ def _fit_axis(
     collect: Any,
     configs: dict[frozenset[str], Mapping[str, Any]],
     layer_count: dict[frozenset[str], int],
-) -> fit.Expr | fit.Patches | None:
+) -> fit.Expr | fit.Patches | fit.Rounded | None:
     base_value = variant.shapes[frozenset()][axis]
     base_fields = prober.base.fields
     ratios: dict[str, tuple[Fraction, Fraction]] = {}
@@ -644,6 +782,8 @@ def _fit_axis(
     expr = None
     if base_value and all(r[0] > 0 for r in ratios.values()):
         expr = fit.fit_monomial(base_value, base_fields, ratios)
+        if expr is not None:
+            expr = _check_remainder(prober, variant, axis, expr, collect, instances, configs, layer_count)
     if expr is None:
         support = sorted(ratios)
 
@@ -653,7 +793,7 @@ def _fit_axis(
                 return None
             if changed not in instances:
                 collect(probe_)
-            shape = _variant_shape(variant, changed, instances, configs, layer_count)
+            shape = _variant_shape(variant, changed, instances, configs, layer_count, prober)
             if shape is not None:
                 variant.shapes[changed] = shape
             return None if shape is None or len(shape) <= axis else (probe_.fields, shape[axis])
@@ -671,7 +811,7 @@ def _fit_axis(
                 if off is None:
                     continue
                 collect(off)
-                shape = _variant_shape(variant, off.changed, instances, configs, layer_count)
+                shape = _variant_shape(variant, off.changed, instances, configs, layer_count, prober)
                 if shape is not None and len(shape) > axis and expr.value(off.fields) != shape[axis]:
                     expr = None  # not multilinear after all
                 break

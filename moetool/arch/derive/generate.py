@@ -44,6 +44,8 @@ from moetool.arch.derive.probe import (
 
 #: Layers of the base probe and of the tiny test models.
 BASE_LAYERS = 6
+#: Layers of the second analysis, for layouts six layers do not show (see :func:`derive`).
+RETRY_LAYERS = 24
 #: The tiny config stops shrinking below this many stored parameters.
 TINY_PARAMS = 400_000
 #: Config keys that give top-k, in order of preference.
@@ -114,9 +116,18 @@ def _text_prefix(default: Mapping[str, Any]) -> str:
     return ""
 
 
-def _layer_override(default: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def _layer_override(default: Mapping[str, Any], prefix: str, layers: int = BASE_LAYERS) -> dict[str, Any]:
     node = get_path(default, prefix.rstrip(".")) if prefix else default
-    return {prefix + key: BASE_LAYERS for key in LAYER_FIELDS if isinstance(node.get(key), int) and key != "depth"}
+    return {prefix + key: layers for key in LAYER_FIELDS if isinstance(node.get(key), int) and key != "depth"}
+
+
+def _default_layers(model_type: str) -> int:
+    """The layer count of the class's default config (of its language model, for wrappers)."""
+    with quiet():
+        default = config_class(model_type)(**_nested_overrides(model_type)).to_dict()
+    prefix = _text_prefix(default)
+    node = get_path(default, prefix.rstrip(".")) if prefix else default
+    return max((v for k, v in node.items() if k in LAYER_FIELDS and isinstance(v, int)), default=0)
 
 
 def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -225,6 +236,8 @@ def _entry(
         if "{E}" in name:
             used.add(analysis.expert_field or "")
         when = variant.when if variant.per_layer else ("!tied" if name in tied_lm_head else "all")
+        if variant.tower is not None and variant.when != "all":
+            when = f"at:{symbols(variant.tower)}:{variant.when}"  # blocks of a tower, by its own config
         item = [name, shape, cat, when]
         if variant.per_layer and len(analysis.stacks) > 1:
             item.append(variant.stack)
@@ -525,11 +538,49 @@ def _predicted_numel(entry: Mapping[str, Any], kwargs: Mapping[str, Any]) -> int
         return None
 
 
-def _tiny_kwargs(analysis: Analysis, text_prefix: str, top_k: int, entry: Mapping[str, Any]) -> dict[str, Any]:
+def _divisibility(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(width, count)`` pairs of one (sub-)config where a head or group count divides another field
+    in the base config (``hidden_size % num_attention_heads``, ``num_attention_heads %
+    num_key_value_heads``): relations every real config keeps and some models need (a vision tower
+    whose attention width is ``heads * (hidden_size // heads)``, grouped-query attention)."""
+    out = []
+    for count, divisor in fields.items():
+        leaf = count.rsplit(".", 1)[-1]
+        if not isinstance(divisor, int) or divisor < 2 or not ("heads" in leaf or "groups" in leaf):
+            continue
+        scope = count.rsplit(".", 1)[0] if "." in count else ""
+        for width, value in fields.items():
+            same_scope = (width.rsplit(".", 1)[0] if "." in width else "") == scope
+            wide = width.rsplit(".", 1)[-1]
+            is_width = wide in HIDDEN_FIELDS or "hidden_size" in wide or "embed_dim" in wide or "heads" in wide
+            if width == count or not same_scope or not is_width or not isinstance(value, int):
+                continue
+            if value >= divisor and value % divisor == 0:
+                out.append((width, count))
+    return out
+
+
+def _tiny_kwargs(
+    analysis: Analysis, text_prefix: str, top_k: int, entry: Mapping[str, Any], *, keep_divisible: bool = False
+) -> dict[str, Any]:
     """Shrink the base config until its checkpoint is tiny: halve, one at a time, the field whose
     halving removes the most parameters, keeping every change under which the model still builds
-    (and, once it is small enough to build for real, still runs a forward pass)."""
+    (and, once it is small enough to build for real, still runs a forward pass).
+
+    ``keep_divisible`` also keeps every divisibility of a width by a head or group count that the
+    base config has (:func:`_divisibility`): the retry for models whose tiny config otherwise does
+    not run or is not predicted (their shapes assume those relations, as real configs keep them).
+    """
     prober = analysis.prober
+    pairs = _divisibility(numeric_fields(prober.base_kwargs)) if keep_divisible else []
+
+    def divisible(trial: Mapping[str, Any]) -> bool:
+        values = numeric_fields(trial)
+        return all(
+            isinstance(values.get(w), int) and isinstance(values.get(c), int) and values[w] % values[c] == 0
+            for w, c in pairs
+        )
+
     model_type = prober.model_type
     kwargs = dict(prober.base_kwargs)
     text = get_path(kwargs, text_prefix.rstrip(".")) if text_prefix else kwargs
@@ -569,6 +620,8 @@ def _tiny_kwargs(analysis: Analysis, text_prefix: str, top_k: int, entry: Mappin
         value = numeric_fields(kwargs).get(analysis.expert_field)
         while isinstance(value, int) and value % 2 == 0 and value // 2 >= floors[analysis.expert_field]:
             trial = apply_change(kwargs, analysis.expert_field, value // 2)
+            if not divisible(trial):
+                break
             numel = estimate(trial)
             if numel is None or not acceptable(trial):
                 break
@@ -591,6 +644,8 @@ def _tiny_kwargs(analysis: Analysis, text_prefix: str, top_k: int, entry: Mappin
                 if (value // 2) % 4 and not is_count:
                     continue
                 trial = apply_change(kwargs, name, value // 2)
+                if not divisible(trial):
+                    continue  # may hold again once the count is halved too
                 numel = estimate(trial)
                 if numel is None:
                     frozen.add(name)
@@ -733,17 +788,38 @@ def _tiny_run(model_type: str, kwargs: Mapping[str, Any], num_experts: int, prot
 def derive(model_type: str, log: Any = None) -> dict[str, Any]:
     """The registry entry of one model type.
 
+    The base probe has :data:`BASE_LAYERS` layers. A per-layer layout that shows only in deeper
+    stacks (Kolibri-1.1 shares key-value projections between indexed-attention layers every fifth
+    layer) makes the check against the class's full-size defaults fail: the analysis is then
+    repeated once with :data:`RETRY_LAYERS` layers (or the default's count, if fewer).
+
     Raises:
         Refused: the model type cannot be described; the message says why.
     """
     log = log or (lambda *_: None)
+    try:
+        return _derive(model_type, log, BASE_LAYERS)
+    except Refused as exc:
+        if not str(exc).startswith("the class's default config"):
+            raise
+        layers = min(_default_layers(model_type), RETRY_LAYERS)
+        if layers <= BASE_LAYERS:
+            raise
+        log(f"  retrying with {layers} layers: {exc}")
+        try:
+            return _derive(model_type, log, layers)
+        except Refused as again:
+            raise Refused(f"{exc} (and with {layers} layers: {again})") from None
+
+
+def _derive(model_type: str, log: Any, layers: int) -> dict[str, Any]:
     if model_class_name(model_type) is None:
         raise Refused("not a checkpoint type: transformers has no generative model class for it (a sub-configuration)")
     cls = config_class(model_type)
     with quiet():
         default = cls(**_nested_overrides(model_type)).to_dict()
     text_prefix = _text_prefix(default)
-    overrides = _merge(_nested_overrides(model_type), _nested(_layer_override(default, text_prefix)))
+    overrides = _merge(_nested_overrides(model_type), _nested(_layer_override(default, text_prefix, layers)))
     text_default = get_path(default, text_prefix.rstrip(".")) if text_prefix else default
     # transformers computes head_dim from hidden_size and the head count when config.json leaves it
     # out; probe with it set, so real configs that set it are counted right.
@@ -815,11 +891,18 @@ def derive(model_type: str, log: Any = None) -> dict[str, Any]:
         entry["defaults"]["K"] = FIXED_TOP_K[model_type]
 
     top_k = int(analysis.prober.base.fields[top_k_field]) if top_k_field else FIXED_TOP_K[model_type]
-    tiny = _tiny_kwargs(analysis, text_prefix, top_k, entry)
+    try:
+        tiny = _tiny_kwargs(analysis, text_prefix, top_k, entry)
+        check_prediction(entry, model_type, tiny, "tiny config")
+    except Refused as exc:
+        # Shrinking a width below what a head count divides breaks some models (or their layout
+        # formulas, which hold for the configs real checkpoints have): retry keeping those relations.
+        log(f"  retrying the tiny config, keeping widths divisible by head counts: {exc}")
+        tiny = _tiny_kwargs(analysis, text_prefix, top_k, entry, keep_divisible=True)
+        check_prediction(entry, model_type, tiny, "tiny config")
     tiny_fields = numeric_fields(tiny)
     num_experts = int(tiny_fields[analysis.expert_field])
     log(f"  tiny: {_saved_numel(model_type, tiny)} parameters, {num_experts} experts")
-    check_prediction(entry, model_type, tiny, "tiny config")
     with quiet():
         full_default = cls(**_nested_overrides(model_type)).to_dict()
     check_prediction(entry, model_type, full_default, "the class's default config")
