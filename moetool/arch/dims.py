@@ -52,6 +52,8 @@ def get_path(config: Mapping[str, Any], dotted: str, root: Mapping[str, Any] | N
     if dotted.startswith("^"):
         return get_path(root if root is not None else config, dotted[1:])
     parent, _, leaf = dotted.rpartition(".")
+    if leaf.startswith("each:"):  # a per-layer list of values, resolved layer by layer
+        return get_path(config, f"{parent}.{leaf[5:]}" if parent else leaf[5:])
     if leaf.startswith("len:"):
         node = get_path(config, f"{parent}.{leaf[4:]}" if parent else leaf[4:])
         return len(node) if isinstance(node, (list, str)) else _MISSING
@@ -282,6 +284,14 @@ def resolve_dims(spec: FamilySpec, config: Mapping[str, Any]) -> Dims:
         for layer in range(num_layers):
             flags = {"c:" + cond: chosen[layer] for cond, chosen in per_layer_conditions.items()}
             dims.per_layer[layer] = {**dims.per_layer.get(layer, {}), **flags}
+    # Per-layer value lists of the derived registry (``each:KEY``, Laguna's per-layer head counts).
+    for symbol, keys in fields.items():
+        value = values.get(symbol)
+        if spec.derived and keys and keys[0].rsplit(".", 1)[-1].startswith("each:") and isinstance(value, list):
+            if len(value) < num_layers:
+                raise ConfigError(f"config.json field {keys[0][5:]!r} must give one value per layer ({num_layers})")
+            for layer in range(num_layers):
+                dims.per_layer[layer] = {**dims.per_layer.get(layer, {}), symbol: value[layer]}
     # Per-layer lists (Hunyuan's moe_topk, moe_intermediate_size) must be resolved by layer_dims.
     for symbol, value in values.items():
         if symbol.startswith("c:at:"):

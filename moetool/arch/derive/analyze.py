@@ -71,7 +71,9 @@ def _resize(seq: Any, n: int) -> Any:
     """A per-layer list repeated (or cut) to ``n`` layers; a list of layer indices (each layer's
     source layer) is repeated with its indices shifted, so each block points into itself."""
     size = len(seq)
-    if isinstance(seq, list) and seq and all(isinstance(v, int) and not isinstance(v, bool) for v in seq):
+    # Only a list of layer indices (each below the length) is shifted; per-layer values (Laguna's
+    # num_attention_heads_per_layer) are repeated as they are.
+    if isinstance(seq, list) and seq and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < size for v in seq):
         return [seq[i % size] + (i // size) * size for i in range(n)]
     items = [seq[i % size] for i in range(n)]
     return "".join(items) if isinstance(seq, str) else items
@@ -84,6 +86,11 @@ def apply_change(kwargs: Mapping[str, Any], name: str, value: Any) -> dict[str, 
     node = get_path(kwargs, parent) if parent else kwargs
     if not isinstance(node, Mapping):
         return _with(kwargs, name, value)
+    if leaf.startswith("each:"):
+        key = leaf[5:]
+        new_node = dict(node)
+        new_node[key] = [value] * len(node[key])
+        return _with(kwargs, parent, new_node) if parent else new_node
     if leaf.startswith("len:"):
         key = leaf[4:]
         new_node = dict(node)

@@ -292,6 +292,11 @@ def _defaults(entry: dict[str, Any], model_type: str, text_prefix: str, material
         if not keys:
             continue
         key = keys[0]
+        if key.rsplit(".", 1)[-1].startswith("each:"):
+            fallback = _list_default(cls, default, (key[1:] if key.startswith("^") else text_prefix + key))
+            if fallback is not None:
+                exprs[symbol] = _symbol_for(entry, fallback, text_prefix)
+            continue
         node, dotted = (default, key[1:]) if key.startswith("^") else (text_default, key)
         value = get_path(node, dotted) if "len:" not in dotted else None
         full = (dotted if key.startswith("^") else text_prefix + dotted) if "len:" not in dotted else None
@@ -346,6 +351,39 @@ def _defaults(entry: dict[str, Any], model_type: str, text_prefix: str, material
             exprs[symbol] = expr
     entry["defaults"] = defaults
     entry["default_exprs"] = exprs
+
+
+def _list_default(cls: Any, default: Mapping[str, Any], full: str) -> str | None:
+    """The field a config class fills a per-layer value list with when config.json leaves it out
+    (``num_attention_heads_per_layer`` from ``num_attention_heads``), or None."""
+    parent, _, leaf = full.rpartition(".")
+    list_key = (parent + "." if parent else "") + leaf[len("each:") :]
+    without = _without(default, list_key)
+
+    def uniform(tree: Mapping[str, Any]) -> Any:
+        seq = get_path(tree, list_key)
+        return seq[0] if isinstance(seq, list) and seq and len(set(seq)) == 1 else None
+
+    try:
+        with quiet():
+            value = uniform(cls.from_dict(without).to_dict())
+    except Exception:
+        return None
+    node = get_path(without, parent) if parent else without
+    if value is None or not isinstance(node, Mapping):
+        return None
+    for other, other_value in node.items():
+        if other_value != value or isinstance(other_value, bool) or not isinstance(other_value, int):
+            continue
+        field = (parent + "." if parent else "") + other
+        try:
+            with quiet():
+                changed = uniform(cls.from_dict(apply_change(without, field, value * 2)).to_dict())
+        except Exception:
+            continue
+        if changed == value * 2:
+            return field
+    return None
 
 
 def _without(tree: Mapping[str, Any], dotted: str) -> dict[str, Any]:
@@ -581,6 +619,22 @@ def _tiny_kwargs(
             for w, c in pairs
         )
 
+    def with_counts(trial: dict[str, Any]) -> dict[str, Any] | None:
+        """Halve the head and group counts a width no longer divides (and the counts those divide):
+        Ergo's 64 heads over a shrinking hidden size, keeping head widths whole."""
+        halved: set[str] = set()
+        for _ in range(8):
+            values = numeric_fields(trial)
+            broken = [c for w, c in pairs if values[w] % values[c]]
+            if not broken:
+                return trial
+            for count in broken:
+                if count in halved or values[count] % 2:
+                    return None
+                halved.add(count)
+                trial = apply_change(trial, count, values[count] // 2)
+        return None
+
     model_type = prober.model_type
     kwargs = dict(prober.base_kwargs)
     text = get_path(kwargs, text_prefix.rstrip(".")) if text_prefix else kwargs
@@ -635,17 +689,27 @@ def _tiny_kwargs(
             fields_now = numeric_fields(kwargs)
             for name in sorted(shape_fields - frozen):
                 value = fields_now.get(name)
-                if not isinstance(value, int) or value % 2 or value // 2 < floors.get(name, 2):
+                leaf = name.rsplit(".", 1)[-1]
+                is_count = leaf.startswith(("num_", "n_")) or "heads" in leaf or "group" in leaf
+                if isinstance(value, int) and value % 2 and keep_divisible and not is_count and value > 8:
+                    # An odd width (DeepSeek-OCR-2's moe_intermediate_size 1407) never halves, and
+                    # grouped matrix products refuse its unaligned strides: the retry rounds it down
+                    # to a power of two.
+                    target = 1 << (value.bit_length() - 1)
+                else:
+                    target = value // 2 if isinstance(value, int) and not value % 2 else 0
+                if not isinstance(value, int) or not target or target < floors.get(name, 2):
                     continue
                 # Widths stay multiples of 4 values (16 bytes: grouped matrix products need aligned
                 # strides); counts (heads, groups) may go lower.
-                leaf = name.rsplit(".", 1)[-1]
-                is_count = leaf.startswith(("num_", "n_")) or "heads" in leaf or "group" in leaf
-                if (value // 2) % 4 and not is_count:
+                if target % 4 and not is_count:
                     continue
-                trial = apply_change(kwargs, name, value // 2)
+                trial = apply_change(kwargs, name, target)
                 if not divisible(trial):
-                    continue  # may hold again once the count is halved too
+                    adjusted = with_counts(trial)
+                    if adjusted is None:
+                        continue  # may hold again once the count is halved too
+                    trial = adjusted
                 numel = estimate(trial)
                 if numel is None:
                     frozen.add(name)
