@@ -172,6 +172,7 @@ class Prober:
         self._cache: dict[frozenset[str], Probe | None] = {}
         self.errors: dict[frozenset[str], str] = {}
         self.new_values: dict[str, float] = {}
+        self.coupled: dict[str, str] = {}  # field -> the partner its probes change with it
         self.text_prefix = ""
         self.layer_field = ""
         base = self._build(frozenset(), self.base_kwargs)
@@ -213,17 +214,48 @@ class Prober:
                         self.recompute.add(name)
                         result = candidate
                         break
+            if result is None:
+                result = self._coupled(name)
         elif changed:
             singles = [self.get(frozenset([name])) for name in sorted(changed)]
             if all(s is not None for s in singles):
                 kwargs = self._start(changed)
                 for name in sorted(changed):
                     kwargs = apply_change(kwargs, name, self.new_values[name])
+                    if name in self.coupled:
+                        kwargs = apply_change(kwargs, self.coupled[name], self.new_values[name])
                 result = self._build(changed, kwargs)
         else:
             result = self.base
         self._cache[changed] = result
         return result
+
+    def _coupled(self, name: str) -> Probe | None:
+        """A field the config class requires equal to another (MuSE-Spark: ``audio_config.out_hidden_size``
+        must match ``text_config.hidden_size``) is probed together with that partner: the language
+        model's field carries the change (the partner then stands for it), a partner outside the
+        language model is left unprobed."""
+        value = self.base.fields[name]
+        if not isinstance(value, int) or value < 2:
+            return None
+        partners = [
+            other
+            for other, v in self.base.fields.items()
+            if other != name and v == value and "len:" not in other and "each:" not in other
+        ]
+        mine = bool(self.text_prefix) and name.startswith(self.text_prefix) and "." not in name[len(self.text_prefix) :]
+        for other in partners:
+            theirs = bool(self.text_prefix) and other.startswith(self.text_prefix)
+            if theirs and not mine:
+                continue  # the language model's field is probed instead (with this one)
+            for new in _candidates(value):
+                kwargs = apply_change(apply_change(self.base_kwargs, name, new), other, new)
+                candidate = self._build(frozenset([name]), kwargs)
+                if candidate is not None and candidate.fields.get(name) == new:
+                    self.new_values[name] = new
+                    self.coupled[name] = other
+                    return candidate
+        return None
 
     def _start(self, names: frozenset[str]) -> dict[str, Any]:
         """The kwargs a multi-field probe changes: the base, with the computed fields left to the class
@@ -239,6 +271,8 @@ class Prober:
         for name in sorted(names):
             value = self.base.fields[name]
             kwargs = apply_change(kwargs, name, value * factor if value else factor)
+            if name in self.coupled:
+                kwargs = apply_change(kwargs, self.coupled[name], value * factor if value else factor)
         result = self._build(key, kwargs)
         self._cache[key] = result
         return result
@@ -343,6 +377,7 @@ def analyze(model_type: str, overrides: Mapping[str, Any], *, text_prefix: str =
         text_prefix: ``"text_config."`` for multimodal wrappers whose language model is nested.
     """
     prober = Prober(model_type, overrides)
+    prober.text_prefix = text_prefix
     base = prober.base
     fields = _order_fields(base.fields)
     site_field = _placeholders(prober, fields)

@@ -599,7 +599,13 @@ def _divisibility(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def _tiny_kwargs(
-    analysis: Analysis, text_prefix: str, top_k: int, entry: Mapping[str, Any], *, keep_divisible: bool = False
+    analysis: Analysis,
+    text_prefix: str,
+    top_k: int,
+    entry: Mapping[str, Any],
+    *,
+    keep_divisible: bool = False,
+    materialized: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Shrink the base config until its checkpoint is tiny: halve, one at a time, the field whose
     halving removes the most parameters, keeping every change under which the model still builds
@@ -608,16 +614,24 @@ def _tiny_kwargs(
     ``keep_divisible`` also keeps every divisibility of a width by a head or group count that the
     base config has (:func:`_divisibility`): the retry for models whose tiny config otherwise does
     not run or is not predicted (their shapes assume those relations, as real configs keep them).
+    The retry also leaves out the keys the generator set for probing only (``materialized``:
+    ``head_dim``) where no shape reads them, so the model computes them from the shrunk widths as
+    it does for a config.json without them (Ergo's rotary width).
     """
     prober = analysis.prober
     pairs = _divisibility(numeric_fields(prober.base_kwargs)) if keep_divisible else []
 
+    base_values = numeric_fields(prober.base_kwargs)
+    # A head keeps at least min(8, its base width) values (rotary halves need two or more).
+    least = {(w, c): 1 if "heads" in w else min(8, base_values[w] // base_values[c]) for w, c in pairs}
+
+    def holds(values: Mapping[str, Any], w: str, c: str) -> bool:
+        both = isinstance(values.get(w), int) and isinstance(values.get(c), int) and values[c] > 0
+        return both and values[w] % values[c] == 0 and values[w] // values[c] >= least[(w, c)]
+
     def divisible(trial: Mapping[str, Any]) -> bool:
         values = numeric_fields(trial)
-        return all(
-            isinstance(values.get(w), int) and isinstance(values.get(c), int) and values[w] % values[c] == 0
-            for w, c in pairs
-        )
+        return all(holds(values, w, c) for w, c in pairs)
 
     def with_counts(trial: dict[str, Any]) -> dict[str, Any] | None:
         """Halve the head and group counts a width no longer divides (and the counts those divide):
@@ -625,7 +639,7 @@ def _tiny_kwargs(
         halved: set[str] = set()
         for _ in range(8):
             values = numeric_fields(trial)
-            broken = [c for w, c in pairs if values[w] % values[c]]
+            broken = [c for w, c in pairs if not holds(values, w, c)]
             if not broken:
                 return trial
             for count in broken:
@@ -651,6 +665,13 @@ def _tiny_kwargs(
             shape_fields |= expr.fields
     shape_fields |= set(analysis.placeholder_fields.values())
     shape_fields -= {stack.field for stack in analysis.stacks}
+    if keep_divisible:
+        for key in materialized or {}:
+            if text_prefix + key not in shape_fields:
+                node = get_path(kwargs, text_prefix.rstrip(".")) if text_prefix else kwargs
+                if isinstance(node, dict) and key in node:
+                    node = {k: v for k, v in node.items() if k != key}
+                    kwargs = {**kwargs, text_prefix.rstrip("."): node} if text_prefix else node
     floors = {text_prefix + "vocab_size": 128, **{text_prefix + h: 32 for h in HIDDEN_FIELDS}}
     if analysis.expert_field:
         floors[analysis.expert_field] = max(4, 2 * top_k)
@@ -705,6 +726,8 @@ def _tiny_kwargs(
                 if target % 4 and not is_count:
                     continue
                 trial = apply_change(kwargs, name, target)
+                if name in prober.coupled:  # a field the class requires equal to this one
+                    trial = apply_change(trial, prober.coupled[name], target)
                 if not divisible(trial):
                     adjusted = with_counts(trial)
                     if adjusted is None:
@@ -962,7 +985,7 @@ def _derive(model_type: str, log: Any, layers: int) -> dict[str, Any]:
         # Shrinking a width below what a head count divides breaks some models (or their layout
         # formulas, which hold for the configs real checkpoints have): retry keeping those relations.
         log(f"  retrying the tiny config, keeping widths divisible by head counts: {exc}")
-        tiny = _tiny_kwargs(analysis, text_prefix, top_k, entry, keep_divisible=True)
+        tiny = _tiny_kwargs(analysis, text_prefix, top_k, entry, keep_divisible=True, materialized=materialized)
         check_prediction(entry, model_type, tiny, "tiny config")
     tiny_fields = numeric_fields(tiny)
     num_experts = int(tiny_fields[analysis.expert_field])
