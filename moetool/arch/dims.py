@@ -308,7 +308,8 @@ def eval_dim(term: str | int, values: Mapping[str, Any]) -> int:
     """Evaluate one shape entry: an int, a symbol, or an expression over symbols.
 
     The expression language: integers, symbols, ``+ - * /`` (exact rational arithmetic; the result
-    must be a whole number), ``//`` (floor division), parentheses, and ``floor(...)`` / ``ceil(...)``,
+    must be a whole number), ``//`` (floor division), parentheses, ``floor(...)`` / ``ceil(...)`` and
+    ``int(...)`` (Python's ``int`` of the float product a config class computes),
     e.g. ``"H+2*NKV*HD"``, ``"hidden_size*num_key_value_heads/num_attention_heads"``, ``"ceil(H/16)"``.
 
     Raises:
@@ -400,10 +401,14 @@ class _Parser:
             value = self._sum()
             self._expect(")")
             return value
-        if kind == "name" and text in ("floor", "ceil") and self._peek() == "(":
+        if kind == "name" and text in ("floor", "ceil", "int") and self._peek() == "(":
             self.pos += 1
             value = self._sum()
             self._expect(")")
+            if text == "int":
+                # Python's int() of a float product (a config class's int(hidden_size * mlp_ratio)):
+                # the exact product rounded to a float first, as the multiplication did.
+                return Fraction(math.floor(float(value)))
             return Fraction(math.floor(value) if text == "floor" else math.ceil(value))
         if kind == "name":
             return Fraction(_number(text, self.values))
@@ -427,6 +432,9 @@ def block_condition(
         ConfigError: the block count is missing or a field the condition reads is malformed.
     """
     symbol, _, inner = condition[len("at:") :].partition(":")
+    # ``L-1``: a list of one entry per layer but the first; block i is layer i + 1.
+    match = re.fullmatch(r"(.+?)([-+]\d+)", symbol)
+    symbol, shift = (match.group(1), int(match.group(2))) if match else (symbol, 0)
     count = values.get(symbol)
     if not isinstance(count, int):
         raise ConfigError(f"config.json lacks the field that gives dimension {symbol}")
@@ -436,7 +444,8 @@ def block_condition(
     node = get_path(root, parent) if parent else root
     if not isinstance(node, Mapping):
         node = {}
-    return select_layers(inner, node, count)
+    chosen = select_layers(inner, node, count)
+    return [0 <= block - shift < count and chosen[block - shift] for block in range(count + shift)]
 
 
 def template_applies(template: T, values: Mapping[str, Any]) -> bool:

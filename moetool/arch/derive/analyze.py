@@ -73,7 +73,8 @@ def _resize(seq: Any, n: int) -> Any:
     size = len(seq)
     # Only a list of layer indices (each below the length) is shifted; per-layer values (Laguna's
     # num_attention_heads_per_layer) are repeated as they are.
-    if isinstance(seq, list) and seq and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < size for v in seq):
+    indices = all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < size for v in seq)
+    if isinstance(seq, list) and seq and indices:
         return [seq[i % size] + (i // size) * size for i in range(n)]
     items = [seq[i % size] for i in range(n)]
     return "".join(items) if isinstance(seq, str) else items
@@ -343,7 +344,29 @@ def _placeholders(prober: Prober, fields: list[str]) -> dict[str, str]:
             if changed is not None and site_counts(changed.saved).get(site) == changed.fields.get(name):
                 out[site] = name
                 break
+        else:
+            # One entry fewer than layers (Inkling-2's attn_res.attn_queries.{i} of layers 1..L-1):
+            # a layer count with an offset, written "num_hidden_layers-1".
+            for name in fields:
+                if _leaf(name) not in LAYER_FIELDS:
+                    continue
+                offset = count - int(prober.base.fields.get(name) or 0)
+                if offset not in (-1, 1):
+                    continue
+                changed = prober.get(frozenset([name]))
+                if changed is not None and site_counts(changed.saved).get(site) == changed.fields.get(name) + offset:
+                    out[site] = f"{name}{offset:+d}"
+                    break
     return out
+
+
+def split_offset(field: str) -> tuple[str, int]:
+    """``"num_hidden_layers-1"`` -> ``("num_hidden_layers", -1)``; a plain field has offset 0."""
+    for sign in ("-", "+"):
+        head, found, tail = field.rpartition(sign)
+        if found and tail.isdigit() and head:
+            return head, int(sign + tail)
+    return field, 0
 
 
 def _order_fields(fields: Mapping[str, float]) -> list[str]:
@@ -663,7 +686,9 @@ TOWER_KEY = "#block#"
 
 
 def _tower_node(prober: Prober, changed: frozenset[str], field: str) -> tuple[Mapping[str, Any], int] | None:
-    """The config node holding a block stack's count field, and the count, in one probe."""
+    """The config node holding a block stack's count field, and the count, in one probe (for a layer
+    count with an offset, ``num_hidden_layers-1``, the layer count: blocks map to layers by the offset)."""
+    field = split_offset(field)[0]
     probe_ = prober.get(changed)
     if probe_ is None or field not in probe_.fields:
         return None
@@ -697,7 +722,14 @@ def _tower_variants(
         base = _tower_node(prober, frozenset(), field)
         if base is None:
             return []
-        when = find_condition({frozenset(): blocks}, {frozenset(): base[0]}, {frozenset(): base[1]})
+        shift = split_offset(field)[1]  # block i is layer i - shift (attn_queries.{i} of layer i+1)
+        layers = {block - shift for block in blocks}
+        when = find_condition({frozenset(): layers}, {frozenset(): base[0]}, {frozenset(): base[1]})
+        if when is None and shift:
+            # Layers without a block (the first, for L-1 entries) may go either way.
+            unmapped = {layer for layer in range(base[1]) if not 0 <= layer + shift < base[1] + shift}
+            targets = {frozenset(): layers | unmapped}
+            when = find_condition(targets, {frozenset(): base[0]}, {frozenset(): base[1]})
         variant = Variant(key, False, dtype, when or "all", tower=field)
         if when is None:
             variant.problem = f"no rule over its block config explains the blocks of shape {shape} ({sorted(blocks)})"
@@ -729,7 +761,8 @@ def _tower_shape(
         chosen = select_layers(variant.when, node[0], node[1])
     except Exception:
         return None
-    shapes = {by_block.get(block) for block, on in enumerate(chosen) if on} - {None}
+    shift = split_offset(variant.tower)[1]
+    shapes = {by_block.get(layer + shift) for layer, on in enumerate(chosen) if on} - {None}
     return shapes.pop() if len(shapes) == 1 else None  # type: ignore[return-value]
 
 
@@ -806,7 +839,7 @@ def _fit_axis(
     collect: Any,
     configs: dict[frozenset[str], Mapping[str, Any]],
     layer_count: dict[frozenset[str], int],
-) -> fit.Expr | fit.Patches | fit.Rounded | None:
+) -> fit.Expr | fit.Patches | fit.Rounded | fit.FloatProduct | None:
     base_value = variant.shapes[frozenset()][axis]
     base_fields = prober.base.fields
     ratios: dict[str, tuple[Fraction, Fraction]] = {}
@@ -863,7 +896,7 @@ def _fit_axis(
                 for changed, shape in variant.shapes.items()
                 if (probe_ := prober.get(changed)) is not None and len(shape) > axis
             ]
-            expr = fit.fit_patches(support, points)
+            expr = fit.fit_patches(support, points) or fit.fit_float_product(support, points)
     if expr is None:
         return None
     # Check the fit against every probe that has this tensor.

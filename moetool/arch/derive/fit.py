@@ -220,6 +220,39 @@ class Rounded:
         return f"{rest}*{rounded}" if rest else rounded
 
 
+@dataclass(frozen=True)
+class FloatProduct:
+    """``int(a * b)`` with ``b`` a float field: a width a config class computes in floating point
+    (Step-3.7's vision ``intermediate_size = int(hidden_size * mlp_ratio)``, mlp_ratio 8960/1536)."""
+
+    a: str
+    b: str
+
+    def value(self, values: Mapping[str, float]) -> Fraction:
+        return Fraction(math.floor(float(Fraction(values[self.a]) * Fraction(values[self.b]))))
+
+    @property
+    def fields(self) -> set[str]:
+        return {self.a, self.b}
+
+    def render(self, symbol: Callable[[str], str] = str) -> str:
+        return f"int({symbol(self.a)}*{symbol(self.b)})"
+
+
+def fit_float_product(support: list[str], points: list[tuple[Mapping[str, float], int]]) -> FloatProduct | None:
+    """A :class:`FloatProduct` through every point, over two support fields, one of them a float."""
+    if len(support) != 2:
+        return None
+    a, b = sorted(support, key=lambda f: isinstance(points[0][0].get(f), float))
+    if not isinstance(points[0][0].get(b), float) or isinstance(points[0][0].get(a), float):
+        return None
+    candidate = FloatProduct(a, b)
+    try:
+        return candidate if all(candidate.value(f) == v for f, v in points) else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def rounded_candidates(expr: Expr) -> list[Rounded]:
     """The :class:`Rounded` forms of a one-term monomial with a fractional coefficient (``p/q``): each
     field of exponent 1 divided by ``q`` and rounded up or down."""

@@ -30,7 +30,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from moetool.arch.derive.analyze import EXPERT_FIELDS, LAYER_FIELDS, Analysis, analyze, apply_change, get_path
+from moetool.arch.derive.analyze import (
+    EXPERT_FIELDS,
+    LAYER_FIELDS,
+    Analysis,
+    analyze,
+    apply_change,
+    get_path,
+    split_offset,
+)
 from moetool.arch.derive.categories import category
 from moetool.arch.derive.probe import (
     config_class,
@@ -229,15 +237,19 @@ def _entry(
         stack_symbols = {stack.symbol for stack in analysis.stacks}
         for site_symbol, field in analysis.placeholder_fields.items():
             if site_symbol not in stack_symbols and site_symbol != "E":
-                name = name.replace("{" + site_symbol + "}", "{" + symbols(field) + "}")
-                used.add(field)
+                base_field, offset = split_offset(field)
+                rendered = symbols(base_field) + (f"{offset:+d}" if offset else "")
+                name = name.replace("{" + site_symbol + "}", "{" + rendered + "}")
+                used.add(base_field)
         if not variant.per_layer and "{L}" in name:
             used.add(analysis.layer_field)
         if "{E}" in name:
             used.add(analysis.expert_field or "")
         when = variant.when if variant.per_layer else ("!tied" if name in tied_lm_head else "all")
         if variant.tower is not None and variant.when != "all":
-            when = f"at:{symbols(variant.tower)}:{variant.when}"  # blocks of a tower, by its own config
+            tower, shift = split_offset(variant.tower)
+            rendered = symbols(tower) + (f"{shift:+d}" if shift else "")
+            when = f"at:{rendered}:{variant.when}"  # blocks of a tower, by its own config
         item = [name, shape, cat, when]
         if variant.per_layer and len(analysis.stacks) > 1:
             item.append(variant.stack)
@@ -598,6 +610,23 @@ def _divisibility(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def _cuts_stage_list(kwargs: Mapping[str, Any], name: str, value: int) -> bool:
+    """Whether shrinking the layer count ``name`` would cut a list of per-stage values that differ
+    (MuSE-Spark's audio ``hidden_sizes`` [256, 512, 1024, 2048]): the tower's widths would no longer
+    be the ones the probes saw, so the tiny retry keeps such counts."""
+    if name.rsplit(".", 1)[-1] not in LAYER_FIELDS:
+        return False
+    parent = name.rsplit(".", 1)[0] if "." in name else ""
+    node = get_path(kwargs, parent) if parent else kwargs
+    if not isinstance(node, Mapping):
+        return False
+    return any(
+        isinstance(seq, list) and len(seq) == value and len({json.dumps(v) for v in seq}) > 1
+        for key, seq in node.items()
+        if key != name.rsplit(".", 1)[-1]
+    )
+
+
 def _tiny_kwargs(
     analysis: Analysis,
     text_prefix: str,
@@ -724,6 +753,8 @@ def _tiny_kwargs(
                 # Widths stay multiples of 4 values (16 bytes: grouped matrix products need aligned
                 # strides); counts (heads, groups) may go lower.
                 if target % 4 and not is_count:
+                    continue
+                if keep_divisible and _cuts_stage_list(kwargs, name, value):
                     continue
                 trial = apply_change(kwargs, name, target)
                 if name in prober.coupled:  # a field the class requires equal to this one
