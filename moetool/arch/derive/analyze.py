@@ -174,6 +174,7 @@ class Prober:
         self.errors: dict[frozenset[str], str] = {}
         self.new_values: dict[str, float] = {}
         self.coupled: dict[str, str] = {}  # field -> the partner its probes change with it
+        self.messages: dict[frozenset[str], str] = {}  # full error text of the probes that failed
         self.text_prefix = ""
         self.layer_field = ""
         base = self._build(frozenset(), self.base_kwargs)
@@ -188,6 +189,7 @@ class Prober:
         except Exception as exc:  # a config the class or the model refuses: no probe there
             text = str(exc).strip().splitlines()
             self.errors[changed] = f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+            self.messages[changed] = self.messages.get(changed, "") + str(exc)[:2000] + "\n"
             return None
         return Probe(changed, numeric_fields(config_dict), config_dict, saved)
 
@@ -239,16 +241,18 @@ class Prober:
         value = self.base.fields[name]
         if not isinstance(value, int) or value < 2:
             return None
+        # Only a partner the class's own error names (``... must match `text_config.hidden_size```).
+        message = self.messages.get(frozenset([name]), "")
         partners = [
             other
             for other, v in self.base.fields.items()
-            if other != name and v == value and "len:" not in other and "each:" not in other
+            if other != name and v == value and "len:" not in other and "each:" not in other and other in message
         ]
         mine = bool(self.text_prefix) and name.startswith(self.text_prefix) and "." not in name[len(self.text_prefix) :]
         for other in partners:
             theirs = bool(self.text_prefix) and other.startswith(self.text_prefix)
-            if theirs and not mine:
-                continue  # the language model's field is probed instead (with this one)
+            if (theirs and not mine) or other in self.coupled:
+                continue  # the partner carries the change (the language model's field, or the first probed)
             for new in _candidates(value):
                 kwargs = apply_change(apply_change(self.base_kwargs, name, new), other, new)
                 candidate = self._build(frozenset([name]), kwargs)

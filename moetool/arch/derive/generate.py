@@ -110,6 +110,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     },
     # Qwen3-Omni's thinker: hidden_size // heads is 73, an odd rotary width; its checkpoints set 128.
     "qwen3_omni_moe_thinker": {"text_config": {"head_dim": 128}},
+    # Step-3.7's model builds a sliding-window mask on every forward pass, which a window of None (the
+    # class default) fails; any window runs it (it sizes no tensor).
+    "step3p7": {"text_config": {"sliding_window": 512}},
     # DeepSeek-OCR-2's language model needs its per-layer dense/sparse list.
     "deepseek_ocr2": {
         "text_config": {"num_hidden_layers": 6, "mlp_layer_types": ["dense"] + ["sparse"] * 5, "num_experts_per_tok": 6}
