@@ -109,7 +109,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "layer_types": ["linear_attention", "full_attention", "linear_attention"] * 2,
     },
     # Qwen3-Omni's thinker: hidden_size // heads is 73, an odd rotary width; its checkpoints set 128.
-    "qwen3_omni_moe_thinker": {"text_config": {"head_dim": 128}},
+    # Its rotary index reads vision_start_token_id, which the thinker's config class lacks (the
+    # wrapper's checkpoints set it; 151652 as Qwen3-Omni's), whenever an attention mask is given.
+    "qwen3_omni_moe_thinker": {"text_config": {"head_dim": 128}, "vision_start_token_id": 151652},
     # Step-3.7's model builds a sliding-window mask on every forward pass, which a window of None (the
     # class default) fails; any window runs it (it sizes no tensor).
     "step3p7": {"text_config": {"sliding_window": 512}},
