@@ -50,9 +50,9 @@ def test_table_is_for_the_installed_transformers():
     )
 
 
-#: MoE checkpoint types of transformers 5.25 supported today (73 of 93; the issue's target is 90%):
+#: MoE checkpoint types of transformers 5.25 supported today (85 of 93; the issue's target is 90%):
 #: a floor, so that a regression in the generator or the registry fails here.
-MIN_SUPPORTED = 73
+MIN_SUPPORTED = 85
 
 
 def test_every_moe_model_type_is_supported_or_refused():
@@ -127,7 +127,11 @@ def test_header_config_and_model_agree(tiny_models, model_type):
     from_headers = count_from_checkpoint(checkpoint)
     from_config = count_from_config(checkpoint.config)
     assert from_headers.family == model_type
-    assert from_headers.total_params == stored_numel(model) == from_config.total_params
+    # What transformers stored: its safetensors files, read without moetool. Equal to the model's own
+    # parameters and persistent buffers, except where save_pretrained pads a tensor (Inkling-2 pads
+    # its embedding rows to a multiple of 1024 on save).
+    assert from_headers.total_params == _numel_on_disk(path) == from_config.total_params
+    assert stored_numel(model) == _numel_on_disk(path) or model_type in PADDED_ON_SAVE
     for category, count in from_headers.categories.items():
         assert count.total == from_config.categories[category].total, category
         assert count.active == from_config.categories[category].active, category
@@ -148,6 +152,22 @@ def test_header_config_and_model_agree(tiny_models, model_type):
         if layer.kind == "moe":
             expected_active += routed[layer.index] * layer.top_k // layer.num_experts
     assert from_headers.active_params == expected_active
+
+
+#: Families whose save_pretrained pads a tensor beyond the in-memory model (vocabulary rows).
+PADDED_ON_SAVE = {"inkling2", "inkling2_text"}
+
+
+def _numel_on_disk(path) -> int:
+    import math
+
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, "pt") as handle:
+            total += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118
+    return total
 
 
 def _ground_truth_counts(model, spec, batch, num_experts: int, layers: list[int] | None = None) -> dict[int, list[int]]:

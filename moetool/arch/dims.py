@@ -52,6 +52,8 @@ def get_path(config: Mapping[str, Any], dotted: str, root: Mapping[str, Any] | N
     if dotted.startswith("^"):
         return get_path(root if root is not None else config, dotted[1:])
     parent, _, leaf = dotted.rpartition(".")
+    if leaf.startswith("each:"):  # a per-layer list of values, resolved layer by layer
+        return get_path(config, f"{parent}.{leaf[5:]}" if parent else leaf[5:])
     if leaf.startswith("len:"):
         node = get_path(config, f"{parent}.{leaf[4:]}" if parent else leaf[4:])
         return len(node) if isinstance(node, (list, str)) else _MISSING
@@ -246,7 +248,9 @@ def resolve_dims(spec: FamilySpec, config: Mapping[str, Any]) -> Dims:
     flag_cfg = {**cfg, "tie_word_embeddings": tied}
     starts = [sum(stack_counts[:i]) for i in range(len(stack_counts))] or [0]
     for condition in spec.conditions:
-        if spec.global_conditions and condition in spec.global_conditions:
+        if condition.startswith("at:"):
+            values["c:" + condition] = block_condition(spec, condition, cfg, config, values)
+        elif spec.global_conditions and condition in spec.global_conditions:
             values["c:" + condition] = select_layers(condition, flag_cfg, 1)[0]
         elif stack_counts:  # each stack numbers its own layers
             per_layer_conditions[condition] = [c for n in stack_counts for c in select_layers(condition, flag_cfg, n)]
@@ -280,8 +284,18 @@ def resolve_dims(spec: FamilySpec, config: Mapping[str, Any]) -> Dims:
         for layer in range(num_layers):
             flags = {"c:" + cond: chosen[layer] for cond, chosen in per_layer_conditions.items()}
             dims.per_layer[layer] = {**dims.per_layer.get(layer, {}), **flags}
+    # Per-layer value lists of the derived registry (``each:KEY``, Laguna's per-layer head counts).
+    for symbol, keys in fields.items():
+        value = values.get(symbol)
+        if spec.derived and keys and keys[0].rsplit(".", 1)[-1].startswith("each:") and isinstance(value, list):
+            if len(value) < num_layers:
+                raise ConfigError(f"config.json field {keys[0][5:]!r} must give one value per layer ({num_layers})")
+            for layer in range(num_layers):
+                dims.per_layer[layer] = {**dims.per_layer.get(layer, {}), symbol: value[layer]}
     # Per-layer lists (Hunyuan's moe_topk, moe_intermediate_size) must be resolved by layer_dims.
     for symbol, value in values.items():
+        if symbol.startswith("c:at:"):
+            continue  # blocks of a tower (block_condition), not layers
         if isinstance(value, list) and not all(symbol in d for d in dims.per_layer.values()):
             raise ConfigError(f"config.json gives {symbol} per layer, which this family does not support")
     return dims
@@ -294,7 +308,8 @@ def eval_dim(term: str | int, values: Mapping[str, Any]) -> int:
     """Evaluate one shape entry: an int, a symbol, or an expression over symbols.
 
     The expression language: integers, symbols, ``+ - * /`` (exact rational arithmetic; the result
-    must be a whole number), ``//`` (floor division), parentheses, and ``floor(...)`` / ``ceil(...)``,
+    must be a whole number), ``//`` (floor division), parentheses, ``floor(...)`` / ``ceil(...)`` and
+    ``int(...)`` (Python's ``int`` of the float product a config class computes),
     e.g. ``"H+2*NKV*HD"``, ``"hidden_size*num_key_value_heads/num_attention_heads"``, ``"ceil(H/16)"``.
 
     Raises:
@@ -386,10 +401,14 @@ class _Parser:
             value = self._sum()
             self._expect(")")
             return value
-        if kind == "name" and text in ("floor", "ceil") and self._peek() == "(":
+        if kind == "name" and text in ("floor", "ceil", "int") and self._peek() == "(":
             self.pos += 1
             value = self._sum()
             self._expect(")")
+            if text == "int":
+                # Python's int() of a float product (a config class's int(hidden_size * mlp_ratio)):
+                # the exact product rounded to a float first, as the multiplication did.
+                return Fraction(math.floor(float(value)))
             return Fraction(math.floor(value) if text == "floor" else math.ceil(value))
         if kind == "name":
             return Fraction(_number(text, self.values))
@@ -399,6 +418,34 @@ class _Parser:
         if self._peek() != token:
             raise ValueError(f"bad dimension expression {self.text!r}")
         self.pos += 1
+
+
+def block_condition(
+    spec: FamilySpec, condition: str, cfg: Mapping[str, Any], config: Mapping[str, Any], values: Mapping[str, Any]
+) -> list[bool]:
+    """Which blocks of a tower a global template's ``at:SYMBOL:CONDITION`` selects: ``CONDITION`` (a
+    layer condition, :mod:`moetool.arch.layers`) over the config node that holds the block count
+    ``SYMBOL`` (``^vision_config.sam_config.num_hidden_layers`` -> ``vision_config.sam_config``), for
+    ``range(SYMBOL)``: a SAM encoder's global-attention blocks ``idx:global_attn_indexes``.
+
+    Raises:
+        ConfigError: the block count is missing or a field the condition reads is malformed.
+    """
+    symbol, _, inner = condition[len("at:") :].partition(":")
+    # ``L-1``: a list of one entry per layer but the first; block i is layer i + 1.
+    match = re.fullmatch(r"(.+?)([-+]\d+)", symbol)
+    symbol, shift = (match.group(1), int(match.group(2))) if match else (symbol, 0)
+    count = values.get(symbol)
+    if not isinstance(count, int):
+        raise ConfigError(f"config.json lacks the field that gives dimension {symbol}")
+    key = (spec.fields.get(symbol) or (symbol,))[0]
+    root, dotted = (config, key[1:]) if key.startswith("^") else (cfg, key)
+    parent = dotted.rsplit(".", 1)[0] if "." in dotted else ""
+    node = get_path(root, parent) if parent else root
+    if not isinstance(node, Mapping):
+        node = {}
+    chosen = select_layers(inner, node, count)
+    return [0 <= block - shift < count and chosen[block - shift] for block in range(count + shift)]
 
 
 def template_applies(template: T, values: Mapping[str, Any]) -> bool:

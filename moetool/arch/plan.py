@@ -41,7 +41,12 @@ def _expand(
         else:
             counts = [num_experts if s == "E" else eval_dim(s, values) for s in symbols]
             pieces = PLACEHOLDER.split(template.name)  # text, symbol, text, symbol, ..., text
+            # A block-indexed condition (``c:at:SYMBOL:...``, see dims.block_condition) keeps some blocks.
+            blocks = values.get(template.when) if template.when and template.when.startswith("c:at:") else None
+            position = symbols.index(template.when[5:].split(":", 1)[0]) if blocks is not None else -1
             for indices in itertools.product(*(range(n) for n in counts)):
+                if blocks is not None and not blocks[indices[position]]:
+                    continue
                 name = "".join(p if i % 2 == 0 else str(indices[i // 2]) for i, p in enumerate(pieces))
                 yield PlannedTensor(prefix + name, shape)
 

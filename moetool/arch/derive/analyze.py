@@ -71,7 +71,10 @@ def _resize(seq: Any, n: int) -> Any:
     """A per-layer list repeated (or cut) to ``n`` layers; a list of layer indices (each layer's
     source layer) is repeated with its indices shifted, so each block points into itself."""
     size = len(seq)
-    if isinstance(seq, list) and seq and all(isinstance(v, int) and not isinstance(v, bool) for v in seq):
+    # Only a list of layer indices (each below the length) is shifted; per-layer values (Laguna's
+    # num_attention_heads_per_layer) are repeated as they are.
+    indices = all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < size for v in seq)
+    if isinstance(seq, list) and seq and indices:
         return [seq[i % size] + (i // size) * size for i in range(n)]
     items = [seq[i % size] for i in range(n)]
     return "".join(items) if isinstance(seq, str) else items
@@ -84,6 +87,11 @@ def apply_change(kwargs: Mapping[str, Any], name: str, value: Any) -> dict[str, 
     node = get_path(kwargs, parent) if parent else kwargs
     if not isinstance(node, Mapping):
         return _with(kwargs, name, value)
+    if leaf.startswith("each:"):
+        key = leaf[5:]
+        new_node = dict(node)
+        new_node[key] = [value] * len(node[key])
+        return _with(kwargs, parent, new_node) if parent else new_node
     if leaf.startswith("len:"):
         key = leaf[4:]
         new_node = dict(node)
@@ -165,6 +173,8 @@ class Prober:
         self._cache: dict[frozenset[str], Probe | None] = {}
         self.errors: dict[frozenset[str], str] = {}
         self.new_values: dict[str, float] = {}
+        self.coupled: dict[str, str] = {}  # field -> the partner its probes change with it
+        self.messages: dict[frozenset[str], str] = {}  # full error text of the probes that failed
         self.text_prefix = ""
         self.layer_field = ""
         base = self._build(frozenset(), self.base_kwargs)
@@ -179,6 +189,7 @@ class Prober:
         except Exception as exc:  # a config the class or the model refuses: no probe there
             text = str(exc).strip().splitlines()
             self.errors[changed] = f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+            self.messages[changed] = self.messages.get(changed, "") + str(exc)[:2000] + "\n"
             return None
         return Probe(changed, numeric_fields(config_dict), config_dict, saved)
 
@@ -206,17 +217,50 @@ class Prober:
                         self.recompute.add(name)
                         result = candidate
                         break
+            if result is None:
+                result = self._coupled(name)
         elif changed:
             singles = [self.get(frozenset([name])) for name in sorted(changed)]
             if all(s is not None for s in singles):
                 kwargs = self._start(changed)
                 for name in sorted(changed):
                     kwargs = apply_change(kwargs, name, self.new_values[name])
+                    if name in self.coupled:
+                        kwargs = apply_change(kwargs, self.coupled[name], self.new_values[name])
                 result = self._build(changed, kwargs)
         else:
             result = self.base
         self._cache[changed] = result
         return result
+
+    def _coupled(self, name: str) -> Probe | None:
+        """A field the config class requires equal to another (MuSE-Spark: ``audio_config.out_hidden_size``
+        must match ``text_config.hidden_size``) is probed together with that partner: the language
+        model's field carries the change (the partner then stands for it), a partner outside the
+        language model is left unprobed."""
+        value = self.base.fields[name]
+        if not isinstance(value, int) or value < 2:
+            return None
+        # Only a partner the class's own error names (``... must match `text_config.hidden_size```).
+        message = self.messages.get(frozenset([name]), "")
+        partners = [
+            other
+            for other, v in self.base.fields.items()
+            if other != name and v == value and "len:" not in other and "each:" not in other and other in message
+        ]
+        mine = bool(self.text_prefix) and name.startswith(self.text_prefix) and "." not in name[len(self.text_prefix) :]
+        for other in partners:
+            theirs = bool(self.text_prefix) and other.startswith(self.text_prefix)
+            if (theirs and not mine) or other in self.coupled:
+                continue  # the partner carries the change (the language model's field, or the first probed)
+            for new in _candidates(value):
+                kwargs = apply_change(apply_change(self.base_kwargs, name, new), other, new)
+                candidate = self._build(frozenset([name]), kwargs)
+                if candidate is not None and candidate.fields.get(name) == new:
+                    self.new_values[name] = new
+                    self.coupled[name] = other
+                    return candidate
+        return None
 
     def _start(self, names: frozenset[str]) -> dict[str, Any]:
         """The kwargs a multi-field probe changes: the base, with the computed fields left to the class
@@ -232,6 +276,8 @@ class Prober:
         for name in sorted(names):
             value = self.base.fields[name]
             kwargs = apply_change(kwargs, name, value * factor if value else factor)
+            if name in self.coupled:
+                kwargs = apply_change(kwargs, self.coupled[name], value * factor if value else factor)
         result = self._build(key, kwargs)
         self._cache[key] = result
         return result
@@ -250,6 +296,7 @@ class Variant:
     exprs: list[fit.Expr] | None = None
     problem: str | None = None
     stack: int = 0
+    tower: str | None = None  # a global template's block placeholder (config field) its ``when`` indexes
 
 
 @dataclass
@@ -301,7 +348,29 @@ def _placeholders(prober: Prober, fields: list[str]) -> dict[str, str]:
             if changed is not None and site_counts(changed.saved).get(site) == changed.fields.get(name):
                 out[site] = name
                 break
+        else:
+            # One entry fewer than layers (Inkling-2's attn_res.attn_queries.{i} of layers 1..L-1):
+            # a layer count with an offset, written "num_hidden_layers-1".
+            for name in fields:
+                if _leaf(name) not in LAYER_FIELDS:
+                    continue
+                offset = count - int(prober.base.fields.get(name) or 0)
+                if offset not in (-1, 1):
+                    continue
+                changed = prober.get(frozenset([name]))
+                if changed is not None and site_counts(changed.saved).get(site) == changed.fields.get(name) + offset:
+                    out[site] = f"{name}{offset:+d}"
+                    break
     return out
+
+
+def split_offset(field: str) -> tuple[str, int]:
+    """``"num_hidden_layers-1"`` -> ``("num_hidden_layers", -1)``; a plain field has offset 0."""
+    for sign in ("-", "+"):
+        head, found, tail = field.rpartition(sign)
+        if found and tail.isdigit() and head:
+            return head, int(sign + tail)
+    return field, 0
 
 
 def _order_fields(fields: Mapping[str, float]) -> list[str]:
@@ -335,6 +404,7 @@ def analyze(model_type: str, overrides: Mapping[str, Any], *, text_prefix: str =
         text_prefix: ``"text_config."`` for multimodal wrappers whose language model is nested.
     """
     prober = Prober(model_type, overrides)
+    prober.text_prefix = text_prefix
     base = prober.base
     fields = _order_fields(base.fields)
     site_field = _placeholders(prober, fields)
@@ -376,6 +446,9 @@ def analyze(model_type: str, overrides: Mapping[str, Any], *, text_prefix: str =
         stack_symbol = next((st.symbol for st in stacks if st.field == name), None)
         symbols[site] = stack_symbol or ("E" if name == expert_field else name)
 
+    stack_fields = {st.field for st in stacks}
+    tower_symbols = {sym for site, sym in symbols.items() if sym not in ("E",) and site_field[site] not in stack_fields}
+    tower_symbols -= {st.symbol for st in stacks}
     # Per probe: template key -> {layer or None: shape}; per-layer keys are "@<stack>@<name>".
     instances: dict[frozenset[str], dict[str, dict[int | None, tuple[int, ...]]]] = {}
     dtypes: dict[str, str] = {}
@@ -392,6 +465,17 @@ def analyze(model_type: str, overrides: Mapping[str, Any], *, text_prefix: str =
                     key = f"@{index}@" + template[len(stack.prefix) :]
                     layer = indices.get(stack.symbol)
                     break
+            if layer is None:
+                towers = [sym for sym in indices if sym in tower_symbols]
+                if len(towers) == 1:
+                    # A global template inside a block stack of its own (a vision tower's blocks):
+                    # its shape per block index, for blocks that differ (windowed vs global attention).
+                    by_block = seen.setdefault(TOWER_KEY + key, {})
+                    block = indices[towers[0]]
+                    if by_block.get(block, saved.shape) != saved.shape:
+                        by_block[block] = (-1,)
+                    else:
+                        by_block[block] = saved.shape
             previous = seen.setdefault(key, {}).get(layer)
             if previous is not None and previous != saved.shape:
                 seen[key][layer] = (-1,)  # instances of one name in one layer disagree: unfittable
@@ -436,6 +520,13 @@ def analyze(model_type: str, overrides: Mapping[str, Any], *, text_prefix: str =
 
     variants: list[Variant] = []
     for key in instances[frozenset()]:
+        if key.startswith(TOWER_KEY):
+            continue
+        if not key.startswith("@") and instances[frozenset()][key].get(None) == (-1,):
+            split = _tower_variants(key, dtypes[key], probes, instances, prober, tower_symbols, problems)
+            if split:
+                variants.extend(split)
+                continue
         if not key.startswith("@"):
             variant = Variant(key, False, dtypes[key])
             for p in probes:
@@ -594,13 +685,101 @@ def _per_layer_variants(
     return out
 
 
+#: Prefix of the per-block shapes of a global template in ``instances`` (see :func:`_tower_variants`).
+TOWER_KEY = "#block#"
+
+
+def _tower_node(prober: Prober, changed: frozenset[str], field: str) -> tuple[Mapping[str, Any], int] | None:
+    """The config node holding a block stack's count field, and the count, in one probe (for a layer
+    count with an offset, ``num_hidden_layers-1``, the layer count: blocks map to layers by the offset)."""
+    field = split_offset(field)[0]
+    probe_ = prober.get(changed)
+    if probe_ is None or field not in probe_.fields:
+        return None
+    parent = field.rsplit(".", 1)[0] if "." in field else ""
+    node = get_path(probe_.config, parent) if parent else probe_.config
+    return (node, int(probe_.fields[field])) if isinstance(node, Mapping) else None
+
+
+def _tower_variants(
+    key: str,
+    dtype: str,
+    probes: list[Probe],
+    instances: Mapping[frozenset[str], Mapping[str, Mapping[int | None, tuple[int, ...]]]],
+    prober: Prober,
+    tower_symbols: set[str],
+    problems: list[str],
+) -> list[Variant]:
+    """Split a global template whose blocks differ in shape (a SAM encoder's global-attention blocks,
+    listed in ``global_attn_indexes``, against its windowed ones) into one variant per layer
+    condition over the block stack's own config node; [] when it is not such a template."""
+    towers = [sym for sym in tower_symbols if "{" + sym + "}" in key]
+    by_block = instances[frozenset()].get(TOWER_KEY + key)
+    if len(towers) != 1 or not by_block or any(shape == (-1,) for shape in by_block.values()):
+        return []
+    field = towers[0]
+    groups: dict[tuple[int, ...], set[int]] = {}
+    for block, shape in sorted(by_block.items()):  # type: ignore[type-var]
+        groups.setdefault(shape, set()).add(block)  # type: ignore[arg-type]
+    out = []
+    for shape, blocks in sorted(groups.items(), key=lambda kv: min(kv[1])):
+        base = _tower_node(prober, frozenset(), field)
+        if base is None:
+            return []
+        shift = split_offset(field)[1]  # block i is layer i - shift (attn_queries.{i} of layer i+1)
+        layers = {block - shift for block in blocks}
+        when = find_condition({frozenset(): layers}, {frozenset(): base[0]}, {frozenset(): base[1]})
+        if when is None and shift:
+            # Layers without a block (the first, for L-1 entries) may go either way.
+            unmapped = {layer for layer in range(base[1]) if not 0 <= layer + shift < base[1] + shift}
+            targets = {frozenset(): layers | unmapped}
+            when = find_condition(targets, {frozenset(): base[0]}, {frozenset(): base[1]})
+        variant = Variant(key, False, dtype, when or "all", tower=field)
+        if when is None:
+            variant.problem = f"no rule over its block config explains the blocks of shape {shape} ({sorted(blocks)})"
+            problems.append(f"{key}: {variant.problem}")
+            out.append(variant)
+            continue
+        for p in probes:
+            got = _tower_shape(variant, p.changed, instances, prober)
+            if got is not None:
+                variant.shapes[p.changed] = got
+        out.append(variant)
+    return out
+
+
+def _tower_shape(
+    variant: Variant,
+    changed: frozenset[str],
+    instances: Mapping[frozenset[str], Mapping[str, Mapping[int | None, tuple[int, ...]]]],
+    prober: Prober,
+) -> tuple[int, ...] | None:
+    from moetool.arch.layers import select_layers
+
+    assert variant.tower is not None
+    node = _tower_node(prober, changed, variant.tower)
+    by_block = instances.get(changed, {}).get(TOWER_KEY + variant.name, {})
+    if node is None or not by_block:
+        return None
+    try:
+        chosen = select_layers(variant.when, node[0], node[1])
+    except Exception:
+        return None
+    shift = split_offset(variant.tower)[1]
+    shapes = {by_block.get(layer + shift) for layer, on in enumerate(chosen) if on} - {None}
+    return shapes.pop() if len(shapes) == 1 else None  # type: ignore[return-value]
+
+
 def _variant_shape(
     variant: Variant,
     changed: frozenset[str],
     instances: Mapping[frozenset[str], Mapping[str, Mapping[int | None, tuple[int, ...]]]],
     configs: Mapping[frozenset[str], Mapping[str, Any]],
     layer_count: Mapping[frozenset[str], int],
+    prober: Prober | None = None,
 ) -> tuple[int, ...] | None:
+    if variant.tower is not None and prober is not None:
+        return _tower_shape(variant, changed, instances, prober)
     by_layer = instances[changed].get(key_of(variant), {})
     if not variant.per_layer:
         return by_layer.get(None)
@@ -617,6 +796,44 @@ def _variant_shape(
     return shapes.pop() if len(shapes) == 1 else None  # type: ignore[return-value]
 
 
+def _check_remainder(
+    prober: Prober,
+    variant: Variant,
+    axis: int,
+    expr: fit.Expr,
+    collect: Any,
+    instances: dict[frozenset[str], Any],
+    configs: dict[frozenset[str], Mapping[str, Any]],
+    layer_count: dict[frozenset[str], int],
+) -> fit.Expr | fit.Rounded:
+    """A monomial with a fractional coefficient (``downsample_hidden_size*num_mel_bins/8``) is checked
+    where its field does not divide evenly (the field plus one); a strided reduction there rounds
+    (``downsample_hidden_size*ceil(num_mel_bins/8)``), and the rounded form that matches replaces it.
+    Where no such probe builds, or none matches, the monomial stays (checked on every probe as before)."""
+    candidates = fit.rounded_candidates(expr)
+    if not candidates:
+        return expr
+    for name in sorted({c.field for c in candidates}):
+        base = prober.base.fields[name]
+        if not isinstance(base, int):
+            continue
+        key = frozenset([f"{name}+1"])
+        if key not in prober._cache:
+            prober._cache[key] = prober._build(key, apply_change(prober.base_kwargs, name, base + 1))
+        off = prober._cache[key]
+        if off is None or off.fields.get(name) != base + 1:
+            continue
+        collect(off)
+        shape = _variant_shape(variant, key, instances, configs, layer_count, prober)
+        if shape is None or len(shape) <= axis or expr.value(off.fields) == shape[axis]:
+            continue
+        for candidate in candidates:
+            if candidate.field == name and candidate.value(off.fields) == shape[axis]:
+                variant.shapes[key] = shape
+                return candidate
+    return expr
+
+
 def _fit_axis(
     prober: Prober,
     variant: Variant,
@@ -626,7 +843,7 @@ def _fit_axis(
     collect: Any,
     configs: dict[frozenset[str], Mapping[str, Any]],
     layer_count: dict[frozenset[str], int],
-) -> fit.Expr | fit.Patches | None:
+) -> fit.Expr | fit.Patches | fit.Rounded | fit.FloatProduct | None:
     base_value = variant.shapes[frozenset()][axis]
     base_fields = prober.base.fields
     ratios: dict[str, tuple[Fraction, Fraction]] = {}
@@ -644,6 +861,8 @@ def _fit_axis(
     expr = None
     if base_value and all(r[0] > 0 for r in ratios.values()):
         expr = fit.fit_monomial(base_value, base_fields, ratios)
+        if expr is not None:
+            expr = _check_remainder(prober, variant, axis, expr, collect, instances, configs, layer_count)
     if expr is None:
         support = sorted(ratios)
 
@@ -653,7 +872,7 @@ def _fit_axis(
                 return None
             if changed not in instances:
                 collect(probe_)
-            shape = _variant_shape(variant, changed, instances, configs, layer_count)
+            shape = _variant_shape(variant, changed, instances, configs, layer_count, prober)
             if shape is not None:
                 variant.shapes[changed] = shape
             return None if shape is None or len(shape) <= axis else (probe_.fields, shape[axis])
@@ -671,7 +890,7 @@ def _fit_axis(
                 if off is None:
                     continue
                 collect(off)
-                shape = _variant_shape(variant, off.changed, instances, configs, layer_count)
+                shape = _variant_shape(variant, off.changed, instances, configs, layer_count, prober)
                 if shape is not None and len(shape) > axis and expr.value(off.fields) != shape[axis]:
                     expr = None  # not multilinear after all
                 break
@@ -681,7 +900,7 @@ def _fit_axis(
                 for changed, shape in variant.shapes.items()
                 if (probe_ := prober.get(changed)) is not None and len(shape) > axis
             ]
-            expr = fit.fit_patches(support, points)
+            expr = fit.fit_patches(support, points) or fit.fit_float_product(support, points)
     if expr is None:
         return None
     # Check the fit against every probe that has this tensor.

@@ -81,6 +81,10 @@ def category(name: str, exprs: list[str], *, per_layer: bool, text_prefix: str =
         return "other"
     if any("shared" in p for p in parts):
         return "shared_experts"
+    if leaf in _ROUTER_LEAVES:
+        # A router's bias wherever the Hub format stores it (Laguna: ``mlp.experts.e_score_correction_bias``,
+        # in memory ``mlp.gate.e_score_correction_bias``).
+        return "router"
     if is_routed_name(name):
         return "routed_experts"
     if len(exprs) >= 3 and exprs[0] == "E" and any(p in _MLP_PARTS for p in parts):

@@ -191,6 +191,87 @@ def fit_patches(support: list[str], points: list[tuple[Mapping[str, float], int]
     return None
 
 
+@dataclass(frozen=True)
+class Rounded:
+    """``coefficient * monomial * op(field / divisor)``: a strided reduction of one field, such as
+    three stride-2 convolutions over ``num_mel_bins`` (``ceil(num_mel_bins/8)``), which a monomial
+    (``num_mel_bins/8``) matches only where the field divides evenly."""
+
+    coefficient: int
+    powers: tuple[tuple[str, int], ...]
+    field: str
+    divisor: int
+    op: str  # "ceil" or "floor"
+
+    def value(self, values: Mapping[str, float]) -> Fraction:
+        rest = Term(Fraction(self.coefficient), self.powers).value(values)
+        quotient = Fraction(values[self.field]) / self.divisor
+        return rest * (math.ceil(quotient) if self.op == "ceil" else math.floor(quotient))
+
+    @property
+    def fields(self) -> set[str]:
+        return {self.field} | {f for f, _ in self.powers}
+
+    def render(self, symbol: Callable[[str], str] = str) -> str:
+        rest = Expr((Term(Fraction(self.coefficient), self.powers),)).render(symbol) if self.powers else ""
+        if not self.powers and self.coefficient != 1:
+            rest = str(self.coefficient)
+        rounded = f"{self.op}({symbol(self.field)}/{self.divisor})"
+        return f"{rest}*{rounded}" if rest else rounded
+
+
+@dataclass(frozen=True)
+class FloatProduct:
+    """``int(a * b)`` with ``b`` a float field: a width a config class computes in floating point
+    (Step-3.7's vision ``intermediate_size = int(hidden_size * mlp_ratio)``, mlp_ratio 8960/1536)."""
+
+    a: str
+    b: str
+
+    def value(self, values: Mapping[str, float]) -> Fraction:
+        return Fraction(math.floor(float(Fraction(values[self.a]) * Fraction(values[self.b]))))
+
+    @property
+    def fields(self) -> set[str]:
+        return {self.a, self.b}
+
+    def render(self, symbol: Callable[[str], str] = str) -> str:
+        return f"int({symbol(self.a)}*{symbol(self.b)})"
+
+
+def fit_float_product(support: list[str], points: list[tuple[Mapping[str, float], int]]) -> FloatProduct | None:
+    """A :class:`FloatProduct` through every point, over two support fields, one of them a float."""
+    if len(support) != 2:
+        return None
+    a, b = sorted(support, key=lambda f: isinstance(points[0][0].get(f), float))
+    if not isinstance(points[0][0].get(b), float) or isinstance(points[0][0].get(a), float):
+        return None
+    candidate = FloatProduct(a, b)
+    try:
+        return candidate if all(candidate.value(f) == v for f, v in points) else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def rounded_candidates(expr: Expr) -> list[Rounded]:
+    """The :class:`Rounded` forms of a one-term monomial with a fractional coefficient (``p/q``): each
+    field of exponent 1 divided by ``q`` and rounded up or down."""
+    if len(expr.terms) != 1:
+        return []
+    term = expr.terms[0]
+    q = term.coefficient.denominator
+    if q == 1 or term.coefficient.numerator <= 0 or any(p < 0 for _, p in term.powers):
+        return []
+    out = []
+    for name, power in term.powers:
+        if power != 1:
+            continue
+        rest = tuple((f, p) for f, p in term.powers if f != name)
+        for op in ("ceil", "floor"):
+            out.append(Rounded(term.coefficient.numerator, rest, name, q, op))
+    return out
+
+
 def _prod(point: Mapping[str, Fraction], subset: frozenset[str]) -> Fraction:
     out = Fraction(1)
     for field in subset:

@@ -30,7 +30,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from moetool.arch.derive.analyze import EXPERT_FIELDS, LAYER_FIELDS, Analysis, analyze, apply_change, get_path
+from moetool.arch.derive.analyze import (
+    EXPERT_FIELDS,
+    LAYER_FIELDS,
+    Analysis,
+    analyze,
+    apply_change,
+    get_path,
+    split_offset,
+)
 from moetool.arch.derive.categories import category
 from moetool.arch.derive.probe import (
     config_class,
@@ -44,6 +52,8 @@ from moetool.arch.derive.probe import (
 
 #: Layers of the base probe and of the tiny test models.
 BASE_LAYERS = 6
+#: Layers of the second analysis, for layouts six layers do not show (see :func:`derive`).
+RETRY_LAYERS = 24
 #: The tiny config stops shrinking below this many stored parameters.
 TINY_PARAMS = 400_000
 #: Config keys that give top-k, in order of preference.
@@ -99,7 +109,12 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "layer_types": ["linear_attention", "full_attention", "linear_attention"] * 2,
     },
     # Qwen3-Omni's thinker: hidden_size // heads is 73, an odd rotary width; its checkpoints set 128.
-    "qwen3_omni_moe_thinker": {"text_config": {"head_dim": 128}},
+    # Its rotary index reads vision_start_token_id, which the thinker's config class lacks (the
+    # wrapper's checkpoints set it; 151652 as Qwen3-Omni's), whenever an attention mask is given.
+    "qwen3_omni_moe_thinker": {"text_config": {"head_dim": 128}, "vision_start_token_id": 151652},
+    # Step-3.7's model builds a sliding-window mask on every forward pass, which a window of None (the
+    # class default) fails; any window runs it (it sizes no tensor).
+    "step3p7": {"text_config": {"sliding_window": 512}},
     # DeepSeek-OCR-2's language model needs its per-layer dense/sparse list.
     "deepseek_ocr2": {
         "text_config": {"num_hidden_layers": 6, "mlp_layer_types": ["dense"] + ["sparse"] * 5, "num_experts_per_tok": 6}
@@ -114,9 +129,18 @@ def _text_prefix(default: Mapping[str, Any]) -> str:
     return ""
 
 
-def _layer_override(default: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def _layer_override(default: Mapping[str, Any], prefix: str, layers: int = BASE_LAYERS) -> dict[str, Any]:
     node = get_path(default, prefix.rstrip(".")) if prefix else default
-    return {prefix + key: BASE_LAYERS for key in LAYER_FIELDS if isinstance(node.get(key), int) and key != "depth"}
+    return {prefix + key: layers for key in LAYER_FIELDS if isinstance(node.get(key), int) and key != "depth"}
+
+
+def _default_layers(model_type: str) -> int:
+    """The layer count of the class's default config (of its language model, for wrappers)."""
+    with quiet():
+        default = config_class(model_type)(**_nested_overrides(model_type)).to_dict()
+    prefix = _text_prefix(default)
+    node = get_path(default, prefix.rstrip(".")) if prefix else default
+    return max((v for k, v in node.items() if k in LAYER_FIELDS and isinstance(v, int)), default=0)
 
 
 def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -218,13 +242,19 @@ def _entry(
         stack_symbols = {stack.symbol for stack in analysis.stacks}
         for site_symbol, field in analysis.placeholder_fields.items():
             if site_symbol not in stack_symbols and site_symbol != "E":
-                name = name.replace("{" + site_symbol + "}", "{" + symbols(field) + "}")
-                used.add(field)
+                base_field, offset = split_offset(field)
+                rendered = symbols(base_field) + (f"{offset:+d}" if offset else "")
+                name = name.replace("{" + site_symbol + "}", "{" + rendered + "}")
+                used.add(base_field)
         if not variant.per_layer and "{L}" in name:
             used.add(analysis.layer_field)
         if "{E}" in name:
             used.add(analysis.expert_field or "")
         when = variant.when if variant.per_layer else ("!tied" if name in tied_lm_head else "all")
+        if variant.tower is not None and variant.when != "all":
+            tower, shift = split_offset(variant.tower)
+            rendered = symbols(tower) + (f"{shift:+d}" if shift else "")
+            when = f"at:{rendered}:{variant.when}"  # blocks of a tower, by its own config
         item = [name, shape, cat, when]
         if variant.per_layer and len(analysis.stacks) > 1:
             item.append(variant.stack)
@@ -279,6 +309,11 @@ def _defaults(entry: dict[str, Any], model_type: str, text_prefix: str, material
         if not keys:
             continue
         key = keys[0]
+        if key.rsplit(".", 1)[-1].startswith("each:"):
+            fallback = _list_default(cls, default, (key[1:] if key.startswith("^") else text_prefix + key))
+            if fallback is not None:
+                exprs[symbol] = _symbol_for(entry, fallback, text_prefix)
+            continue
         node, dotted = (default, key[1:]) if key.startswith("^") else (text_default, key)
         value = get_path(node, dotted) if "len:" not in dotted else None
         full = (dotted if key.startswith("^") else text_prefix + dotted) if "len:" not in dotted else None
@@ -333,6 +368,39 @@ def _defaults(entry: dict[str, Any], model_type: str, text_prefix: str, material
             exprs[symbol] = expr
     entry["defaults"] = defaults
     entry["default_exprs"] = exprs
+
+
+def _list_default(cls: Any, default: Mapping[str, Any], full: str) -> str | None:
+    """The field a config class fills a per-layer value list with when config.json leaves it out
+    (``num_attention_heads_per_layer`` from ``num_attention_heads``), or None."""
+    parent, _, leaf = full.rpartition(".")
+    list_key = (parent + "." if parent else "") + leaf[len("each:") :]
+    without = _without(default, list_key)
+
+    def uniform(tree: Mapping[str, Any]) -> Any:
+        seq = get_path(tree, list_key)
+        return seq[0] if isinstance(seq, list) and seq and len(set(seq)) == 1 else None
+
+    try:
+        with quiet():
+            value = uniform(cls.from_dict(without).to_dict())
+    except Exception:
+        return None
+    node = get_path(without, parent) if parent else without
+    if value is None or not isinstance(node, Mapping):
+        return None
+    for other, other_value in node.items():
+        if other_value != value or isinstance(other_value, bool) or not isinstance(other_value, int):
+            continue
+        field = (parent + "." if parent else "") + other
+        try:
+            with quiet():
+                changed = uniform(cls.from_dict(apply_change(without, field, value * 2)).to_dict())
+        except Exception:
+            continue
+        if changed == value * 2:
+            return field
+    return None
 
 
 def _without(tree: Mapping[str, Any], dotted: str) -> dict[str, Any]:
@@ -525,11 +593,96 @@ def _predicted_numel(entry: Mapping[str, Any], kwargs: Mapping[str, Any]) -> int
         return None
 
 
-def _tiny_kwargs(analysis: Analysis, text_prefix: str, top_k: int, entry: Mapping[str, Any]) -> dict[str, Any]:
+def _divisibility(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(width, count)`` pairs of one (sub-)config where a head or group count divides another field
+    in the base config (``hidden_size % num_attention_heads``, ``num_attention_heads %
+    num_key_value_heads``): relations every real config keeps and some models need (a vision tower
+    whose attention width is ``heads * (hidden_size // heads)``, grouped-query attention)."""
+    out = []
+    for count, divisor in fields.items():
+        leaf = count.rsplit(".", 1)[-1]
+        if not isinstance(divisor, int) or divisor < 2 or not ("heads" in leaf or "groups" in leaf):
+            continue
+        scope = count.rsplit(".", 1)[0] if "." in count else ""
+        for width, value in fields.items():
+            same_scope = (width.rsplit(".", 1)[0] if "." in width else "") == scope
+            wide = width.rsplit(".", 1)[-1]
+            is_width = wide in HIDDEN_FIELDS or "hidden_size" in wide or "embed_dim" in wide or "heads" in wide
+            if width == count or not same_scope or not is_width or not isinstance(value, int):
+                continue
+            if value >= divisor and value % divisor == 0:
+                out.append((width, count))
+    return out
+
+
+def _cuts_stage_list(kwargs: Mapping[str, Any], name: str, value: int) -> bool:
+    """Whether shrinking the layer count ``name`` would cut a list of per-stage values that differ
+    (MuSE-Spark's audio ``hidden_sizes`` [256, 512, 1024, 2048]): the tower's widths would no longer
+    be the ones the probes saw, so the tiny retry keeps such counts."""
+    if name.rsplit(".", 1)[-1] not in LAYER_FIELDS:
+        return False
+    parent = name.rsplit(".", 1)[0] if "." in name else ""
+    node = get_path(kwargs, parent) if parent else kwargs
+    if not isinstance(node, Mapping):
+        return False
+    return any(
+        isinstance(seq, list) and len(seq) == value and len({json.dumps(v) for v in seq}) > 1
+        for key, seq in node.items()
+        if key != name.rsplit(".", 1)[-1]
+    )
+
+
+def _tiny_kwargs(
+    analysis: Analysis,
+    text_prefix: str,
+    top_k: int,
+    entry: Mapping[str, Any],
+    *,
+    keep_divisible: bool = False,
+    materialized: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """Shrink the base config until its checkpoint is tiny: halve, one at a time, the field whose
     halving removes the most parameters, keeping every change under which the model still builds
-    (and, once it is small enough to build for real, still runs a forward pass)."""
+    (and, once it is small enough to build for real, still runs a forward pass).
+
+    ``keep_divisible`` also keeps every divisibility of a width by a head or group count that the
+    base config has (:func:`_divisibility`): the retry for models whose tiny config otherwise does
+    not run or is not predicted (their shapes assume those relations, as real configs keep them).
+    The retry also leaves out the keys the generator set for probing only (``materialized``:
+    ``head_dim``) where no shape reads them, so the model computes them from the shrunk widths as
+    it does for a config.json without them (Ergo's rotary width).
+    """
     prober = analysis.prober
+    pairs = _divisibility(numeric_fields(prober.base_kwargs)) if keep_divisible else []
+
+    base_values = numeric_fields(prober.base_kwargs)
+    # A head keeps at least min(8, its base width) values (rotary halves need two or more).
+    least = {(w, c): 1 if "heads" in w else min(8, base_values[w] // base_values[c]) for w, c in pairs}
+
+    def holds(values: Mapping[str, Any], w: str, c: str) -> bool:
+        both = isinstance(values.get(w), int) and isinstance(values.get(c), int) and values[c] > 0
+        return both and values[w] % values[c] == 0 and values[w] // values[c] >= least[(w, c)]
+
+    def divisible(trial: Mapping[str, Any]) -> bool:
+        values = numeric_fields(trial)
+        return all(holds(values, w, c) for w, c in pairs)
+
+    def with_counts(trial: dict[str, Any]) -> dict[str, Any] | None:
+        """Halve the head and group counts a width no longer divides (and the counts those divide):
+        Ergo's 64 heads over a shrinking hidden size, keeping head widths whole."""
+        halved: set[str] = set()
+        for _ in range(8):
+            values = numeric_fields(trial)
+            broken = [c for w, c in pairs if not holds(values, w, c)]
+            if not broken:
+                return trial
+            for count in broken:
+                if count in halved or values[count] % 2:
+                    return None
+                halved.add(count)
+                trial = apply_change(trial, count, values[count] // 2)
+        return None
+
     model_type = prober.model_type
     kwargs = dict(prober.base_kwargs)
     text = get_path(kwargs, text_prefix.rstrip(".")) if text_prefix else kwargs
@@ -546,6 +699,13 @@ def _tiny_kwargs(analysis: Analysis, text_prefix: str, top_k: int, entry: Mappin
             shape_fields |= expr.fields
     shape_fields |= set(analysis.placeholder_fields.values())
     shape_fields -= {stack.field for stack in analysis.stacks}
+    if keep_divisible:
+        for key in materialized or {}:
+            if text_prefix + key not in shape_fields:
+                node = get_path(kwargs, text_prefix.rstrip(".")) if text_prefix else kwargs
+                if isinstance(node, dict) and key in node:
+                    node = {k: v for k, v in node.items() if k != key}
+                    kwargs = {**kwargs, text_prefix.rstrip("."): node} if text_prefix else node
     floors = {text_prefix + "vocab_size": 128, **{text_prefix + h: 32 for h in HIDDEN_FIELDS}}
     if analysis.expert_field:
         floors[analysis.expert_field] = max(4, 2 * top_k)
@@ -569,6 +729,8 @@ def _tiny_kwargs(analysis: Analysis, text_prefix: str, top_k: int, entry: Mappin
         value = numeric_fields(kwargs).get(analysis.expert_field)
         while isinstance(value, int) and value % 2 == 0 and value // 2 >= floors[analysis.expert_field]:
             trial = apply_change(kwargs, analysis.expert_field, value // 2)
+            if not divisible(trial):
+                break
             numel = estimate(trial)
             if numel is None or not acceptable(trial):
                 break
@@ -582,15 +744,31 @@ def _tiny_kwargs(analysis: Analysis, text_prefix: str, top_k: int, entry: Mappin
             fields_now = numeric_fields(kwargs)
             for name in sorted(shape_fields - frozen):
                 value = fields_now.get(name)
-                if not isinstance(value, int) or value % 2 or value // 2 < floors.get(name, 2):
+                leaf = name.rsplit(".", 1)[-1]
+                is_count = leaf.startswith(("num_", "n_")) or "heads" in leaf or "group" in leaf
+                if isinstance(value, int) and value % 2 and keep_divisible and not is_count and value > 8:
+                    # An odd width (DeepSeek-OCR-2's moe_intermediate_size 1407) never halves, and
+                    # grouped matrix products refuse its unaligned strides: the retry rounds it down
+                    # to a power of two.
+                    target = 1 << (value.bit_length() - 1)
+                else:
+                    target = value // 2 if isinstance(value, int) and not value % 2 else 0
+                if not isinstance(value, int) or not target or target < floors.get(name, 2):
                     continue
                 # Widths stay multiples of 4 values (16 bytes: grouped matrix products need aligned
                 # strides); counts (heads, groups) may go lower.
-                leaf = name.rsplit(".", 1)[-1]
-                is_count = leaf.startswith(("num_", "n_")) or "heads" in leaf or "group" in leaf
-                if (value // 2) % 4 and not is_count:
+                if target % 4 and not is_count:
                     continue
-                trial = apply_change(kwargs, name, value // 2)
+                if keep_divisible and _cuts_stage_list(kwargs, name, value):
+                    continue
+                trial = apply_change(kwargs, name, target)
+                if name in prober.coupled:  # a field the class requires equal to this one
+                    trial = apply_change(trial, prober.coupled[name], target)
+                if not divisible(trial):
+                    adjusted = with_counts(trial)
+                    if adjusted is None:
+                        continue  # may hold again once the count is halved too
+                    trial = adjusted
                 numel = estimate(trial)
                 if numel is None:
                     frozen.add(name)
@@ -733,17 +911,38 @@ def _tiny_run(model_type: str, kwargs: Mapping[str, Any], num_experts: int, prot
 def derive(model_type: str, log: Any = None) -> dict[str, Any]:
     """The registry entry of one model type.
 
+    The base probe has :data:`BASE_LAYERS` layers. A per-layer layout that shows only in deeper
+    stacks (Kolibri-1.1 shares key-value projections between indexed-attention layers every fifth
+    layer) makes the check against the class's full-size defaults fail: the analysis is then
+    repeated once with :data:`RETRY_LAYERS` layers (or the default's count, if fewer).
+
     Raises:
         Refused: the model type cannot be described; the message says why.
     """
     log = log or (lambda *_: None)
+    try:
+        return _derive(model_type, log, BASE_LAYERS)
+    except Refused as exc:
+        if not str(exc).startswith("the class's default config"):
+            raise
+        layers = min(_default_layers(model_type), RETRY_LAYERS)
+        if layers <= BASE_LAYERS:
+            raise
+        log(f"  retrying with {layers} layers: {exc}")
+        try:
+            return _derive(model_type, log, layers)
+        except Refused as again:
+            raise Refused(f"{exc} (and with {layers} layers: {again})") from None
+
+
+def _derive(model_type: str, log: Any, layers: int) -> dict[str, Any]:
     if model_class_name(model_type) is None:
         raise Refused("not a checkpoint type: transformers has no generative model class for it (a sub-configuration)")
     cls = config_class(model_type)
     with quiet():
         default = cls(**_nested_overrides(model_type)).to_dict()
     text_prefix = _text_prefix(default)
-    overrides = _merge(_nested_overrides(model_type), _nested(_layer_override(default, text_prefix)))
+    overrides = _merge(_nested_overrides(model_type), _nested(_layer_override(default, text_prefix, layers)))
     text_default = get_path(default, text_prefix.rstrip(".")) if text_prefix else default
     # transformers computes head_dim from hidden_size and the head count when config.json leaves it
     # out; probe with it set, so real configs that set it are counted right.
@@ -815,11 +1014,18 @@ def derive(model_type: str, log: Any = None) -> dict[str, Any]:
         entry["defaults"]["K"] = FIXED_TOP_K[model_type]
 
     top_k = int(analysis.prober.base.fields[top_k_field]) if top_k_field else FIXED_TOP_K[model_type]
-    tiny = _tiny_kwargs(analysis, text_prefix, top_k, entry)
+    try:
+        tiny = _tiny_kwargs(analysis, text_prefix, top_k, entry)
+        check_prediction(entry, model_type, tiny, "tiny config")
+    except Refused as exc:
+        # Shrinking a width below what a head count divides breaks some models (or their layout
+        # formulas, which hold for the configs real checkpoints have): retry keeping those relations.
+        log(f"  retrying the tiny config, keeping widths divisible by head counts: {exc}")
+        tiny = _tiny_kwargs(analysis, text_prefix, top_k, entry, keep_divisible=True, materialized=materialized)
+        check_prediction(entry, model_type, tiny, "tiny config")
     tiny_fields = numeric_fields(tiny)
     num_experts = int(tiny_fields[analysis.expert_field])
     log(f"  tiny: {_saved_numel(model_type, tiny)} parameters, {num_experts} experts")
-    check_prediction(entry, model_type, tiny, "tiny config")
     with quiet():
         full_default = cls(**_nested_overrides(model_type)).to_dict()
     check_prediction(entry, model_type, full_default, "the class's default config")

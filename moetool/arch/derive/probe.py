@@ -140,6 +140,10 @@ def numeric_fields(config_dict: Mapping[str, Any], prefix: str = "") -> dict[str
             per_layer = key.endswith(("layer_types", "block_type", "pattern", "_layers"))
             if simple and per_layer and len(value) >= 2:
                 out[f"{prefix}len:{key}"] = len(value)
+            if _is_value_list(key, value):
+                # Per-layer values (num_attention_heads_per_layer): probed as one field, every layer's
+                # value changed alike; the registry reads the list layer by layer.
+                out[f"{prefix}each:{key}"] = value[0]
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
@@ -147,6 +151,17 @@ def numeric_fields(config_dict: Mapping[str, Any], prefix: str = "") -> dict[str
             continue
         out[prefix + key] = value
     return out
+
+
+def _is_value_list(key: str, value: Any) -> bool:
+    """A per-layer list of sizes (not of layer indices or types): ``num_attention_heads_per_layer``."""
+    return (
+        "per_layer" in key
+        and isinstance(value, list)
+        and len(value) >= 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        and len(set(value)) == 1
+    )
 
 
 # Numeric config fields that never size a tensor (skipped to save probes).
