@@ -394,3 +394,20 @@ def test_sharded_output_and_determinism(tiny_mixtral, tmp_path):
     assert tensors_a.keys() == tensors_b.keys()
     assert all(torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a)
     load_hf(tmp_path / "a")
+
+
+def test_held_out_text_too_short_to_score_costs_the_figures_only(tiny_mixtral, tmp_path):
+    """The merge is done and checked before evaluation: held-out text that tokenizes to fewer than two
+    tokens gives no window to score, and the output is still published, with a warning instead of the
+    figures (it used to fail the whole merge with DATASET_EMPTY)."""
+    from moetool.data import Document
+
+    result = merge_model(
+        str(tiny_mixtral),
+        tmp_path / "m",
+        MergeOptions(num_experts=2, method="frequency", device="cpu"),
+        calibration=DatasetSpec.of_documents(documents(), max_tokens=2000, seq_len=16, batch_size=4),
+        eval_data=DatasetSpec.of_documents([Document(" ")], "tiny", seq_len=16),
+    )
+    assert result.eval is None and "no held-out text scored" in result.warnings[-1]
+    load_hf(tmp_path / "m")

@@ -141,7 +141,8 @@ _CLAMPED_SWIGLU = (
 #: Derived families whose experts merge reads but whose merged output was seen to fail (tiny random
 #: checkpoints of transformers 5.25, every family merged and loaded once): the reason merge gives.
 MERGE_REFUSED = {
-    "deepseek_v4": "its hash-routing tables (tid2eid) are stored as integers, which merge's input check refuses",
+    "deepseek_v4": "its hash-routed layers send tokens to experts by a fixed table (tid2eid) instead of a learned "
+    "router, and merge reduces router rows",
     "minimax_m3_vl": _CLAMPED_SWIGLU,
     "minimax_m3_vl_text": _CLAMPED_SWIGLU,
     "nemo_speechlm": "stock transformers 5.25 cannot reload its own saved checkpoint (its audio tower's attention "
@@ -185,8 +186,14 @@ def _capabilities(entry: Mapping[str, Any], routed: list[T]) -> dict[str, str]:
     return capabilities
 
 
+_PADDED_VOCABULARY = (
+    "its embedding holds more rows (vocab_size, padded) than its head predicts, so no dense student of a "
+    "stock architecture shares both its vocabulary and its logits"
+)
 #: Why distill refuses a derived family as the teacher, where it does.
 DISTILL_REFUSED = {
+    "inkling2": _PADDED_VOCABULARY,
+    "inkling2_text": _PADDED_VOCABULARY,
     "nemo_speechlm": "stock transformers 5.25 does not reload a checkpoint of it that it saved (its audio tower's "
     "diarization sub-config comes back with other shapes), so the teacher cannot be loaded",
 }

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 from moetool.arch.dims import Dims, get_path, resolve_dims
 from moetool.arch.registry import family_for_config, require_capability
 from moetool.arch.spec import FamilySpec, MergeTraits, Routing
-from moetool.errors import ConfigError, MoetoolError, UnsupportedArchitectureError, UsageError
-from moetool.io.dtypes import FLOAT_DTYPES, torch_dtype
+from moetool.errors import ConfigError, DatasetError, MoetoolError, UnsupportedArchitectureError, UsageError
+from moetool.io.dtypes import FLOAT_DTYPES, dtype_name, torch_dtype
 from moetool.io.jsonfile import json_number
 from moetool.io.shards import WriteResult
 from moetool.io.sizes import DEFAULT_MAX_SHARD_SIZE
@@ -190,11 +190,6 @@ def open_writer(folder: Path, planned: Sequence[OutputTensor], *, max_shard_size
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _safetensors_dtype(tensor: torch.Tensor) -> str:
-    names = {v: k for k, v in FLOAT_DTYPES.items()}
-    return names.get(str(tensor.dtype).removeprefix("torch."), str(tensor.dtype))
 
 
 def _routing_renormalises(spec: FamilySpec, config: dict[str, Any]) -> bool:
@@ -944,7 +939,7 @@ def _stream_layers(
 
         def emit(name: str, tensor: torch.Tensor) -> None:
             planned = expected.pop(name, None)
-            got = (tuple(tensor.shape), _safetensors_dtype(tensor))
+            got = (tuple(tensor.shape), dtype_name(tensor.dtype))
             if planned is None or got != (planned.shape, planned.dtype):
                 want = None if planned is None else (planned.shape, planned.dtype)
                 raise MoetoolError(
@@ -1004,19 +999,26 @@ def _evaluate_output(
             warnings.append("no held-out text left for evaluation (calibration read every document)")
         return None
     t0 = time.perf_counter()
-    figures = _evaluate(
-        source.checkpoint,
-        staging,
-        documents,
-        name=name,
-        seq_len=texts.seq_len,
-        batch_size=texts.batch_size,
-        max_tokens=options.eval_max_tokens,
-        device=options.device,
-        dtype=options.dtype,
-        whole_model=options.whole_model,
-        progress=progress,
-    )
+    try:
+        figures = _evaluate(
+            source.checkpoint,
+            staging,
+            documents,
+            name=name,
+            seq_len=texts.seq_len,
+            batch_size=texts.batch_size,
+            max_tokens=options.eval_max_tokens,
+            device=options.device,
+            dtype=options.dtype,
+            whole_model=options.whole_model,
+            progress=progress,
+        )
+    except DatasetError as exc:
+        if exc.code != "DATASET_EMPTY":
+            raise
+        # The merge itself is done and checked: held-out text too short to score costs the figures only.
+        warnings.append(f"no held-out text scored: every window of {name} holds fewer than 2 tokens")
+        return None
     figures.seconds = time.perf_counter() - t0
     return figures
 
