@@ -24,7 +24,15 @@ def _roles(spec):
 
 @pytest.mark.parametrize("spec", ALL, ids=lambda s: s.name)
 def test_every_registry_family_is_read(spec):
-    for roles in _roles(spec):
+    """Each family's experts are read, or the commands that rewrite them refuse it with a reason."""
+    try:
+        readings = _roles(spec)
+    except UnsupportedArchitectureError as exc:
+        assert spec.derived and "cannot tell its routed experts' projections apart" in exc.message
+        for command in ("merge", "quantize"):
+            assert len(spec.capabilities.get(command) or "") > 20, command
+        return
+    for roles in readings:
         names = {r.role for r in roles.roles}
         assert names in ({"gate", "up", "down"}, {"gate_up", "down"}, {"up", "down"})
         # Every template is used exactly once, as a matrix or a bias.

@@ -165,6 +165,9 @@ def roles_of(templates: Sequence[T], *, by_position: bool = False, family: str =
 
     matrices = [t for t in templates if not _is_bias(t)]
     biases = [t for t in templates if _is_bias(t)]
+    extra = [t.name for t in biases if "bias" not in t.name.rsplit(".", 1)[-1]]
+    if extra:
+        raise refuse(f"{extra[0]} is neither a projection nor its bias (a norm or scale inside the experts)")
     if not matrices:
         raise refuse("no expert matrices")
     per_expert = all("{E}" in t.name for t in matrices)

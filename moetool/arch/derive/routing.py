@@ -57,6 +57,8 @@ def _record(model: Any, run: Any) -> list[tuple[str, str, Any]]:
 
     calls: list[tuple[str, str, Any]] = []
     handles = []
+    # Its own hooks, not the Observer's: this records every module of an unknown family to find its
+    # routers, before there is a registry entry for moetool.runner.observe to watch through.
     for name, module in model.named_modules():
         if not name:
             continue
