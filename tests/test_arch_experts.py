@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moetool.arch.derived import derived_families
-from moetool.arch.experts import expert_roles, layer_prefix, roles_of
+from moetool.arch.experts import expert_roles, layer_prefix, roles_by_stack, roles_of
 from moetool.arch.families import FAMILIES
 from moetool.arch.spec import T
 from moetool.errors import UnsupportedArchitectureError
@@ -15,10 +15,7 @@ ALL = [spec for spec in [*FAMILIES, *derived_families()] if spec.routed_experts]
 
 def _roles(spec):
     if spec.stacks:
-        return [
-            roles_of([t for t in spec.routed_experts if t.stack == i], family=spec.name)
-            for i in range(len(spec.stacks))
-        ]
+        return roles_by_stack(spec.routed_experts, family=spec.name)
     return [expert_roles(spec)]
 
 

@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from moetool.arch.experts import roles_of
+from moetool.arch.experts import roles_by_stack, roles_of
 from moetool.arch.spec import ExpertLayout, ExpertsProtocol, FamilySpec, RouterOutput, Routing, RoutingSpec, Stack, T
 from moetool.errors import UnsupportedArchitectureError
 
@@ -70,14 +70,13 @@ def _linear_experts(templates: list[T]) -> bool:
     """Whether each stack's routed experts are two-matrix MLPs stored per expert in canonical orientation
     (Switch Transformers' ``wi``/``wo``, NLLB-MoE's ``fc1``/``fc2`` with biases): ``nn.Linear`` modules
     in memory, which quantize rewrites one linear map at a time (:mod:`moetool.quantize.linear_experts`)."""
-    for stack in sorted({t.stack for t in templates}):
-        try:
-            roles = roles_of([t for t in templates if t.stack == stack])
-        except UnsupportedArchitectureError:
-            return False
-        if roles.gated or roles.fused or not roles.plain:
-            return False
-    return bool(templates)
+    if not templates:
+        return False
+    try:
+        stacks = roles_by_stack(templates)
+    except UnsupportedArchitectureError:
+        return False
+    return not any(roles.gated or roles.fused or not roles.plain for roles in stacks)
 
 
 def family_from_entry(entry: Mapping[str, Any]) -> FamilySpec:
@@ -221,13 +220,14 @@ def _merge_refusal(entry: Mapping[str, Any], routed: list[T]) -> str | None:
     two-matrix MLPs merge reads (:class:`moetool.merge.layout.LayerTensors`), and the router one row per
     routed expert. tests/test_derived_families.py merges each family that passes and loads the output
     with stock transformers; :data:`MERGE_REFUSED` holds the ones seen to fail."""
-    for stack in sorted({t.stack for t in routed}):
-        try:
-            roles = roles_of([t for t in routed if t.stack == stack], family=entry["model_type"])
-        except UnsupportedArchitectureError as exc:
-            return exc.message
-        if any(r.role == "gate_up" and r.bias is not None for r in roles.roles):
-            return "its fused gate/up projection has a bias; merge reads biases of separate projections only"
+    if not routed:
+        return "no routed-expert tensors"
+    try:
+        stacks = roles_by_stack(routed, family=entry["model_type"])
+    except UnsupportedArchitectureError as exc:
+        return exc.message
+    if any(r.role == "gate_up" and r.bias is not None for roles in stacks for r in roles.roles):
+        return "its fused gate/up projection has a bias; merge reads biases of separate projections only"
     for item in entry["layers"]:
         shape = tuple(str(term).replace(" ", "") for term in item[1])
         if item[2] == "router" and any("E" in term for term in shape) and shape not in (("E", "H"), ("E",)):
@@ -235,7 +235,7 @@ def _merge_refusal(entry: Mapping[str, Any], routed: list[T]) -> str | None:
                 f"its router tensor {item[0]} is {list(shape)}, not one row per routed expert (extra rows for "
                 "shared or zero-compute experts, or a [1, E] bias): merge reduces one row per expert"
             )
-    return None if routed else "no routed-expert tensors"
+    return None
 
 
 def derived_families() -> list[FamilySpec]:

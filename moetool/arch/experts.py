@@ -101,7 +101,8 @@ class ExpertRoles:
         return tuple(t for r in self.roles for t in (r.template, r.bias) if t is not None)
 
 
-def _terms(template: T) -> tuple[str, ...]:
+def shape_terms(template: T) -> tuple[str, ...]:
+    """A template's symbolic shape as strings without spaces (``("E", "2*I", "H")``)."""
     return tuple(str(term).replace(" ", "") for term in template.shape)
 
 
@@ -115,7 +116,7 @@ def _stem(template: T) -> str:
 
 
 def _is_bias(template: T) -> bool:
-    terms = _terms(template)
+    terms = shape_terms(template)
     matrix = terms[1:] if terms[:1] == ("E",) and "{E}" not in template.name else terms
     return template.name.endswith("bias") or len(matrix) < 2
 
@@ -128,7 +129,7 @@ def _by_stem(template: T, stems: dict[str, tuple[str, ...]]) -> str | None:
 
 def _matrix_axes(template: T, per_expert: bool) -> tuple[tuple[str, str], bool]:
     """A tensor's two matrix axes and whether it is DBRX-flat; raises when the shape is not a matrix."""
-    terms = _terms(template)
+    terms = shape_terms(template)
     if per_expert and len(terms) == 2:
         return (terms[0], terms[1]), False
     if not per_expert and len(terms) == 3 and terms[0] == "E":
@@ -213,8 +214,18 @@ def roles_of(templates: Sequence[T], *, by_position: bool = False, family: str =
         hidden = axes[1] if neurons == axes[0] else axes[0]
         expected = f"2*{width}" if role.role == "gate_up" else width
         if (neurons, hidden) != (expected, "H"):
-            raise refuse(f"{role.template.name} is {_terms(role.template)}, not a projection of width {width}")
+            raise refuse(f"{role.template.name} is {shape_terms(role.template)}, not a projection of width {width}")
     return ExpertRoles(tuple(roles), width)
+
+
+def roles_by_stack(templates: Sequence[T], *, family: str = "this family") -> list[ExpertRoles]:
+    """The roles of each layer stack's routed-expert templates (one entry for decoder-only families).
+
+    Raises:
+        UnsupportedArchitectureError: see :func:`roles_of`.
+    """
+    stacks = sorted({t.stack for t in templates}) or [0]
+    return [roles_of([t for t in templates if t.stack == stack], family=family) for stack in stacks]
 
 
 def layer_templates(spec: FamilySpec, dims: Dims | None = None, layer: int | None = None) -> list[T]:

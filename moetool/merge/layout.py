@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from moetool.arch.dims import Dims, eval_dim, template_applies
-from moetool.arch.experts import ExpertRole, ExpertRoles, expert_roles, layer_prefix
+from moetool.arch.experts import ExpertRole, ExpertRoles, expert_roles, layer_prefix, shape_terms
 from moetool.arch.spec import FamilySpec, T
 from moetool.errors import CheckpointError, ShapeMismatchError, UnsupportedArchitectureError
 
@@ -90,10 +90,6 @@ class Experts:
         return Experts(*(None if t is None else t.float() for t in self._parts()))
 
 
-def _shape_terms(template: T) -> tuple[str, ...]:
-    return tuple(str(term).replace(" ", "") for term in template.shape)
-
-
 def _merge_roles(spec: FamilySpec, dims: Dims, layer: int) -> ExpertRoles:
     """The registry's reading of a layer's routed experts (:func:`moetool.arch.experts.expert_roles`),
     limited to what merge's canonical form holds: gated or two-matrix projections, with or without a
@@ -154,14 +150,14 @@ class LayerTensors:
         correction bias, a router bias)."""
         templates = self._applies(self.spec.router, layer) if self.spec.stacks else list(self.spec.router)
         # The weight is the matrix (derived families list templates by name: a bias may come first).
-        weight = next((t for t in templates if _shape_terms(t) == ("E", "H")), templates[0])
-        vectors = tuple(t for t in templates if t is not weight and _shape_terms(t)[:1] == ("E",))
+        weight = next((t for t in templates if shape_terms(t) == ("E", "H")), templates[0])
+        vectors = tuple(t for t in templates if t is not weight and shape_terms(t)[:1] == ("E",))
         return weight, vectors
 
     def _shared(self, layer: int) -> tuple[tuple[T, ...], T | None]:
         """The shared expert's (gate, up, down) templates and its sigmoid gate template, for one layer."""
         shared = self._applies(self.spec.shared_experts, layer)
-        gates = [t for t in shared if _shape_terms(t) == ("1", "H")]
+        gates = [t for t in shared if shape_terms(t) == ("1", "H")]
         mlp = [t for t in shared if t not in gates and not t.name.endswith("bias")]
         return (tuple(mlp) if len(mlp) == 3 else ()), (gates[0] if gates else None)
 

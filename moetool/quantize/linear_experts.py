@@ -100,7 +100,7 @@ class LinearExpertsHessians:
         def hook(event: InputEvent) -> None:
             hidden = event.argument(0, "hidden_states")
             x = hidden.detach().reshape(-1, hidden.shape[-1])
-            mask = self.inputs.current_mask
+            mask = event.mask
             real = x
             self._padding = None
             if mask is not None and mask.numel() == x.shape[0]:
